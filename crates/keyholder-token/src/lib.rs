@@ -1,0 +1,512 @@
+//! Hardware tokens for Keyholder, through PKCS#11 (`cryptoki`).
+//!
+//! What this crate does: load the PKCS#11 module the daemon was configured
+//! with, choose a token by label, serial or RFC 7512 `pkcs11:` URI (never by
+//! slot index, since slots move), read the PIN flags before logging in,
+//! generate a P-256 key that is sensitive and not extractable, and run ECDH
+//! (`CKM_ECDH1_DERIVE`) with a peer point.
+//!
+//! What it does not do: decide *when* to log in or which module to load (the
+//! daemon decides, from its own configuration only), or keep any secret
+//! beyond the lifetime of one call. Derived secrets are returned in
+//! [`Zeroizing`] buffers.
+//!
+//! Thread safety: a [`TokenSession`] is `Send` but not `Sync`; callers that
+//! share one put it behind a mutex and call it from a blocking thread, since
+//! token calls can block on a PIN pad or a touch.
+
+#![forbid(unsafe_code)]
+
+mod uri;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::mechanism::elliptic_curve::{EcKdf, Ecdh1DeriveParams};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use p256::elliptic_curve::sec1::ToEncodedPoint;
+use secrecy::{ExposeSecret, SecretString};
+use zeroize::Zeroizing;
+
+pub use uri::Selector;
+
+/// DER encoding of the P-256 curve OID (1.2.840.10045.3.1.7), as `CKA_EC_PARAMS`.
+const P256_EC_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+/// Errors from the token. Messages name tokens and functions, never PINs.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The module file is missing or is not a PKCS#11 library.
+    #[error("cannot use PKCS#11 module {path}: {reason}")]
+    ModuleLoad {
+        /// The configured module path.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// No token matches the selector.
+    #[error("no token matches {selector}; tokens present: {present}")]
+    TokenNotFound {
+        /// The selector, as the user gave it.
+        selector: String,
+        /// Labels of the tokens that are present.
+        present: String,
+    },
+    /// More than one token matches the selector.
+    #[error("{count} tokens match {selector}; choose one by label, serial or pkcs11: URI")]
+    TokenAmbiguous {
+        /// The selector, as the user gave it.
+        selector: String,
+        /// How many matched.
+        count: usize,
+    },
+    /// The selector could not be parsed.
+    #[error("invalid token selector: {0}")]
+    InvalidSelector(String),
+    /// The token refused the PIN.
+    #[error("token {label:?} did not accept the PIN{}", pin_hint(*.count_low, *.final_try))]
+    PinIncorrect {
+        /// The token's label.
+        label: String,
+        /// The token now says some tries failed.
+        count_low: bool,
+        /// The token now says the next wrong PIN locks it.
+        final_try: bool,
+    },
+    /// The token says the next wrong PIN locks it, and the caller did not allow spending it.
+    #[error(
+        "token {label:?} has one PIN try left; Keyholder will not spend it unless asked \
+         (pass --allow-final-pin-try if you are sure of the PIN)"
+    )]
+    PinFinalTry {
+        /// The token's label.
+        label: String,
+    },
+    /// The user PIN is locked.
+    #[error("token {label:?} has its user PIN locked; reset it with the token's SO PIN tools")]
+    PinLocked {
+        /// The token's label.
+        label: String,
+    },
+    /// The token went away (unplugged, or its session was closed under us).
+    #[error("the token is no longer available ({0})")]
+    TokenRemoved(String),
+    /// The token holds no key with this id, or the key is not P-256.
+    #[error("the token holds no usable Keyholder key: {0}")]
+    KeyNotFound(String),
+    /// Any other PKCS#11 failure.
+    #[error("PKCS#11 call failed: {0}")]
+    Pkcs11(String),
+}
+
+fn pin_hint(count_low: bool, final_try: bool) -> &'static str {
+    if final_try {
+        "; the token says ONE try remains before the PIN locks"
+    } else if count_low {
+        "; the token says earlier tries failed and few remain"
+    } else {
+        ""
+    }
+}
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn is_removal(rv: RvError) -> bool {
+    matches!(
+        rv,
+        RvError::TokenNotPresent
+            | RvError::DeviceRemoved
+            | RvError::SessionHandleInvalid
+            | RvError::SessionClosed
+            | RvError::SlotIdInvalid
+            | RvError::TokenNotRecognized
+            | RvError::CryptokiNotInitialized
+    )
+}
+
+fn map_err(e: CkError) -> Error {
+    match e {
+        CkError::Pkcs11(rv, _) if is_removal(rv) => Error::TokenRemoved(e.to_string()),
+        other => Error::Pkcs11(other.to_string()),
+    }
+}
+
+/// What a token says about itself, read without logging in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenDescription {
+    /// The slot it sits in right now (slots are not stable identifiers).
+    pub slot: Slot,
+    /// `CKA_LABEL` of the token, trimmed.
+    pub label: String,
+    /// Serial number, trimmed.
+    pub serial: String,
+    /// Manufacturer id, trimmed.
+    pub manufacturer: String,
+    /// Model, trimmed.
+    pub model: String,
+    /// PIN flags from `C_GetTokenInfo`.
+    pub pin: PinStatus,
+}
+
+/// The user-PIN flags a token reports. PKCS#11 has no try counter, only
+/// these flags; "final try" means exactly one try remains.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PinStatus {
+    /// `CKF_USER_PIN_COUNT_LOW`: a wrong PIN was entered since the last success.
+    pub count_low: bool,
+    /// `CKF_USER_PIN_FINAL_TRY`: one wrong PIN more locks the token.
+    pub final_try: bool,
+    /// `CKF_USER_PIN_LOCKED`.
+    pub locked: bool,
+}
+
+/// A loaded PKCS#11 module. Cloning shares the module.
+#[derive(Clone)]
+pub struct Module {
+    ctx: Pkcs11,
+    path: PathBuf,
+}
+
+impl fmt::Debug for Module {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Module").field("path", &self.path).finish()
+    }
+}
+
+impl Module {
+    /// Loads and initialises the module at `path`. Only the daemon's own
+    /// configuration may name this path: loading a library chosen by a
+    /// client is how an agent gets turned into a code-execution service.
+    pub fn load(path: &Path) -> Result<Self> {
+        let fail = |reason: String| Error::ModuleLoad {
+            path: path.to_owned(),
+            reason,
+        };
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => return Err(fail("not a regular file".into())),
+            Err(e) => return Err(fail(e.to_string())),
+        }
+        let ctx = Pkcs11::new(path).map_err(|e| fail(e.to_string()))?;
+        match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            Ok(()) => {}
+            Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+            Err(e) => return Err(fail(e.to_string())),
+        }
+        Ok(Self {
+            ctx,
+            path: path.to_owned(),
+        })
+    }
+
+    /// The module's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Every initialised token present now.
+    pub fn tokens(&self) -> Result<Vec<TokenDescription>> {
+        let slots = self
+            .ctx
+            .get_slots_with_initialized_token()
+            .map_err(map_err)?;
+        let mut out = Vec::with_capacity(slots.len());
+        for slot in slots {
+            out.push(self.describe(slot)?);
+        }
+        Ok(out)
+    }
+
+    /// Reads the token in `slot`.
+    pub fn describe(&self, slot: Slot) -> Result<TokenDescription> {
+        let info = self.ctx.get_token_info(slot).map_err(map_err)?;
+        Ok(TokenDescription {
+            slot,
+            label: info.label().trim().to_owned(),
+            serial: info.serial_number().trim().to_owned(),
+            manufacturer: info.manufacturer_id().trim().to_owned(),
+            model: info.model().trim().to_owned(),
+            pin: PinStatus {
+                count_low: info.user_pin_count_low(),
+                final_try: info.user_pin_final_try(),
+                locked: info.user_pin_locked(),
+            },
+        })
+    }
+
+    /// The one token `selector` names.
+    pub fn select(&self, selector: &Selector) -> Result<TokenDescription> {
+        let all = self.tokens()?;
+        let present = if all.is_empty() {
+            "none".to_owned()
+        } else {
+            all.iter()
+                .map(|t| format!("{:?} (serial {})", t.label, t.serial))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut matching: Vec<_> = all.into_iter().filter(|t| selector.matches(t)).collect();
+        match matching.len() {
+            0 => Err(Error::TokenNotFound {
+                selector: selector.to_string(),
+                present,
+            }),
+            1 => Ok(matching.remove(0)),
+            count => Err(Error::TokenAmbiguous {
+                selector: selector.to_string(),
+                count,
+            }),
+        }
+    }
+
+    /// Opens a read-write session on the token (not logged in yet).
+    pub fn open(&self, token: &TokenDescription) -> Result<TokenSession> {
+        let session = self.ctx.open_rw_session(token.slot).map_err(map_err)?;
+        Ok(TokenSession {
+            module: self.clone(),
+            session,
+            token: token.clone(),
+            logged_in: false,
+        })
+    }
+}
+
+/// A P-256 key pair on a token, named by its `CKA_ID`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenKey {
+    /// `CKA_ID` shared by the private and public key objects.
+    pub id: Vec<u8>,
+    /// The public key.
+    pub public: p256::PublicKey,
+}
+
+/// An open session on one token.
+pub struct TokenSession {
+    module: Module,
+    session: Session,
+    token: TokenDescription,
+    logged_in: bool,
+}
+
+impl fmt::Debug for TokenSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenSession")
+            .field("token", &self.token.label)
+            .field("logged_in", &self.logged_in)
+            .finish()
+    }
+}
+
+impl TokenSession {
+    /// The token this session runs on.
+    pub fn token(&self) -> &TokenDescription {
+        &self.token
+    }
+
+    /// Logs in as the user. Reads the PIN flags first: a locked PIN is
+    /// reported without trying, and the final try is spent only when
+    /// `allow_final_try` is set. A refused PIN is never retried here.
+    pub fn login(&mut self, pin: &SecretString, allow_final_try: bool) -> Result<()> {
+        let now = self.module.describe(self.token.slot)?;
+        let label = now.label.clone();
+        if now.pin.locked {
+            return Err(Error::PinLocked { label });
+        }
+        if now.pin.final_try && !allow_final_try {
+            return Err(Error::PinFinalTry { label });
+        }
+        let auth = cryptoki::types::AuthPin::new(pin.expose_secret().into());
+        match self.session.login(UserType::User, Some(&auth)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {
+                self.logged_in = true;
+                Ok(())
+            }
+            Err(CkError::Pkcs11(RvError::PinIncorrect | RvError::PinLenRange, _)) => {
+                let after = self.module.describe(self.token.slot).map(|d| d.pin);
+                let after = after.unwrap_or_default();
+                if after.locked {
+                    return Err(Error::PinLocked { label });
+                }
+                Err(Error::PinIncorrect {
+                    label,
+                    count_low: after.count_low,
+                    final_try: after.final_try,
+                })
+            }
+            Err(CkError::Pkcs11(RvError::PinLocked, _)) => Err(Error::PinLocked { label }),
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
+    /// Generates a P-256 key pair on the token: the private half is
+    /// sensitive, not extractable, and may only derive (ECDH).
+    pub fn generate_p256(&self, label: &str) -> Result<TokenKey> {
+        let mut id = vec![0u8; 16];
+        rand::Rng::fill(&mut rand::rngs::OsRng, id.as_mut_slice());
+        let public_template = [
+            Attribute::Token(true),
+            Attribute::Private(false),
+            Attribute::EcParams(P256_EC_PARAMS.to_vec()),
+            Attribute::Label(label.as_bytes().to_vec()),
+            Attribute::Id(id.clone()),
+            Attribute::Derive(true),
+            Attribute::Verify(false),
+        ];
+        let private_template = [
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Derive(true),
+            Attribute::Sign(false),
+            Attribute::Label(label.as_bytes().to_vec()),
+            Attribute::Id(id.clone()),
+        ];
+        let (public, _private) = self
+            .session
+            .generate_key_pair(
+                &Mechanism::EccKeyPairGen,
+                &public_template,
+                &private_template,
+            )
+            .map_err(map_err)?;
+        let point = self.ec_point(public)?;
+        Ok(TokenKey { id, public: point })
+    }
+
+    /// The P-256 public keys with this label (found without logging in,
+    /// since public key objects are public).
+    pub fn find_p256_keys(&self, label: &str) -> Result<Vec<TokenKey>> {
+        let handles = self
+            .session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::PUBLIC_KEY),
+                Attribute::KeyType(KeyType::EC),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])
+            .map_err(map_err)?;
+        let mut keys = Vec::new();
+        for handle in handles {
+            let attrs = self
+                .session
+                .get_attributes(handle, &[AttributeType::Id])
+                .map_err(map_err)?;
+            let Some(id) = attrs.into_iter().find_map(|a| match a {
+                Attribute::Id(id) => Some(id),
+                _ => None,
+            }) else {
+                continue;
+            };
+            // A key on another curve, or a malformed point, is not ours: skip it.
+            if let Ok(public) = self.ec_point(handle) {
+                keys.push(TokenKey { id, public });
+            }
+        }
+        Ok(keys)
+    }
+
+    fn ec_point(&self, handle: ObjectHandle) -> Result<p256::PublicKey> {
+        let attrs = self
+            .session
+            .get_attributes(handle, &[AttributeType::EcPoint])
+            .map_err(map_err)?;
+        let raw = attrs
+            .into_iter()
+            .find_map(|a| match a {
+                Attribute::EcPoint(p) => Some(p),
+                _ => None,
+            })
+            .ok_or_else(|| Error::KeyNotFound("public key has no CKA_EC_POINT".into()))?;
+        // CKA_EC_POINT is a DER OCTET STRING around the SEC1 point (04 41 04 ...);
+        // some modules return the bare point instead.
+        let sec1 = match raw.as_slice() {
+            [0x04, 0x41, rest @ ..] if rest.len() == 0x41 => rest,
+            bare => bare,
+        };
+        p256::PublicKey::from_sec1_bytes(sec1)
+            .map_err(|_| Error::KeyNotFound("CKA_EC_POINT is not a P-256 point".into()))
+    }
+
+    fn private_handle(&self, key: &TokenKey) -> Result<ObjectHandle> {
+        let found = self
+            .session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::PRIVATE_KEY),
+                Attribute::Id(key.id.clone()),
+            ])
+            .map_err(map_err)?;
+        found
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::KeyNotFound("no private key with the expected CKA_ID".into()))
+    }
+
+    /// ECDH between the token's private key and `peer`: the raw X
+    /// coordinate of the shared point. The peer point is sent uncompressed
+    /// (65 bytes), the one form every token accepts.
+    pub fn ecdh(&self, key: &TokenKey, peer: &p256::PublicKey) -> Result<Zeroizing<[u8; 32]>> {
+        let private = self.private_handle(key)?;
+        let peer_point = peer.to_encoded_point(false);
+        let params = Ecdh1DeriveParams::new(EcKdf::null(), peer_point.as_bytes());
+        let template = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::GENERIC_SECRET),
+            Attribute::Token(false),
+            Attribute::Sensitive(false),
+            Attribute::Extractable(true),
+            Attribute::ValueLen(32.into()),
+        ];
+        let derived = self
+            .session
+            .derive_key(&Mechanism::Ecdh1Derive(params), private, &template)
+            .map_err(map_err)?;
+        let value = self
+            .session
+            .get_attributes(derived, &[AttributeType::Value])
+            .map_err(map_err);
+        // The derived object lives only in this session; remove it at once.
+        let destroyed = self.session.destroy_object(derived).map_err(map_err);
+        let mut out = Zeroizing::new([0u8; 32]);
+        let mut found = false;
+        for attr in value? {
+            if let Attribute::Value(mut v) = attr {
+                if v.len() == 32 {
+                    out.copy_from_slice(&v);
+                    found = true;
+                }
+                zeroize::Zeroize::zeroize(&mut v);
+            }
+        }
+        destroyed?;
+        if !found {
+            return Err(Error::Pkcs11(
+                "ECDH derive returned no 32-byte value".into(),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Checks that the token and this session still exist.
+    pub fn check_present(&self) -> Result<()> {
+        self.session.get_session_info().map_err(map_err)?;
+        self.module.describe(self.token.slot)?;
+        Ok(())
+    }
+
+    /// Logs out and closes the session.
+    pub fn close(self) {
+        if self.logged_in {
+            if let Err(e) = self.session.logout() {
+                tracing::debug!(error = %e, "logout on close failed");
+            }
+        }
+        // Dropping the session closes it.
+    }
+}

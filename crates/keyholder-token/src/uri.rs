@@ -1,0 +1,190 @@
+//! Choosing a token: by label, by serial, or by an RFC 7512 `pkcs11:` URI.
+
+use std::fmt;
+
+use crate::{Error, TokenDescription};
+
+/// Which token to use. Tokens are never chosen by slot index: slot numbers
+/// change when tokens are added or removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Selector {
+    /// `token=` / `--token-label`: the token's label.
+    pub label: Option<String>,
+    /// `serial=` / `--token-serial`.
+    pub serial: Option<String>,
+    /// `manufacturer=` (URI only).
+    pub manufacturer: Option<String>,
+    /// `model=` (URI only).
+    pub model: Option<String>,
+}
+
+impl Selector {
+    /// Matches any token (useful when the module shows exactly one).
+    pub fn any() -> Self {
+        Self::default()
+    }
+
+    /// A token with this label.
+    pub fn label(label: impl Into<String>) -> Self {
+        Self {
+            label: Some(label.into()),
+            ..Self::default()
+        }
+    }
+
+    /// A token with this serial number.
+    pub fn serial(serial: impl Into<String>) -> Self {
+        Self {
+            serial: Some(serial.into()),
+            ..Self::default()
+        }
+    }
+
+    /// Parses a `pkcs11:` URI (RFC 7512). Only the token attributes are
+    /// understood. `module-path` and `module-name` are refused: a URI must
+    /// never make Keyholder load a library. `pin-value` and `pin-source` are
+    /// refused too: the PIN is asked for separately.
+    pub fn from_uri(uri: &str) -> Result<Self, Error> {
+        let bad = |why: String| Error::InvalidSelector(why);
+        let rest = uri
+            .strip_prefix("pkcs11:")
+            .ok_or_else(|| bad(format!("{uri:?} does not start with \"pkcs11:\"")))?;
+        let (path, query) = match rest.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (rest, None),
+        };
+        let mut sel = Self::default();
+        for part in path.split(';').filter(|p| !p.is_empty()) {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| bad(format!("URI attribute {part:?} has no '='")))?;
+            let value = percent_decode(value)
+                .ok_or_else(|| bad(format!("URI attribute {key:?} has a bad %-escape")))?;
+            match key {
+                "token" => sel.label = Some(value),
+                "serial" => sel.serial = Some(value),
+                "manufacturer" => sel.manufacturer = Some(value),
+                "model" => sel.model = Some(value),
+                // Object attributes name keys, not tokens; Keyholder finds its own key.
+                "object" | "id" | "type" => {}
+                "library-description" | "library-manufacturer" | "library-version"
+                | "slot-description" | "slot-manufacturer" | "slot-id" => {
+                    return Err(bad(format!(
+                        "URI attribute {key:?} is not supported; select the token by token=, serial=, manufacturer= or model="
+                    )));
+                }
+                other => return Err(bad(format!("unknown URI attribute {other:?}"))),
+            }
+        }
+        if let Some(query) = query {
+            for part in query.split('&').filter(|p| !p.is_empty()) {
+                let key = part.split_once('=').map_or(part, |(k, _)| k);
+                match key {
+                    "module-path" | "module-name" => {
+                        return Err(bad(format!(
+                            "URI attribute {key:?} is refused: the PKCS#11 module comes only from keyholderd's own configuration"
+                        )));
+                    }
+                    "pin-value" | "pin-source" => {
+                        return Err(bad(format!(
+                            "URI attribute {key:?} is refused: give the PIN when asked, not in the URI"
+                        )));
+                    }
+                    other => return Err(bad(format!("unknown URI query attribute {other:?}"))),
+                }
+            }
+        }
+        Ok(sel)
+    }
+
+    /// Whether `token` satisfies every attribute that is set.
+    pub fn matches(&self, token: &TokenDescription) -> bool {
+        let ok = |want: &Option<String>, have: &str| want.as_deref().is_none_or(|w| w == have);
+        ok(&self.label, &token.label)
+            && ok(&self.serial, &token.serial)
+            && ok(&self.manufacturer, &token.manufacturer)
+            && ok(&self.model, &token.model)
+    }
+}
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(l) = &self.label {
+            parts.push(format!("label {l:?}"));
+        }
+        if let Some(s) = &self.serial {
+            parts.push(format!("serial {s:?}"));
+        }
+        if let Some(m) = &self.manufacturer {
+            parts.push(format!("manufacturer {m:?}"));
+        }
+        if let Some(m) = &self.model {
+            parts.push(format!("model {m:?}"));
+        }
+        if parts.is_empty() {
+            f.write_str("any token")
+        } else {
+            f.write_str(&parts.join(", "))
+        }
+    }
+}
+
+/// Decodes RFC 3986 %-escapes; `None` on a malformed escape or invalid UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(label: &str, serial: &str) -> TokenDescription {
+        TokenDescription {
+            slot: cryptoki::slot::Slot::try_from(1u64).expect("slot id"),
+            label: label.into(),
+            serial: serial.into(),
+            manufacturer: "SoftHSM project".into(),
+            model: "SoftHSM v2".into(),
+            pin: Default::default(),
+        }
+    }
+
+    #[test]
+    fn uri_with_escapes_selects_by_label_and_serial() {
+        let sel = Selector::from_uri("pkcs11:token=ops%20team;serial=42ab;object=x").unwrap();
+        assert_eq!(sel.label.as_deref(), Some("ops team"));
+        assert!(sel.matches(&token("ops team", "42ab")));
+        assert!(!sel.matches(&token("ops team", "42ac")));
+        assert!(!sel.matches(&token("ops", "42ab")));
+    }
+
+    #[test]
+    fn uri_that_names_a_module_is_refused() {
+        let err = Selector::from_uri("pkcs11:token=ops?module-path=/tmp/evil.so").unwrap_err();
+        assert!(err.to_string().contains("module-path"), "{err}");
+        assert!(Selector::from_uri("pkcs11:token=ops?pin-value=1234").is_err());
+    }
+
+    #[test]
+    fn malformed_uris_are_errors_not_panics() {
+        for bad in ["pkcs:token=a", "pkcs11:token", "pkcs11:token=%4", "pkcs11:token=%zz", "pkcs11:foo=1", "pkcs11:token=%ff"] {
+            assert!(Selector::from_uri(bad).is_err(), "{bad}");
+        }
+        assert_eq!(Selector::from_uri("pkcs11:").unwrap(), Selector::any());
+    }
+}

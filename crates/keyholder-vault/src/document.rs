@@ -1,0 +1,199 @@
+//! The vault's plaintext: a versioned JSON document (see `docs/vault-format.md`).
+//!
+//! ```json
+//! {
+//!   "format": "keyholder-vault",
+//!   "version": 1,
+//!   "vault_id": "4f1c...",
+//!   "body": { "generation": 7, "secrets": { ... }, ... },
+//!   "auth": [ { "recipient": "age1tag1...", "alg": "HMAC-SHA256", "mac": "..." } ]
+//! }
+//! ```
+//!
+//! `body` is MACed byte for byte as it appears in the file (it is kept as a
+//! raw JSON value while parsing), so no canonical JSON form is needed.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::SystemTime;
+
+use base64::Engine;
+use base64::prelude::BASE64_STANDARD;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use zeroize::Zeroizing;
+
+/// The `format` value of every vault.
+pub const FORMAT: &str = "keyholder-vault";
+/// The document version this code writes and reads.
+pub const VERSION: u32 = 1;
+
+/// The outer document, as parsed (before the MAC is checked).
+#[derive(Deserialize)]
+pub(crate) struct EnvelopeIn<'a> {
+    pub format: String,
+    pub version: u32,
+    pub vault_id: String,
+    #[serde(borrow)]
+    pub body: &'a serde_json::value::RawValue,
+    pub auth: Vec<AuthTag>,
+}
+
+/// The outer document, as written.
+#[derive(Serialize)]
+pub(crate) struct EnvelopeOut<'a> {
+    pub format: &'a str,
+    pub version: u32,
+    pub vault_id: &'a str,
+    pub body: &'a serde_json::value::RawValue,
+    pub auth: Vec<AuthTag>,
+}
+
+/// One MAC over the body, keyed by a secret that only one token can derive.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct AuthTag {
+    /// The token's age recipient (`age1tag1...`).
+    pub recipient: String,
+    /// Always `HMAC-SHA256` in version 1.
+    pub alg: String,
+    /// Base64 of the MAC.
+    pub mac: String,
+}
+
+/// Who the vault is encrypted to. Part of the authenticated body, so a
+/// recipient cannot be slipped in without the token.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Recipients {
+    /// Token recipients (`p256tag`).
+    pub tokens: Vec<TokenRecipient>,
+    /// Recovery X25519 recipients (`age1...`), whose identities are kept offline.
+    #[serde(default)]
+    pub recovery: Vec<String>,
+}
+
+/// One enrolled token.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenRecipient {
+    /// `age1tag1...`
+    pub recipient: String,
+    /// The token's label when it was enrolled (informational).
+    pub label: String,
+    /// The token's serial when it was enrolled (informational).
+    pub serial: String,
+    /// Hex of the key's `CKA_ID` on the token.
+    pub key_id: String,
+}
+
+/// The authenticated content.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Body {
+    /// Increases by one with every write.
+    pub generation: u64,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    /// RFC 3339, UTC.
+    pub updated_at: String,
+    /// Who can decrypt.
+    pub recipients: Recipients,
+    /// Secrets by name.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, SecretEntry>,
+}
+
+impl fmt::Debug for Body {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Body")
+            .field("generation", &self.generation)
+            .field("recipients", &self.recipients)
+            .field("secrets", &self.secrets.len())
+            .finish()
+    }
+}
+
+/// How a secret's value is written in the JSON.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    /// The value is the UTF-8 text itself.
+    Utf8,
+    /// The value is standard base64 of arbitrary bytes.
+    Base64,
+}
+
+/// One secret.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct SecretEntry {
+    #[serde(serialize_with = "ser_secret", deserialize_with = "de_secret")]
+    value: Zeroizing<String>,
+    encoding: Encoding,
+    /// Decoded length in bytes.
+    pub size: u64,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    /// RFC 3339, UTC.
+    pub updated_at: String,
+}
+
+impl fmt::Debug for SecretEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SecretEntry")
+            .field("value", &"<redacted>")
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+fn ser_secret<S: Serializer>(v: &Zeroizing<String>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(v)
+}
+
+fn de_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Zeroizing<String>, D::Error> {
+    String::deserialize(d).map(Zeroizing::new)
+}
+
+impl SecretEntry {
+    /// A new entry holding `value`; text stays readable in the JSON, other
+    /// bytes are base64.
+    pub fn new(value: &[u8], now: &str) -> Self {
+        let (text, encoding) = match std::str::from_utf8(value) {
+            Ok(t) => (Zeroizing::new(t.to_owned()), Encoding::Utf8),
+            Err(_) => (Zeroizing::new(BASE64_STANDARD.encode(value)), Encoding::Base64),
+        };
+        Self {
+            value: text,
+            encoding,
+            size: value.len() as u64,
+            created_at: now.to_owned(),
+            updated_at: now.to_owned(),
+        }
+    }
+
+    /// The value's bytes. `None` when a base64 value does not decode (a
+    /// hand-edited vault), which callers report as damage.
+    pub fn value(&self) -> Option<Zeroizing<Vec<u8>>> {
+        match self.encoding {
+            Encoding::Utf8 => Some(Zeroizing::new(self.value.as_bytes().to_vec())),
+            Encoding::Base64 => BASE64_STANDARD.decode(self.value.as_bytes()).ok().map(Zeroizing::new),
+        }
+    }
+}
+
+/// Now, as RFC 3339 UTC with seconds.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_stays_text_and_bytes_round_trip() {
+        let t = SecretEntry::new(b"p@ss word", "2026-01-01T00:00:00Z");
+        assert_eq!(t.encoding, Encoding::Utf8);
+        assert_eq!(t.value().unwrap().as_slice(), b"p@ss word");
+        let b = SecretEntry::new(&[0xff, 0, 1], "2026-01-01T00:00:00Z");
+        assert_eq!(b.encoding, Encoding::Base64);
+        assert_eq!(b.value().unwrap().as_slice(), &[0xff, 0, 1]);
+        assert!(!format!("{t:?}").contains("word"));
+    }
+}

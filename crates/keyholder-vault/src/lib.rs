@@ -1,0 +1,407 @@
+//! The Keyholder vault: one age file, opened through a token.
+//!
+//! The file is standard age, encrypted to the token's P-256 key as a C2SP
+//! `p256tag` recipient (see [`tag`]) and optionally to recovery X25519
+//! recipients, so `age -d -i recovery.key vault.age` prints the JSON document
+//! described in [`document`] and `docs/vault-format.md`.
+//!
+//! age does not say who wrote a file: anyone who knows the token's public key
+//! can encrypt a vault to it. So the document carries an HMAC over its body,
+//! keyed by a secret only the token can compute: the ECDH between the token
+//! key and a per-vault point obtained by hashing the vault id to the curve
+//! (RFC 9380), whose discrete log nobody knows. Opening a vault therefore
+//! costs exactly two token operations (the unwrap and the MAC key), and
+//! writing costs none (the MAC key stays in memory, zeroized on drop).
+//!
+//! This crate does not talk to the network or decide policy; storage is
+//! behind the [`storage::Storage`] trait.
+
+#![forbid(unsafe_code)]
+
+pub mod document;
+pub mod storage;
+pub mod tag;
+
+use std::io::{Read, Write};
+
+use base64::Engine;
+use base64::prelude::BASE64_STANDARD;
+use hmac::{Hmac, Mac};
+use p256::elliptic_curve::hash2curve::{ExpandMsgXmd, GroupDigest};
+use p256::elliptic_curve::sec1::ToEncodedPoint;
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+pub use document::{Body, Recipients, SecretEntry, TokenRecipient};
+pub use storage::{FileStorage, Revision, Storage, StorageError};
+pub use tag::{KeyAgreement, SoftwareKey, recipient_string};
+
+/// Domain separation tag for hashing the vault id to a P-256 point.
+const AUTH_POINT_DST: &[u8] = b"keyholder-vault-auth-point-v1_P256_XMD:SHA-256_SSWU_RO_";
+/// HKDF salt for the MAC key.
+const AUTH_KEY_SALT: &[u8] = b"keyholder-vault-auth-key-v1";
+/// Prefix of the MACed message.
+const MAC_CONTEXT: &[u8] = b"keyholder-vault-mac-v1\n";
+/// The MAC algorithm name written in the file.
+const MAC_ALG: &str = "HMAC-SHA256";
+
+/// Why a vault could not be created, opened or sealed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VaultError {
+    /// Not an age file, or the file is truncated or corrupt.
+    #[error("the vault file is damaged: {0}; restore the newest <vault>.gen-N backup or recover with the recovery identity")]
+    Damaged(String),
+    /// The file is not encrypted to this token.
+    #[error("the vault is not encrypted to this token's Keyholder key")]
+    NotForThisToken,
+    /// The MAC does not verify: someone other than the token holder wrote the file.
+    #[error("the vault was not written by the holder of this token (authentication failed); refusing to use it")]
+    NotAuthentic,
+    /// Written by a newer Keyholder.
+    #[error("the vault has format version {0}; this Keyholder reads version 1")]
+    UnsupportedVersion(u32),
+    /// A recipient string did not parse.
+    #[error("invalid recipient {0:?}: expected an X25519 age recipient (age1...)")]
+    InvalidRecipient(String),
+    /// The token failed during the operation.
+    #[error(transparent)]
+    Token(#[from] keyholder_token::Error),
+    /// Encrypting failed.
+    #[error("cannot encrypt the vault: {0}")]
+    Encrypt(String),
+}
+
+/// The age file's `p256tag` stanzas as (enc, tag) pairs, read without any
+/// token operation; see [`tag::addressed_to`].
+pub fn probe(file: &[u8]) -> Result<Vec<(Vec<u8>, [u8; 4])>, VaultError> {
+    let decryptor = age::Decryptor::new(file).map_err(damaged)?;
+    let probe = tag::StanzaProbe::default();
+    let _ = decryptor.decrypt(std::iter::once(&probe as &dyn age::Identity));
+    Ok(probe.into_stanzas())
+}
+
+fn damaged(e: age::DecryptError) -> VaultError {
+    VaultError::Damaged(match e {
+        age::DecryptError::Io(ref io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            "the file is truncated".into()
+        }
+        other => other.to_string(),
+    })
+}
+
+/// The point whose ECDH with the token key yields the MAC secret.
+fn auth_point(vault_id: &str) -> Result<p256::PublicKey, VaultError> {
+    let point = p256::NistP256::hash_from_bytes::<ExpandMsgXmd<Sha256>>(
+        &[vault_id.as_bytes()],
+        &[AUTH_POINT_DST],
+    )
+    .map_err(|_| VaultError::Damaged("vault id cannot be hashed to a point".into()))?;
+    p256::PublicKey::from_affine(point.to_affine())
+        .map_err(|_| VaultError::Damaged("vault id hashes to the identity point".into()))
+}
+
+fn mac_key<K: KeyAgreement>(key: &K, vault_id: &str) -> Result<Zeroizing<[u8; 32]>, VaultError> {
+    let dh = key.agree(&auth_point(vault_id)?)?;
+    let mut info = vault_id.as_bytes().to_vec();
+    info.extend_from_slice(key.public_key().to_encoded_point(true).as_bytes());
+    let hk = hkdf::Hkdf::<Sha256>::new(Some(AUTH_KEY_SALT), dh.as_ref());
+    let mut out = Zeroizing::new([0u8; 32]);
+    hk.expand(&info, out.as_mut())
+        .map_err(|_| VaultError::Encrypt("HKDF output length".into()))?;
+    Ok(out)
+}
+
+fn mac(key: &[u8; 32], vault_id: &str, body: &str) -> Hmac<Sha256> {
+    // HMAC accepts keys of any length; a 32-byte key cannot be refused.
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
+    m.update(MAC_CONTEXT);
+    m.update(vault_id.as_bytes());
+    m.update(b"\n");
+    m.update(body.as_bytes());
+    m
+}
+
+/// An open vault: the decrypted body and what is needed to write it back.
+pub struct OpenVault {
+    /// The decrypted, authenticated content.
+    pub body: Body,
+    vault_id: String,
+    token_recipient: String,
+    mac_key: Zeroizing<[u8; 32]>,
+}
+
+impl std::fmt::Debug for OpenVault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenVault")
+            .field("vault_id", &self.vault_id)
+            .field("body", &self.body)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OpenVault {
+    /// A new, empty vault for the token `key` (one token operation), at
+    /// generation 0: seal it with [`OpenVault::next`] before storing.
+    pub fn create<K: KeyAgreement>(
+        key: &K,
+        token: TokenRecipient,
+        recovery: Vec<String>,
+    ) -> Result<Self, VaultError> {
+        for r in &recovery {
+            r.parse::<age::x25519::Recipient>()
+                .map_err(|_| VaultError::InvalidRecipient(r.clone()))?;
+        }
+        let mut id = [0u8; 16];
+        rand::Rng::fill(&mut rand::rngs::OsRng, &mut id);
+        let vault_id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let token_recipient = recipient_string(&key.public_key());
+        let mac_key = mac_key(key, &vault_id)?;
+        let now = document::now_rfc3339();
+        Ok(Self {
+            body: Body {
+                generation: 0,
+                created_at: now.clone(),
+                updated_at: now,
+                recipients: Recipients {
+                    tokens: vec![token],
+                    recovery,
+                },
+                secrets: Default::default(),
+            },
+            vault_id,
+            token_recipient,
+            mac_key,
+        })
+    }
+
+    /// Decrypts and authenticates `file` with the token `key`: two token
+    /// operations.
+    pub fn open<K: KeyAgreement>(file: &[u8], key: &K) -> Result<Self, VaultError> {
+        let decryptor = age::Decryptor::new(file).map_err(damaged)?;
+        let identity = tag::TagIdentity::new(key);
+        let mut reader = match decryptor.decrypt(std::iter::once(&identity as &dyn age::Identity)) {
+            Ok(r) => r,
+            Err(age::DecryptError::NoMatchingKeys) => return Err(VaultError::NotForThisToken),
+            Err(e) => {
+                return Err(match identity.take_token_error() {
+                    Some(t) => VaultError::Token(t),
+                    None => damaged(e),
+                });
+            }
+        };
+        let mut plain = Zeroizing::new(Vec::with_capacity(file.len()));
+        reader
+            .read_to_end(&mut plain)
+            .map_err(|e| damaged(age::DecryptError::Io(e)))?;
+        let text = std::str::from_utf8(&plain)
+            .map_err(|_| VaultError::Damaged("the document is not UTF-8".into()))?;
+        let envelope: document::EnvelopeIn<'_> = serde_json::from_str(text)
+            .map_err(|e| VaultError::Damaged(format!("not a Keyholder vault document ({e})")))?;
+        if envelope.format != document::FORMAT {
+            return Err(VaultError::Damaged(format!(
+                "format is {:?}, not {:?}",
+                envelope.format,
+                document::FORMAT
+            )));
+        }
+        if envelope.version != document::VERSION {
+            return Err(VaultError::UnsupportedVersion(envelope.version));
+        }
+        let token_recipient = recipient_string(&key.public_key());
+        let tag = envelope
+            .auth
+            .iter()
+            .find(|a| a.recipient == token_recipient && a.alg == MAC_ALG)
+            .ok_or(VaultError::NotAuthentic)?;
+        let expected = BASE64_STANDARD
+            .decode(&tag.mac)
+            .map_err(|_| VaultError::NotAuthentic)?;
+        let mac_key = mac_key(key, &envelope.vault_id)?;
+        mac(&mac_key, &envelope.vault_id, envelope.body.get())
+            .verify_slice(&expected)
+            .map_err(|_| VaultError::NotAuthentic)?;
+        let body: Body = serde_json::from_str(envelope.body.get())
+            .map_err(|e| VaultError::Damaged(format!("body does not parse ({e})")))?;
+        Ok(Self {
+            body,
+            vault_id: envelope.vault_id,
+            token_recipient,
+            mac_key,
+        })
+    }
+
+    /// The vault's random id.
+    pub fn vault_id(&self) -> &str {
+        &self.vault_id
+    }
+
+    /// The token recipient this vault was opened with.
+    pub fn token_recipient(&self) -> &str {
+        &self.token_recipient
+    }
+
+    /// Encrypts `body` with generation and update time set for the next
+    /// write. Returns the file bytes; `body` is left as it was sealed.
+    pub fn next(&self, body: &mut Body) -> Result<Vec<u8>, VaultError> {
+        body.generation = self.body.generation + 1;
+        body.updated_at = document::now_rfc3339();
+        self.seal(body)
+    }
+
+    /// Encrypts `body` as-is.
+    pub fn seal(&self, body: &Body) -> Result<Vec<u8>, VaultError> {
+        let body_text = Zeroizing::new(
+            serde_json::to_string_pretty(body).map_err(|e| VaultError::Encrypt(e.to_string()))?,
+        );
+        let tag = mac(&self.mac_key, &self.vault_id, &body_text).finalize().into_bytes();
+        let raw = serde_json::value::RawValue::from_string(body_text.to_string())
+            .map_err(|e| VaultError::Encrypt(e.to_string()))?;
+        let envelope = document::EnvelopeOut {
+            format: document::FORMAT,
+            version: document::VERSION,
+            vault_id: &self.vault_id,
+            body: &raw,
+            auth: vec![document::AuthTag {
+                recipient: self.token_recipient.clone(),
+                alg: MAC_ALG.into(),
+                mac: BASE64_STANDARD.encode(tag),
+            }],
+        };
+        // Sized up front so serde_json does not leave reallocated copies of
+        // the plaintext behind in freed memory.
+        let mut plain = Zeroizing::new(Vec::with_capacity(body_text.len() + 1024));
+        serde_json::to_writer_pretty(&mut *plain, &envelope)
+            .map_err(|e| VaultError::Encrypt(e.to_string()))?;
+        plain.push(b'\n');
+        let _wipe_raw = Zeroizing::new(Box::<str>::from(raw).into_string());
+        encrypt(&body.recipients, &plain)
+    }
+}
+
+fn encrypt(recipients: &Recipients, plain: &[u8]) -> Result<Vec<u8>, VaultError> {
+    let mut boxed: Vec<Box<dyn age::Recipient + Send>> = Vec::new();
+    for t in &recipients.tokens {
+        let r: age::tag::Recipient = t
+            .recipient
+            .parse()
+            .map_err(|_| VaultError::InvalidRecipient(t.recipient.clone()))?;
+        boxed.push(Box::new(r));
+    }
+    for r in &recipients.recovery {
+        let x: age::x25519::Recipient = r
+            .parse()
+            .map_err(|_| VaultError::InvalidRecipient(r.clone()))?;
+        boxed.push(Box::new(x));
+    }
+    let encryptor = age::Encryptor::with_recipients(boxed.iter().map(|b| b.as_ref() as &dyn age::Recipient))
+        .map_err(|e| VaultError::Encrypt(e.to_string()))?;
+    let mut out = Vec::with_capacity(plain.len() + 512);
+    let mut writer = encryptor
+        .wrap_output(&mut out)
+        .map_err(|e| VaultError::Encrypt(e.to_string()))?;
+    writer
+        .write_all(plain)
+        .and_then(|()| writer.finish().map(|_| ()))
+        .map_err(|e| VaultError::Encrypt(e.to_string()))?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> SoftwareKey {
+        SoftwareKey(p256::SecretKey::random(&mut rand::rngs::OsRng))
+    }
+
+    fn token(k: &SoftwareKey) -> TokenRecipient {
+        TokenRecipient {
+            recipient: recipient_string(&k.public_key()),
+            label: "test".into(),
+            serial: "1".into(),
+            key_id: "00".into(),
+        }
+    }
+
+    fn new_vault(k: &SoftwareKey, recovery: Vec<String>) -> (OpenVault, Vec<u8>) {
+        let v = OpenVault::create(k, token(k), recovery).unwrap();
+        let mut body = v.body.clone();
+        body.secrets
+            .insert("db/pw".into(), SecretEntry::new(b"hunter2", "2026-01-01T00:00:00Z"));
+        let bytes = v.next(&mut body).unwrap();
+        (v, bytes)
+    }
+
+    #[test]
+    fn round_trip_and_generation() {
+        let k = key();
+        let (_, bytes) = new_vault(&k, vec![]);
+        let opened = OpenVault::open(&bytes, &k).unwrap();
+        assert_eq!(opened.body.generation, 1);
+        assert_eq!(
+            opened.body.secrets["db/pw"].value().unwrap().as_slice(),
+            b"hunter2"
+        );
+    }
+
+    #[test]
+    fn another_token_cannot_open_it() {
+        let (_, bytes) = new_vault(&key(), vec![]);
+        assert!(matches!(OpenVault::open(&bytes, &key()), Err(VaultError::NotForThisToken)));
+    }
+
+    #[test]
+    fn a_vault_forged_with_only_the_public_key_is_refused() {
+        // The attacker knows the token's public key (it is in the age
+        // recipient) and a genuine vault's layout, and writes their own.
+        let k = key();
+        let (genuine, _) = new_vault(&k, vec![]);
+        let attacker_key = key();
+        let forger = OpenVault {
+            body: genuine.body.clone(),
+            vault_id: genuine.vault_id.clone(),
+            token_recipient: genuine.token_recipient.clone(),
+            // Without the token the attacker can only guess the MAC key.
+            mac_key: mac_key(&attacker_key, &genuine.vault_id).unwrap(),
+        };
+        let mut body = genuine.body.clone();
+        body.secrets
+            .insert("db/pw".into(), SecretEntry::new(b"attacker", "2026-01-01T00:00:00Z"));
+        let forged = forger.next(&mut body).unwrap();
+        assert!(matches!(OpenVault::open(&forged, &k), Err(VaultError::NotAuthentic)));
+    }
+
+    #[test]
+    fn truncated_and_corrupt_files_are_damage_not_panics() {
+        let k = key();
+        let (_, bytes) = new_vault(&k, vec![]);
+        for cut in [0, 10, bytes.len() / 2, bytes.len() - 1] {
+            let err = OpenVault::open(&bytes[..cut], &k).unwrap_err();
+            assert!(matches!(err, VaultError::Damaged(_)), "cut {cut}: {err}");
+        }
+        let mut flipped = bytes.clone();
+        let last = flipped.len() - 5;
+        flipped[last] ^= 0x40;
+        assert!(matches!(OpenVault::open(&flipped, &k), Err(VaultError::Damaged(_))));
+    }
+
+    #[test]
+    fn recovery_identity_reads_the_json() {
+        let k = key();
+        let recovery = age::x25519::Identity::generate();
+        let (_, bytes) = new_vault(&k, vec![recovery.to_public().to_string()]);
+        let plain = age::decrypt(&recovery, &bytes).unwrap();
+        let doc: serde_json::Value = serde_json::from_slice(&plain).unwrap();
+        assert_eq!(doc["format"], "keyholder-vault");
+        assert_eq!(doc["body"]["secrets"]["db/pw"]["value"], "hunter2");
+        assert_eq!(doc["body"]["generation"], 1);
+    }
+
+    #[test]
+    fn bad_recovery_recipient_is_named() {
+        let k = key();
+        let err = OpenVault::create(&k, token(&k), vec!["age1nope".into()]).unwrap_err();
+        assert!(err.to_string().contains("age1nope"));
+    }
+}
