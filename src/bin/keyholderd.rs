@@ -1,1 +1,197 @@
-fn main(){}
+//! `keyholderd`: the Keyholder daemon. Flag parsing and wiring only; the
+//! work is in the `keyholder-daemon` crate.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use keyholder_daemon::{Config, Core, bind_socket, config, harden_process, run};
+
+/// Keyholder daemon: keeps the vault, opens it through a PKCS#11 token
+/// session, and serves the keyholder.v1 gRPC API on a Unix socket.
+///
+/// Settings come from the config file (default
+/// $XDG_CONFIG_HOME/keyholder/keyholderd.toml); flags override it.
+///
+/// Exit status: 0 after a clean shutdown (SIGTERM, SIGINT); 1 on a runtime
+/// failure; 2 on a usage or configuration error (including a PKCS#11 module
+/// that cannot be loaded); 3 when the vault or the socket is in use by
+/// another keyholderd.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Config file (TOML). Default: $XDG_CONFIG_HOME/keyholder/keyholderd.toml, if present.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The PKCS#11 module to load (e.g. /usr/lib/softhsm/libsofthsm2.so).
+    /// Only this file is ever loaded; no request can name another.
+    #[arg(long)]
+    pkcs11_module: Option<PathBuf>,
+    /// Restrict unlock to one token: a label, serial:<serial>, or a pkcs11: URI.
+    #[arg(long)]
+    token: Option<String>,
+    /// The vault file. Default: $XDG_DATA_HOME/keyholder/vault.age.
+    #[arg(long)]
+    vault: Option<PathBuf>,
+    /// The gRPC socket. Default: $XDG_RUNTIME_DIR/keyholder/keyholder.sock.
+    #[arg(long, env = "KEYHOLDER_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Default session lifetime, e.g. 8h.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    session_ttl: Option<Duration>,
+    /// Lock after this long without a request, e.g. 30m.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    idle_timeout: Option<Duration>,
+    /// How often to check that the token is still there, e.g. 2s.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    token_poll_interval: Option<Duration>,
+    /// Largest secret value in bytes.
+    #[arg(long)]
+    max_secret_bytes: Option<usize>,
+    /// Log filter (tracing syntax), e.g. info or keyholder_daemon=debug.
+    #[arg(long, env = "KEYHOLDER_LOG", default_value = "info")]
+    log: String,
+}
+
+fn settings(args: &Args) -> Result<Config, config::ConfigError> {
+    let mut cfg = match &args.config {
+        Some(path) => Config::load(path, true)?,
+        None => Config::load(&config::default_config_file(), false)?,
+    };
+    if let Some(v) = &args.pkcs11_module {
+        cfg.pkcs11_module = Some(v.clone());
+    }
+    if let Some(v) = &args.token {
+        cfg.token = Some(v.clone());
+    }
+    if let Some(v) = &args.vault {
+        cfg.vault = v.clone();
+    }
+    if let Some(v) = &args.socket {
+        cfg.socket = v.clone();
+    }
+    if let Some(v) = args.session_ttl {
+        cfg.session_ttl = v;
+    }
+    if let Some(v) = args.idle_timeout {
+        cfg.idle_timeout = v;
+    }
+    if let Some(v) = args.token_poll_interval {
+        cfg.token_poll_interval = v;
+    }
+    if let Some(v) = args.max_secret_bytes {
+        cfg.max_secret_bytes = v;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop keyholderd with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn main() -> ExitCode {
+    // Before anything else, so no secret ever lives in a dumpable process.
+    let hardened = harden_process();
+    let args = Args::parse();
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(format!("{},cryptoki::mechanism=off", args.log))
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    if let Err(e) = hardened {
+        tracing::error!(error = %e, "cannot disable core dumps / make the process non-dumpable");
+        return ExitCode::from(1);
+    }
+    let cfg = match settings(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("keyholderd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(module_path) = cfg.pkcs11_module.clone() else {
+        eprintln!("keyholderd: no PKCS#11 module configured");
+        return ExitCode::from(2);
+    };
+    let module = match keyholder_token::Module::load(&module_path) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("keyholderd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let storage = match keyholder_vault::FileStorage::open(&cfg.vault) {
+        Ok(s) => s,
+        Err(e @ keyholder_vault::StorageError::Busy { .. }) => {
+            eprintln!("keyholderd: {e}");
+            return ExitCode::from(3);
+        }
+        Err(e) => {
+            eprintln!("keyholderd: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("keyholderd: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let socket = cfg.socket.clone();
+    runtime.block_on(async move {
+        let listener = match bind_socket(&socket) {
+            Ok(l) => l,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                eprintln!("keyholderd: {e}");
+                return ExitCode::from(3);
+            }
+            Err(e) => {
+                eprintln!("keyholderd: cannot listen on {}: {e}", socket.display());
+                return ExitCode::from(1);
+            }
+        };
+        tracing::info!(
+            socket = %socket.display(),
+            vault = %cfg.vault.display(),
+            module = %module_path.display(),
+            "keyholderd serving"
+        );
+        let core = Core::new(cfg, module, storage);
+        let result = run(core, listener, shutdown_signal()).await;
+        if let Err(e) = std::fs::remove_file(&socket) {
+            tracing::warn!(error = %e, "cannot remove the socket file");
+        }
+        match result {
+            Ok(()) => {
+                tracing::info!("stopped");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "server failed");
+                ExitCode::from(1)
+            }
+        }
+    })
+}

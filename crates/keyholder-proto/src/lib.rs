@@ -13,7 +13,8 @@ pub mod v1 {
     tonic::include_proto!("keyholder.v1");
 
     /// The encoded file descriptor set, for server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("keyholder_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("keyholder_descriptor");
 }
 
 use std::fmt;
@@ -44,7 +45,10 @@ impl fmt::Debug for v1::PutSecretRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PutSecretRequest")
             .field("name", &self.name)
-            .field("value", &format_args!("<{} bytes redacted>", self.value.len()))
+            .field(
+                "value",
+                &format_args!("<{} bytes redacted>", self.value.len()),
+            )
             .field("overwrite", &self.overwrite)
             .finish()
     }
@@ -53,7 +57,10 @@ impl fmt::Debug for v1::PutSecretRequest {
 impl fmt::Debug for v1::GetSecretResponse {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GetSecretResponse")
-            .field("value", &format_args!("<{} bytes redacted>", self.value.len()))
+            .field(
+                "value",
+                &format_args!("<{} bytes redacted>", self.value.len()),
+            )
             .field("metadata", &self.metadata)
             .finish()
     }

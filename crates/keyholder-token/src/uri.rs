@@ -67,8 +67,12 @@ impl Selector {
                 "model" => sel.model = Some(value),
                 // Object attributes name keys, not tokens; Keyholder finds its own key.
                 "object" | "id" | "type" => {}
-                "library-description" | "library-manufacturer" | "library-version"
-                | "slot-description" | "slot-manufacturer" | "slot-id" => {
+                "library-description"
+                | "library-manufacturer"
+                | "library-version"
+                | "slot-description"
+                | "slot-manufacturer"
+                | "slot-id" => {
                     return Err(bad(format!(
                         "URI attribute {key:?} is not supported; select the token by token=, serial=, manufacturer= or model="
                     )));
@@ -182,7 +186,14 @@ mod tests {
 
     #[test]
     fn malformed_uris_are_errors_not_panics() {
-        for bad in ["pkcs:token=a", "pkcs11:token", "pkcs11:token=%4", "pkcs11:token=%zz", "pkcs11:foo=1", "pkcs11:token=%ff"] {
+        for bad in [
+            "pkcs:token=a",
+            "pkcs11:token",
+            "pkcs11:token=%4",
+            "pkcs11:token=%zz",
+            "pkcs11:foo=1",
+            "pkcs11:token=%ff",
+        ] {
             assert!(Selector::from_uri(bad).is_err(), "{bad}");
         }
         assert_eq!(Selector::from_uri("pkcs11:").unwrap(), Selector::any());

@@ -156,7 +156,10 @@ impl SecretEntry {
     pub fn new(value: &[u8], now: &str) -> Self {
         let (text, encoding) = match std::str::from_utf8(value) {
             Ok(t) => (Zeroizing::new(t.to_owned()), Encoding::Utf8),
-            Err(_) => (Zeroizing::new(BASE64_STANDARD.encode(value)), Encoding::Base64),
+            Err(_) => (
+                Zeroizing::new(BASE64_STANDARD.encode(value)),
+                Encoding::Base64,
+            ),
         };
         Self {
             value: text,
@@ -172,7 +175,10 @@ impl SecretEntry {
     pub fn value(&self) -> Option<Zeroizing<Vec<u8>>> {
         match self.encoding {
             Encoding::Utf8 => Some(Zeroizing::new(self.value.as_bytes().to_vec())),
-            Encoding::Base64 => BASE64_STANDARD.decode(self.value.as_bytes()).ok().map(Zeroizing::new),
+            Encoding::Base64 => BASE64_STANDARD
+                .decode(self.value.as_bytes())
+                .ok()
+                .map(Zeroizing::new),
         }
     }
 }

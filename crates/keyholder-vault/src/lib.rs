@@ -34,7 +34,7 @@ use zeroize::Zeroizing;
 
 pub use document::{Body, Recipients, SecretEntry, TokenRecipient};
 pub use storage::{FileStorage, Revision, Storage, StorageError};
-pub use tag::{KeyAgreement, SoftwareKey, recipient_string};
+pub use tag::{KeyAgreement, SoftwareKey, TokenAgreement, addressed_to, recipient_string};
 
 /// Domain separation tag for hashing the vault id to a P-256 point.
 const AUTH_POINT_DST: &[u8] = b"keyholder-vault-auth-point-v1_P256_XMD:SHA-256_SSWU_RO_";
@@ -50,13 +50,17 @@ const MAC_ALG: &str = "HMAC-SHA256";
 #[non_exhaustive]
 pub enum VaultError {
     /// Not an age file, or the file is truncated or corrupt.
-    #[error("the vault file is damaged: {0}; restore the newest <vault>.gen-N backup or recover with the recovery identity")]
+    #[error(
+        "the vault file is damaged: {0}; restore the newest <vault>.gen-N backup or recover with the recovery identity"
+    )]
     Damaged(String),
     /// The file is not encrypted to this token.
     #[error("the vault is not encrypted to this token's Keyholder key")]
     NotForThisToken,
     /// The MAC does not verify: someone other than the token holder wrote the file.
-    #[error("the vault was not written by the holder of this token (authentication failed); refusing to use it")]
+    #[error(
+        "the vault was not written by the holder of this token (authentication failed); refusing to use it"
+    )]
     NotAuthentic,
     /// Written by a newer Keyholder.
     #[error("the vault has format version {0}; this Keyholder reads version 1")]
@@ -79,6 +83,14 @@ pub fn probe(file: &[u8]) -> Result<Vec<(Vec<u8>, [u8; 4])>, VaultError> {
     let probe = tag::StanzaProbe::default();
     let _ = decryptor.decrypt(std::iter::once(&probe as &dyn age::Identity));
     Ok(probe.into_stanzas())
+}
+
+/// Checks that `r` is an X25519 age recipient (`age1...`), as recovery
+/// recipients must be.
+pub fn check_recovery_recipient(r: &str) -> Result<(), VaultError> {
+    r.parse::<age::x25519::Recipient>()
+        .map(|_| ())
+        .map_err(|_| VaultError::InvalidRecipient(r.to_owned()))
 }
 
 fn damaged(e: age::DecryptError) -> VaultError {
@@ -149,8 +161,7 @@ impl OpenVault {
         recovery: Vec<String>,
     ) -> Result<Self, VaultError> {
         for r in &recovery {
-            r.parse::<age::x25519::Recipient>()
-                .map_err(|_| VaultError::InvalidRecipient(r.clone()))?;
+            check_recovery_recipient(r)?;
         }
         let mut id = [0u8; 16];
         rand::Rng::fill(&mut rand::rngs::OsRng, &mut id);
@@ -251,10 +262,16 @@ impl OpenVault {
 
     /// Encrypts `body` as-is.
     pub fn seal(&self, body: &Body) -> Result<Vec<u8>, VaultError> {
-        let body_text = Zeroizing::new(
+        let pretty = Zeroizing::new(
             serde_json::to_string_pretty(body).map_err(|e| VaultError::Encrypt(e.to_string()))?,
         );
-        let tag = mac(&self.mac_key, &self.vault_id, &body_text).finalize().into_bytes();
+        // Indent the body one level so the whole document reads naturally
+        // after `age -d`. JSON strings cannot hold a raw newline, so this only
+        // touches whitespace; the MAC covers these exact bytes.
+        let body_text = Zeroizing::new(pretty.replace('\n', "\n  "));
+        let tag = mac(&self.mac_key, &self.vault_id, &body_text)
+            .finalize()
+            .into_bytes();
         let raw = serde_json::value::RawValue::from_string(body_text.to_string())
             .map_err(|e| VaultError::Encrypt(e.to_string()))?;
         let envelope = document::EnvelopeOut {
@@ -294,8 +311,9 @@ fn encrypt(recipients: &Recipients, plain: &[u8]) -> Result<Vec<u8>, VaultError>
             .map_err(|_| VaultError::InvalidRecipient(r.clone()))?;
         boxed.push(Box::new(x));
     }
-    let encryptor = age::Encryptor::with_recipients(boxed.iter().map(|b| b.as_ref() as &dyn age::Recipient))
-        .map_err(|e| VaultError::Encrypt(e.to_string()))?;
+    let encryptor =
+        age::Encryptor::with_recipients(boxed.iter().map(|b| b.as_ref() as &dyn age::Recipient))
+            .map_err(|e| VaultError::Encrypt(e.to_string()))?;
     let mut out = Vec::with_capacity(plain.len() + 512);
     let mut writer = encryptor
         .wrap_output(&mut out)
@@ -327,8 +345,10 @@ mod tests {
     fn new_vault(k: &SoftwareKey, recovery: Vec<String>) -> (OpenVault, Vec<u8>) {
         let v = OpenVault::create(k, token(k), recovery).unwrap();
         let mut body = v.body.clone();
-        body.secrets
-            .insert("db/pw".into(), SecretEntry::new(b"hunter2", "2026-01-01T00:00:00Z"));
+        body.secrets.insert(
+            "db/pw".into(),
+            SecretEntry::new(b"hunter2", "2026-01-01T00:00:00Z"),
+        );
         let bytes = v.next(&mut body).unwrap();
         (v, bytes)
     }
@@ -348,7 +368,10 @@ mod tests {
     #[test]
     fn another_token_cannot_open_it() {
         let (_, bytes) = new_vault(&key(), vec![]);
-        assert!(matches!(OpenVault::open(&bytes, &key()), Err(VaultError::NotForThisToken)));
+        assert!(matches!(
+            OpenVault::open(&bytes, &key()),
+            Err(VaultError::NotForThisToken)
+        ));
     }
 
     #[test]
@@ -366,10 +389,15 @@ mod tests {
             mac_key: mac_key(&attacker_key, &genuine.vault_id).unwrap(),
         };
         let mut body = genuine.body.clone();
-        body.secrets
-            .insert("db/pw".into(), SecretEntry::new(b"attacker", "2026-01-01T00:00:00Z"));
+        body.secrets.insert(
+            "db/pw".into(),
+            SecretEntry::new(b"attacker", "2026-01-01T00:00:00Z"),
+        );
         let forged = forger.next(&mut body).unwrap();
-        assert!(matches!(OpenVault::open(&forged, &k), Err(VaultError::NotAuthentic)));
+        assert!(matches!(
+            OpenVault::open(&forged, &k),
+            Err(VaultError::NotAuthentic)
+        ));
     }
 
     #[test]
@@ -383,7 +411,10 @@ mod tests {
         let mut flipped = bytes.clone();
         let last = flipped.len() - 5;
         flipped[last] ^= 0x40;
-        assert!(matches!(OpenVault::open(&flipped, &k), Err(VaultError::Damaged(_))));
+        assert!(matches!(
+            OpenVault::open(&flipped, &k),
+            Err(VaultError::Damaged(_))
+        ));
     }
 
     #[test]

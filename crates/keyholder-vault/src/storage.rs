@@ -36,7 +36,9 @@ impl Revision {
 #[non_exhaustive]
 pub enum StorageError {
     /// Another process owns the vault.
-    #[error("the vault {path} is in use by another process (lock file {lock} is held); stop the other keyholderd first")]
+    #[error(
+        "the vault {path} is in use by another process (lock file {lock} is held); stop the other keyholderd first"
+    )]
     Busy {
         /// The vault path.
         path: PathBuf,
@@ -283,7 +285,10 @@ mod tests {
         let mut rev = None;
         for generation in 1..=8u64 {
             let bytes = format!("generation {generation}");
-            rev = Some(s.compare_and_store(rev.as_ref(), bytes.as_bytes(), generation).unwrap());
+            rev = Some(
+                s.compare_and_store(rev.as_ref(), bytes.as_bytes(), generation)
+                    .unwrap(),
+            );
         }
         assert_eq!(s.load().unwrap().unwrap().0, b"generation 8");
         let kept: Vec<u64> = s.backups().iter().map(|b| b.0).collect();

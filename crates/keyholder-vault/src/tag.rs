@@ -19,8 +19,8 @@ use std::sync::Mutex;
 use age_core::format::{FileKey, Stanza};
 use base64::Engine;
 use base64::prelude::BASE64_STANDARD_NO_PAD;
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::ChaCha20Poly1305;
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use hkdf::Hkdf;
 use p256::elliptic_curve::sec1::ToEncodedPoint;
 use sha2::{Digest, Sha256};
@@ -50,8 +50,7 @@ pub fn recipient_string(public: &p256::PublicKey) -> String {
     let hrp = bech32::Hrp::parse_unchecked(RECIPIENT_HRP);
     // Encoding a 33-byte payload with a valid HRP cannot fail; fall back to
     // an empty string rather than panic should the library ever disagree.
-    bech32::encode::<bech32::Bech32>(hrp, compressed.as_bytes())
-        .unwrap_or_default()
+    bech32::encode::<bech32::Bech32>(hrp, compressed.as_bytes()).unwrap_or_default()
 }
 
 fn static_tag(public: &p256::PublicKey) -> [u8; 4] {
@@ -179,7 +178,9 @@ impl<K: KeyAgreement> age::Identity for TagIdentity<'_, K> {
 }
 
 fn labeled_extract(salt: &[u8], suite: &[u8], label: &[u8], ikm: &[u8]) -> Zeroizing<Vec<u8>> {
-    let mut input = Zeroizing::new(Vec::with_capacity(7 + suite.len() + label.len() + ikm.len()));
+    let mut input = Zeroizing::new(Vec::with_capacity(
+        7 + suite.len() + label.len() + ikm.len(),
+    ));
     input.extend_from_slice(b"HPKE-v1");
     input.extend_from_slice(suite);
     input.extend_from_slice(label);
@@ -306,5 +307,23 @@ mod tests {
         assert!(s.starts_with("age1tag1"));
         let parsed: age::tag::Recipient = s.parse().expect("age accepts it");
         assert_eq!(parsed.to_string(), s);
+    }
+}
+
+/// A token key reached through an open (logged-in) token session.
+pub struct TokenAgreement<'a> {
+    /// The session to run ECDH in.
+    pub session: &'a keyholder_token::TokenSession,
+    /// The key on that token.
+    pub key: &'a keyholder_token::TokenKey,
+}
+
+impl KeyAgreement for TokenAgreement<'_> {
+    fn public_key(&self) -> p256::PublicKey {
+        self.key.public
+    }
+
+    fn agree(&self, peer: &p256::PublicKey) -> Result<Zeroizing<[u8; 32]>, keyholder_token::Error> {
+        self.session.ecdh(self.key, peer)
     }
 }

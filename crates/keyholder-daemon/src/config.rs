@@ -1,0 +1,156 @@
+//! `keyholderd` configuration: a TOML file, overridden by flags.
+//!
+//! Every key, its default and its meaning is listed in `docs/configuration.md`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// The daemon's settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Path of the PKCS#11 module. Required; only this file is ever loaded.
+    pub pkcs11_module: Option<PathBuf>,
+    /// Restricts which token `unlock` may use: a label, `serial:<serial>`,
+    /// or a `pkcs11:` URI. Empty: whichever token holds the vault's key.
+    pub token: Option<String>,
+    /// The vault file.
+    pub vault: PathBuf,
+    /// The gRPC Unix socket.
+    pub socket: PathBuf,
+    /// Default session lifetime (`8h`).
+    #[serde(deserialize_with = "de_duration")]
+    pub session_ttl: Duration,
+    /// Default idle timeout (`30m`).
+    #[serde(deserialize_with = "de_duration")]
+    pub idle_timeout: Duration,
+    /// Longest session a client may ask for (`24h`).
+    #[serde(deserialize_with = "de_duration")]
+    pub max_session_ttl: Duration,
+    /// How often the token is checked for presence (`2s`).
+    #[serde(deserialize_with = "de_duration")]
+    pub token_poll_interval: Duration,
+    /// Largest secret value in bytes (65536).
+    pub max_secret_bytes: usize,
+    /// Most secrets a vault may hold (100000).
+    pub max_secrets: usize,
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+/// `$XDG_RUNTIME_DIR/keyholder`, or `/tmp/keyholder-<uid>` without it.
+pub fn runtime_dir() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("keyholder"),
+        _ => PathBuf::from(format!(
+            "/tmp/keyholder-{}",
+            rustix::process::getuid().as_raw()
+        )),
+    }
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/"))
+}
+
+fn xdg(var: &str, fallback: &str) -> PathBuf {
+    match std::env::var_os(var) {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => home().join(fallback),
+    }
+}
+
+/// The default socket path, shared with the CLI.
+pub fn default_socket() -> PathBuf {
+    runtime_dir().join("keyholder.sock")
+}
+
+/// `$XDG_CONFIG_HOME/keyholder/keyholderd.toml`.
+pub fn default_config_file() -> PathBuf {
+    xdg("XDG_CONFIG_HOME", ".config").join("keyholder/keyholderd.toml")
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            pkcs11_module: None,
+            token: None,
+            vault: xdg("XDG_DATA_HOME", ".local/share").join("keyholder/vault.age"),
+            socket: default_socket(),
+            session_ttl: Duration::from_secs(8 * 3600),
+            idle_timeout: Duration::from_secs(30 * 60),
+            max_session_ttl: Duration::from_secs(24 * 3600),
+            token_poll_interval: Duration::from_secs(2),
+            max_secret_bytes: 64 * 1024,
+            max_secrets: 100_000,
+        }
+    }
+}
+
+/// A configuration problem, reported before the daemon starts.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Reads `path`. A missing file is an error only when `required`.
+    pub fn load(path: &Path, required: bool) -> Result<Self, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str(&text)
+                .map_err(|e| ConfigError(format!("config file {}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => Ok(Self::default()),
+            Err(e) => Err(ConfigError(format!("config file {}: {e}", path.display()))),
+        }
+    }
+
+    /// Checks values that TOML cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.pkcs11_module.is_none() {
+            return Err(ConfigError(
+                "no PKCS#11 module configured: pass --pkcs11-module PATH or set pkcs11_module in the config file".into(),
+            ));
+        }
+        if self.session_ttl.is_zero() || self.idle_timeout.is_zero() {
+            return Err(ConfigError(
+                "session_ttl and idle_timeout must be above zero".into(),
+            ));
+        }
+        if self.session_ttl > self.max_session_ttl {
+            return Err(ConfigError(
+                "session_ttl is longer than max_session_ttl".into(),
+            ));
+        }
+        if self.token_poll_interval < Duration::from_millis(100) {
+            return Err(ConfigError(
+                "token_poll_interval must be at least 100ms".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_values_parse_and_unknown_keys_are_refused() {
+        let c: Config = toml::from_str(
+            "pkcs11_module = \"/usr/lib/softhsm/libsofthsm2.so\"\nsession_ttl = \"2h\"\nidle_timeout = \"5m\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.session_ttl, Duration::from_secs(7200));
+        assert_eq!(c.idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.max_secret_bytes, 64 * 1024);
+        c.validate().unwrap();
+        assert!(toml::from_str::<Config>("sesion_ttl = \"2h\"").is_err());
+        assert!(toml::from_str::<Config>("session_ttl = \"soon\"").is_err());
+    }
+}

@@ -1,0 +1,128 @@
+//! The daemon's errors and their one mapping to gRPC status codes.
+
+use keyholder_token::Error as TokenError;
+use keyholder_vault::{StorageError, VaultError};
+use tonic::{Code, Status};
+
+/// Everything a request can fail with. Messages carry names and paths, never
+/// secret values or PINs.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The session is locked.
+    #[error("the vault is locked: run `keyholder unlock`")]
+    Locked,
+    /// No vault file yet.
+    #[error("there is no vault at {0}: run `keyholder init`")]
+    NotInitialized(String),
+    /// `init` on an existing vault.
+    #[error("a vault already exists at {0}")]
+    VaultExists(String),
+    /// A named thing does not exist.
+    #[error("{kind} {name:?} does not exist")]
+    NotFound {
+        /// What kind of thing.
+        kind: &'static str,
+        /// Its name.
+        name: String,
+    },
+    /// A named thing exists already.
+    #[error("{kind} {name:?} already exists (use overwrite / --force to replace it)")]
+    AlreadyExists {
+        /// What kind of thing.
+        kind: &'static str,
+        /// Its name.
+        name: String,
+    },
+    /// A request field is malformed.
+    #[error("{field}: {reason}")]
+    InvalidArgument {
+        /// The field, as named in the .proto.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A request field is over a limit.
+    #[error("{field} is {size} bytes; the limit is {limit}")]
+    TooLarge {
+        /// The field.
+        field: &'static str,
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// A count limit is reached.
+    #[error("{0}")]
+    LimitReached(String),
+    /// The peer may not do this.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The token failed or refused.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// The vault could not be opened or sealed.
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+    /// The vault could not be read or written.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// A bug or an unexpected runtime failure; details go to the log only.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Shorthand.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        let code = match &e {
+            Error::Locked | Error::NotInitialized(_) => Code::FailedPrecondition,
+            Error::VaultExists(_) | Error::AlreadyExists { .. } => Code::AlreadyExists,
+            Error::NotFound { .. } => Code::NotFound,
+            Error::InvalidArgument { .. } => Code::InvalidArgument,
+            Error::TooLarge { .. } | Error::LimitReached(_) => Code::ResourceExhausted,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
+            Error::Token(t) => match t {
+                TokenError::PinIncorrect { .. }
+                | TokenError::PinFinalTry { .. }
+                | TokenError::PinLocked { .. } => Code::PermissionDenied,
+                TokenError::TokenNotFound { .. } => Code::NotFound,
+                TokenError::TokenAmbiguous { .. } | TokenError::InvalidSelector(_) => {
+                    Code::InvalidArgument
+                }
+                TokenError::KeyNotFound(_) => Code::FailedPrecondition,
+                _ => Code::Unavailable,
+            },
+            Error::Vault(v) => match v {
+                VaultError::Damaged(_)
+                | VaultError::NotAuthentic
+                | VaultError::UnsupportedVersion(_) => Code::DataLoss,
+                VaultError::NotForThisToken => Code::FailedPrecondition,
+                VaultError::InvalidRecipient(_) => Code::InvalidArgument,
+                VaultError::Token(TokenError::TokenRemoved(_)) => Code::Unavailable,
+                VaultError::Token(_) => Code::Unavailable,
+                _ => Code::Internal,
+            },
+            Error::Storage(s) => match s {
+                StorageError::Busy { .. } => Code::Unavailable,
+                StorageError::Conflict(_) => Code::Aborted,
+                _ => Code::Internal,
+            },
+            Error::Internal(_) => Code::Internal,
+        };
+        let message = match (&e, code) {
+            (Error::Vault(VaultError::InvalidRecipient(_)), _) => {
+                format!("recovery_recipient: {e}")
+            }
+            // Internal details (I/O errors, library messages) are logged, not returned.
+            (_, Code::Internal) => {
+                tracing::error!(error = %e, "request failed");
+                "internal error; see the keyholderd log".to_owned()
+            }
+            _ => e.to_string(),
+        };
+        Status::new(code, message)
+    }
+}
