@@ -124,10 +124,15 @@ pub async fn run(
     health_reporter
         .set_serving::<v1::admin_server::AdminServer<services::admin::AdminService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(v1::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Both reflection versions: grpcurl and most tools speak v1, some
+    // client libraries still only v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let max_message = core.config.max_secret_bytes + 64 * 1024;
     let ticker = tokio::spawn(tick_loop(core.clone()));
@@ -142,7 +147,8 @@ pub async fn run(
     };
     let server = tonic::transport::Server::builder()
         .add_service(health)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(
             v1::session_server::SessionServer::new(services::session::SessionService(core.clone()))
                 .max_decoding_message_size(max_message),

@@ -1,0 +1,256 @@
+//! Bad input: each gets a clear error, the daemon keeps serving, and the
+//! vault file is not changed.
+
+use crate::util::{Env, MODULE, assert_fails};
+
+fn vault_bytes(env: &Env) -> Vec<u8> {
+    std::fs::read(&env.vault).expect("vault exists")
+}
+
+#[test]
+fn wrong_pin_is_refused_and_nothing_changes() {
+    let env = Env::new();
+    let _daemon = env.start_daemon(&[]);
+    env.init();
+    let before = vault_bytes(&env);
+    let bad = env.file("bad-pin", "0000\n");
+    let out = env.cli(&["unlock", "--pin-file", bad.to_str().expect("utf8")]);
+    assert_fails(&out, 7, "did not accept the PIN");
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("0000"),
+        "the PIN must not be echoed back"
+    );
+    assert!(env.ok(&["status"]).contains("locked"));
+    assert_eq!(vault_bytes(&env), before);
+    env.unlock();
+}
+
+#[test]
+fn unknown_token_label_and_bad_uris_are_named() {
+    let env = Env::new();
+    let _daemon = env.start_daemon(&[]);
+    let pin = env.pin_file.to_str().expect("utf8");
+    let out = env.cli(&["init", "--token-label", "nosuch", "--pin-file", pin]);
+    assert_fails(&out, 4, "no token matches label \"nosuch\"");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("\"ops\""),
+        "lists the tokens present"
+    );
+    let out = env.cli(&[
+        "init",
+        "--token-uri",
+        "pkcs11:token=ops?module-path=/tmp/evil.so",
+        "--pin-file",
+        pin,
+    ]);
+    assert_fails(&out, 6, "module-path");
+    let out = env.cli(&[
+        "init",
+        "--token-label",
+        "ops",
+        "--recovery-recipient",
+        "age1bogus",
+        "--pin-file",
+        pin,
+    ]);
+    assert_fails(&out, 6, "recovery_recipient");
+    assert!(!env.vault.exists(), "no vault written by refused inits");
+    assert!(env.ok(&["status"]).contains("uninitialized"));
+    env.init();
+    let out = env.cli(&["init", "--token-label", "ops", "--pin-file", pin]);
+    assert_fails(&out, 5, "already exists");
+}
+
+#[test]
+fn missing_or_unloadable_module_stops_the_daemon_with_a_clear_error() {
+    let env = Env::new();
+    let vault = env.vault.to_str().expect("utf8").to_owned();
+    let out = env.run_daemon_to_exit(&[
+        "--pkcs11-module",
+        "/nonexistent/libpkcs11.so",
+        "--vault",
+        &vault,
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("/nonexistent/libpkcs11.so") && stderr.contains("No such file"),
+        "{stderr}"
+    );
+
+    let not_a_module = env.file("not-a-module.so", "this is not a shared object");
+    let out = env.run_daemon_to_exit(&[
+        "--pkcs11-module",
+        not_a_module.to_str().expect("utf8"),
+        "--vault",
+        &vault,
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot use PKCS#11 module"));
+
+    // A real shared library that is not a PKCS#11 module.
+    let libc = "/lib/x86_64-linux-gnu/libc.so.6";
+    if std::path::Path::new(libc).exists() {
+        let out = env.run_daemon_to_exit(&["--pkcs11-module", libc, "--vault", &vault]);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = env.run_daemon_to_exit(&["--vault", &vault]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--pkcs11-module"));
+}
+
+#[test]
+fn damaged_or_substituted_vaults_are_refused_and_left_alone() {
+    let env = Env::new();
+    let daemon = env.start_daemon(&[]);
+    env.init();
+    env.unlock();
+    env.put("db/pw", b"hunter2");
+    let token_recipient = {
+        let status: serde_json::Value =
+            serde_json::from_str(&env.ok(&["--json", "status"])).expect("json");
+        status["token"]["recipients"][0]
+            .as_str()
+            .expect("recipient")
+            .to_owned()
+    };
+    drop(daemon);
+    let genuine = vault_bytes(&env);
+
+    // A forgery: valid age, encrypted to the token's public recipient, with
+    // a well-formed document, but written without the token.
+    let forged_doc = format!(
+        r#"{{"format":"keyholder-vault","version":1,"vault_id":"00","body":{{"generation":99,"created_at":"2026-01-01T00:00:00Z","updated_at":"2026-01-01T00:00:00Z","recipients":{{"tokens":[{{"recipient":"{token_recipient}","label":"ops","serial":"x","key_id":"00"}}],"recovery":[]}},"secrets":{{"db/pw":{{"value":"attacker","encoding":"utf8","size":8,"created_at":"2026-01-01T00:00:00Z","updated_at":"2026-01-01T00:00:00Z"}}}}}},"auth":[{{"recipient":"{token_recipient}","alg":"HMAC-SHA256","mac":"AAAA"}}]}}"#
+    );
+    let recipient: age::tag::Recipient = token_recipient.parse().expect("recipient");
+    let forged = age::encrypt(&recipient, forged_doc.as_bytes()).expect("encrypt");
+
+    let mut flipped = genuine.clone();
+    let at = flipped.len() - 20;
+    flipped[at] ^= 0x01;
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "truncated",
+            genuine[..genuine.len() / 2].to_vec(),
+            "damaged",
+        ),
+        ("empty", Vec::new(), "damaged"),
+        ("corrupt", flipped, "damaged"),
+        (
+            "not age",
+            b"{\"format\":\"keyholder-vault\"}".to_vec(),
+            "damaged",
+        ),
+        ("forged", forged, "not written by the holder of this token"),
+    ];
+    for (what, bytes, needle) in cases {
+        std::fs::write(&env.vault, &bytes).expect("write case");
+        let _daemon = env.start_daemon(&[]);
+        let out = env.cli(&["unlock", "--pin-file", env.pin_file.to_str().expect("utf8")]);
+        assert_fails(&out, 9, needle);
+        assert!(
+            env.ok(&["status"]).contains("locked"),
+            "{what}: daemon still serving, still locked"
+        );
+        assert_eq!(
+            vault_bytes(&env),
+            bytes,
+            "{what}: the file is left as it was"
+        );
+    }
+
+    // Substituted: a genuine vault of another token.
+    let other = Env::new();
+    let other_daemon = other.start_daemon(&[]);
+    other.init();
+    drop(other_daemon);
+    let foreign = std::fs::read(&other.vault).expect("other vault");
+    std::fs::write(&env.vault, &foreign).expect("substitute");
+    let _daemon = env.start_daemon(&[]);
+    let out = env.cli(&["unlock", "--pin-file", env.pin_file.to_str().expect("utf8")]);
+    assert_fails(&out, 3, "not encrypted to this token");
+    assert_eq!(vault_bytes(&env), foreign);
+
+    // And the genuine file, put back, opens.
+    drop(_daemon);
+    std::fs::write(&env.vault, &genuine).expect("restore");
+    let _daemon = env.start_daemon(&[]);
+    env.unlock();
+    assert_eq!(env.ok(&["secret", "get", "db/pw"]), "hunter2");
+}
+
+#[test]
+fn bad_names_oversized_values_and_locked_requests_get_clear_errors() {
+    let env = Env::new();
+    let _daemon = env.start_daemon(&["--max-secret-bytes", "1024"]);
+    env.init();
+    let out = env.cli_with_stdin(&["secret", "put", "a"], Some(b"x"));
+    assert_fails(&out, 3, "the vault is locked: run `keyholder unlock`");
+    assert_fails(&env.cli(&["secret", "list"]), 3, "locked");
+    assert_fails(&env.cli(&["secret", "rm", "a"]), 3, "locked");
+    env.unlock();
+    let before = vault_bytes(&env);
+    let long = "a".repeat(300);
+    for (name, needle) in [
+        ("", "name: must not be empty"),
+        (long.as_str(), "name: is 300 bytes; the limit is 256"),
+        ("db/../etc", "name: must not contain '.' or '..' segments"),
+        ("/abs", "empty segment"),
+        ("sp ace", "contains ' '"),
+    ] {
+        let out = env.cli_with_stdin(&["secret", "put", name], Some(b"v"));
+        assert_fails(&out, 6, needle);
+    }
+    let big = vec![b'x'; 1025];
+    let out = env.cli_with_stdin(&["secret", "put", "big"], Some(&big));
+    assert_fails(&out, 6, "value is 1025 bytes; the limit is 1024");
+    // Far over the transport limit too: still a clean refusal.
+    let huge = vec![b'x'; 300 * 1024];
+    let out = env.cli_with_stdin(&["secret", "put", "huge"], Some(&huge));
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        vault_bytes(&env),
+        before,
+        "refused writes leave the vault unchanged"
+    );
+    env.put("ok", &vec![b'y'; 1024]);
+}
+
+#[test]
+fn a_second_daemon_on_the_same_vault_is_refused() {
+    let env = Env::new();
+    let _daemon = env.start_daemon(&[]);
+    env.init();
+    let vault = env.vault.to_str().expect("utf8").to_owned();
+    let other_socket = env.path().join("other.sock");
+    let out = env.run_daemon_to_exit(&[
+        "--pkcs11-module",
+        MODULE,
+        "--vault",
+        &vault,
+        "--socket",
+        other_socket.to_str().expect("utf8"),
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another process"));
+    // Same socket, other vault: the live socket is not stolen.
+    let out = env.run_daemon_to_exit(&[
+        "--pkcs11-module",
+        MODULE,
+        "--vault",
+        env.path().join("other.age").to_str().expect("utf8"),
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another keyholderd is serving"));
+    assert!(env.ok(&["status"]).contains("locked"));
+}

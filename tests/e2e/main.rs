@@ -1,0 +1,10 @@
+//! End-to-end tests: the real `keyholderd` and `keyholder` binaries against
+//! SoftHSM2 and real peers (the stock `age` binary, Python grpcio).
+
+mod util;
+
+mod bad_input;
+mod crash;
+mod peer;
+mod python;
+mod round_trip;

@@ -1,0 +1,58 @@
+//! Only the daemon's own uid is served, whatever the file modes say.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use crate::util::{Env, keyholder_bin};
+
+fn chmod(path: &std::path::Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+#[test]
+fn a_client_running_as_another_uid_is_refused_and_the_refusal_logged() {
+    assert!(
+        rustix::process::getuid().is_root(),
+        "this test switches to uid nobody and must run as root (CI does)"
+    );
+    let env = Env::new();
+    let daemon = env.start_daemon(&[]);
+    env.init();
+    // Open the socket, its directory and the way to them to everyone, so
+    // only the peer-credential check stands in the way.
+    chmod(env.path(), 0o755);
+    chmod(&env.runtime, 0o755);
+    chmod(&env.runtime.join("keyholder"), 0o777);
+    chmod(&env.socket(), 0o777);
+    let bin = env.path().join("keyholder");
+    std::fs::copy(keyholder_bin(), &bin).expect("copy the CLI where nobody can run it");
+    chmod(&bin, 0o755);
+
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&bin)
+        .arg("--socket")
+        .arg(env.socket())
+        .arg("status")
+        .output()
+        .expect("setpriv runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "nobody was served: {stdout}");
+    assert!(!stdout.contains("vault"), "nobody saw the status: {stdout}");
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !daemon
+        .log_text()
+        .contains("refused connection from another uid")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no refusal logged:\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(daemon.log_text().contains("uid=65534"));
+    // The owner is still served.
+    assert!(env.ok(&["status"]).contains("locked"));
+}

@@ -1,0 +1,299 @@
+//! Test harness: a throwaway SoftHSM2 token per test, the real `keyholderd`
+//! and `keyholder` binaries, and processes stopped by PID.
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+pub const PIN: &str = "1234";
+pub const SO_PIN: &str = "5678";
+
+pub fn keyholder_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_keyholder")
+}
+
+pub fn keyholderd_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_keyholderd")
+}
+
+/// One test's world: temp dir, SoftHSM2 config and token, runtime dir.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub softhsm_conf: PathBuf,
+    pub runtime: PathBuf,
+    pub vault: PathBuf,
+    pub pin_file: PathBuf,
+}
+
+impl Env {
+    /// A fresh world with one initialised token labelled `ops`.
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tokens = dir.path().join("tokens");
+        std::fs::create_dir(&tokens).expect("token dir");
+        let softhsm_conf = dir.path().join("softhsm2.conf");
+        std::fs::write(
+            &softhsm_conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                tokens.display()
+            ),
+        )
+        .expect("softhsm conf");
+        let runtime = dir.path().join("run");
+        std::fs::create_dir(&runtime).expect("runtime dir");
+        std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        let pin_file = dir.path().join("pin");
+        std::fs::write(&pin_file, format!("{PIN}\n")).expect("pin file");
+        let env = Self {
+            vault: dir.path().join("vault/vault.age"),
+            dir,
+            softhsm_conf,
+            runtime,
+            pin_file,
+        };
+        env.add_token("ops");
+        env
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.runtime.join("keyholder/keyholder.sock")
+    }
+
+    /// Initialises another token in the same SoftHSM2 store.
+    pub fn add_token(&self, label: &str) {
+        let out = Command::new("softhsm2-util")
+            .env("SOFTHSM2_CONF", &self.softhsm_conf)
+            .args([
+                "--init-token",
+                "--free",
+                "--label",
+                label,
+                "--pin",
+                PIN,
+                "--so-pin",
+                SO_PIN,
+            ])
+            .output()
+            .expect("softhsm2-util runs (apt-get install softhsm2)");
+        assert!(
+            out.status.success(),
+            "softhsm2-util: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A file holding `text`, for --pin-file.
+    pub fn file(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.path().join(name);
+        std::fs::write(&p, text).expect("write file");
+        p
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut c = Command::new(program);
+        c.env("SOFTHSM2_CONF", &self.softhsm_conf)
+            .env("XDG_RUNTIME_DIR", &self.runtime)
+            .env("XDG_CONFIG_HOME", self.path().join("config"))
+            .env("XDG_DATA_HOME", self.path().join("data"))
+            .env("HOME", self.path())
+            .env_remove("KEYHOLDER_SOCKET")
+            .env_remove("KEYHOLDER_LOG");
+        c
+    }
+
+    /// Starts keyholderd and waits until it answers.
+    pub fn start_daemon(&self, extra: &[&str]) -> Daemon {
+        let log = self.path().join(format!("keyholderd-{}.log", unique()));
+        let child = self
+            .command(keyholderd_bin())
+            .args(["--pkcs11-module", MODULE, "--vault"])
+            .arg(&self.vault)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("keyholderd starts");
+        let mut daemon = Daemon { child, log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                panic!("keyholderd exited early ({status}):\n{}", daemon.log_text());
+            }
+            if self.socket().exists() && self.cli(&["status"]).status.success() {
+                return daemon;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "keyholderd did not start:\n{}",
+                daemon.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs keyholderd expecting it to exit by itself (bad flags and the like).
+    pub fn run_daemon_to_exit(&self, args: &[&str]) -> Output {
+        let mut child = self
+            .command(keyholderd_bin())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("keyholderd starts");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while child.try_wait().expect("wait").is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("keyholderd {args:?} did not exit");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child.wait_with_output().expect("output")
+    }
+
+    /// Runs the CLI.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_with_stdin(args, None)
+    }
+
+    /// Runs the CLI with `stdin` piped in.
+    pub fn cli_with_stdin(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        let mut c = self.command(keyholder_bin());
+        c.args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().expect("keyholder runs");
+        if let Some(data) = stdin {
+            let mut pipe = child.stdin.take().expect("stdin");
+            pipe.write_all(data).expect("write stdin");
+        }
+        child.wait_with_output().expect("keyholder finishes")
+    }
+
+    /// Runs the CLI and insists on success.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert_ok(&out, args);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn init(&self) {
+        self.ok(&[
+            "init",
+            "--token-label",
+            "ops",
+            "--pin-file",
+            self.pin_file.to_str().expect("utf8"),
+        ]);
+    }
+
+    pub fn unlock(&self) {
+        self.ok(&[
+            "unlock",
+            "--pin-file",
+            self.pin_file.to_str().expect("utf8"),
+        ]);
+    }
+
+    pub fn put(&self, name: &str, value: &[u8]) {
+        let args = ["secret", "put", name];
+        let out = self.cli_with_stdin(&args, Some(value));
+        assert_ok(&out, &args);
+    }
+}
+
+/// Prints what ran and what it said, then fails, unless `out` succeeded.
+pub fn assert_ok(out: &Output, args: &[&str]) {
+    assert!(
+        out.status.success(),
+        "keyholder {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Asserts exit status `code` and that stderr contains `needle`.
+pub fn assert_fails(out: &Output, code: i32, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "expected exit {code}:\nstdout: {}\nstderr: {stderr}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(stderr.contains(needle), "stderr lacks {needle:?}: {stderr}");
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A running keyholderd, stopped by PID when dropped.
+pub struct Daemon {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: rustix::process::Signal) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.pid()) {
+            let _ = rustix::process::kill_process(pid, sig);
+        }
+    }
+
+    /// SIGTERM, then wait (bounded) for a clean exit; returns its status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        self.signal(rustix::process::Signal::TERM);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("keyholderd ignored SIGTERM:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
