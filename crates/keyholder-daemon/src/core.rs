@@ -384,7 +384,7 @@ impl Core {
 
     fn find_vault_token(
         &self,
-        stanzas: &[(Vec<u8>, [u8; 4])],
+        stanzas: &[keyholder_vault::TagStanza],
         selector: Option<&Selector>,
     ) -> Result<(TokenSession, TokenDescription, TokenKey)> {
         let tokens = match selector {

@@ -502,10 +502,10 @@ impl TokenSession {
 
     /// Logs out and closes the session.
     pub fn close(self) {
-        if self.logged_in {
-            if let Err(e) = self.session.logout() {
-                tracing::debug!(error = %e, "logout on close failed");
-            }
+        if self.logged_in
+            && let Err(e) = self.session.logout()
+        {
+            tracing::debug!(error = %e, "logout on close failed");
         }
         // Dropping the session closes it.
     }

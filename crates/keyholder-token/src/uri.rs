@@ -80,23 +80,19 @@ impl Selector {
                 other => return Err(bad(format!("unknown URI attribute {other:?}"))),
             }
         }
-        if let Some(query) = query {
-            for part in query.split('&').filter(|p| !p.is_empty()) {
-                let key = part.split_once('=').map_or(part, |(k, _)| k);
-                match key {
-                    "module-path" | "module-name" => {
-                        return Err(bad(format!(
-                            "URI attribute {key:?} is refused: the PKCS#11 module comes only from keyholderd's own configuration"
-                        )));
-                    }
-                    "pin-value" | "pin-source" => {
-                        return Err(bad(format!(
-                            "URI attribute {key:?} is refused: give the PIN when asked, not in the URI"
-                        )));
-                    }
-                    other => return Err(bad(format!("unknown URI query attribute {other:?}"))),
-                }
-            }
+        // Every query attribute is refused: the module and the PIN come
+        // from elsewhere, and anything else is unknown.
+        if let Some(part) = query.and_then(|q| q.split('&').find(|p| !p.is_empty())) {
+            let key = part.split_once('=').map_or(part, |(k, _)| k);
+            return Err(bad(match key {
+                "module-path" | "module-name" => format!(
+                    "URI attribute {key:?} is refused: the PKCS#11 module comes only from keyholderd's own configuration"
+                ),
+                "pin-value" | "pin-source" => format!(
+                    "URI attribute {key:?} is refused: give the PIN when asked, not in the URI"
+                ),
+                other => format!("unknown URI query attribute {other:?}"),
+            }));
         }
         Ok(sel)
     }

@@ -34,7 +34,9 @@ use zeroize::Zeroizing;
 
 pub use document::{Body, Recipients, SecretEntry, TokenRecipient};
 pub use storage::{FileStorage, Revision, Storage, StorageError};
-pub use tag::{KeyAgreement, SoftwareKey, TokenAgreement, addressed_to, recipient_string};
+pub use tag::{
+    KeyAgreement, SoftwareKey, TagStanza, TokenAgreement, addressed_to, recipient_string,
+};
 
 /// Domain separation tag for hashing the vault id to a P-256 point.
 const AUTH_POINT_DST: &[u8] = b"keyholder-vault-auth-point-v1_P256_XMD:SHA-256_SSWU_RO_";
@@ -76,9 +78,9 @@ pub enum VaultError {
     Encrypt(String),
 }
 
-/// The age file's `p256tag` stanzas as (enc, tag) pairs, read without any
-/// token operation; see [`tag::addressed_to`].
-pub fn probe(file: &[u8]) -> Result<Vec<(Vec<u8>, [u8; 4])>, VaultError> {
+/// The age file's `p256tag` stanzas, read without any token operation; see
+/// [`tag::addressed_to`].
+pub fn probe(file: &[u8]) -> Result<Vec<TagStanza>, VaultError> {
     let decryptor = age::Decryptor::new(file).map_err(damaged)?;
     let probe = tag::StanzaProbe::default();
     let _ = decryptor.decrypt(std::iter::once(&probe as &dyn age::Identity));

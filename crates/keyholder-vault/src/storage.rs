@@ -183,7 +183,7 @@ impl FileStorage {
                 Some((generation, e.path()))
             })
             .collect();
-        found.sort_by(|a, b| b.0.cmp(&a.0));
+        found.sort_by_key(|b| std::cmp::Reverse(b.0));
         found
     }
 

@@ -65,8 +65,9 @@ fn stanza_tag(enc: &[u8], public: &p256::PublicKey) -> [u8; 4] {
     [prk[0], prk[1], prk[2], prk[3]]
 }
 
-/// A parsed `p256tag` stanza.
-struct TagStanza {
+/// The public arguments of a `p256tag` stanza.
+#[derive(Clone, Debug)]
+pub struct TagStanza {
     tag: [u8; 4],
     enc: Vec<u8>,
 }
@@ -88,10 +89,10 @@ fn parse(stanza: &Stanza) -> Option<Result<TagStanza, age::DecryptError>> {
 
 /// Whether any `p256tag` stanza in the file header at the start of `file`
 /// is addressed to `public`. Costs no token operation.
-pub fn addressed_to(stanzas: &[(Vec<u8>, [u8; 4])], public: &p256::PublicKey) -> bool {
+pub fn addressed_to(stanzas: &[TagStanza], public: &p256::PublicKey) -> bool {
     stanzas
         .iter()
-        .any(|(enc, tag)| stanza_tag(enc, public) == *tag)
+        .any(|s| stanza_tag(&s.enc, public) == s.tag)
 }
 
 /// An identity that unwraps nothing and records the `p256tag` stanzas it is
@@ -99,22 +100,22 @@ pub fn addressed_to(stanzas: &[(Vec<u8>, [u8; 4])], public: &p256::PublicKey) ->
 /// before logging in.
 #[derive(Default)]
 pub struct StanzaProbe {
-    seen: Mutex<Vec<(Vec<u8>, [u8; 4])>>,
+    seen: Mutex<Vec<TagStanza>>,
 }
 
 impl StanzaProbe {
-    /// The (enc, tag) pairs seen.
-    pub fn into_stanzas(self) -> Vec<(Vec<u8>, [u8; 4])> {
+    /// The stanzas seen.
+    pub fn into_stanzas(self) -> Vec<TagStanza> {
         self.seen.into_inner().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 impl age::Identity for StanzaProbe {
     fn unwrap_stanza(&self, stanza: &Stanza) -> Option<Result<FileKey, age::DecryptError>> {
-        if let Some(Ok(s)) = parse(stanza) {
-            if let Ok(mut seen) = self.seen.lock() {
-                seen.push((s.enc, s.tag));
-            }
+        if let Some(Ok(s)) = parse(stanza)
+            && let Ok(mut seen) = self.seen.lock()
+        {
+            seen.push(s);
         }
         None
     }
