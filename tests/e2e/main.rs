@@ -5,6 +5,7 @@ mod util;
 
 mod bad_input;
 mod crash;
+mod faults;
 mod peer;
 mod python;
 mod round_trip;

@@ -26,6 +26,10 @@ pub struct Env {
     pub runtime: PathBuf,
     pub vault: PathBuf,
     pub pin_file: PathBuf,
+    /// The PKCS#11 module keyholderd loads.
+    pub module: PathBuf,
+    /// Set when `module` is the fault-injecting test module.
+    pub fault_file: Option<PathBuf>,
 }
 
 impl Env {
@@ -54,9 +58,39 @@ impl Env {
             softhsm_conf,
             runtime,
             pin_file,
+            module: PathBuf::from(MODULE),
+            fault_file: None,
         };
         env.add_token("ops");
         env
+    }
+
+    /// Like [`Env::new`], but keyholderd loads the test module that
+    /// forwards to SoftHSM2 and injects the fault written with [`Env::fault`].
+    /// This stands in for faults SoftHSM2 cannot produce (it never locks a
+    /// PIN and its tokens cannot be unplugged).
+    pub fn with_fault_module() -> Self {
+        let mut env = Self::new();
+        let module = Path::new(keyholder_bin())
+            .parent()
+            .expect("target dir")
+            .join("libkeyholder_pkcs11_fault.so");
+        assert!(
+            module.exists(),
+            "{} is missing: run `cargo build -p keyholder-pkcs11-fault` first (scripts/test does)",
+            module.display()
+        );
+        env.module = module;
+        let fault_file = env.path().join("fault");
+        std::fs::write(&fault_file, "").expect("fault file");
+        env.fault_file = Some(fault_file);
+        env
+    }
+
+    /// Sets the injected fault: "", "final-try", "pin-locked" or "removed".
+    pub fn fault(&self, fault: &str) {
+        let path = self.fault_file.as_ref().expect("Env::with_fault_module");
+        std::fs::write(path, fault).expect("write fault");
     }
 
     pub fn path(&self) -> &Path {
@@ -106,6 +140,9 @@ impl Env {
             .env("HOME", self.path())
             .env_remove("KEYHOLDER_SOCKET")
             .env_remove("KEYHOLDER_LOG");
+        if let Some(f) = &self.fault_file {
+            c.env("KEYHOLDER_FAULT_FILE", f);
+        }
         c
     }
 
@@ -114,7 +151,9 @@ impl Env {
         let log = self.path().join(format!("keyholderd-{}.log", unique()));
         let child = self
             .command(keyholderd_bin())
-            .args(["--pkcs11-module", MODULE, "--vault"])
+            .arg("--pkcs11-module")
+            .arg(&self.module)
+            .arg("--vault")
             .arg(&self.vault)
             .args(extra)
             .stdout(Stdio::null())

@@ -90,9 +90,7 @@ fn parse(stanza: &Stanza) -> Option<Result<TagStanza, age::DecryptError>> {
 /// Whether any `p256tag` stanza in the file header at the start of `file`
 /// is addressed to `public`. Costs no token operation.
 pub fn addressed_to(stanzas: &[TagStanza], public: &p256::PublicKey) -> bool {
-    stanzas
-        .iter()
-        .any(|s| stanza_tag(&s.enc, public) == s.tag)
+    stanzas.iter().any(|s| stanza_tag(&s.enc, public) == s.tag)
 }
 
 /// An identity that unwraps nothing and records the `p256tag` stanzas it is

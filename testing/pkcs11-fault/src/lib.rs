@@ -1,0 +1,155 @@
+//! A PKCS#11 module for tests only. It forwards every call to a real module
+//! (SoftHSM2 by default) and injects the faults SoftHSM2 cannot produce: a
+//! PIN on its final try, a locked PIN, and a token that goes away.
+//!
+//! The fault is read on every call from the file named by
+//! `KEYHOLDER_FAULT_FILE`: empty (or no file) for none, `final-try`,
+//! `pin-locked`, or `removed`. `KEYHOLDER_FAULT_MODULE` names the real module
+//! (default `/usr/lib/softhsm/libsofthsm2.so`).
+//!
+//! FFI needs `unsafe`; it is confined to this test crate, which Keyholder
+//! itself never links.
+
+use std::sync::OnceLock;
+
+use cryptoki_sys::{
+    CK_FUNCTION_LIST, CK_FUNCTION_LIST_PTR_PTR, CK_RV, CK_SESSION_HANDLE, CK_SESSION_INFO_PTR,
+    CK_SLOT_ID, CK_TOKEN_INFO_PTR, CK_ULONG, CK_USER_TYPE, CKF_USER_PIN_COUNT_LOW,
+    CKF_USER_PIN_FINAL_TRY, CKF_USER_PIN_LOCKED, CKR_DEVICE_REMOVED, CKR_GENERAL_ERROR, CKR_OK,
+    CKR_PIN_LOCKED, CKR_TOKEN_NOT_PRESENT,
+};
+
+struct Forward {
+    /// Kept loaded for the life of the process.
+    _library: libloading::Library,
+    /// The real module's function list.
+    real: CK_FUNCTION_LIST,
+    /// The list handed out: the real one with some entries replaced.
+    patched: Box<CK_FUNCTION_LIST>,
+}
+
+static FORWARD: OnceLock<Result<Forward, String>> = OnceLock::new();
+
+#[derive(PartialEq, Eq)]
+enum Fault {
+    None,
+    FinalTry,
+    PinLocked,
+    Removed,
+}
+
+fn fault() -> Fault {
+    let Some(path) = std::env::var_os("KEYHOLDER_FAULT_FILE") else {
+        return Fault::None;
+    };
+    match std::fs::read_to_string(path).unwrap_or_default().trim() {
+        "final-try" => Fault::FinalTry,
+        "pin-locked" => Fault::PinLocked,
+        "removed" => Fault::Removed,
+        _ => Fault::None,
+    }
+}
+
+fn load() -> Result<Forward, String> {
+    let path = std::env::var("KEYHOLDER_FAULT_MODULE")
+        .unwrap_or_else(|_| "/usr/lib/softhsm/libsofthsm2.so".into());
+    // SAFETY: loading a PKCS#11 module runs its initialisers; the test
+    // harness names a trusted module (SoftHSM2).
+    let library = unsafe { libloading::Library::new(&path) }.map_err(|e| e.to_string())?;
+    // SAFETY: the symbol has the C_GetFunctionList signature in every PKCS#11 module.
+    let get: libloading::Symbol<'_, unsafe extern "C" fn(CK_FUNCTION_LIST_PTR_PTR) -> CK_RV> =
+        unsafe { library.get(b"C_GetFunctionList\0") }.map_err(|e| e.to_string())?;
+    let mut list: *mut CK_FUNCTION_LIST = std::ptr::null_mut();
+    // SAFETY: `list` is a valid out-pointer.
+    let rv = unsafe { get(&mut list) };
+    if rv != CKR_OK || list.is_null() {
+        return Err(format!("C_GetFunctionList of {path} failed: {rv}"));
+    }
+    // SAFETY: on CKR_OK the module returned a pointer to its function list,
+    // which lives as long as the library stays loaded (we keep it loaded).
+    let real = unsafe { *list };
+    let mut patched = Box::new(real);
+    patched.C_GetTokenInfo = Some(get_token_info);
+    patched.C_GetSessionInfo = Some(get_session_info);
+    patched.C_Login = Some(login);
+    Ok(Forward {
+        _library: library,
+        real,
+        patched,
+    })
+}
+
+fn forward() -> Option<&'static Forward> {
+    FORWARD.get_or_init(load).as_ref().ok()
+}
+
+/// The module's entry point.
+///
+/// # Safety
+/// `list` must be a valid pointer to write a function-list pointer to.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn C_GetFunctionList(list: CK_FUNCTION_LIST_PTR_PTR) -> CK_RV {
+    let Some(f) = forward() else {
+        return CKR_GENERAL_ERROR;
+    };
+    if list.is_null() {
+        return CKR_GENERAL_ERROR;
+    }
+    // SAFETY: checked non-null; the pointee is 'static (inside FORWARD).
+    unsafe { *list = &*f.patched as *const CK_FUNCTION_LIST as *mut CK_FUNCTION_LIST };
+    CKR_OK
+}
+
+unsafe extern "C" fn get_token_info(slot: CK_SLOT_ID, info: CK_TOKEN_INFO_PTR) -> CK_RV {
+    let fault = fault();
+    if fault == Fault::Removed {
+        return CKR_TOKEN_NOT_PRESENT;
+    }
+    let Some(real) = forward().and_then(|f| f.real.C_GetTokenInfo) else {
+        return CKR_GENERAL_ERROR;
+    };
+    // SAFETY: forwarding the caller's arguments unchanged.
+    let rv = unsafe { real(slot, info) };
+    if rv == CKR_OK && !info.is_null() {
+        // SAFETY: the real module filled `info` and returned CKR_OK.
+        let flags = unsafe { &mut (*info).flags };
+        match fault {
+            Fault::FinalTry => *flags |= CKF_USER_PIN_COUNT_LOW | CKF_USER_PIN_FINAL_TRY,
+            Fault::PinLocked => *flags |= CKF_USER_PIN_LOCKED,
+            _ => {}
+        }
+    }
+    rv
+}
+
+unsafe extern "C" fn get_session_info(
+    session: CK_SESSION_HANDLE,
+    info: CK_SESSION_INFO_PTR,
+) -> CK_RV {
+    if fault() == Fault::Removed {
+        return CKR_DEVICE_REMOVED;
+    }
+    let Some(real) = forward().and_then(|f| f.real.C_GetSessionInfo) else {
+        return CKR_GENERAL_ERROR;
+    };
+    // SAFETY: forwarding the caller's arguments unchanged.
+    unsafe { real(session, info) }
+}
+
+unsafe extern "C" fn login(
+    session: CK_SESSION_HANDLE,
+    user: CK_USER_TYPE,
+    pin: *mut u8,
+    pin_len: CK_ULONG,
+) -> CK_RV {
+    match fault() {
+        Fault::Removed => return CKR_DEVICE_REMOVED,
+        Fault::PinLocked => return CKR_PIN_LOCKED,
+        _ => {}
+    }
+    let Some(real) = forward().and_then(|f| f.real.C_Login) else {
+        return CKR_GENERAL_ERROR;
+    };
+    // SAFETY: forwarding the caller's arguments unchanged.
+    unsafe { real(session, user, pin, pin_len) }
+}

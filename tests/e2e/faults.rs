@@ -1,0 +1,99 @@
+//! Faults SoftHSM2 cannot produce, injected by the test PKCS#11 module in
+//! testing/pkcs11-fault (it forwards to SoftHSM2): a PIN on its final try, a
+//! locked PIN, a token that goes away.
+
+use std::time::{Duration, Instant};
+
+use crate::util::{Env, assert_fails};
+
+fn status(env: &Env) -> serde_json::Value {
+    serde_json::from_str(&env.ok(&["--json", "status"])).expect("status JSON")
+}
+
+fn token_flags(env: &Env) -> serde_json::Value {
+    let tokens: serde_json::Value =
+        serde_json::from_str(&env.ok(&["--json", "tokens"])).expect("tokens JSON");
+    tokens[0].clone()
+}
+
+#[test]
+fn the_final_pin_try_is_spent_only_when_allowed() {
+    let env = Env::with_fault_module();
+    let _daemon = env.start_daemon(&[]);
+    env.init();
+    env.fault("final-try");
+    assert_eq!(token_flags(&env)["pin_final_try"], true);
+
+    // Even a wrong PIN is not sent: the refusal comes before C_Login.
+    let wrong = env.file("wrong-pin", "9999\n");
+    let out = env.cli(&["unlock", "--pin-file", wrong.to_str().expect("utf8")]);
+    assert_fails(&out, 7, "one PIN try left");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--allow-final-pin-try"));
+    env.fault("");
+    assert_eq!(
+        token_flags(&env)["pin_count_low"],
+        false,
+        "the wrong PIN never reached the token"
+    );
+
+    env.fault("final-try");
+    let pin = env.pin_file.to_str().expect("utf8");
+    assert_fails(
+        &env.cli(&["unlock", "--pin-file", pin]),
+        7,
+        "one PIN try left",
+    );
+    assert_eq!(status(&env)["state"], "locked");
+    env.ok(&["unlock", "--allow-final-pin-try", "--pin-file", pin]);
+    assert_eq!(status(&env)["state"], "unlocked");
+}
+
+#[test]
+fn a_locked_pin_is_reported_without_trying() {
+    let env = Env::with_fault_module();
+    let _daemon = env.start_daemon(&[]);
+    env.init();
+    env.fault("pin-locked");
+    let pin = env.pin_file.to_str().expect("utf8");
+    let out = env.cli(&["unlock", "--allow-final-pin-try", "--pin-file", pin]);
+    assert_fails(&out, 7, "PIN locked");
+    assert_eq!(status(&env)["state"], "locked");
+}
+
+#[test]
+fn removing_the_token_locks_the_session_and_unlock_says_it_is_gone() {
+    let env = Env::with_fault_module();
+    let _daemon = env.start_daemon(&["--token-poll-interval", "200ms"]);
+    env.init();
+    env.unlock();
+    env.put("db/pw", b"hunter2");
+    let vault_before = std::fs::read(&env.vault).expect("vault");
+
+    env.fault("removed");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = status(&env);
+        if s["state"] == "locked" {
+            assert_eq!(s["lock_reason"], "token-removed", "{s}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the session stayed open without the token: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_fails(&env.cli(&["secret", "get", "db/pw"]), 3, "locked");
+    let pin = env.pin_file.to_str().expect("utf8");
+    assert_fails(
+        &env.cli(&["unlock", "--pin-file", pin]),
+        8,
+        "no longer available",
+    );
+    assert_eq!(std::fs::read(&env.vault).expect("vault"), vault_before);
+
+    // Plugged back in: business as usual.
+    env.fault("");
+    env.unlock();
+    assert_eq!(env.ok(&["secret", "get", "db/pw"]), "hunter2");
+}
