@@ -159,9 +159,17 @@ fn the_stock_age_binary_decrypts_the_vault_with_the_recovery_identity() {
 }
 
 #[test]
-fn idle_timeout_and_session_ttl_lock_the_vault() {
+fn idle_timeout_from_the_config_file_and_session_ttl_lock_the_vault() {
     let env = Env::new();
-    let _daemon = env.start_daemon(&["--idle-timeout", "1s"]);
+    // $XDG_CONFIG_HOME/keyholder/keyholderd.toml is read when present.
+    let config_dir = env.path().join("config/keyholder");
+    std::fs::create_dir_all(&config_dir).expect("config dir");
+    std::fs::write(
+        config_dir.join("keyholderd.toml"),
+        "idle_timeout = \"1s\"\n",
+    )
+    .expect("config");
+    let _daemon = env.start_daemon(&[]);
     env.init();
     env.unlock();
     env.put("a", b"1");
@@ -179,4 +187,52 @@ fn idle_timeout_and_session_ttl_lock_the_vault() {
     let status: serde_json::Value =
         serde_json::from_str(&env.ok(&["--json", "status"])).expect("status JSON");
     assert_eq!(status["lock_reason"], "expired", "{status}");
+}
+
+#[test]
+fn status_watch_streams_each_change_and_ends_when_the_daemon_stops() {
+    use std::io::BufRead;
+    let env = Env::new();
+    let daemon = env.start_daemon(&[]);
+    env.init();
+    let mut watch = std::process::Command::new(crate::util::keyholder_bin())
+        .args(["--json", "--socket"])
+        .arg(env.socket())
+        .args(["status", "--watch"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("watch starts");
+    let mut lines = std::io::BufReader::new(watch.stdout.take().expect("stdout")).lines();
+    let mut next_state = || -> String {
+        let line = lines.next().expect("a status line").expect("read");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("JSON line");
+        v["state"].as_str().unwrap_or_default().to_owned()
+    };
+    assert_eq!(next_state(), "locked");
+    env.unlock();
+    assert_eq!(next_state(), "unlocked");
+    env.put("a", b"1");
+    assert_eq!(next_state(), "unlocked");
+    env.ok(&["lock"]);
+    assert_eq!(next_state(), "locked");
+    // SIGTERM: the daemon ends the stream instead of waiting on it.
+    assert!(daemon.stop().success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Some(status) = watch.try_wait().expect("wait") {
+            assert!(status.success(), "watch ended with {status}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "watch did not end");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn without_a_daemon_the_cli_says_how_to_start_one() {
+    let env = Env::new();
+    let out = env.cli(&["status"]);
+    assert_fails(&out, 8, "cannot reach keyholderd");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("keyholderd --pkcs11-module"));
 }

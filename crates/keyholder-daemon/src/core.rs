@@ -177,7 +177,7 @@ impl Core {
 
     /// The status now.
     pub fn status(&self) -> v1::StatusResponse {
-        let exists = matches!(self.storage.load(), Ok(Some(_)));
+        let exists = self.storage.exists().unwrap_or(true);
         let state = self.read_state();
         let mut s = v1::StatusResponse {
             vault_path: self.storage.location(),
@@ -267,7 +267,7 @@ impl Core {
         for r in &recovery {
             keyholder_vault::check_recovery_recipient(r)?;
         }
-        if self.storage.load()?.is_some() {
+        if self.storage.exists()? {
             return Err(Error::VaultExists(self.storage.location()));
         }
         tokio::task::block_in_place(|| {

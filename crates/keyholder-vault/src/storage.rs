@@ -78,6 +78,8 @@ pub trait Storage: Send + Sync {
         bytes: &[u8],
         generation: u64,
     ) -> Result<Revision, StorageError>;
+    /// Whether a vault is stored, without reading it.
+    fn exists(&self) -> Result<bool, StorageError>;
     /// Where the vault is, for humans.
     fn location(&self) -> String;
 }
@@ -254,6 +256,12 @@ impl Storage for FileStorage {
         // Keep the mode strict even if the directory's umask was loose.
         let _ = fs::set_permissions(&self.path, fs::Permissions::from_mode(0o600));
         Ok(Revision::of(bytes))
+    }
+
+    fn exists(&self) -> Result<bool, StorageError> {
+        self.path
+            .try_exists()
+            .map_err(io_err("cannot stat vault", &self.path))
     }
 
     fn location(&self) -> String {
