@@ -21,6 +21,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "keyholder.v1.InitRequest",
             "keyholder.v1.PutSecretRequest",
             "keyholder.v1.GetSecretResponse",
+            "keyholder.v1.ImportCaRequest",
+            "keyholder.v1.IssueCertificateResponse",
+            "keyholder.v1.IssueKubeconfigResponse",
+            "keyholder.v1.IssueExecCredentialResponse",
         ])
         .file_descriptor_set_path(&descriptor_path)
         .skip_protoc_run()

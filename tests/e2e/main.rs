@@ -6,6 +6,7 @@ mod util;
 mod bad_input;
 mod crash;
 mod faults;
+mod kube;
 mod peer;
 mod python;
 mod round_trip;

@@ -1,16 +1,13 @@
 //! Scripts in any language: a Python grpcio client with stubs generated from
 //! proto/ unlocks the vault and reads a secret.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::util::Env;
 
-#[test]
-fn a_python_grpcio_client_unlocks_and_reads_a_secret() {
-    let env = Env::new();
-    let _daemon = env.start_daemon(&[]);
-    env.init();
+/// Generates Python stubs from proto/ into the test's directory.
+pub fn generate_stubs(env: &Env) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let stubs = env.path().join("stubs");
     std::fs::create_dir(&stubs).expect("stubs dir");
@@ -27,6 +24,16 @@ fn a_python_grpcio_client_unlocks_and_reads_a_secret() {
         "stub generation failed (pip install grpcio-tools): {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    stubs
+}
+
+#[test]
+fn a_python_grpcio_client_unlocks_and_reads_a_secret() {
+    let env = Env::new();
+    let _daemon = env.start_daemon(&[]);
+    env.init();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let stubs = generate_stubs(&env);
     let out = Command::new("python3")
         .arg(root.join("tests/python/client.py"))
         .arg(env.socket())

@@ -32,6 +32,9 @@ pub struct Config {
     /// How often the token is checked for presence (`2s`).
     #[serde(deserialize_with = "de_duration")]
     pub token_poll_interval: Duration,
+    /// How far `notBefore` of issued certificates is backdated (`5m`).
+    #[serde(deserialize_with = "de_duration")]
+    pub clock_skew: Duration,
     /// Largest secret value in bytes (65536).
     pub max_secret_bytes: usize,
     /// Most secrets a vault may hold (100000).
@@ -88,6 +91,7 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(30 * 60),
             max_session_ttl: Duration::from_secs(24 * 3600),
             token_poll_interval: Duration::from_secs(2),
+            clock_skew: Duration::from_secs(300),
             max_secret_bytes: 64 * 1024,
             max_secrets: 100_000,
         }

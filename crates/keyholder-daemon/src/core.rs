@@ -6,6 +6,7 @@
 //! are serialised without blocking readers during encryption and fsync.
 //! Token calls run in `block_in_place`, since they block.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -18,6 +19,7 @@ use keyholder_vault::{
 use secrecy::SecretString;
 use tokio::sync::watch;
 
+use crate::ca::{LoadedCa, TokenSlot};
 use crate::config::Config;
 use crate::error::{Error, Result};
 
@@ -71,6 +73,8 @@ pub struct Unlocked {
     pub expires_at: Instant,
     /// Idle timeout of this session.
     pub idle_timeout: Duration,
+    /// CAs parsed and ready to sign, loaded on first use.
+    pub cas: Mutex<HashMap<String, Arc<LoadedCa>>>,
 }
 
 /// Locked or unlocked.
@@ -90,7 +94,11 @@ pub struct Core {
     state: RwLock<State>,
     /// The logged-in token session while unlocked. Behind a mutex because a
     /// cryptoki session may move between threads but not be shared.
-    token: Mutex<Option<TokenSession>>,
+    token: TokenSlot,
+    /// Kubernetes exec credentials by request, shared until shortly before
+    /// they expire; one issuance per key at a time. Cleared on lock.
+    pub(crate) exec_cache:
+        Mutex<HashMap<ExecKey, Arc<tokio::sync::Mutex<Option<CachedCredential>>>>>,
     /// Serialises writers.
     writer: tokio::sync::Mutex<()>,
     /// Milliseconds since `epoch` of the last request that used the session.
@@ -127,7 +135,8 @@ impl Core {
             module,
             storage,
             state: RwLock::new(State::Locked(LockReason::Start)),
-            token: Mutex::new(None),
+            token: Arc::new(Mutex::new(None)),
+            exec_cache: Mutex::new(HashMap::new()),
             writer: tokio::sync::Mutex::new(()),
             last_activity_ms: AtomicU64::new(0),
             epoch: Instant::now(),
@@ -365,6 +374,7 @@ impl Core {
                     unlocked_at: SystemTime::now(),
                     expires_at: Instant::now() + ttl,
                     idle_timeout: idle,
+                    cas: Mutex::new(HashMap::new()),
                 },
             ))
         })?;
@@ -414,6 +424,10 @@ impl Core {
         let was_unlocked = matches!(previous, State::Unlocked(_));
         // Dropping Unlocked zeroizes secret values and the MAC key.
         drop(previous);
+        self.exec_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         if let Some(session) = self.token_slot().take() {
             tokio::task::block_in_place(|| session.close());
         }
@@ -486,6 +500,53 @@ impl Core {
     pub fn begin_shutdown(&self) {
         self.shutdown_tx.send_replace(true);
         self.lock(LockReason::Shutdown);
+    }
+}
+
+/// Identifies one kind of exec credential: cluster, user, sorted groups, TTL.
+pub type ExecKey = (String, String, Vec<String>, u64);
+
+/// A certificate and key served to the kubectl credential plugin.
+pub struct CachedCredential {
+    /// PEM.
+    pub certificate_pem: String,
+    /// PEM; wiped when dropped.
+    pub private_key_pem: zeroize::Zeroizing<String>,
+    /// `notAfter`.
+    pub expires: SystemTime,
+    /// Full lifetime, to decide when to renew.
+    pub ttl: Duration,
+}
+
+impl Core {
+    /// The token slot, for token-backed CA signers.
+    pub fn token_slot_handle(&self) -> TokenSlot {
+        self.token.clone()
+    }
+
+    /// Runs `f` with the logged-in token session.
+    pub fn with_token<T>(&self, f: impl FnOnce(&TokenSession) -> Result<T>) -> Result<T> {
+        tokio::task::block_in_place(|| match &*self.token_slot() {
+            Some(session) => f(session),
+            None => Err(Error::Locked),
+        })
+    }
+
+    /// The CA `name`, loaded and ready to sign.
+    pub fn loaded_ca(&self, name: &str) -> Result<Arc<LoadedCa>> {
+        self.with_unlocked(|u| {
+            let mut cache = u.cas.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(ca) = cache.get(name) {
+                return Ok(ca.clone());
+            }
+            let entry = u.vault.body.cas.get(name).ok_or_else(|| Error::NotFound {
+                kind: "CA",
+                name: name.to_owned(),
+            })?;
+            let loaded = Arc::new(crate::ca::load(entry, &self.token)?);
+            cache.insert(name.to_owned(), loaded.clone());
+            Ok(loaded)
+        })
     }
 }
 

@@ -67,6 +67,9 @@ pub enum Error {
     /// The vault could not be read or written.
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// A certificate request or CA material was refused.
+    #[error(transparent)]
+    Pki(#[from] keyholder_pki::PkiError),
     /// A bug or an unexpected runtime failure; details go to the log only.
     #[error("internal error: {0}")]
     Internal(String),
@@ -109,6 +112,10 @@ impl From<Error> for Status {
                 StorageError::Busy { .. } => Code::Unavailable,
                 StorageError::Conflict(_) => Code::Aborted,
                 _ => Code::Internal,
+            },
+            Error::Pki(p) => match p {
+                keyholder_pki::PkiError::Build(_) => Code::Internal,
+                _ => Code::InvalidArgument,
             },
             Error::Internal(_) => Code::Internal,
         };

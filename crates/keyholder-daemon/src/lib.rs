@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod ca;
 pub mod config;
 pub mod core;
 pub mod error;
@@ -124,6 +125,9 @@ pub async fn run(
     health_reporter
         .set_serving::<v1::admin_server::AdminServer<services::admin::AdminService>>()
         .await;
+    health_reporter
+        .set_serving::<v1::credentials_server::CredentialsServer<services::credentials::CredentialsService>>()
+        .await;
     // Both reflection versions: grpcurl and most tools speak v1, some
     // client libraries still only v1alpha.
     let reflection = || {
@@ -160,6 +164,12 @@ pub async fn run(
         .add_service(
             v1::admin_server::AdminServer::new(services::admin::AdminService(core.clone()))
                 .max_decoding_message_size(max_message),
+        )
+        .add_service(
+            v1::credentials_server::CredentialsServer::new(
+                services::credentials::CredentialsService(core.clone()),
+            )
+            .max_decoding_message_size(max_message),
         )
         .serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(server);

@@ -62,14 +62,22 @@ pub fn requested_api_version(exec_info: Option<&str>) -> Result<Option<ExecApiVe
         field: "KUBERNETES_EXEC_INFO",
         reason,
     };
-    let info: ExecInfo =
-        serde_json::from_str(text).map_err(|e| bad(format!("is not an ExecCredential JSON object ({e})")))?;
+    let info: ExecInfo = serde_json::from_str(text)
+        .map_err(|e| bad(format!("is not an ExecCredential JSON object ({e})")))?;
     if info.kind != "ExecCredential" {
-        return Err(bad(format!("kind is {:?}, not \"ExecCredential\"", info.kind)));
+        return Err(bad(format!(
+            "kind is {:?}, not \"ExecCredential\"",
+            info.kind
+        )));
     }
     ExecApiVersion::parse(&info.api_version)
         .map(Some)
-        .map_err(|_| bad(format!("apiVersion {:?} is not supported", info.api_version)))
+        .map_err(|_| {
+            bad(format!(
+                "apiVersion {:?} is not supported",
+                info.api_version
+            ))
+        })
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -130,12 +138,23 @@ pub enum KubeUser<'a> {
 }
 
 /// A kubeconfig with one cluster, one user and one context named `name`.
-pub fn kubeconfig(name: &str, server: &str, ca_pem: &str, user_name: &str, user: &KubeUser<'_>) -> Zeroizing<String> {
+pub fn kubeconfig(
+    name: &str,
+    server: &str,
+    ca_pem: &str,
+    user_name: &str,
+    user: &KubeUser<'_>,
+) -> Zeroizing<String> {
     let ca = BASE64_STANDARD.encode(ca_pem);
     let context = format!("{user_name}@{name}");
     let mut out = Zeroizing::new(String::with_capacity(4096));
     out.push_str("apiVersion: v1\nkind: Config\nclusters:\n");
-    out.push_str(&format!("- name: {}\n  cluster:\n    server: {}\n    certificate-authority-data: {}\n", q(name), q(server), q(&ca)));
+    out.push_str(&format!(
+        "- name: {}\n  cluster:\n    server: {}\n    certificate-authority-data: {}\n",
+        q(name),
+        q(server),
+        q(&ca)
+    ));
     out.push_str(&format!("users:\n- name: {}\n  user:\n", q(&context)));
     match user {
         KubeUser::Certificate {
@@ -156,7 +175,11 @@ pub fn kubeconfig(name: &str, server: &str, ca_pem: &str, user_name: &str, user:
             args,
             api_version,
         } => {
-            out.push_str(&format!("    exec:\n      apiVersion: {}\n      command: {}\n      args:\n", q(api_version.as_str()), q(command)));
+            out.push_str(&format!(
+                "    exec:\n      apiVersion: {}\n      command: {}\n      args:\n",
+                q(api_version.as_str()),
+                q(command)
+            ));
             for a in *args {
                 out.push_str(&format!("      - {}\n", q(a)));
             }
@@ -183,8 +206,16 @@ mod tests {
         assert_eq!(requested_api_version(None).unwrap(), None);
         assert_eq!(requested_api_version(Some("")).unwrap(), None);
         let v1b1 = r#"{"kind":"ExecCredential","apiVersion":"client.authentication.k8s.io/v1beta1","spec":{"interactive":false}}"#;
-        assert_eq!(requested_api_version(Some(v1b1)).unwrap(), Some(ExecApiVersion::V1Beta1));
-        for bad in ["{", "[]", r#"{"kind":"Pod","apiVersion":"v1"}"#, r#"{"kind":"ExecCredential","apiVersion":"client.authentication.k8s.io/v2"}"#] {
+        assert_eq!(
+            requested_api_version(Some(v1b1)).unwrap(),
+            Some(ExecApiVersion::V1Beta1)
+        );
+        for bad in [
+            "{",
+            "[]",
+            r#"{"kind":"Pod","apiVersion":"v1"}"#,
+            r#"{"kind":"ExecCredential","apiVersion":"client.authentication.k8s.io/v2"}"#,
+        ] {
             let err = requested_api_version(Some(bad)).unwrap_err();
             assert!(err.to_string().starts_with("KUBERNETES_EXEC_INFO"), "{err}");
         }

@@ -13,12 +13,12 @@ pub mod kube;
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
+pub use rcgen;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-    SerialNumber,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
-pub use rcgen::{SigningKey, PublicKeyData};
+pub use rcgen::{PublicKeyData, SigningKey};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
@@ -146,7 +146,10 @@ fn pem_to_der(pem: &str) -> Result<Vec<u8>> {
     let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
         .map_err(|e| PkiError::Parse(format!("not a PEM certificate: {e}")))?;
     if parsed.label != "CERTIFICATE" {
-        return Err(PkiError::Parse(format!("PEM block is {:?}, not CERTIFICATE", parsed.label)));
+        return Err(PkiError::Parse(format!(
+            "PEM block is {:?}, not CERTIFICATE",
+            parsed.label
+        )));
     }
     Ok(parsed.contents)
 }
@@ -184,13 +187,16 @@ pub fn certificate_info(pem: &str) -> Result<CertificateInfo> {
 pub fn import_ca(cert_pem: &str, key_pem: &str) -> Result<KeyPair> {
     let info = certificate_info(cert_pem)?;
     if !info.is_ca {
-        return Err(invalid("cert", "the certificate is not a CA (basicConstraints CA:FALSE or absent)"));
+        return Err(invalid(
+            "cert",
+            "the certificate is not a CA (basicConstraints CA:FALSE or absent)",
+        ));
     }
     let key = KeyPair::from_pem(key_pem)
         .map_err(|e| invalid("key", format!("not a supported PKCS#8 private key ({e})")))?;
     let der = pem_to_der(cert_pem)?;
-    let (_, cert) = x509_parser::parse_x509_certificate(&der)
-        .map_err(|e| PkiError::Parse(e.to_string()))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(&der).map_err(|e| PkiError::Parse(e.to_string()))?;
     if cert.public_key().raw != key.subject_public_key_info().as_slice() {
         return Err(invalid("key", "the key does not belong to the certificate"));
     }
@@ -202,7 +208,8 @@ pub type CaIssuer<S> = Issuer<'static, S>;
 
 /// Prepares `key` to sign as the CA in `cert_pem`.
 pub fn issuer<S: SigningKey>(cert_pem: &str, key: S) -> Result<CaIssuer<S>> {
-    Issuer::from_ca_cert_pem(cert_pem, key).map_err(|e| PkiError::Parse(format!("CA certificate: {e}")))
+    Issuer::from_ca_cert_pem(cert_pem, key)
+        .map_err(|e| PkiError::Parse(format!("CA certificate: {e}")))
 }
 
 /// Issuance profiles.
@@ -224,7 +231,10 @@ impl Profile {
             "client" => Ok(Self::Client),
             "server" => Ok(Self::Server),
             "peer" => Ok(Self::Peer),
-            other => Err(invalid("profile", format!("{other:?} is not one of client, server, peer"))),
+            other => Err(invalid(
+                "profile",
+                format!("{other:?} is not one of client, server, peer"),
+            )),
         }
     }
 
@@ -285,7 +295,10 @@ impl std::fmt::Debug for Issued {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Issued")
             .field("serial", &self.serial)
-            .field("private_key_pem", &self.private_key_pem.as_ref().map(|_| "<redacted>"))
+            .field(
+                "private_key_pem",
+                &self.private_key_pem.as_ref().map(|_| "<redacted>"),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -334,7 +347,8 @@ pub fn issue<S: SigningKey>(
             let csr = CertificateSigningRequestParams::from_pem(pem).map_err(|e| {
                 PkiError::Csr(match e {
                     rcgen::Error::UnsupportedSignatureAlgorithm => {
-                        "unsupported key or signature algorithm (use P-256, P-384, Ed25519 or RSA)".into()
+                        "unsupported key or signature algorithm (use P-256, P-384, Ed25519 or RSA)"
+                            .into()
                     }
                     other => format!("does not parse or its signature does not verify ({other})"),
                 })
@@ -353,7 +367,11 @@ pub fn issue<S: SigningKey>(
                 match san {
                     SanType::DnsName(n) => req.dns_names.push(n.as_str().to_owned()),
                     SanType::IpAddress(ip) => req.ip_addresses.push(*ip),
-                    _ => return Err(PkiError::Csr("only DNS and IP subject alternative names are accepted".into())),
+                    _ => {
+                        return Err(PkiError::Csr(
+                            "only DNS and IP subject alternative names are accepted".into(),
+                        ));
+                    }
                 }
             }
             csr_key = Some(csr.public_key);
@@ -375,7 +393,10 @@ pub fn issue<S: SigningKey>(
             ));
         }
         Profile::Server | Profile::Peer if !has_sans => {
-            return Err(invalid("sans", "the server and peer profiles need at least one DNS name or IP address"));
+            return Err(invalid(
+                "sans",
+                "the server and peer profiles need at least one DNS name or IP address",
+            ));
         }
         _ => {}
     }
@@ -397,11 +418,15 @@ pub fn issue<S: SigningKey>(
     }
     params.distinguished_name = dn;
     params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
     params.extended_key_usages = req.profile.extended_key_usages();
     params.use_authority_key_identifier_extension = true;
     for d in &req.dns_names {
-        let name = rcgen::string::Ia5String::try_from(d.as_str()).map_err(|e| invalid("dns_names", e.to_string()))?;
+        let name = rcgen::string::Ia5String::try_from(d.as_str())
+            .map_err(|e| invalid("dns_names", e.to_string()))?;
         params.subject_alt_names.push(SanType::DnsName(name));
     }
     for ip in &req.ip_addresses {
@@ -421,7 +446,10 @@ pub fn issue<S: SigningKey>(
     .map_err(|e| PkiError::Build(e.to_string()))?;
     // X.509 times have one-second resolution; report what the certificate says.
     let whole = |t: SystemTime| {
-        let secs = t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let secs = t
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
     };
     Ok(Issued {
@@ -471,7 +499,13 @@ mod tests {
         let (ca_pem, ca_key) = ca();
         let iss = issuer(&ca_pem, &ca_key).unwrap();
         let ca_end = certificate_info(&ca_pem).unwrap().not_after;
-        let out = issue(&iss, ca_end, &request(Profile::Client), PublicKeySource::Generate(KeyAlgorithm::P256)).unwrap();
+        let out = issue(
+            &iss,
+            ca_end,
+            &request(Profile::Client),
+            PublicKeySource::Generate(KeyAlgorithm::P256),
+        )
+        .unwrap();
         assert!(out.private_key_pem.is_some());
         let der = pem_to_der(&out.certificate_pem).unwrap();
         let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
@@ -490,16 +524,44 @@ mod tests {
         let ca_end = certificate_info(&ca_pem).unwrap().not_after;
         let mut with_san = request(Profile::Client);
         with_san.dns_names.push("example.com".into());
-        let err = issue(&iss, ca_end, &with_san, PublicKeySource::Generate(KeyAlgorithm::P256)).unwrap_err();
+        let err = issue(
+            &iss,
+            ca_end,
+            &with_san,
+            PublicKeySource::Generate(KeyAlgorithm::P256),
+        )
+        .unwrap_err();
         assert!(err.to_string().starts_with("sans:"), "{err}");
-        let err = issue(&iss, ca_end, &request(Profile::Server), PublicKeySource::Generate(KeyAlgorithm::P256)).unwrap_err();
+        let err = issue(
+            &iss,
+            ca_end,
+            &request(Profile::Server),
+            PublicKeySource::Generate(KeyAlgorithm::P256),
+        )
+        .unwrap_err();
         assert!(err.to_string().starts_with("sans:"), "{err}");
         let mut long = request(Profile::Client);
         long.ttl = Duration::from_secs(86400 * 400);
-        assert!(issue(&iss, ca_end, &long, PublicKeySource::Generate(KeyAlgorithm::P256)).is_err());
+        assert!(
+            issue(
+                &iss,
+                ca_end,
+                &long,
+                PublicKeySource::Generate(KeyAlgorithm::P256)
+            )
+            .is_err()
+        );
         let mut bad_dns = request(Profile::Server);
         bad_dns.dns_names.push("bad name!".into());
-        assert!(issue(&iss, ca_end, &bad_dns, PublicKeySource::Generate(KeyAlgorithm::P256)).is_err());
+        assert!(
+            issue(
+                &iss,
+                ca_end,
+                &bad_dns,
+                PublicKeySource::Generate(KeyAlgorithm::P256)
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -516,7 +578,12 @@ mod tests {
         server.organizations.clear();
         let out = issue(&iss, ca_end, &server, PublicKeySource::Csr(&csr)).unwrap();
         assert!(out.private_key_pem.is_none());
-        assert!(certificate_info(&out.certificate_pem).unwrap().subject.contains("etcd-1"));
+        assert!(
+            certificate_info(&out.certificate_pem)
+                .unwrap()
+                .subject
+                .contains("etcd-1")
+        );
         // Flip one byte inside the signature: refused.
         let der = pem_to_der(&csr.replace("CERTIFICATE REQUEST", "CERTIFICATE")).unwrap();
         let mut bad = der.clone();
@@ -524,7 +591,9 @@ mod tests {
         bad[n] ^= 1;
         use base64::Engine;
         let b64 = base64::prelude::BASE64_STANDARD.encode(&bad);
-        let bad_pem = format!("-----BEGIN CERTIFICATE REQUEST-----\n{b64}\n-----END CERTIFICATE REQUEST-----\n");
+        let bad_pem = format!(
+            "-----BEGIN CERTIFICATE REQUEST-----\n{b64}\n-----END CERTIFICATE REQUEST-----\n"
+        );
         let err = issue(&iss, ca_end, &server, PublicKeySource::Csr(&bad_pem)).unwrap_err();
         assert!(err.to_string().starts_with("csr:"), "{err}");
     }
@@ -536,4 +605,13 @@ mod tests {
         let other = KeyAlgorithm::P256.generate().unwrap();
         assert!(import_ca(&ca_pem, &other.serialize_pem()).is_err());
     }
+}
+
+/// The subject public key bytes of a PEM certificate (for an EC key, the
+/// SEC1 point).
+pub fn certificate_public_key(pem: &str) -> Result<Vec<u8>> {
+    let der = pem_to_der(pem)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| PkiError::Parse(format!("certificate does not parse: {e}")))?;
+    Ok(cert.public_key().subject_public_key.data.to_vec())
 }

@@ -66,6 +66,44 @@ impl fmt::Debug for v1::GetSecretResponse {
     }
 }
 
+impl fmt::Debug for v1::ImportCaRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ImportCaRequest")
+            .field("name", &self.name)
+            .field("private_key_pem", &"<redacted>")
+            .field("max_ttl_seconds", &self.max_ttl_seconds)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for v1::IssueCertificateResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IssueCertificateResponse")
+            .field("serial", &self.serial)
+            .field("private_key_pem", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for v1::IssueKubeconfigResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IssueKubeconfigResponse")
+            .field("kubeconfig", &"<redacted>")
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+impl fmt::Debug for v1::IssueExecCredentialResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IssueExecCredentialResponse")
+            .field("exec_credential", &"<redacted>")
+            .field("expires_at", &self.expires_at)
+            .field("cached", &self.cached)
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::v1;

@@ -278,6 +278,15 @@ impl Module {
     }
 }
 
+/// What a key generated on the token may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyPurpose {
+    /// ECDH only (the vault key).
+    Derive,
+    /// ECDSA signatures only (CA keys).
+    Sign,
+}
+
 /// A P-256 key pair on a token, named by its `CKA_ID`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenKey {
@@ -345,27 +354,34 @@ impl TokenSession {
         }
     }
 
-    /// Generates a P-256 key pair on the token: the private half is
-    /// sensitive, not extractable, and may only derive (ECDH).
+    /// Generates a P-256 key pair on the token for key agreement: the
+    /// private half is sensitive, not extractable, and may only derive (ECDH).
     pub fn generate_p256(&self, label: &str) -> Result<TokenKey> {
+        self.generate_p256_for(label, KeyPurpose::Derive)
+    }
+
+    /// Generates a P-256 key pair on the token, sensitive and not
+    /// extractable, usable only for `purpose`.
+    pub fn generate_p256_for(&self, label: &str, purpose: KeyPurpose) -> Result<TokenKey> {
         let mut id = vec![0u8; 16];
         rand::Rng::fill(&mut rand::rngs::OsRng, id.as_mut_slice());
+        let derive = purpose == KeyPurpose::Derive;
         let public_template = [
             Attribute::Token(true),
             Attribute::Private(false),
             Attribute::EcParams(P256_EC_PARAMS.to_vec()),
             Attribute::Label(label.as_bytes().to_vec()),
             Attribute::Id(id.clone()),
-            Attribute::Derive(true),
-            Attribute::Verify(false),
+            Attribute::Derive(derive),
+            Attribute::Verify(!derive),
         ];
         let private_template = [
             Attribute::Token(true),
             Attribute::Private(true),
             Attribute::Sensitive(true),
             Attribute::Extractable(false),
-            Attribute::Derive(true),
-            Attribute::Sign(false),
+            Attribute::Derive(derive),
+            Attribute::Sign(!derive),
             Attribute::Label(label.as_bytes().to_vec()),
             Attribute::Id(id.clone()),
         ];
@@ -379,6 +395,20 @@ impl TokenSession {
             .map_err(map_err)?;
         let point = self.ec_point(public)?;
         Ok(TokenKey { id, public: point })
+    }
+
+    /// Signs a SHA-256 `digest` with the token's P-256 key (`CKM_ECDSA` on
+    /// the pre-computed hash, since not every token has `CKM_ECDSA_SHA256`).
+    /// Returns the 64-byte r||s form.
+    pub fn sign_p256_digest(&self, key: &TokenKey, digest: &[u8; 32]) -> Result<[u8; 64]> {
+        let private = self.private_handle(key)?;
+        let sig = self
+            .session
+            .sign(&Mechanism::Ecdsa, private, digest)
+            .map_err(map_err)?;
+        sig.as_slice()
+            .try_into()
+            .map_err(|_| Error::Pkcs11(format!("ECDSA signature is {} bytes, not 64", sig.len())))
     }
 
     /// The P-256 public keys with this label (found without logging in,

@@ -97,6 +97,75 @@ pub struct Body {
     /// Secrets by name.
     #[serde(default)]
     pub secrets: BTreeMap<String, SecretEntry>,
+    /// X.509 CAs by name.
+    #[serde(default)]
+    pub cas: BTreeMap<String, CaEntry>,
+    /// Kubernetes cluster profiles by name.
+    #[serde(default)]
+    pub clusters: BTreeMap<String, ClusterEntry>,
+}
+
+/// An X.509 CA.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CaEntry {
+    /// Always `x509` for now.
+    pub kind: String,
+    /// The CA certificate, PEM.
+    pub certificate_pem: String,
+    /// Where the private key is.
+    pub key: CaKey,
+    /// Longest certificate it issues, in seconds.
+    pub max_ttl_seconds: u64,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+}
+
+/// Where a CA's private key lives.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(tag = "store", rename_all = "lowercase")]
+pub enum CaKey {
+    /// In this vault, as PKCS#8 PEM.
+    Vault {
+        /// The key.
+        #[serde(serialize_with = "ser_secret", deserialize_with = "de_secret")]
+        private_key_pem: Zeroizing<String>,
+    },
+    /// On the token (P-256, sign only, not extractable).
+    Token {
+        /// Hex `CKA_ID`.
+        key_id: String,
+        /// `CKA_LABEL`.
+        label: String,
+    },
+}
+
+impl fmt::Debug for CaKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Vault { .. } => f.write_str("CaKey::Vault(<redacted>)"),
+            Self::Token { key_id, label } => f
+                .debug_struct("CaKey::Token")
+                .field("key_id", key_id)
+                .field("label", label)
+                .finish(),
+        }
+    }
+}
+
+/// A Kubernetes cluster profile.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterEntry {
+    /// API server URL.
+    pub server: String,
+    /// Name of the CA in this vault.
+    pub ca: String,
+    /// Groups used when a request names none.
+    #[serde(default)]
+    pub default_groups: Vec<String>,
+    /// Longest credential, in seconds.
+    pub max_ttl_seconds: u64,
+    /// RFC 3339, UTC.
+    pub created_at: String,
 }
 
 impl fmt::Debug for Body {
@@ -105,6 +174,8 @@ impl fmt::Debug for Body {
             .field("generation", &self.generation)
             .field("recipients", &self.recipients)
             .field("secrets", &self.secrets.len())
+            .field("cas", &self.cas.keys().collect::<Vec<_>>())
+            .field("clusters", &self.clusters.keys().collect::<Vec<_>>())
             .finish()
     }
 }

@@ -32,7 +32,7 @@ use p256::elliptic_curve::sec1::ToEncodedPoint;
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
-pub use document::{Body, Recipients, SecretEntry, TokenRecipient};
+pub use document::{Body, CaEntry, CaKey, ClusterEntry, Recipients, SecretEntry, TokenRecipient};
 pub use storage::{FileStorage, Revision, Storage, StorageError};
 pub use tag::{
     KeyAgreement, SoftwareKey, TagStanza, TokenAgreement, addressed_to, recipient_string,
@@ -181,6 +181,8 @@ impl OpenVault {
                     recovery,
                 },
                 secrets: Default::default(),
+                cas: Default::default(),
+                clusters: Default::default(),
             },
             vault_id,
             token_recipient,

@@ -7,9 +7,76 @@ use keyholder_token::Selector;
 use secrecy::SecretString;
 use tonic::{Request, Response, Status};
 
+use std::time::{Duration, SystemTime};
+
+use keyholder_vault::document::now_rfc3339;
+use keyholder_vault::{CaEntry, CaKey, ClusterEntry};
+
+use crate::ca::{hex, validate_name};
 use crate::core::Core;
 use crate::error::{Error, Result};
 use crate::gate::Needs;
+
+/// Default CA certificate lifetime: 10 years.
+const DEFAULT_CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 86400);
+/// Default longest certificate a CA issues: 1 year.
+const DEFAULT_CA_MAX_TTL: Duration = Duration::from_secs(365 * 86400);
+/// Default longest kubeconfig credential of a cluster: 1 hour.
+const DEFAULT_CLUSTER_MAX_TTL: Duration = Duration::from_secs(3600);
+
+fn ts(t: SystemTime) -> Option<prost_types::Timestamp> {
+    Some(prost_types::Timestamp::from(t))
+}
+
+fn ca_info(name: &str, entry: &CaEntry) -> Result<v1::CaInfo> {
+    let info = keyholder_pki::certificate_info(&entry.certificate_pem)?;
+    Ok(v1::CaInfo {
+        name: name.to_owned(),
+        certificate_pem: entry.certificate_pem.clone(),
+        subject: info.subject,
+        fingerprint_sha256: info.fingerprint_sha256,
+        not_before: ts(info.not_before),
+        not_after: ts(info.not_after),
+        on_token: matches!(entry.key, CaKey::Token { .. }),
+        max_ttl_seconds: entry.max_ttl_seconds,
+    })
+}
+
+fn cluster_info(name: &str, c: &ClusterEntry) -> v1::ClusterInfo {
+    v1::ClusterInfo {
+        name: name.to_owned(),
+        server: c.server.clone(),
+        ca: c.ca.clone(),
+        default_groups: c.default_groups.clone(),
+        max_ttl_seconds: c.max_ttl_seconds,
+    }
+}
+
+fn or_default(seconds: u64, default: Duration) -> u64 {
+    if seconds == 0 {
+        default.as_secs()
+    } else {
+        seconds
+    }
+}
+
+/// Stores a new CA unless the name is taken.
+async fn store_ca(core: &Core, name: &str, entry: CaEntry) -> Result<v1::CaInfo> {
+    let info = ca_info(name, &entry)?;
+    core.write(|body| {
+        if body.cas.contains_key(name) {
+            return Err(Error::AlreadyExists {
+                kind: "CA",
+                name: name.to_owned(),
+            });
+        }
+        body.cas.insert(name.to_owned(), entry);
+        Ok(())
+    })
+    .await?;
+    tracing::info!(ca = name, on_token = info.on_token, fingerprint = %info.fingerprint_sha256, "CA stored");
+    Ok(info)
+}
 
 /// The Admin service.
 pub struct AdminService(pub Arc<Core>);
@@ -68,5 +135,227 @@ impl v1::admin_server::Admin for AdminService {
         self.0.enter(&request, "Admin.ListTokens", Needs::Nothing)?;
         let tokens = self.0.list_tokens()?;
         Ok(Response::new(v1::ListTokensResponse { tokens }))
+    }
+
+    async fn create_ca(
+        &self,
+        request: Request<v1::CreateCaRequest>,
+    ) -> Result<Response<v1::CaInfo>, Status> {
+        self.0.enter(&request, "Admin.CreateCa", Needs::Unlocked)?;
+        let req = request.into_inner();
+        validate_name("name", &req.name)?;
+        let exists = self
+            .0
+            .with_unlocked(|u| Ok(u.vault.body.cas.contains_key(&req.name)))?;
+        if exists {
+            return Err(Error::AlreadyExists {
+                kind: "CA",
+                name: req.name,
+            }
+            .into());
+        }
+        let alg = keyholder_pki::KeyAlgorithm::parse(&req.key_algorithm).map_err(Error::from)?;
+        let validity = Duration::from_secs(or_default(req.validity_seconds, DEFAULT_CA_VALIDITY));
+        let cn = if req.common_name.is_empty() {
+            req.name.clone()
+        } else {
+            req.common_name.clone()
+        };
+        let (certificate_pem, key) = if req.on_token {
+            if alg != keyholder_pki::KeyAlgorithm::P256 {
+                return Err(Error::InvalidArgument {
+                    field: "key_algorithm",
+                    reason: "keys on the token are P-256".into(),
+                }
+                .into());
+            }
+            let label = format!("keyholder-ca:{}", req.name);
+            let key = self.0.with_token(|session| {
+                Ok(session.generate_p256_for(&label, keyholder_token::KeyPurpose::Sign)?)
+            })?;
+            let point =
+                p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(&key.public, false)
+                    .as_bytes()
+                    .to_vec();
+            let signer =
+                crate::ca::token_signer(self.0.token_slot_handle(), key.id.clone(), point)?;
+            let pem = tokio::task::block_in_place(|| {
+                keyholder_pki::create_ca_certificate(&cn, &signer, validity)
+            })
+            .map_err(Error::from)?;
+            (
+                pem,
+                CaKey::Token {
+                    key_id: hex(&key.id),
+                    label,
+                },
+            )
+        } else {
+            let kp = alg.generate().map_err(Error::from)?;
+            let pem =
+                keyholder_pki::create_ca_certificate(&cn, &kp, validity).map_err(Error::from)?;
+            (
+                pem,
+                CaKey::Vault {
+                    private_key_pem: zeroize::Zeroizing::new(kp.serialize_pem()),
+                },
+            )
+        };
+        let entry = CaEntry {
+            kind: "x509".into(),
+            certificate_pem,
+            key,
+            max_ttl_seconds: or_default(req.max_ttl_seconds, DEFAULT_CA_MAX_TTL),
+            created_at: now_rfc3339(),
+        };
+        Ok(Response::new(store_ca(&self.0, &req.name, entry).await?))
+    }
+
+    async fn import_ca(
+        &self,
+        request: Request<v1::ImportCaRequest>,
+    ) -> Result<Response<v1::CaInfo>, Status> {
+        self.0.enter(&request, "Admin.ImportCa", Needs::Unlocked)?;
+        let req = request.into_inner();
+        validate_name("name", &req.name)?;
+        let key_pem = zeroize::Zeroizing::new(req.private_key_pem);
+        keyholder_pki::import_ca(&req.certificate_pem, &key_pem).map_err(Error::from)?;
+        let entry = CaEntry {
+            kind: "x509".into(),
+            certificate_pem: req.certificate_pem,
+            key: CaKey::Vault {
+                private_key_pem: key_pem,
+            },
+            max_ttl_seconds: or_default(req.max_ttl_seconds, DEFAULT_CA_MAX_TTL),
+            created_at: now_rfc3339(),
+        };
+        Ok(Response::new(store_ca(&self.0, &req.name, entry).await?))
+    }
+
+    async fn list_cas(
+        &self,
+        request: Request<v1::ListCasRequest>,
+    ) -> Result<Response<v1::ListCasResponse>, Status> {
+        self.0.enter(&request, "Admin.ListCas", Needs::Unlocked)?;
+        let cas = self.0.with_unlocked(|u| {
+            u.vault
+                .body
+                .cas
+                .iter()
+                .map(|(n, e)| ca_info(n, e))
+                .collect::<Result<Vec<_>>>()
+        })?;
+        Ok(Response::new(v1::ListCasResponse { cas }))
+    }
+
+    async fn get_ca(
+        &self,
+        request: Request<v1::GetCaRequest>,
+    ) -> Result<Response<v1::CaInfo>, Status> {
+        self.0.enter(&request, "Admin.GetCa", Needs::Unlocked)?;
+        let name = request.into_inner().name;
+        let info = self.0.with_unlocked(|u| {
+            let entry = u.vault.body.cas.get(&name).ok_or_else(|| Error::NotFound {
+                kind: "CA",
+                name: name.clone(),
+            })?;
+            ca_info(&name, entry)
+        })?;
+        Ok(Response::new(info))
+    }
+
+    async fn add_cluster(
+        &self,
+        request: Request<v1::AddClusterRequest>,
+    ) -> Result<Response<v1::ClusterInfo>, Status> {
+        self.0
+            .enter(&request, "Admin.AddCluster", Needs::Unlocked)?;
+        let req = request.into_inner();
+        validate_name("name", &req.name)?;
+        let server_ok = req.server.strip_prefix("https://").is_some_and(|rest| {
+            !rest.is_empty() && !rest.chars().any(|c| c.is_whitespace() || c.is_control())
+        });
+        if !server_ok {
+            return Err(Error::InvalidArgument {
+                field: "server",
+                reason: format!("{:?} is not an https:// URL", req.server),
+            }
+            .into());
+        }
+        for g in &req.default_groups {
+            if g.is_empty() || g.chars().any(char::is_control) {
+                return Err(Error::InvalidArgument {
+                    field: "default_groups",
+                    reason: format!("{g:?} is not a group name"),
+                }
+                .into());
+            }
+        }
+        let entry = ClusterEntry {
+            server: req.server,
+            ca: req.ca,
+            default_groups: req.default_groups,
+            max_ttl_seconds: or_default(req.max_ttl_seconds, DEFAULT_CLUSTER_MAX_TTL),
+            created_at: now_rfc3339(),
+        };
+        let info = cluster_info(&req.name, &entry);
+        let name = req.name;
+        self.0
+            .write(|body| {
+                if !body.cas.contains_key(&entry.ca) {
+                    return Err(Error::NotFound {
+                        kind: "CA",
+                        name: entry.ca.clone(),
+                    });
+                }
+                if body.clusters.contains_key(&name) && !req.overwrite {
+                    return Err(Error::AlreadyExists {
+                        kind: "cluster",
+                        name: name.clone(),
+                    });
+                }
+                body.clusters.insert(name.clone(), entry);
+                Ok(())
+            })
+            .await?;
+        Ok(Response::new(info))
+    }
+
+    async fn list_clusters(
+        &self,
+        request: Request<v1::ListClustersRequest>,
+    ) -> Result<Response<v1::ListClustersResponse>, Status> {
+        self.0
+            .enter(&request, "Admin.ListClusters", Needs::Unlocked)?;
+        let clusters = self.0.with_unlocked(|u| {
+            Ok(u.vault
+                .body
+                .clusters
+                .iter()
+                .map(|(n, c)| cluster_info(n, c))
+                .collect())
+        })?;
+        Ok(Response::new(v1::ListClustersResponse { clusters }))
+    }
+
+    async fn remove_cluster(
+        &self,
+        request: Request<v1::RemoveClusterRequest>,
+    ) -> Result<Response<v1::RemoveClusterResponse>, Status> {
+        self.0
+            .enter(&request, "Admin.RemoveCluster", Needs::Unlocked)?;
+        let name = request.into_inner().name;
+        self.0
+            .write(|body| {
+                body.clusters
+                    .remove(&name)
+                    .map(drop)
+                    .ok_or_else(|| Error::NotFound {
+                        kind: "cluster",
+                        name: name.clone(),
+                    })
+            })
+            .await?;
+        Ok(Response::new(v1::RemoveClusterResponse {}))
     }
 }

@@ -3,6 +3,8 @@
 
 #![forbid(unsafe_code)]
 
+mod pki;
+
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -102,6 +104,20 @@ enum Command {
     Secret(SecretCommand),
     /// List the tokens keyholderd's PKCS#11 module sees.
     Tokens,
+    /// Create, import, list and export X.509 CAs.
+    #[command(subcommand)]
+    Ca(pki::CaCommand),
+    /// Add, list and remove Kubernetes cluster profiles.
+    #[command(subcommand)]
+    Cluster(pki::ClusterCommand),
+    /// Print a kubeconfig for a cluster with a short-lived client certificate
+    /// (or, with --exec, one that runs the credential plugin).
+    Kubeconfig(pki::KubeconfigArgs),
+    /// kubectl exec credential plugin: prints an ExecCredential on stdout.
+    KubeCredential(pki::KubeCredentialArgs),
+    /// Issue X.509 certificates for cluster components.
+    #[command(subcommand)]
+    Cert(pki::CertCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -439,6 +455,11 @@ async fn run(cli: Cli) -> CliResult {
                 print_status(&s, json);
             }
         }
+        Command::Ca(cmd) => pki::ca(channel, cmd, json).await?,
+        Command::Cluster(cmd) => pki::cluster(channel, cmd, json).await?,
+        Command::Kubeconfig(args) => pki::kubeconfig(channel, args, &socket).await?,
+        Command::KubeCredential(args) => pki::kube_credential(channel, args).await?,
+        Command::Cert(cmd) => pki::cert(channel, cmd, json).await?,
         Command::Tokens => {
             let mut admin = v1::admin_client::AdminClient::new(channel);
             let resp = admin

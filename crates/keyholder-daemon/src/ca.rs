@@ -1,0 +1,188 @@
+//! CA keys ready to sign: vault keys held in memory, token keys reached
+//! through the open token session. Issuance code sees one type either way.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use keyholder_pki::{CaIssuer, PkiError, PublicKeyData, SigningKey};
+use keyholder_token::{TokenKey, TokenSession};
+use keyholder_vault::{CaEntry, CaKey};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// The token session slot shared with [`crate::core::Core`].
+pub type TokenSlot = Arc<Mutex<Option<TokenSession>>>;
+
+/// A CA private key on the token: each signature is a `C_Sign`.
+pub struct TokenSigner {
+    slot: TokenSlot,
+    key: TokenKey,
+    /// Uncompressed SEC1 point, as the certificate's public key.
+    point: Vec<u8>,
+}
+
+impl PublicKeyData for TokenSigner {
+    fn der_bytes(&self) -> &[u8] {
+        &self.point
+    }
+
+    fn algorithm(&self) -> &'static rcgen_alg::SignatureAlgorithm {
+        &rcgen_alg::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+impl SigningKey for TokenSigner {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen_alg::Error> {
+        let digest: [u8; 32] = Sha256::digest(msg).into();
+        let guard = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        let session = guard.as_ref().ok_or(rcgen_alg::Error::RemoteKeyError)?;
+        let rs = session.sign_p256_digest(&self.key, &digest).map_err(|e| {
+            tracing::warn!(error = %e, "token signature failed");
+            rcgen_alg::Error::RemoteKeyError
+        })?;
+        let sig = p256::ecdsa::Signature::from_slice(&rs)
+            .map_err(|_| rcgen_alg::Error::RemoteKeyError)?;
+        Ok(sig.to_der().as_bytes().to_vec())
+    }
+}
+
+/// rcgen's types, re-exported through keyholder-pki.
+mod rcgen_alg {
+    pub use keyholder_pki::rcgen::{Error, PKCS_ECDSA_P256_SHA256, SignatureAlgorithm};
+}
+
+/// A CA key of either kind.
+pub enum CaSigner {
+    /// Held in memory (decrypted from the vault).
+    Memory(keyholder_pki::rcgen::KeyPair),
+    /// On the token.
+    Token(TokenSigner),
+}
+
+impl PublicKeyData for CaSigner {
+    fn der_bytes(&self) -> &[u8] {
+        match self {
+            Self::Memory(k) => k.der_bytes(),
+            Self::Token(t) => t.der_bytes(),
+        }
+    }
+
+    fn algorithm(&self) -> &'static rcgen_alg::SignatureAlgorithm {
+        match self {
+            Self::Memory(k) => k.algorithm(),
+            Self::Token(t) => t.algorithm(),
+        }
+    }
+}
+
+impl SigningKey for CaSigner {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen_alg::Error> {
+        match self {
+            Self::Memory(k) => k.sign(msg),
+            Self::Token(t) => t.sign(msg),
+        }
+    }
+}
+
+/// A CA ready to issue.
+pub struct LoadedCa {
+    /// Name, certificate and signer.
+    pub issuer: CaIssuer<CaSigner>,
+    /// The CA certificate, PEM.
+    pub certificate_pem: String,
+    /// The CA certificate's end; nothing it issues outlives it.
+    pub not_after: SystemTime,
+    /// Longest certificate it issues.
+    pub max_ttl: Duration,
+    /// Whether signing is a token operation (and so blocks).
+    pub on_token: bool,
+}
+
+fn pki(e: PkiError) -> Error {
+    Error::from(e)
+}
+
+/// Hex of bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// A token signer for a key whose public point is `point`.
+pub fn token_signer(slot: TokenSlot, key_id: Vec<u8>, point: Vec<u8>) -> Result<TokenSigner> {
+    let public = p256::PublicKey::from_sec1_bytes(&point)
+        .map_err(|_| Error::Internal("token CA certificate does not hold a P-256 key".into()))?;
+    let uncompressed = p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(&public, false)
+        .as_bytes()
+        .to_vec();
+    Ok(TokenSigner {
+        slot,
+        key: TokenKey { id: key_id, public },
+        point: uncompressed,
+    })
+}
+
+/// Prepares the CA `entry` to sign.
+pub fn load(entry: &CaEntry, slot: &TokenSlot) -> Result<LoadedCa> {
+    let info = keyholder_pki::certificate_info(&entry.certificate_pem).map_err(pki)?;
+    let (signer, on_token) = match &entry.key {
+        CaKey::Vault { private_key_pem } => {
+            let kp = keyholder_pki::rcgen::KeyPair::from_pem(private_key_pem).map_err(|e| {
+                Error::Vault(keyholder_vault::VaultError::Damaged(format!(
+                    "CA key does not parse ({e})"
+                )))
+            })?;
+            (CaSigner::Memory(kp), false)
+        }
+        CaKey::Token { key_id, .. } => {
+            let id = unhex(key_id).ok_or_else(|| {
+                Error::Vault(keyholder_vault::VaultError::Damaged(
+                    "CA key id is not hex".into(),
+                ))
+            })?;
+            let point =
+                keyholder_pki::certificate_public_key(&entry.certificate_pem).map_err(pki)?;
+            (
+                CaSigner::Token(token_signer(slot.clone(), id, point)?),
+                true,
+            )
+        }
+    };
+    let issuer = keyholder_pki::issuer(&entry.certificate_pem, signer).map_err(pki)?;
+    Ok(LoadedCa {
+        issuer,
+        certificate_pem: entry.certificate_pem.clone(),
+        not_after: info.not_after,
+        max_ttl: Duration::from_secs(entry.max_ttl_seconds),
+        on_token,
+    })
+}
+
+/// Checks a CA or cluster name: 1-64 bytes of A-Z a-z 0-9 . _ -
+pub fn validate_name(field: &'static str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        && name != "."
+        && name != "..";
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument {
+            field,
+            reason: format!("{name:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"),
+        })
+    }
+}

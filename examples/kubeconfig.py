@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""Ask keyholderd for a short-lived kubeconfig and write it with mode 0600.
+
+Needs grpcio and stubs generated from Keyholder's proto/ on PYTHONPATH:
+
+    pip install grpcio grpcio-tools
+    python3 -m grpc_tools.protoc -I proto --python_out=stubs --grpc_python_out=stubs \\
+        proto/keyholder/v1/keyholder.proto
+    PYTHONPATH=stubs examples/kubeconfig.py --cluster prod --user ci-deployer --out prod.kubeconfig
+"""
+import argparse
+import datetime
+import os
+import sys
+
+import grpc
+from keyholder.v1 import keyholder_pb2 as pb
+from keyholder.v1 import keyholder_pb2_grpc as rpc
+
+
+def default_socket():
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/keyholder-{os.getuid()}"
+    return os.path.join(runtime, "keyholder", "keyholder.sock")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--socket", default=os.environ.get("KEYHOLDER_SOCKET") or default_socket())
+    ap.add_argument("--cluster", required=True)
+    ap.add_argument("--user", required=True)
+    ap.add_argument("--group", action="append", default=[], help="Kubernetes group (repeatable)")
+    ap.add_argument("--ttl", type=int, default=0, help="seconds; 0 means the daemon's default (15 minutes)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    # grpc-core would send the socket path as the HTTP/2 :authority, which the
+    # daemon's HTTP/2 stack rejects; name a plain host instead.
+    options = [("grpc.default_authority", "localhost")]
+    with grpc.insecure_channel("unix:" + args.socket, options=options) as channel:
+        creds = rpc.CredentialsStub(channel)
+        try:
+            resp = creds.IssueKubeconfig(
+                pb.IssueKubeconfigRequest(
+                    cluster=args.cluster, user=args.user, groups=args.group, ttl_seconds=args.ttl
+                ),
+                timeout=30,
+            )
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                sys.exit(f"keyholder: {e.details()}")
+            sys.exit(f"keyholder: {e.code().name}: {e.details()}")
+
+    # Create the file 0600 from the start: the kubeconfig holds a private key.
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(resp.kubeconfig)
+    os.chmod(args.out, 0o600)
+    expires = datetime.datetime.fromtimestamp(resp.expires_at.seconds, datetime.timezone.utc)
+    print(f"wrote {args.out}; the credential expires {expires.isoformat()}")
+
+
+if __name__ == "__main__":
+    main()
