@@ -16,8 +16,15 @@ pub struct Caller {
     pub uid: u32,
     /// Peer pid from `SO_PEERCRED`, when the kernel gave one.
     pub pid: Option<i32>,
-    /// The peer's executable, when readable.
-    pub exe: Option<PathBuf>,
+}
+
+impl Caller {
+    /// The peer's executable, when readable. Read on demand: it costs a
+    /// `/proc` lookup, and most requests only need it when policy or audit ask.
+    pub fn exe(&self) -> Option<PathBuf> {
+        self.pid
+            .and_then(|p| std::fs::read_link(format!("/proc/{p}/exe")).ok())
+    }
 }
 
 /// What an RPC needs from the session.
@@ -53,14 +60,13 @@ impl Core {
                 cred.uid()
             )));
         }
-        let pid = cred.pid();
-        let exe = pid.and_then(|p| std::fs::read_link(format!("/proc/{p}/exe")).ok());
         let caller = Caller {
             uid: cred.uid(),
-            pid,
-            exe,
+            pid: cred.pid(),
         };
-        tracing::debug!(op, uid = caller.uid, pid = ?caller.pid, exe = ?caller.exe, "request");
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            tracing::debug!(op, uid = caller.uid, pid = ?caller.pid, exe = ?caller.exe(), "request");
+        }
         if needs == Needs::Unlocked {
             if !self.is_unlocked() {
                 return Err(Error::Locked);

@@ -87,6 +87,81 @@ impl KeyAlgorithm {
     }
 }
 
+/// A P-256 key generated per issuance. Generated with ring directly, which
+/// costs one scalar multiplication; going through rcgen's `KeyPair` would
+/// parse the PKCS#8 back and spend a second one, and issuance is a hot path.
+struct FreshP256 {
+    pkcs8: Zeroizing<Vec<u8>>,
+    /// Uncompressed SEC1 point.
+    point: Vec<u8>,
+}
+
+impl FreshP256 {
+    fn generate() -> Result<Self> {
+        let rng = ring::rand::SystemRandom::new();
+        let doc = ring::signature::EcdsaKeyPair::generate_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+            &rng,
+        )
+        .map_err(|_| PkiError::Build("P-256 key generation failed".into()))?;
+        let pkcs8 = Zeroizing::new(doc.as_ref().to_vec());
+        // ring writes PKCS#8 v1 from a fixed template whose ECPrivateKey ends
+        // with the public key: BIT STRING (03 42 00) around the 65-byte point.
+        let n = pkcs8.len();
+        let point = match pkcs8.get(n.saturating_sub(68)..) {
+            Some([0x03, 0x42, 0x00, 0x04, ..]) => pkcs8[n - 65..].to_vec(),
+            _ => return Err(PkiError::Build("unexpected PKCS#8 layout from ring".into())),
+        };
+        Ok(Self { pkcs8, point })
+    }
+
+    fn pem(&self) -> Zeroizing<String> {
+        use base64::Engine;
+        let b64 = Zeroizing::new(base64::prelude::BASE64_STANDARD.encode(&*self.pkcs8));
+        let mut out = Zeroizing::new(String::with_capacity(b64.len() + 64));
+        out.push_str("-----BEGIN PRIVATE KEY-----\n");
+        for chunk in b64.as_bytes().chunks(64) {
+            // Base64 output is ASCII, so any chunk is valid UTF-8.
+            out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
+            out.push('\n');
+        }
+        out.push_str("-----END PRIVATE KEY-----\n");
+        out
+    }
+}
+
+impl PublicKeyData for FreshP256 {
+    fn der_bytes(&self) -> &[u8] {
+        &self.point
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+/// A key generated for the caller.
+enum Fresh {
+    P256(FreshP256),
+    Other(Box<KeyPair>),
+}
+
+impl Fresh {
+    fn generate(alg: KeyAlgorithm) -> Result<Self> {
+        match alg {
+            KeyAlgorithm::P256 => FreshP256::generate().map(Self::P256),
+            other => other.generate().map(|k| Self::Other(Box::new(k))),
+        }
+    }
+
+    fn pem(&self) -> Zeroizing<String> {
+        match self {
+            Self::P256(k) => k.pem(),
+            Self::Other(k) => Zeroizing::new(k.serialize_pem()),
+        }
+    }
+}
+
 fn offset(t: SystemTime) -> OffsetDateTime {
     OffsetDateTime::from(t)
 }
@@ -342,7 +417,7 @@ pub fn issue<S: SigningKey>(
     let mut csr_key = None;
     let mut generated = None;
     match source {
-        PublicKeySource::Generate(alg) => generated = Some(alg.generate()?),
+        PublicKeySource::Generate(alg) => generated = Some(Fresh::generate(alg)?),
         PublicKeySource::Csr(pem) => {
             let csr = CertificateSigningRequestParams::from_pem(pem).map_err(|e| {
                 PkiError::Csr(match e {
@@ -439,7 +514,8 @@ pub fn issue<S: SigningKey>(
     params.serial_number = Some(serial);
 
     let cert = match (&generated, &csr_key) {
-        (Some(kp), _) => params.signed_by(kp, issuer),
+        (Some(Fresh::P256(k)), _) => params.signed_by(k, issuer),
+        (Some(Fresh::Other(kp)), _) => params.signed_by(kp.as_ref(), issuer),
         (None, Some(pk)) => params.signed_by(pk, issuer),
         (None, None) => return Err(PkiError::Build("no public key".into())),
     }
@@ -454,7 +530,7 @@ pub fn issue<S: SigningKey>(
     };
     Ok(Issued {
         certificate_pem: cert.pem(),
-        private_key_pem: generated.map(|k| Zeroizing::new(k.serialize_pem())),
+        private_key_pem: generated.map(|k| k.pem()),
         serial: serial_hex,
         not_before: whole(not_before),
         not_after: whole(not_after),
@@ -515,6 +591,12 @@ mod tests {
         let window = out.not_after.duration_since(out.not_before).unwrap();
         assert_eq!(window.as_secs(), 1200);
         assert_eq!(cert.raw_serial().len(), 16);
+        // The returned private key is the certificate's key.
+        let key = KeyPair::from_pem(out.private_key_pem.as_ref().unwrap()).unwrap();
+        assert_eq!(
+            cert.public_key().raw,
+            key.subject_public_key_info().as_slice()
+        );
     }
 
     #[test]

@@ -1,0 +1,272 @@
+//! Certificate issuance: Keyholder's gRPC `IssueCertificate` (P-256 key
+//! generated per call, signed by a vault-held P-256 CA) against `cfssl serve`
+//! doing the same work (`/api/v1/cfssl/newcert`, ECDSA P-256), at
+//! concurrency 1 and 8, in the same run.
+//!
+//! Run: `cargo bench --bench issue` (needs `cfssl` from Debian's golang-cfssl
+//! and `openssl`).
+
+#[path = "../tests/e2e/util.rs"]
+#[allow(dead_code)]
+mod util;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use keyholder_proto::v1;
+use util::Env;
+
+/// Each measurement stops at this many operations or this much time.
+const MAX_OPS: usize = 20_000;
+const MAX_TIME: Duration = Duration::from_secs(8);
+
+struct Run {
+    ops: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Run {
+    fn rate(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn pct(&self, p: f64) -> f64 {
+        let mut l = self.latencies.clone();
+        l.sort();
+        let i = ((l.len() as f64 - 1.0) * p).round() as usize;
+        l[i.min(l.len() - 1)].as_secs_f64() * 1e3
+    }
+}
+
+fn merge(parts: Vec<Vec<Duration>>, elapsed: Duration) -> Run {
+    let latencies: Vec<Duration> = parts.into_iter().flatten().collect();
+    Run {
+        ops: latencies.len(),
+        elapsed,
+        latencies,
+    }
+}
+
+async fn connect(socket: std::path::PathBuf) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_static("http://keyholderd.invalid")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await
+        .expect("connect")
+}
+
+fn keyholder_run(
+    rt: &tokio::runtime::Runtime,
+    socket: &std::path::Path,
+    concurrency: usize,
+) -> Run {
+    rt.block_on(async {
+        let per_task = MAX_OPS / concurrency;
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..concurrency {
+            let channel = connect(socket.to_owned()).await;
+            tasks.push(tokio::spawn(async move {
+                let mut client = v1::credentials_client::CredentialsClient::new(channel);
+                let mut lat = Vec::with_capacity(per_task);
+                let begin = Instant::now();
+                while lat.len() < per_task && begin.elapsed() < MAX_TIME {
+                    let t = Instant::now();
+                    let r = client
+                        .issue_certificate(v1::IssueCertificateRequest {
+                            ca: "bench".into(),
+                            profile: "client".into(),
+                            common_name: "bench-client".into(),
+                            organizations: vec!["bench".into()],
+                            ..Default::default()
+                        })
+                        .await
+                        .expect("issue");
+                    lat.push(t.elapsed());
+                    assert!(!r.into_inner().private_key_pem.is_empty());
+                }
+                lat
+            }));
+        }
+        let mut parts = Vec::new();
+        for t in tasks {
+            parts.push(t.await.expect("task"));
+        }
+        merge(parts, start.elapsed())
+    })
+}
+
+/// One keep-alive HTTP/1.1 connection to cfssl.
+struct Http {
+    stream: BufReader<TcpStream>,
+}
+
+impl Http {
+    fn post(&mut self, port: u16, path: &str, body: &str) -> usize {
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        self.stream
+            .get_mut()
+            .write_all(req.as_bytes())
+            .expect("send");
+        let mut status = String::new();
+        self.stream.read_line(&mut status).expect("status");
+        assert!(status.contains(" 200 "), "cfssl answered {status:?}");
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            self.stream.read_line(&mut line).expect("header");
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().expect("length");
+            }
+        }
+        let mut body = vec![0u8; length];
+        self.stream.read_exact(&mut body).expect("body");
+        assert!(
+            body.windows(11).any(|w| w == b"BEGIN CERTI"),
+            "cfssl returned no certificate"
+        );
+        length
+    }
+}
+
+fn cfssl_run(port: u16, concurrency: usize) -> Run {
+    let body = r#"{"request":{"CN":"bench-client","names":[{"O":"bench"}],"key":{"algo":"ecdsa","size":256}}}"#;
+    let per_thread = MAX_OPS / concurrency;
+    let start = Instant::now();
+    let parts = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..concurrency)
+            .map(|_| {
+                s.spawn(move || {
+                    let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect cfssl");
+                    stream.set_nodelay(true).expect("nodelay");
+                    let mut http = Http {
+                        stream: BufReader::new(stream),
+                    };
+                    let mut lat = Vec::with_capacity(per_thread);
+                    let begin = Instant::now();
+                    while lat.len() < per_thread && begin.elapsed() < MAX_TIME {
+                        let t = Instant::now();
+                        http.post(port, "/api/v1/cfssl/newcert", body);
+                        lat.push(t.elapsed());
+                    }
+                    lat
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    merge(parts, start.elapsed())
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let env = Env::new();
+    let log = std::env::var("BENCH_DAEMON_LOG").unwrap_or_else(|_| "info".into());
+    let daemon = env.start_daemon(&["--log", &log]);
+    env.init();
+    env.unlock();
+    env.ok(&["ca", "create", "bench"]);
+
+    // cfssl gets its own P-256 CA from openssl.
+    let dir = env.path();
+    let (ca, ca_key) = (dir.join("cfssl-ca.pem"), dir.join("cfssl-ca-key.pem"));
+    let ok = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=cfssl-bench",
+        ])
+        .arg("-keyout")
+        .arg(&ca_key)
+        .arg("-out")
+        .arg(&ca)
+        .output()
+        .expect("openssl");
+    assert!(ok.status.success());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let mut cfssl = Command::new("cfssl")
+        .args([
+            "serve",
+            "-address",
+            "127.0.0.1",
+            "-port",
+            &port.to_string(),
+            "-loglevel",
+            "5",
+        ])
+        .arg(format!("-ca={}", ca.display()))
+        .arg(format!("-ca-key={}", ca_key.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cfssl runs (apt-get install golang-cfssl)");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "cfssl did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // Warm both up.
+    let _ = keyholder_run(&rt, &env.socket(), 1);
+    let _ = cfssl_run(port, 1);
+    println!(
+        "{:<10} {:>4} {:>10} {:>10} {:>10}",
+        "server", "conc", "issues/s", "p50 ms", "p99 ms"
+    );
+    let mut rows = Vec::new();
+    for c in [1usize, 8] {
+        let k = keyholder_run(&rt, &env.socket(), c);
+        let f = cfssl_run(port, c);
+        for (name, r) in [("keyholder", &k), ("cfssl", &f)] {
+            println!(
+                "{name:<10} {c:>4} {:>10.0} {:>10.3} {:>10.3}",
+                r.rate(),
+                r.pct(0.5),
+                r.pct(0.99)
+            );
+        }
+        rows.push((c, k.rate() / f.rate()));
+    }
+    for (c, ratio) in rows {
+        println!("throughput ratio keyholder/cfssl at concurrency {c}: {ratio:.2}x");
+    }
+    let _ = cfssl.kill();
+    let _ = cfssl.wait();
+    drop(daemon);
+}
