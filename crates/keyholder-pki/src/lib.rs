@@ -8,7 +8,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod keys;
 pub mod kube;
+pub mod ssh;
 
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
