@@ -96,7 +96,12 @@ impl SignAlgorithm {
             "rsa-pkcs1-sha512" => Self::RsaPkcs1Sha512,
             "rsa-pss-sha256" => Self::RsaPssSha256,
             "rsa-pss-sha512" => Self::RsaPssSha512,
-            other => return Err(invalid("algorithm", format!("{other:?} is not a known algorithm"))),
+            other => {
+                return Err(invalid(
+                    "algorithm",
+                    format!("{other:?} is not a known algorithm"),
+                ));
+            }
         })
     }
 
@@ -106,7 +111,10 @@ impl SignAlgorithm {
             (Self::Ed25519, KeyType::Ed25519)
                 | (Self::EcdsaSha256, KeyType::EcdsaP256)
                 | (
-                    Self::RsaPkcs1Sha256 | Self::RsaPkcs1Sha512 | Self::RsaPssSha256 | Self::RsaPssSha512,
+                    Self::RsaPkcs1Sha256
+                        | Self::RsaPkcs1Sha512
+                        | Self::RsaPssSha256
+                        | Self::RsaPssSha512,
                     KeyType::Rsa3072 | KeyType::Rsa4096
                 )
         )
@@ -147,7 +155,9 @@ pub struct SoftKey {
 
 impl fmt::Debug for SoftKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SoftKey").field("kind", &self.kind).finish_non_exhaustive()
+        f.debug_struct("SoftKey")
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
     }
 }
 
@@ -160,9 +170,12 @@ impl SoftKey {
     pub fn generate(kind: KeyType) -> Result<Self> {
         let rng = SystemRandom::new();
         let pkcs8 = match kind {
-            KeyType::Ed25519 => rs::Ed25519KeyPair::generate_pkcs8(&rng).map(|d| d.as_ref().to_vec()),
+            KeyType::Ed25519 => {
+                rs::Ed25519KeyPair::generate_pkcs8(&rng).map(|d| d.as_ref().to_vec())
+            }
             KeyType::EcdsaP256 => {
-                rs::EcdsaKeyPair::generate_pkcs8(&rs::ECDSA_P256_SHA256_FIXED_SIGNING, &rng).map(|d| d.as_ref().to_vec())
+                rs::EcdsaKeyPair::generate_pkcs8(&rs::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+                    .map(|d| d.as_ref().to_vec())
             }
             KeyType::Rsa3072 | KeyType::Rsa4096 => {
                 let bits = if kind == KeyType::Rsa3072 { 3072 } else { 4096 };
@@ -187,7 +200,8 @@ impl SoftKey {
                 .as_ref()
                 .try_into()
                 .map_err(|_| invalid("key", "Ed25519 public key length"))?;
-            let vk = ed25519_dalek::VerifyingKey::from_bytes(&public).map_err(|e| invalid("key", e.to_string()))?;
+            let vk = ed25519_dalek::VerifyingKey::from_bytes(&public)
+                .map_err(|e| invalid("key", e.to_string()))?;
             let spki_pem = pkcs8::EncodePublicKey::to_public_key_pem(&vk, pkcs8::LineEnding::LF)
                 .map_err(|e| PkiError::Build(e.to_string()))?;
             return Ok(Self {
@@ -199,14 +213,20 @@ impl SoftKey {
                 rng,
             });
         }
-        if let Ok(fixed) = rs::EcdsaKeyPair::from_pkcs8(&rs::ECDSA_P256_SHA256_FIXED_SIGNING, &der, &rng) {
-            let asn1 = rs::EcdsaKeyPair::from_pkcs8(&rs::ECDSA_P256_SHA256_ASN1_SIGNING, &der, &rng)
-                .map_err(reject("ECDSA key"))?;
+        if let Ok(fixed) =
+            rs::EcdsaKeyPair::from_pkcs8(&rs::ECDSA_P256_SHA256_FIXED_SIGNING, &der, &rng)
+        {
+            let asn1 =
+                rs::EcdsaKeyPair::from_pkcs8(&rs::ECDSA_P256_SHA256_ASN1_SIGNING, &der, &rng)
+                    .map_err(reject("ECDSA key"))?;
             let point = fixed.public_key().as_ref().to_vec();
-            let public = p256::PublicKey::from_sec1_bytes(&point).map_err(|_| invalid("key", "bad P-256 point"))?;
-            let spki_pem = pkcs8::EncodePublicKey::to_public_key_pem(&public, pkcs8::LineEnding::LF)
-                .map_err(|e| PkiError::Build(e.to_string()))?;
-            let encoded = p256::EncodedPoint::from_bytes(&point).map_err(|_| invalid("key", "bad P-256 point"))?;
+            let public = p256::PublicKey::from_sec1_bytes(&point)
+                .map_err(|_| invalid("key", "bad P-256 point"))?;
+            let spki_pem =
+                pkcs8::EncodePublicKey::to_public_key_pem(&public, pkcs8::LineEnding::LF)
+                    .map_err(|e| PkiError::Build(e.to_string()))?;
+            let encoded = p256::EncodedPoint::from_bytes(&point)
+                .map_err(|_| invalid("key", "bad P-256 point"))?;
             return Ok(Self {
                 kind: KeyType::EcdsaP256,
                 ssh_public: KeyData::Ecdsa(ssh_key::public::EcdsaPublicKey::NistP256(encoded)),
@@ -220,13 +240,19 @@ impl SoftKey {
             let kind = match kp.public().modulus_len() * 8 {
                 3072 => KeyType::Rsa3072,
                 4096 => KeyType::Rsa4096,
-                bits => return Err(invalid("key", format!("RSA keys must be 3072 or 4096 bits, not {bits}"))),
+                bits => {
+                    return Err(invalid(
+                        "key",
+                        format!("RSA keys must be 3072 or 4096 bits, not {bits}"),
+                    ));
+                }
             };
             let private = <rsa::RsaPrivateKey as pkcs8::DecodePrivateKey>::from_pkcs8_der(&der)
                 .map_err(|e| invalid("key", format!("RSA key: {e}")))?;
             let public = private.to_public_key();
-            let spki_pem = pkcs8::EncodePublicKey::to_public_key_pem(&public, pkcs8::LineEnding::LF)
-                .map_err(|e| PkiError::Build(e.to_string()))?;
+            let spki_pem =
+                pkcs8::EncodePublicKey::to_public_key_pem(&public, pkcs8::LineEnding::LF)
+                    .map_err(|e| PkiError::Build(e.to_string()))?;
             let ssh_rsa = ssh_key::public::RsaPublicKey::try_from(&public)
                 .map_err(|e| PkiError::Build(format!("RSA public key: {e}")))?;
             return Ok(Self {
@@ -252,7 +278,9 @@ impl SoftKey {
             let mut key = ssh_key::PrivateKey::from_openssh(text)
                 .map_err(|e| invalid("key", format!("OpenSSH key does not parse: {e}")))?;
             if key.is_encrypted() {
-                let pass = passphrase.ok_or_else(|| invalid("passphrase", "the key is encrypted; give its passphrase"))?;
+                let pass = passphrase.ok_or_else(|| {
+                    invalid("passphrase", "the key is encrypted; give its passphrase")
+                })?;
                 key = key
                     .decrypt(pass)
                     .map_err(|_| invalid("passphrase", "does not decrypt the key"))?;
@@ -260,16 +288,21 @@ impl SoftKey {
             return Self::from_pkcs8_der(openssh_to_pkcs8(&key)?);
         }
         if text.starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----") {
-            let pass = passphrase.ok_or_else(|| invalid("passphrase", "the key is encrypted; give its passphrase"))?;
-            let (_, doc) = pkcs8::SecretDocument::from_pem(text).map_err(|e| invalid("key", e.to_string()))?;
-            let enc = pkcs8::EncryptedPrivateKeyInfo::try_from(doc.as_bytes()).map_err(|e| invalid("key", e.to_string()))?;
+            let pass = passphrase.ok_or_else(|| {
+                invalid("passphrase", "the key is encrypted; give its passphrase")
+            })?;
+            let (_, doc) =
+                pkcs8::SecretDocument::from_pem(text).map_err(|e| invalid("key", e.to_string()))?;
+            let enc = pkcs8::EncryptedPrivateKeyInfo::try_from(doc.as_bytes())
+                .map_err(|e| invalid("key", e.to_string()))?;
             let plain = enc
                 .decrypt(pass)
                 .map_err(|_| invalid("passphrase", "does not decrypt the key"))?;
             return Self::from_pkcs8_der(Zeroizing::new(plain.as_bytes().to_vec()));
         }
         if text.starts_with("-----BEGIN PRIVATE KEY-----") {
-            let (_, doc) = pkcs8::SecretDocument::from_pem(text).map_err(|e| invalid("key", e.to_string()))?;
+            let (_, doc) =
+                pkcs8::SecretDocument::from_pem(text).map_err(|e| invalid("key", e.to_string()))?;
             return Self::from_pkcs8_der(Zeroizing::new(doc.as_bytes().to_vec()));
         }
         Err(invalid(
@@ -285,7 +318,8 @@ impl SoftKey {
 
     /// PKCS#8 PEM, for storage in the vault.
     pub fn pkcs8_pem(&self) -> Result<Zeroizing<String>> {
-        let doc = pkcs8::SecretDocument::try_from(self.pkcs8.as_slice()).map_err(|e| PkiError::Build(e.to_string()))?;
+        let doc = pkcs8::SecretDocument::try_from(self.pkcs8.as_slice())
+            .map_err(|e| PkiError::Build(e.to_string()))?;
         doc.to_pem("PRIVATE KEY", pkcs8::LineEnding::LF)
             .map_err(|e| PkiError::Build(e.to_string()))
     }
@@ -310,16 +344,22 @@ impl SoftKey {
         match &self.inner {
             Inner::Ed25519(kp) => build(Algorithm::Ed25519, kp.sign(data).as_ref().to_vec()),
             Inner::EcdsaP256 { fixed, .. } => {
-                let sig = fixed.sign(&self.rng, data).map_err(|_| PkiError::Build("ECDSA signing failed".into()))?;
+                let sig = fixed
+                    .sign(&self.rng, data)
+                    .map_err(|_| PkiError::Build("ECDSA signing failed".into()))?;
                 ecdsa_ssh_signature(sig.as_ref())
             }
             Inner::Rsa(kp) => {
-                let (hash, padding): (HashAlg, &'static dyn rs::RsaEncoding) = if flags & 0x04 != 0 {
+                let (hash, padding): (HashAlg, &'static dyn rs::RsaEncoding) = if flags & 0x04 != 0
+                {
                     (HashAlg::Sha512, &rs::RSA_PKCS1_SHA512)
                 } else if flags & 0x02 != 0 {
                     (HashAlg::Sha256, &rs::RSA_PKCS1_SHA256)
                 } else {
-                    return Err(invalid("flags", "ssh-rsa (SHA-1) signatures are refused; ask for rsa-sha2-256 or rsa-sha2-512"));
+                    return Err(invalid(
+                        "flags",
+                        "ssh-rsa (SHA-1) signatures are refused; ask for rsa-sha2-256 or rsa-sha2-512",
+                    ));
                 };
                 let mut sig = vec![0u8; kp.public().modulus_len()];
                 kp.sign(padding, &self.rng, data, &mut sig)
@@ -333,7 +373,10 @@ impl SoftKey {
     /// `input` when `prehashed`.
     pub fn sign(&self, alg: SignAlgorithm, input: &[u8], prehashed: bool) -> Result<Vec<u8>> {
         if !alg.fits(self.kind) {
-            return Err(invalid("algorithm", format!("{alg:?} does not fit a {} key", self.kind.as_str())));
+            return Err(invalid(
+                "algorithm",
+                format!("{alg:?} does not fit a {} key", self.kind.as_str()),
+            ));
         }
         if prehashed {
             return self.sign_digest(alg, input);
@@ -341,7 +384,9 @@ impl SoftKey {
         let fail = |_| PkiError::Build("signing failed".into());
         match (&self.inner, alg) {
             (Inner::Ed25519(kp), _) => Ok(kp.sign(input).as_ref().to_vec()),
-            (Inner::EcdsaP256 { asn1, .. }, _) => Ok(asn1.sign(&self.rng, input).map_err(fail)?.as_ref().to_vec()),
+            (Inner::EcdsaP256 { asn1, .. }, _) => {
+                Ok(asn1.sign(&self.rng, input).map_err(fail)?.as_ref().to_vec())
+            }
             (Inner::Rsa(kp), alg) => {
                 let padding: &'static dyn rs::RsaEncoding = match alg {
                     SignAlgorithm::RsaPkcs1Sha512 => &rs::RSA_PKCS1_SHA512,
@@ -361,27 +406,50 @@ impl SoftKey {
             return Err(invalid("prehashed", "Ed25519 signs messages, not digests"));
         };
         if digest.len() != len {
-            return Err(invalid("data", format!("a digest for {alg:?} is {len} bytes, not {}", digest.len())));
+            return Err(invalid(
+                "data",
+                format!("a digest for {alg:?} is {len} bytes, not {}", digest.len()),
+            ));
         }
         let build = |e: String| PkiError::Build(e);
         match self.kind {
             KeyType::EcdsaP256 => {
-                let key = <p256::ecdsa::SigningKey as pkcs8::DecodePrivateKey>::from_pkcs8_der(&self.pkcs8)
-                    .map_err(|e| build(e.to_string()))?;
-                let sig: p256::ecdsa::Signature = signature::hazmat::PrehashSigner::sign_prehash(&key, digest)
-                    .map_err(|e| build(e.to_string()))?;
+                let key = <p256::ecdsa::SigningKey as pkcs8::DecodePrivateKey>::from_pkcs8_der(
+                    &self.pkcs8,
+                )
+                .map_err(|e| build(e.to_string()))?;
+                let sig: p256::ecdsa::Signature =
+                    signature::hazmat::PrehashSigner::sign_prehash(&key, digest)
+                        .map_err(|e| build(e.to_string()))?;
                 Ok(sig.to_der().as_bytes().to_vec())
             }
             _ => {
-                let key = <rsa::RsaPrivateKey as pkcs8::DecodePrivateKey>::from_pkcs8_der(&self.pkcs8)
-                    .map_err(|e| build(e.to_string()))?;
+                let key =
+                    <rsa::RsaPrivateKey as pkcs8::DecodePrivateKey>::from_pkcs8_der(&self.pkcs8)
+                        .map_err(|e| build(e.to_string()))?;
                 let mut rng = rand::rngs::OsRng;
                 // With an RNG the rsa crate blinds the private-key operation.
                 let sig = match alg {
-                    SignAlgorithm::RsaPkcs1Sha256 => key.sign_with_rng(&mut rng, rsa::Pkcs1v15Sign::new::<sha2::Sha256>(), digest),
-                    SignAlgorithm::RsaPkcs1Sha512 => key.sign_with_rng(&mut rng, rsa::Pkcs1v15Sign::new::<sha2::Sha512>(), digest),
-                    SignAlgorithm::RsaPssSha256 => key.sign_with_rng(&mut rng, rsa::Pss::new_with_salt::<sha2::Sha256>(32), digest),
-                    _ => key.sign_with_rng(&mut rng, rsa::Pss::new_with_salt::<sha2::Sha512>(64), digest),
+                    SignAlgorithm::RsaPkcs1Sha256 => key.sign_with_rng(
+                        &mut rng,
+                        rsa::Pkcs1v15Sign::new::<sha2::Sha256>(),
+                        digest,
+                    ),
+                    SignAlgorithm::RsaPkcs1Sha512 => key.sign_with_rng(
+                        &mut rng,
+                        rsa::Pkcs1v15Sign::new::<sha2::Sha512>(),
+                        digest,
+                    ),
+                    SignAlgorithm::RsaPssSha256 => key.sign_with_rng(
+                        &mut rng,
+                        rsa::Pss::new_with_salt::<sha2::Sha256>(32),
+                        digest,
+                    ),
+                    _ => key.sign_with_rng(
+                        &mut rng,
+                        rsa::Pss::new_with_salt::<sha2::Sha512>(64),
+                        digest,
+                    ),
                 };
                 sig.map_err(|e| build(e.to_string()))
             }
@@ -391,7 +459,8 @@ impl SoftKey {
 
 /// The SSH form of a P-256 ECDSA signature given as r||s.
 pub fn ecdsa_ssh_signature(rs_bytes: &[u8]) -> Result<ssh_key::Signature> {
-    let sig = p256::ecdsa::Signature::from_slice(rs_bytes).map_err(|_| PkiError::Build("ECDSA signature length".into()))?;
+    let sig = p256::ecdsa::Signature::from_slice(rs_bytes)
+        .map_err(|_| PkiError::Build("ECDSA signature length".into()))?;
     ssh_key::Signature::try_from(sig).map_err(|e| PkiError::Build(e.to_string()))
 }
 
@@ -403,7 +472,8 @@ fn openssh_to_pkcs8(key: &ssh_key::PrivateKey) -> Result<Zeroizing<Vec<u8>>> {
             pkcs8::EncodePrivateKey::to_pkcs8_der(&sk)
         }
         KeypairData::Ecdsa(ssh_key::private::EcdsaKeypair::NistP256 { private, .. }) => {
-            let sk = p256::SecretKey::from_slice(private.as_slice()).map_err(|_| invalid("key", "bad P-256 private key"))?;
+            let sk = p256::SecretKey::from_slice(private.as_slice())
+                .map_err(|_| invalid("key", "bad P-256 private key"))?;
             pkcs8::EncodePrivateKey::to_pkcs8_der(&sk)
         }
         KeypairData::Rsa(kp) => {
@@ -424,7 +494,10 @@ fn openssh_to_pkcs8(key: &ssh_key::PrivateKey) -> Result<Zeroizing<Vec<u8>>> {
         _ => {
             return Err(invalid(
                 "key",
-                format!("{} keys are not supported; use Ed25519, ECDSA P-256 or RSA", key.algorithm()),
+                format!(
+                    "{} keys are not supported; use Ed25519, ECDSA P-256 or RSA",
+                    key.algorithm()
+                ),
             ));
         }
     }
@@ -435,7 +508,9 @@ fn openssh_to_pkcs8(key: &ssh_key::PrivateKey) -> Result<Zeroizing<Vec<u8>>> {
 /// The OpenSSH one-line public key (`ssh-ed25519 AAAA... comment`).
 pub fn openssh_public(key: &KeyData, comment: &str) -> Result<String> {
     let public = ssh_key::PublicKey::new(key.clone(), comment);
-    public.to_openssh().map_err(|e| PkiError::Build(e.to_string()))
+    public
+        .to_openssh()
+        .map_err(|e| PkiError::Build(e.to_string()))
 }
 
 /// The SSH wire encoding of a public key (the agent's key blob).
@@ -472,8 +547,14 @@ mod tests {
     #[test]
     fn rsa_flags_pick_the_hash_and_sha1_is_refused() {
         let key = SoftKey::generate(KeyType::Rsa3072).unwrap();
-        assert_eq!(key.sign_ssh(b"x", 0x04).unwrap().algorithm().as_str(), "rsa-sha2-512");
-        assert_eq!(key.sign_ssh(b"x", 0x02).unwrap().algorithm().as_str(), "rsa-sha2-256");
+        assert_eq!(
+            key.sign_ssh(b"x", 0x04).unwrap().algorithm().as_str(),
+            "rsa-sha2-512"
+        );
+        assert_eq!(
+            key.sign_ssh(b"x", 0x02).unwrap().algorithm().as_str(),
+            "rsa-sha2-256"
+        );
         assert!(key.sign_ssh(b"x", 0).is_err());
     }
 
@@ -484,10 +565,17 @@ mod tests {
         let plain = key.to_openssh(ssh_key::LineEnding::LF).unwrap();
         let imported = SoftKey::import(&plain, None).unwrap();
         assert_eq!(imported.ssh_public(), key.public_key().key_data());
-        let enc = key.encrypt(&mut rng, "s3cret").unwrap().to_openssh(ssh_key::LineEnding::LF).unwrap();
+        let enc = key
+            .encrypt(&mut rng, "s3cret")
+            .unwrap()
+            .to_openssh(ssh_key::LineEnding::LF)
+            .unwrap();
         assert!(SoftKey::import(&enc, None).is_err());
         assert!(SoftKey::import(&enc, Some("wrong")).is_err());
-        assert_eq!(SoftKey::import(&enc, Some("s3cret")).unwrap().ssh_public(), key.public_key().key_data());
+        assert_eq!(
+            SoftKey::import(&enc, Some("s3cret")).unwrap().ssh_public(),
+            key.public_key().key_data()
+        );
         assert!(SoftKey::import("garbage", None).is_err());
     }
 }

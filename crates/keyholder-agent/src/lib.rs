@@ -1,0 +1,291 @@
+//! Keyholder's ssh-agent: the protocol codec ([`proto`]) and a Unix-socket
+//! server over a [`Backend`] that knows the keys.
+//!
+//! What the server does itself: framing (messages over 256 KiB close the
+//! connection; a partial message that does not arrive within
+//! [`READ_TIMEOUT`] closes it too), refusing peers of another uid, refusing
+//! every request that would add keys or load a provider library, and
+//! verifying `session-bind@openssh.com`. What it leaves to the backend:
+//! which keys exist, signing, and what LOCK/UNLOCK mean.
+//!
+//! The `ssh-agent-lib` crate was not used: it does not bound its framing,
+//! and Keyholder needs only five message types, which [`proto`] decodes
+//! strictly in a page of code that the fuzz target covers.
+
+#![forbid(unsafe_code)]
+
+pub mod proto;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::{Request, Response, SessionBind};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use zeroize::Zeroizing;
+
+/// A started message must arrive in full within this time.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most simultaneous agent connections.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Most session bindings one connection may record.
+pub const MAX_BINDINGS: usize = 16;
+
+/// One identity the agent offers.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    /// Public key or certificate blob.
+    pub blob: Vec<u8>,
+    /// Comment shown by `ssh-add -l`.
+    pub comment: String,
+}
+
+/// Who is on the other end of a connection.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer {
+    /// Peer uid.
+    pub uid: u32,
+    /// Peer pid.
+    pub pid: Option<i32>,
+}
+
+/// What the agent asks of Keyholder.
+pub trait Backend: Send + Sync + 'static {
+    /// The identities to list; empty while locked.
+    fn identities(&self) -> impl Future<Output = Vec<Identity>> + Send;
+    /// An SSH signature blob over `data` by the key (or certificate's key)
+    /// `key_blob`, or `None` to refuse.
+    fn sign(
+        &self,
+        key_blob: &[u8],
+        data: &[u8],
+        flags: u32,
+        peer: Peer,
+    ) -> impl Future<Output = Option<Vec<u8>>> + Send;
+    /// LOCK: whether it succeeded.
+    fn lock(&self) -> impl Future<Output = bool> + Send;
+    /// UNLOCK with a passphrase: whether it succeeded.
+    fn unlock(&self, passphrase: Zeroizing<String>) -> impl Future<Output = bool> + Send;
+    /// A verified session binding, for audit.
+    fn record_binding(&self, peer: Peer, host_key_fingerprint: &str, forwarding: bool);
+}
+
+/// Per-connection state.
+#[derive(Default)]
+struct Connection {
+    /// Session ids bound on this connection, with their forwarding flag.
+    bindings: Vec<(Vec<u8>, bool)>,
+}
+
+/// Verifies a session binding; returns the host key's fingerprint.
+pub fn verify_session_bind(bind: &SessionBind) -> Result<String, String> {
+    use signature::Verifier;
+    let key = parse_key_blob(&bind.host_key)?;
+    let mut sig_bytes = bind.signature.as_slice();
+    let sig = <ssh_key::Signature as ssh_encoding::Decode>::decode(&mut sig_bytes)
+        .map_err(|e| format!("signature does not parse: {e}"))?;
+    if !sig_bytes.is_empty() {
+        return Err("trailing bytes after the signature".into());
+    }
+    key.verify(&bind.session_id, &sig)
+        .map_err(|_| "the host's signature over the session id does not verify".to_string())?;
+    Ok(key.fingerprint(Default::default()).to_string())
+}
+
+/// Parses a public key blob, refusing trailing bytes.
+pub fn parse_key_blob(mut bytes: &[u8]) -> Result<ssh_key::public::KeyData, String> {
+    let key = <ssh_key::public::KeyData as ssh_encoding::Decode>::decode(&mut bytes)
+        .map_err(|e| format!("key blob does not parse: {e}"))?;
+    if bytes.is_empty() {
+        Ok(key)
+    } else {
+        Err("trailing bytes after the key blob".into())
+    }
+}
+
+impl Connection {
+    fn bind(&mut self, bind: &SessionBind) -> Result<String, String> {
+        if self.bindings.iter().any(|(id, _)| *id == bind.session_id) {
+            return Err("session id already bound on this connection".into());
+        }
+        if let Some((_, false)) = self.bindings.last() {
+            return Err(
+                "connection is bound to a non-forwarded session; refusing to re-bind".into(),
+            );
+        }
+        if self.bindings.len() >= MAX_BINDINGS {
+            return Err("too many session bindings".into());
+        }
+        let fingerprint = verify_session_bind(bind)?;
+        self.bindings
+            .push((bind.session_id.clone(), bind.forwarding));
+        Ok(fingerprint)
+    }
+}
+
+async fn handle<B: Backend>(
+    backend: &B,
+    conn: &mut Connection,
+    peer: Peer,
+    message: &[u8],
+) -> Response {
+    let request = match proto::decode(message) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(error = ?e, "malformed agent message");
+            return Response::Failure;
+        }
+    };
+    match request {
+        Request::RequestIdentities => Response::Identities(
+            backend
+                .identities()
+                .await
+                .into_iter()
+                .map(|i| (i.blob, i.comment))
+                .collect(),
+        ),
+        Request::Sign {
+            key_blob,
+            data,
+            flags,
+        } => match backend.sign(&key_blob, &data, flags, peer).await {
+            Some(sig) => Response::Signature(sig),
+            None => Response::Failure,
+        },
+        Request::Lock(_passphrase) => {
+            if backend.lock().await {
+                Response::Success
+            } else {
+                Response::Failure
+            }
+        }
+        Request::Unlock(passphrase) => {
+            if backend.unlock(passphrase).await {
+                Response::Success
+            } else {
+                Response::Failure
+            }
+        }
+        Request::Extension { name, contents } if name == "session-bind@openssh.com" => {
+            let bound = proto::decode_session_bind(&contents)
+                .map_err(|e| format!("{e:?}"))
+                .and_then(|b| conn.bind(&b).map(|fp| (fp, b.forwarding)));
+            match bound {
+                Ok((fingerprint, forwarding)) => {
+                    tracing::info!(uid = peer.uid, pid = ?peer.pid, host_key = %fingerprint, forwarding, "agent session bound");
+                    backend.record_binding(peer, &fingerprint, forwarding);
+                    Response::Success
+                }
+                Err(e) => {
+                    tracing::warn!(uid = peer.uid, pid = ?peer.pid, error = %e, "session-bind refused");
+                    Response::Failure
+                }
+            }
+        }
+        Request::Extension { name, .. } => {
+            tracing::debug!(%name, "unsupported agent extension");
+            Response::Failure
+        }
+        Request::Refused(kind) => {
+            tracing::warn!(uid = peer.uid, pid = ?peer.pid, kind, "refused agent request that adds, removes or loads keys");
+            Response::Failure
+        }
+        Request::Unknown(kind) => {
+            tracing::debug!(kind, "unknown agent message");
+            Response::Failure
+        }
+    }
+}
+
+/// Serves one connection until the peer closes it or breaks the framing.
+async fn serve_connection<B: Backend>(mut stream: UnixStream, backend: Arc<B>, peer: Peer) {
+    let mut conn = Connection::default();
+    loop {
+        let mut len = [0u8; 4];
+        // Waiting for the next message may take forever (an idle ssh); only
+        // a message once started must complete in time.
+        if stream.read_exact(&mut len).await.is_err() {
+            return;
+        }
+        let len = u32::from_be_bytes(len) as usize;
+        if len > proto::MAX_MESSAGE {
+            tracing::warn!(uid = peer.uid, pid = ?peer.pid, len, "agent message over 256 KiB; closing the connection");
+            return;
+        }
+        let mut message = Zeroizing::new(vec![0u8; len]);
+        match tokio::time::timeout(READ_TIMEOUT, stream.read_exact(&mut message)).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+        let response = handle(&*backend, &mut conn, peer, &message).await;
+        if stream.write_all(&proto::encode(&response)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Accepts agent connections on `listener` (peers of another uid are
+/// refused and logged) until `shutdown` resolves.
+pub async fn serve<B: Backend>(
+    listener: UnixListener,
+    backend: Arc<B>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let own_uid = rustix::process::getuid().as_raw();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            () = &mut shutdown => return,
+            a = listener.accept() => a,
+        };
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "agent accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let peer = match stream.peer_cred() {
+            Ok(c) if c.uid() == own_uid => Peer {
+                uid: c.uid(),
+                pid: c.pid(),
+            },
+            Ok(c) => {
+                tracing::warn!(uid = c.uid(), pid = ?c.pid(), "refused agent connection from another uid");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "refused agent connection without peer credentials");
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!("too many agent connections; refusing one");
+            continue;
+        };
+        let backend = backend.clone();
+        tokio::spawn(async move {
+            serve_connection(stream, backend, peer).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Decodes `bytes` every way the agent would; the fuzz target and the
+/// corpus replay test call this.
+#[doc(hidden)]
+pub fn fuzz_one(bytes: &[u8]) {
+    let _ = parse_key_blob(bytes);
+    if let Ok(Request::Extension { contents, .. }) = proto::decode(bytes)
+        && let Ok(bind) = proto::decode_session_bind(&contents)
+    {
+        let _ = verify_session_bind(&bind);
+    }
+    if let Ok(b) = proto::decode_session_bind(bytes) {
+        let _ = verify_session_bind(&b);
+    }
+}
