@@ -22,6 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "keyholder.v1.PutSecretRequest",
             "keyholder.v1.GetSecretResponse",
             "keyholder.v1.ImportCaRequest",
+            "keyholder.v1.ImportKeyRequest",
             "keyholder.v1.IssueCertificateResponse",
             "keyholder.v1.IssueKubeconfigResponse",
             "keyholder.v1.IssueExecCredentialResponse",

@@ -39,6 +39,12 @@ struct Args {
     /// The gRPC socket. Default: $XDG_RUNTIME_DIR/keyholder/keyholder.sock.
     #[arg(long, env = "KEYHOLDER_SOCKET")]
     socket: Option<PathBuf>,
+    /// The ssh-agent socket. Default: $XDG_RUNTIME_DIR/keyholder/ssh-agent.sock.
+    #[arg(long)]
+    ssh_agent_socket: Option<PathBuf>,
+    /// Do not serve the ssh-agent protocol.
+    #[arg(long)]
+    no_ssh_agent: bool,
     /// Default session lifetime, e.g. 8h.
     #[arg(long, value_parser = humantime::parse_duration)]
     session_ttl: Option<Duration>,
@@ -72,6 +78,12 @@ fn settings(args: &Args) -> Result<Config, config::ConfigError> {
     }
     if let Some(v) = &args.socket {
         cfg.socket = v.clone();
+    }
+    if let Some(v) = &args.ssh_agent_socket {
+        cfg.ssh_agent_socket = v.clone();
+    }
+    if args.no_ssh_agent {
+        cfg.ssh_agent = false;
     }
     if let Some(v) = args.session_ttl {
         cfg.session_ttl = v;
@@ -172,16 +184,39 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
         };
+        let agent = if cfg.ssh_agent {
+            match bind_socket(&cfg.ssh_agent_socket) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    eprintln!(
+                        "keyholderd: cannot listen on {}: {e}",
+                        cfg.ssh_agent_socket.display()
+                    );
+                    let _ = std::fs::remove_file(&socket);
+                    return ExitCode::from(if e.kind() == std::io::ErrorKind::AddrInUse {
+                        3
+                    } else {
+                        1
+                    });
+                }
+            }
+        } else {
+            None
+        };
+        let agent_socket = cfg.ssh_agent.then(|| cfg.ssh_agent_socket.clone());
         tracing::info!(
+            agent = ?agent_socket,
             socket = %socket.display(),
             vault = %cfg.vault.display(),
             module = %module_path.display(),
             "keyholderd serving"
         );
         let core = Core::new(cfg, module, storage);
-        let result = run(core, listener, shutdown_signal()).await;
-        if let Err(e) = std::fs::remove_file(&socket) {
-            tracing::warn!(error = %e, "cannot remove the socket file");
+        let result = run(core, listener, agent, shutdown_signal()).await;
+        for path in std::iter::once(&socket).chain(agent_socket.as_ref()) {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::warn!(error = %e, path = %path.display(), "cannot remove a socket file");
+            }
         }
         match result {
             Ok(()) => {

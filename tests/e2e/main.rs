@@ -10,3 +10,4 @@ mod kube;
 mod peer;
 mod python;
 mod round_trip;
+mod ssh;

@@ -32,12 +32,19 @@ impl PublicKeyData for TokenSigner {
     }
 }
 
+impl TokenSigner {
+    /// Signs a SHA-256 digest on the token; r||s. Blocks.
+    pub fn sign_digest(&self, digest: &[u8; 32]) -> Result<[u8; 64]> {
+        let guard = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        let session = guard.as_ref().ok_or(Error::Locked)?;
+        Ok(session.sign_p256_digest(&self.key, digest)?)
+    }
+}
+
 impl SigningKey for TokenSigner {
     fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen_alg::Error> {
         let digest: [u8; 32] = Sha256::digest(msg).into();
-        let guard = self.slot.lock().unwrap_or_else(|p| p.into_inner());
-        let session = guard.as_ref().ok_or(rcgen_alg::Error::RemoteKeyError)?;
-        let rs = session.sign_p256_digest(&self.key, &digest).map_err(|e| {
+        let rs = self.sign_digest(&digest).map_err(|e| {
             tracing::warn!(error = %e, "token signature failed");
             rcgen_alg::Error::RemoteKeyError
         })?;
@@ -108,7 +115,7 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn unhex(s: &str) -> Option<Vec<u8>> {
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
     }

@@ -20,6 +20,10 @@ pub struct Config {
     pub vault: PathBuf,
     /// The gRPC Unix socket.
     pub socket: PathBuf,
+    /// Serve the ssh-agent protocol (true).
+    pub ssh_agent: bool,
+    /// The ssh-agent socket.
+    pub ssh_agent_socket: PathBuf,
     /// Default session lifetime (`8h`).
     #[serde(deserialize_with = "de_duration")]
     pub session_ttl: Duration,
@@ -87,6 +91,8 @@ impl Default for Config {
             token: None,
             vault: xdg("XDG_DATA_HOME", ".local/share").join("keyholder/vault.age"),
             socket: default_socket(),
+            ssh_agent: true,
+            ssh_agent_socket: runtime_dir().join("ssh-agent.sock"),
             session_ttl: Duration::from_secs(8 * 3600),
             idle_timeout: Duration::from_secs(30 * 60),
             max_session_ttl: Duration::from_secs(24 * 3600),

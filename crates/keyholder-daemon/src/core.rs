@@ -75,6 +75,10 @@ pub struct Unlocked {
     pub idle_timeout: Duration,
     /// CAs parsed and ready to sign, loaded on first use.
     pub cas: Mutex<HashMap<String, Arc<LoadedCa>>>,
+    /// Signing keys, loaded on first use.
+    pub keys: Mutex<HashMap<String, Arc<crate::keys::LoadedKey>>>,
+    /// What the ssh-agent offers, built on first use after each change.
+    pub agent_index: Mutex<Option<Arc<crate::keys::AgentIndex>>>,
 }
 
 /// Locked or unlocked.
@@ -189,6 +193,11 @@ impl Core {
         let exists = self.storage.exists().unwrap_or(true);
         let state = self.read_state();
         let mut s = v1::StatusResponse {
+            ssh_agent_socket: if self.config.ssh_agent {
+                self.config.ssh_agent_socket.display().to_string()
+            } else {
+                String::new()
+            },
             vault_path: self.storage.location(),
             ..Default::default()
         };
@@ -375,6 +384,8 @@ impl Core {
                     expires_at: Instant::now() + ttl,
                     idle_timeout: idle,
                     cas: Mutex::new(HashMap::new()),
+                    keys: Mutex::new(HashMap::new()),
+                    agent_index: Mutex::new(None),
                 },
             ))
         })?;
@@ -459,6 +470,10 @@ impl Core {
         if let State::Unlocked(u) = &mut *self.write_state() {
             u.vault.body = body_new;
             u.revision = revision;
+            // Derived views are rebuilt from the new body on next use.
+            u.cas.get_mut().unwrap_or_else(|p| p.into_inner()).clear();
+            u.keys.get_mut().unwrap_or_else(|p| p.into_inner()).clear();
+            *u.agent_index.get_mut().unwrap_or_else(|p| p.into_inner()) = None;
         }
         self.publish();
         Ok((out, generation))
@@ -543,6 +558,12 @@ impl Core {
                 kind: "CA",
                 name: name.to_owned(),
             })?;
+            if entry.kind != "x509" {
+                return Err(Error::InvalidArgument {
+                    field: "ca",
+                    reason: format!("{name:?} is an {} CA, not an X.509 one", entry.kind),
+                });
+            }
             let loaded = Arc::new(crate::ca::load(entry, &self.token)?);
             cache.insert(name.to_owned(), loaded.clone());
             Ok(loaded)

@@ -7,11 +7,13 @@
 
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod ca;
 pub mod config;
 pub mod core;
 pub mod error;
 pub mod gate;
+pub mod keys;
 pub mod services;
 
 use std::future::Future;
@@ -93,8 +95,16 @@ pub fn bind_socket(path: &Path) -> std::io::Result<UnixListener> {
 pub async fn run(
     core: Arc<Core>,
     listener: UnixListener,
+    agent: Option<UnixListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let agent_task = agent.map(|listener| {
+        let mut stop = core.shutdown_signal();
+        let backend = Arc::new(agent::AgentBackend(core.clone()));
+        tokio::spawn(keyholder_agent::serve(listener, backend, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }))
+    });
     let own_uid = rustix::process::getuid().as_raw();
     // Peers of another uid are dropped at accept, before any byte is read.
     let incoming = UnixListenerStream::new(listener).filter_map(move |conn| match conn {
@@ -124,6 +134,9 @@ pub async fn run(
         .await;
     health_reporter
         .set_serving::<v1::admin_server::AdminServer<services::admin::AdminService>>()
+        .await;
+    health_reporter
+        .set_serving::<v1::signer_server::SignerServer<services::signer::SignerService>>()
         .await;
     health_reporter
         .set_serving::<v1::credentials_server::CredentialsServer<services::credentials::CredentialsService>>()
@@ -166,6 +179,10 @@ pub async fn run(
                 .max_decoding_message_size(max_message),
         )
         .add_service(
+            v1::signer_server::SignerServer::new(services::signer::SignerService(core.clone()))
+                .max_decoding_message_size(max_message),
+        )
+        .add_service(
             v1::credentials_server::CredentialsServer::new(
                 services::credentials::CredentialsService(core.clone()),
             )
@@ -184,6 +201,9 @@ pub async fn run(
         }
     };
     ticker.abort();
+    if let Some(t) = agent_task {
+        t.abort();
+    }
     core.lock(crate::core::LockReason::Shutdown);
     result.map_err(Into::into)
 }

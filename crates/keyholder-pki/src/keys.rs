@@ -105,6 +105,18 @@ impl SignAlgorithm {
         })
     }
 
+    /// The API name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ed25519 => "ed25519",
+            Self::EcdsaSha256 => "ecdsa-sha256",
+            Self::RsaPkcs1Sha256 => "rsa-pkcs1-sha256",
+            Self::RsaPkcs1Sha512 => "rsa-pkcs1-sha512",
+            Self::RsaPssSha256 => "rsa-pss-sha256",
+            Self::RsaPssSha512 => "rsa-pss-sha512",
+        }
+    }
+
     fn fits(self, key: KeyType) -> bool {
         matches!(
             (self, key),
@@ -134,9 +146,9 @@ enum Inner {
     Ed25519(rs::Ed25519KeyPair),
     EcdsaP256 {
         /// r||s output, for SSH.
-        fixed: rs::EcdsaKeyPair,
+        fixed: Box<rs::EcdsaKeyPair>,
         /// DER output, for X.509-style consumers (openssl).
-        asn1: rs::EcdsaKeyPair,
+        asn1: Box<rs::EcdsaKeyPair>,
     },
     Rsa(rs::RsaKeyPair),
 }
@@ -230,7 +242,10 @@ impl SoftKey {
             return Ok(Self {
                 kind: KeyType::EcdsaP256,
                 ssh_public: KeyData::Ecdsa(ssh_key::public::EcdsaPublicKey::NistP256(encoded)),
-                inner: Inner::EcdsaP256 { fixed, asn1 },
+                inner: Inner::EcdsaP256 {
+                    fixed: Box::new(fixed),
+                    asn1: Box::new(asn1),
+                },
                 pkcs8: der,
                 spki_pem,
                 rng,

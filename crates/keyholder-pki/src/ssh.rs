@@ -16,12 +16,15 @@ pub const DEFAULT_USER_EXTENSIONS: [&str; 5] = [
     "permit-user-rc",
 ];
 
+/// Produces an SSH signature over a message.
+pub type SignFn<'a> = Box<dyn Fn(&[u8]) -> Result<ssh_key::Signature, PkiError> + 'a>;
+
 /// Signs with a CA key held anywhere: `sign` returns the SSH signature.
 pub struct CaSigner<'a> {
     /// The CA's public key.
     pub public: KeyData,
     /// Produces a signature over the message.
-    pub sign: Box<dyn Fn(&[u8]) -> Result<ssh_key::Signature, PkiError> + 'a>,
+    pub sign: SignFn<'a>,
 }
 
 impl signature::Signer<ssh_key::Signature> for CaSigner<'_> {

@@ -76,6 +76,17 @@ impl fmt::Debug for v1::ImportCaRequest {
     }
 }
 
+impl fmt::Debug for v1::ImportKeyRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ImportKeyRequest")
+            .field("name", &self.name)
+            .field("private_key", &"<redacted>")
+            .field("passphrase", &"<redacted>")
+            .field("usages", &self.usages)
+            .finish()
+    }
+}
+
 impl fmt::Debug for v1::IssueCertificateResponse {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IssueCertificateResponse")

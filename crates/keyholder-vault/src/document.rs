@@ -103,6 +103,42 @@ pub struct Body {
     /// Kubernetes cluster profiles by name.
     #[serde(default)]
     pub clusters: BTreeMap<String, ClusterEntry>,
+    /// Signing keys by name.
+    #[serde(default)]
+    pub keys: BTreeMap<String, KeyEntry>,
+    /// SSH certificates the agent serves, until they expire.
+    #[serde(default)]
+    pub ssh_certificates: Vec<SshCertificateEntry>,
+}
+
+/// A signing key.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KeyEntry {
+    /// `ed25519`, `ecdsa-p256`, `rsa-3072`, `rsa-4096`.
+    pub key_type: String,
+    /// `ssh`, `sign`, `ca`.
+    pub usages: Vec<String>,
+    /// Where the private key is (the same two places as a CA key).
+    pub key: CaKey,
+    /// OpenSSH public key line.
+    pub public_openssh: String,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+}
+
+/// An SSH certificate for a key in this vault.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SshCertificateEntry {
+    /// The certified key's name.
+    pub key: String,
+    /// The issuing CA's name.
+    pub ca: String,
+    /// OpenSSH certificate line.
+    pub certificate: String,
+    /// Unix seconds.
+    pub valid_before: u64,
+    /// The certificate's serial.
+    pub serial: u64,
 }
 
 /// An X.509 CA.
@@ -118,6 +154,9 @@ pub struct CaEntry {
     pub max_ttl_seconds: u64,
     /// RFC 3339, UTC.
     pub created_at: String,
+    /// For `ssh` CAs: the OpenSSH public key line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_openssh: Option<String>,
 }
 
 /// Where a CA's private key lives.
@@ -176,6 +215,7 @@ impl fmt::Debug for Body {
             .field("secrets", &self.secrets.len())
             .field("cas", &self.cas.keys().collect::<Vec<_>>())
             .field("clusters", &self.clusters.keys().collect::<Vec<_>>())
+            .field("keys", &self.keys.keys().collect::<Vec<_>>())
             .finish()
     }
 }

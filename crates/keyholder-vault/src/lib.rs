@@ -32,7 +32,10 @@ use p256::elliptic_curve::sec1::ToEncodedPoint;
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
-pub use document::{Body, CaEntry, CaKey, ClusterEntry, Recipients, SecretEntry, TokenRecipient};
+pub use document::{
+    Body, CaEntry, CaKey, ClusterEntry, KeyEntry, Recipients, SecretEntry, SshCertificateEntry,
+    TokenRecipient,
+};
 pub use storage::{FileStorage, Revision, Storage, StorageError};
 pub use tag::{
     KeyAgreement, SoftwareKey, TagStanza, TokenAgreement, addressed_to, recipient_string,
@@ -183,6 +186,8 @@ impl OpenVault {
                 secrets: Default::default(),
                 cas: Default::default(),
                 clusters: Default::default(),
+                keys: Default::default(),
+                ssh_certificates: Default::default(),
             },
             vault_id,
             token_recipient,

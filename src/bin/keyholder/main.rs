@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod pki;
+mod ssh;
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
@@ -118,6 +119,16 @@ enum Command {
     /// Issue X.509 certificates for cluster components.
     #[command(subcommand)]
     Cert(pki::CertCommand),
+    /// Generate, import, list, show and delete signing keys.
+    #[command(subcommand)]
+    Key(ssh::KeyCommand),
+    /// Sign a file with a key in the vault or on the token (signature to stdout).
+    Sign(ssh::SignArgs),
+    /// Issue an OpenSSH certificate from an SSH CA.
+    SshCert(ssh::SshCertArgs),
+    /// Print shell commands that point SSH_AUTH_SOCK at Keyholder's agent:
+    /// eval "$(keyholder ssh-env)".
+    SshEnv,
 }
 
 #[derive(Subcommand, Debug)]
@@ -460,6 +471,10 @@ async fn run(cli: Cli) -> CliResult {
         Command::Kubeconfig(args) => pki::kubeconfig(channel, args, &socket).await?,
         Command::KubeCredential(args) => pki::kube_credential(channel, args).await?,
         Command::Cert(cmd) => pki::cert(channel, cmd, json).await?,
+        Command::Key(cmd) => ssh::key(channel, cmd, json).await?,
+        Command::Sign(args) => ssh::sign(channel, args).await?,
+        Command::SshCert(args) => ssh::ssh_cert(channel, args, json).await?,
+        Command::SshEnv => ssh::ssh_env(channel).await?,
         Command::Tokens => {
             let mut admin = v1::admin_client::AdminClient::new(channel);
             let resp = admin

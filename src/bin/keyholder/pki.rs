@@ -17,12 +17,12 @@ pub enum CaCommand {
     Create {
         /// The CA's name, e.g. kube-prod.
         name: String,
-        /// Only x509 CAs exist for now.
-        #[arg(long, default_value = "x509", value_parser = ["x509"])]
+        /// x509 (TLS) or ssh (OpenSSH certificates).
+        #[arg(long, default_value = "x509", value_parser = ["x509", "ssh"])]
         kind: String,
-        /// p256 (default) or ed25519.
-        #[arg(long, default_value = "p256")]
-        key_algorithm: String,
+        /// p256 or ed25519 (default: p256 for x509, ed25519 for ssh).
+        #[arg(long)]
+        key_algorithm: Option<String>,
         /// Generate the key on the token; every signature is then a token operation.
         #[arg(long)]
         on_token: bool,
@@ -184,6 +184,19 @@ fn default_user(user: Option<String>) -> CliResult<String> {
 }
 
 fn ca_text(ca: &v1::CaInfo) -> String {
+    if ca.kind == "ssh" {
+        return format!(
+            "name:        {}\nkind:        ssh\nfingerprint: {}\nkey:         {}\npublic key:  {}\n",
+            ca.name,
+            ca.fingerprint_sha256,
+            if ca.on_token {
+                "on the token"
+            } else {
+                "in the vault"
+            },
+            ca.public_key_openssh
+        );
+    }
     format!(
         "name:        {}\nsubject:     {}\nsha256:      {}\nnot before:  {}\nnot after:   {}\nkey:         {}\nmax ttl:     {}\n",
         ca.name,
@@ -210,6 +223,8 @@ fn ca_json(ca: &v1::CaInfo) -> serde_json::Value {
         "on_token": ca.on_token,
         "max_ttl_seconds": ca.max_ttl_seconds,
         "certificate_pem": ca.certificate_pem,
+        "kind": ca.kind,
+        "public_key_openssh": ca.public_key_openssh,
     })
 }
 
@@ -229,7 +244,7 @@ pub async fn ca(channel: Channel, cmd: CaCommand, json: bool) -> CliResult {
     match cmd {
         CaCommand::Create {
             name,
-            kind: _,
+            kind,
             key_algorithm,
             on_token,
             cn,
@@ -239,7 +254,8 @@ pub async fn ca(channel: Channel, cmd: CaCommand, json: bool) -> CliResult {
             let ca = admin
                 .create_ca(v1::CreateCaRequest {
                     name,
-                    key_algorithm,
+                    kind,
+                    key_algorithm: key_algorithm.unwrap_or_default(),
                     on_token,
                     common_name: cn.unwrap_or_default(),
                     validity_seconds: seconds(validity),
@@ -293,14 +309,12 @@ pub async fn ca(channel: Channel, cmd: CaCommand, json: bool) -> CliResult {
             show(&admin.get_ca(v1::GetCaRequest { name }).await?.into_inner())
         }
         CaCommand::Export { name } => {
-            print!(
-                "{}",
-                admin
-                    .get_ca(v1::GetCaRequest { name })
-                    .await?
-                    .into_inner()
-                    .certificate_pem
-            );
+            let ca = admin.get_ca(v1::GetCaRequest { name }).await?.into_inner();
+            if ca.kind == "ssh" {
+                println!("{}", ca.public_key_openssh);
+            } else {
+                print!("{}", ca.certificate_pem);
+            }
         }
     }
     Ok(())

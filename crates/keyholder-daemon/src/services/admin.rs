@@ -9,8 +9,9 @@ use tonic::{Request, Response, Status};
 
 use std::time::{Duration, SystemTime};
 
+use keyholder_pki::keys::{KeyType, SoftKey};
 use keyholder_vault::document::now_rfc3339;
-use keyholder_vault::{CaEntry, CaKey, ClusterEntry};
+use keyholder_vault::{CaEntry, CaKey, ClusterEntry, KeyEntry};
 
 use crate::ca::{hex, validate_name};
 use crate::core::Core;
@@ -29,6 +30,21 @@ fn ts(t: SystemTime) -> Option<prost_types::Timestamp> {
 }
 
 fn ca_info(name: &str, entry: &CaEntry) -> Result<v1::CaInfo> {
+    if entry.kind == "ssh" {
+        let public = entry.public_openssh.clone().unwrap_or_default();
+        let fingerprint = ssh_key::PublicKey::from_openssh(&public)
+            .map(|p| p.fingerprint(Default::default()).to_string())
+            .unwrap_or_default();
+        return Ok(v1::CaInfo {
+            name: name.to_owned(),
+            kind: entry.kind.clone(),
+            fingerprint_sha256: fingerprint,
+            on_token: matches!(entry.key, CaKey::Token { .. }),
+            max_ttl_seconds: entry.max_ttl_seconds,
+            public_key_openssh: public,
+            ..Default::default()
+        });
+    }
     let info = keyholder_pki::certificate_info(&entry.certificate_pem)?;
     Ok(v1::CaInfo {
         name: name.to_owned(),
@@ -39,7 +55,95 @@ fn ca_info(name: &str, entry: &CaEntry) -> Result<v1::CaInfo> {
         not_after: ts(info.not_after),
         on_token: matches!(entry.key, CaKey::Token { .. }),
         max_ttl_seconds: entry.max_ttl_seconds,
+        kind: entry.kind.clone(),
+        public_key_openssh: String::new(),
     })
+}
+
+/// Validates key usages; empty means `["sign"]`.
+fn usages(requested: Vec<String>) -> Result<Vec<String>> {
+    if requested.is_empty() {
+        return Ok(vec!["sign".into()]);
+    }
+    let mut out = Vec::new();
+    for u in requested {
+        if !matches!(u.as_str(), "ssh" | "sign" | "ca") {
+            return Err(Error::InvalidArgument {
+                field: "usages",
+                reason: format!("{u:?} is not one of ssh, sign, ca"),
+            });
+        }
+        if !out.contains(&u) {
+            out.push(u);
+        }
+    }
+    Ok(out)
+}
+
+/// A new key: on the token (P-256, sign only) or in memory.
+/// Returns the stored form and the OpenSSH public key line.
+fn new_key(
+    core: &Core,
+    name: &str,
+    kind: KeyType,
+    on_token: bool,
+    label_prefix: &str,
+) -> Result<(CaKey, String)> {
+    if on_token {
+        if kind != KeyType::EcdsaP256 {
+            return Err(Error::InvalidArgument {
+                field: "type",
+                reason: "keys on the token are ecdsa-p256".into(),
+            });
+        }
+        let label = format!("{label_prefix}:{name}");
+        let key = core.with_token(|session| {
+            Ok(session.generate_p256_for(&label, keyholder_token::KeyPurpose::Sign)?)
+        })?;
+        let point =
+            p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(&key.public, false);
+        let data =
+            ssh_key::public::KeyData::Ecdsa(ssh_key::public::EcdsaPublicKey::NistP256(point));
+        let openssh = keyholder_pki::keys::openssh_public(&data, name).map_err(Error::from)?;
+        return Ok((
+            CaKey::Token {
+                key_id: hex(&key.id),
+                label,
+            },
+            openssh,
+        ));
+    }
+    let key = tokio::task::block_in_place(|| SoftKey::generate(kind)).map_err(Error::from)?;
+    stored(&key, name)
+}
+
+fn stored(key: &SoftKey, name: &str) -> Result<(CaKey, String)> {
+    let openssh =
+        keyholder_pki::keys::openssh_public(key.ssh_public(), name).map_err(Error::from)?;
+    let pem = key.pkcs8_pem().map_err(Error::from)?;
+    Ok((
+        CaKey::Vault {
+            private_key_pem: pem,
+        },
+        openssh,
+    ))
+}
+
+async fn store_key(core: &Core, name: &str, entry: KeyEntry) -> Result<v1::KeyInfo> {
+    let info = crate::services::signer::key_info(name, &entry);
+    core.write(|body| {
+        if body.keys.contains_key(name) {
+            return Err(Error::AlreadyExists {
+                kind: "key",
+                name: name.to_owned(),
+            });
+        }
+        body.keys.insert(name.to_owned(), entry);
+        Ok(())
+    })
+    .await?;
+    tracing::info!(key = name, r#type = %info.r#type, on_token = info.on_token, fingerprint = %info.fingerprint, "key stored");
+    Ok(info)
 }
 
 fn cluster_info(name: &str, c: &ClusterEntry) -> v1::ClusterInfo {
@@ -154,6 +258,40 @@ impl v1::admin_server::Admin for AdminService {
             }
             .into());
         }
+        match req.kind.as_str() {
+            "" | "x509" => {}
+            "ssh" => {
+                let kind = match req.key_algorithm.as_str() {
+                    "" | "ed25519" if !req.on_token => KeyType::Ed25519,
+                    "" | "p256" | "ecdsa-p256" => KeyType::EcdsaP256,
+                    other => {
+                        return Err(Error::InvalidArgument {
+                            field: "key_algorithm",
+                            reason: format!("{other:?}: SSH CAs are ed25519 or ecdsa-p256 (on the token: ecdsa-p256)"),
+                        }
+                        .into());
+                    }
+                };
+                let (key, openssh) =
+                    new_key(&self.0, &req.name, kind, req.on_token, "keyholder-ca")?;
+                let entry = CaEntry {
+                    kind: "ssh".into(),
+                    certificate_pem: String::new(),
+                    key,
+                    max_ttl_seconds: or_default(req.max_ttl_seconds, DEFAULT_CA_MAX_TTL),
+                    created_at: now_rfc3339(),
+                    public_openssh: Some(openssh),
+                };
+                return Ok(Response::new(store_ca(&self.0, &req.name, entry).await?));
+            }
+            other => {
+                return Err(Error::InvalidArgument {
+                    field: "kind",
+                    reason: format!("{other:?} is not x509 or ssh"),
+                }
+                .into());
+            }
+        }
         let alg = keyholder_pki::KeyAlgorithm::parse(&req.key_algorithm).map_err(Error::from)?;
         let validity = Duration::from_secs(or_default(req.validity_seconds, DEFAULT_CA_VALIDITY));
         let cn = if req.common_name.is_empty() {
@@ -207,6 +345,7 @@ impl v1::admin_server::Admin for AdminService {
             key,
             max_ttl_seconds: or_default(req.max_ttl_seconds, DEFAULT_CA_MAX_TTL),
             created_at: now_rfc3339(),
+            public_openssh: None,
         };
         Ok(Response::new(store_ca(&self.0, &req.name, entry).await?))
     }
@@ -228,6 +367,7 @@ impl v1::admin_server::Admin for AdminService {
             },
             max_ttl_seconds: or_default(req.max_ttl_seconds, DEFAULT_CA_MAX_TTL),
             created_at: now_rfc3339(),
+            public_openssh: None,
         };
         Ok(Response::new(store_ca(&self.0, &req.name, entry).await?))
     }
@@ -319,6 +459,81 @@ impl v1::admin_server::Admin for AdminService {
             })
             .await?;
         Ok(Response::new(info))
+    }
+
+    async fn generate_key(
+        &self,
+        request: Request<v1::GenerateKeyRequest>,
+    ) -> Result<Response<v1::KeyInfo>, Status> {
+        self.0
+            .enter(&request, "Admin.GenerateKey", Needs::Unlocked)?;
+        let req = request.into_inner();
+        validate_name("name", &req.name)?;
+        let kind = KeyType::parse(&req.r#type).map_err(Error::from)?;
+        let usages = usages(req.usages)?;
+        if self
+            .0
+            .with_unlocked(|u| Ok(u.vault.body.keys.contains_key(&req.name)))?
+        {
+            return Err(Error::AlreadyExists {
+                kind: "key",
+                name: req.name,
+            }
+            .into());
+        }
+        let (key, public_openssh) =
+            new_key(&self.0, &req.name, kind, req.on_token, "keyholder-key")?;
+        let entry = KeyEntry {
+            key_type: kind.as_str().into(),
+            usages,
+            key,
+            public_openssh,
+            created_at: now_rfc3339(),
+        };
+        Ok(Response::new(store_key(&self.0, &req.name, entry).await?))
+    }
+
+    async fn import_key(
+        &self,
+        request: Request<v1::ImportKeyRequest>,
+    ) -> Result<Response<v1::KeyInfo>, Status> {
+        self.0.enter(&request, "Admin.ImportKey", Needs::Unlocked)?;
+        let req = request.into_inner();
+        validate_name("name", &req.name)?;
+        let usages = usages(req.usages)?;
+        let text = zeroize::Zeroizing::new(req.private_key);
+        let pass = zeroize::Zeroizing::new(req.passphrase);
+        let key = SoftKey::import(&text, (!pass.is_empty()).then_some(pass.as_str()))
+            .map_err(Error::from)?;
+        let (stored_key, public_openssh) = stored(&key, &req.name)?;
+        let entry = KeyEntry {
+            key_type: key.kind().as_str().into(),
+            usages,
+            key: stored_key,
+            public_openssh,
+            created_at: now_rfc3339(),
+        };
+        Ok(Response::new(store_key(&self.0, &req.name, entry).await?))
+    }
+
+    async fn delete_key(
+        &self,
+        request: Request<v1::DeleteKeyRequest>,
+    ) -> Result<Response<v1::DeleteKeyResponse>, Status> {
+        self.0.enter(&request, "Admin.DeleteKey", Needs::Unlocked)?;
+        let name = request.into_inner().name;
+        self.0
+            .write(|body| {
+                body.keys.remove(&name).ok_or_else(|| Error::NotFound {
+                    kind: "key",
+                    name: name.clone(),
+                })?;
+                body.ssh_certificates.retain(|c| c.key != name);
+                Ok(())
+            })
+            .await?;
+        tracing::info!(key = %name, "key deleted");
+        Ok(Response::new(v1::DeleteKeyResponse {}))
     }
 
     async fn list_clusters(

@@ -161,8 +161,154 @@ fn api_version(s: &str) -> Result<ExecApiVersion> {
     ExecApiVersion::parse(s).map_err(Error::from)
 }
 
+/// SSH certificates live an hour unless asked otherwise.
+pub const DEFAULT_SSH_TTL: Duration = Duration::from_secs(3600);
+
 #[tonic::async_trait]
 impl v1::credentials_server::Credentials for CredentialsService {
+    async fn issue_ssh_certificate(
+        &self,
+        request: Request<v1::IssueSshCertificateRequest>,
+    ) -> Result<Response<v1::IssueSshCertificateResponse>, Status> {
+        self.0
+            .enter(&request, "Credentials.IssueSshCertificate", Needs::Unlocked)?;
+        let req = request.into_inner();
+        let (ca_entry, subject_line) = self.0.with_unlocked(|u| {
+            let ca = u
+                .vault
+                .body
+                .cas
+                .get(&req.ca)
+                .cloned()
+                .ok_or_else(|| Error::NotFound {
+                    kind: "CA",
+                    name: req.ca.clone(),
+                })?;
+            let subject = if !req.key.is_empty() {
+                u.vault
+                    .body
+                    .keys
+                    .get(&req.key)
+                    .map(|k| k.public_openssh.clone())
+                    .ok_or_else(|| Error::NotFound {
+                        kind: "key",
+                        name: req.key.clone(),
+                    })?
+            } else {
+                req.public_key.clone()
+            };
+            Ok((ca, subject))
+        })?;
+        if ca_entry.kind != "ssh" {
+            return Err(Error::InvalidArgument {
+                field: "ca",
+                reason: format!("{:?} is an X.509 CA; create one with --kind ssh", req.ca),
+            }
+            .into());
+        }
+        if subject_line.is_empty() {
+            return Err(Error::InvalidArgument {
+                field: "key",
+                reason: "name a key in the vault or give public_key".into(),
+            }
+            .into());
+        }
+        let subject = ssh_key::PublicKey::from_openssh(subject_line.trim()).map_err(|e| {
+            Error::InvalidArgument {
+                field: "public_key",
+                reason: format!("not an OpenSSH public key ({e})"),
+            }
+        })?;
+        let ttl = ttl_or(req.ttl_seconds, DEFAULT_SSH_TTL);
+        check_ttl(
+            ttl,
+            Duration::from_secs(ca_entry.max_ttl_seconds),
+            "the CA's",
+        )?;
+        let ca_key = crate::keys::LoadedKey::load(
+            &req.ca,
+            &keyholder_vault::KeyEntry {
+                key_type: String::new(),
+                usages: vec!["ca".into()],
+                key: ca_entry.key.clone(),
+                public_openssh: ca_entry.public_openssh.clone().unwrap_or_default(),
+                created_at: String::new(),
+            },
+            &self.0.token_slot_handle(),
+        )?;
+        let mut critical_options: Vec<(String, String)> =
+            req.critical_options.into_iter().collect();
+        critical_options.sort();
+        let cert_request = keyholder_pki::ssh::SshCertRequest {
+            host: req.host,
+            key_id: if req.key_id.is_empty() {
+                if req.key.is_empty() {
+                    "keyholder".into()
+                } else {
+                    req.key.clone()
+                }
+            } else {
+                req.key_id
+            },
+            principals: req.principals,
+            ttl,
+            backdate: self.0.config.clock_skew,
+            critical_options,
+            extensions: req.extensions,
+        };
+        let (cert, serial) = {
+            let signer = keyholder_pki::ssh::CaSigner {
+                public: ca_key.ssh_public().clone(),
+                sign: Box::new(|m| {
+                    ca_key
+                        .sign_ssh(m, 0x04)
+                        .map_err(|e| keyholder_pki::PkiError::Build(e.to_string()))
+                }),
+            };
+            keyholder_pki::ssh::issue(&signer, subject.key_data(), &cert_request)
+                .map_err(Error::from)?
+        };
+        let line = cert
+            .to_openssh()
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let valid_before = cert.valid_before();
+        if !req.key.is_empty() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let entry = keyholder_vault::SshCertificateEntry {
+                key: req.key.clone(),
+                ca: req.ca.clone(),
+                certificate: line.clone(),
+                valid_before,
+                serial,
+            };
+            self.0
+                .write(|body| {
+                    body.ssh_certificates.retain(|c| c.valid_before > now);
+                    body.ssh_certificates.push(entry);
+                    Ok(())
+                })
+                .await?;
+        }
+        tracing::info!(
+            ca = %req.ca,
+            key_id = %cert_request.key_id,
+            principals = %cert_request.principals.join(","),
+            serial,
+            host = req.host,
+            "ssh certificate issued"
+        );
+        let at = |s: u64| ts(std::time::UNIX_EPOCH + Duration::from_secs(s));
+        Ok(Response::new(v1::IssueSshCertificateResponse {
+            certificate: line,
+            serial,
+            valid_after: at(cert.valid_after()),
+            valid_before: at(valid_before),
+        }))
+    }
+
     async fn issue_certificate(
         &self,
         request: Request<v1::IssueCertificateRequest>,

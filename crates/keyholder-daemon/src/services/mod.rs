@@ -4,3 +4,4 @@ pub mod admin;
 pub mod credentials;
 pub mod secrets;
 pub mod session;
+pub mod signer;

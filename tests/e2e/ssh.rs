@@ -1,0 +1,776 @@
+//! Keys, signing and the ssh-agent against real OpenSSH: sshd on loopback,
+//! ssh, ssh-add, ssh-keygen; and signatures checked by openssl.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::util::{Env, assert_fails};
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf8 path")
+}
+
+fn agent_socket(env: &Env) -> PathBuf {
+    env.runtime.join("keyholder/ssh-agent.sock")
+}
+
+fn ready_env() -> (Env, crate::util::Daemon) {
+    let env = Env::new();
+    let daemon = env.start_daemon(&[]);
+    env.init();
+    env.unlock();
+    (env, daemon)
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("command runs")
+}
+
+fn ok(out: Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn ssh_add(env: &Env, args: &[&str]) -> Output {
+    run(Command::new("ssh-add")
+        .env("SSH_AUTH_SOCK", agent_socket(env))
+        .args(args))
+}
+
+/// sshd on 127.0.0.1 and a free port, stopped by PID when dropped.
+struct Sshd {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Sshd {
+    fn start(dir: &Path, authorized_keys: &str, user_ca: &str) -> Self {
+        std::fs::create_dir_all(dir).expect("sshd dir");
+        // sshd's privilege separation needs this directory.
+        std::fs::create_dir_all("/run/sshd").expect("/run/sshd (run the tests as root)");
+        let host_key = dir.join("host_key");
+        ok(
+            run(Command::new("ssh-keygen").args([
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-f",
+                p(&host_key),
+            ])),
+            "ssh-keygen host key",
+        );
+        std::fs::write(dir.join("authorized_keys"), authorized_keys).expect("authorized_keys");
+        std::fs::write(dir.join("user_ca.pub"), user_ca).expect("ca");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let config = dir.join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nPidFile {d}/sshd.pid\n\
+                 AuthorizedKeysFile {d}/authorized_keys\nTrustedUserCAKeys {d}/user_ca.pub\n\
+                 StrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+                 PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nUsePAM no\n\
+                 AllowUsers root\nLogLevel VERBOSE\n",
+                hk = host_key.display(),
+                d = dir.display()
+            ),
+        )
+        .expect("config");
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f", p(&config)])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("sshd.log")).expect("log"))
+            .spawn()
+            .expect("sshd runs (apt-get install openssh-server)");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "sshd did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self {
+            child,
+            port,
+            dir: dir.to_owned(),
+        }
+    }
+
+    fn ssh(&self, env: &Env, identity: &Path, certificate: Option<&Path>) -> Output {
+        let mut c = Command::new("ssh");
+        c.env("HOME", &self.dir)
+            .args(["-F", "/dev/null", "-p", &self.port.to_string()])
+            .arg("-o")
+            .arg(format!("IdentityAgent={}", agent_socket(env).display()))
+            .args([
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "StrictHostKeyChecking=no",
+            ])
+            .args([
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "PreferredAuthentications=publickey",
+                "-o",
+                "ConnectTimeout=10",
+            ])
+            .arg("-o")
+            .arg(format!("IdentityFile={}", identity.display()));
+        if let Some(cert) = certificate {
+            c.arg("-o")
+                .arg(format!("CertificateFile={}", cert.display()));
+        }
+        c.args(["root@127.0.0.1", "echo", "keyholder-ok"]);
+        run(&mut c)
+    }
+}
+
+fn public_file(env: &Env, key: &str) -> PathBuf {
+    let path = env.path().join(format!("{key}.pub"));
+    std::fs::write(&path, env.ok(&["key", "show", key, "--public"])).expect("pub");
+    path
+}
+
+#[test]
+fn ssh_logs_in_with_vault_and_token_keys_and_a_short_lived_certificate() {
+    assert!(
+        rustix::process::getuid().is_root(),
+        "sshd needs root; CI runs as root"
+    );
+    let (env, daemon) = ready_env();
+    env.ok(&["key", "generate", "deploy", "--type", "ed25519", "--ssh"]);
+    env.ok(&[
+        "key",
+        "generate",
+        "hsm",
+        "--type",
+        "ecdsa-p256",
+        "--on-token",
+        "--ssh",
+    ]);
+    env.ok(&["key", "generate", "rsa", "--type", "rsa-3072", "--ssh"]);
+    env.ok(&[
+        "key",
+        "generate",
+        "certonly",
+        "--type",
+        "ecdsa-p256",
+        "--ssh",
+    ]);
+    env.ok(&["ca", "create", "ssh-users", "--kind", "ssh"]);
+    let ca_pub = env.ok(&["ca", "export", "ssh-users"]);
+    assert!(ca_pub.starts_with("ssh-ed25519 "), "{ca_pub}");
+    let mut authorized = String::new();
+    for k in ["deploy", "hsm", "rsa"] {
+        authorized.push_str(&env.ok(&["key", "show", k, "--public"]));
+    }
+    let sshd = Sshd::start(&env.path().join("sshd"), &authorized, &ca_pub);
+
+    for k in ["deploy", "hsm", "rsa"] {
+        let out = sshd.ssh(&env, &public_file(&env, k), None);
+        assert_eq!(ok(out, &format!("ssh with {k}")).trim(), "keyholder-ok");
+    }
+    // The client bound its session to the server's host key through the agent.
+    assert!(
+        daemon.log_text().contains("agent session bound"),
+        "{}",
+        daemon
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("session") || l.contains("agent"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    // Not in authorized_keys: refused until a certificate is issued.
+    let certonly = public_file(&env, "certonly");
+    assert!(!sshd.ssh(&env, &certonly, None).status.success());
+    let cert = env.path().join("certonly-cert.pub");
+    env.ok(&[
+        "ssh-cert",
+        "--ca",
+        "ssh-users",
+        "--key",
+        "certonly",
+        "--principal",
+        "root",
+        "--ttl",
+        "1h",
+        "--out",
+        p(&cert),
+    ]);
+    assert_eq!(
+        ok(
+            sshd.ssh(&env, &certonly, Some(&cert)),
+            "ssh with certificate"
+        )
+        .trim(),
+        "keyholder-ok"
+    );
+    let listed = ok(ssh_add(&env, &["-L"]), "ssh-add -L");
+    assert!(
+        listed.contains("ecdsa-sha2-nistp256-cert-v01@openssh.com"),
+        "{listed}"
+    );
+
+    // A certificate that has expired no longer gets in.
+    let short = env.path().join("short-cert.pub");
+    env.ok(&["key", "generate", "short", "--type", "ed25519", "--ssh"]);
+    let short_pub = public_file(&env, "short");
+    env.ok(&[
+        "ssh-cert",
+        "--ca",
+        "ssh-users",
+        "--key",
+        "short",
+        "--principal",
+        "root",
+        "--ttl",
+        "2s",
+        "--out",
+        p(&short),
+    ]);
+    std::thread::sleep(Duration::from_millis(3500));
+    assert!(
+        !sshd.ssh(&env, &short_pub, Some(&short)).status.success(),
+        "an expired certificate got in"
+    );
+    assert!(
+        !ok(ssh_add(&env, &["-L"]), "ssh-add -L")
+            .contains(&std::fs::read_to_string(&short).expect("cert")[..60])
+    );
+
+    // Locked: the agent lists nothing and login fails.
+    env.ok(&["lock"]);
+    assert!(
+        !sshd
+            .ssh(&env, &public_file_cached(&env, "deploy"), None)
+            .status
+            .success()
+    );
+    let out = ssh_add(&env, &["-l"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("no identities")
+            || out.status.code() == Some(1)
+    );
+}
+
+fn public_file_cached(env: &Env, key: &str) -> PathBuf {
+    env.path().join(format!("{key}.pub"))
+}
+
+#[test]
+fn ssh_add_and_ssh_keygen_work_through_the_agent() {
+    let (env, _daemon) = ready_env();
+    env.ok(&["key", "generate", "git", "--type", "ed25519", "--ssh"]);
+    env.ok(&["key", "generate", "plain", "--type", "ed25519"]);
+    env.ok(&["ca", "create", "users", "--kind", "ssh"]);
+    let listed = ok(ssh_add(&env, &["-L"]), "ssh-add -L");
+    assert_eq!(
+        listed.lines().count(),
+        1,
+        "only keys marked ssh are offered: {listed}"
+    );
+    assert!(listed.ends_with(" git\n"), "{listed}");
+    let fingerprints = ok(ssh_add(&env, &["-l"]), "ssh-add -l");
+    assert!(
+        fingerprints.contains("SHA256:") && fingerprints.contains("(ED25519)"),
+        "{fingerprints}"
+    );
+
+    // git commit signing: ssh-keygen -Y sign with the public key uses the agent.
+    let git_pub = public_file(&env, "git");
+    let file = env.file("commit.txt", "tree 1234\nauthor me\n\nsigned commit\n");
+    ok(
+        run(Command::new("ssh-keygen")
+            .env("SSH_AUTH_SOCK", agent_socket(&env))
+            .args(["-Y", "sign", "-n", "git", "-f", p(&git_pub), p(&file)])),
+        "ssh-keygen -Y sign",
+    );
+    let allowed = env.file(
+        "allowed_signers",
+        &format!(
+            "me@example {}",
+            std::fs::read_to_string(&git_pub).expect("pub")
+        ),
+    );
+    let verify = Command::new("ssh-keygen")
+        .args([
+            "-Y",
+            "verify",
+            "-f",
+            p(&allowed),
+            "-I",
+            "me@example",
+            "-n",
+            "git",
+            "-s",
+        ])
+        .arg(format!("{}.sig", file.display()))
+        .stdin(std::fs::File::open(&file).expect("file"))
+        .output()
+        .expect("ssh-keygen");
+    assert!(
+        String::from_utf8_lossy(&verify.stdout).contains("Good \"git\" signature"),
+        "{verify:?}"
+    );
+
+    // ssh-keygen -L on an issued certificate shows what was asked for.
+    let cert = env.path().join("git-cert.pub");
+    env.ok(&[
+        "ssh-cert",
+        "--ca",
+        "users",
+        "--key",
+        "git",
+        "--principal",
+        "root",
+        "--principal",
+        "deploy",
+        "--ttl",
+        "1h",
+        "--key-id",
+        "alice@laptop",
+        "--option",
+        "force-command=/bin/true",
+        "--out",
+        p(&cert),
+    ]);
+    let shown = ok(
+        run(Command::new("ssh-keygen").args(["-L", "-f", p(&cert)])),
+        "ssh-keygen -L",
+    );
+    for needle in [
+        "Type: ssh-ed25519-cert-v01@openssh.com user certificate",
+        "Key ID: \"alice@laptop\"",
+        "root",
+        "deploy",
+        "force-command /bin/true",
+        "permit-pty",
+    ] {
+        assert!(shown.contains(needle), "{needle} missing:\n{shown}");
+    }
+    let valid = shown
+        .lines()
+        .find(|l| l.contains("Valid:"))
+        .expect("validity line");
+    assert!(valid.contains("from ") && valid.contains(" to "), "{valid}");
+    assert_eq!(
+        ok(ssh_add(&env, &["-L"]), "ssh-add -L").lines().count(),
+        2,
+        "the certificate is served too"
+    );
+
+    // LOCK / UNLOCK map onto the session; UNLOCK's passphrase is the PIN.
+    let askpass = env.file("askpass.sh", "#!/bin/sh\necho 1234\n");
+    std::fs::set_permissions(
+        &askpass,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let with_askpass = |args: &[&str]| {
+        run(Command::new("ssh-add")
+            .env("SSH_AUTH_SOCK", agent_socket(&env))
+            .env("SSH_ASKPASS", &askpass)
+            .env("SSH_ASKPASS_REQUIRE", "force")
+            .env("DISPLAY", ":0")
+            .stdin(Stdio::null())
+            .args(args))
+    };
+    ok(with_askpass(&["-x"]), "ssh-add -x");
+    assert!(env.ok(&["status"]).contains("state:       locked"));
+    ok(with_askpass(&["-X"]), "ssh-add -X");
+    assert!(env.ok(&["status"]).contains("state:       unlocked"));
+
+    // Adding keys through the agent is refused.
+    let key = env.path().join("id_new");
+    ok(
+        run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f", p(&key)])),
+        "ssh-keygen",
+    );
+    assert!(
+        !ssh_add(&env, &[p(&key)]).status.success(),
+        "ssh-add of a key file must be refused"
+    );
+    assert!(
+        !ssh_add(&env, &["-s", "/usr/lib/softhsm/libsofthsm2.so"])
+            .status
+            .success()
+    );
+}
+
+#[test]
+fn signatures_verify_with_openssl() {
+    let (env, _daemon) = ready_env();
+    let data = env.file("data.bin", "sign me, please\n");
+    let dgst = |alg: &str| -> Vec<u8> {
+        let out = run(Command::new("openssl").args(["dgst", alg, "-binary", p(&data)]));
+        assert!(out.status.success());
+        out.stdout
+    };
+    let cases: [(&str, &str, &[&str], &[&str]); 6] = [
+        ("ed", "ed25519", &[], &["pkeyutl", "-verify", "-rawin"]),
+        ("ec", "ecdsa-p256", &[], &["dgst", "-sha256", "-verify"]),
+        (
+            "ectok",
+            "ecdsa-p256",
+            &["--on-token"],
+            &["dgst", "-sha256", "-verify"],
+        ),
+        ("rsa", "rsa-3072", &[], &["dgst", "-sha256", "-verify"]),
+        (
+            "rsa512",
+            "rsa-3072",
+            &["--sign"],
+            &["dgst", "-sha512", "-verify"],
+        ),
+        (
+            "pss",
+            "rsa-3072",
+            &["--sign"],
+            &[
+                "dgst",
+                "-sha256",
+                "-sigopt",
+                "rsa_padding_mode:pss",
+                "-sigopt",
+                "rsa_pss_saltlen:32",
+                "-verify",
+            ],
+        ),
+    ];
+    for (name, kind, extra, verify) in cases {
+        let mut args = vec!["key", "generate", name, "--type", kind];
+        args.extend_from_slice(extra);
+        env.ok(&args);
+        let pem = env.path().join(format!("{name}.pem"));
+        std::fs::write(
+            &pem,
+            env.ok(&["key", "show", name, "--public", "--format", "pem"]),
+        )
+        .expect("pem");
+        let alg = match name {
+            "rsa512" => Some("rsa-pkcs1-sha512"),
+            "pss" => Some("rsa-pss-sha256"),
+            _ => None,
+        };
+        let sig = env.path().join(format!("{name}.sig"));
+        let mut sign = vec!["sign", "--key", name, "--in", p(&data), "--out", p(&sig)];
+        if let Some(a) = alg {
+            sign.extend_from_slice(&["--alg", a]);
+        }
+        env.ok(&sign);
+        let mut cmd = Command::new("openssl");
+        cmd.args(verify);
+        if verify[0] == "pkeyutl" {
+            cmd.args([
+                "-pubin",
+                "-inkey",
+                p(&pem),
+                "-sigfile",
+                p(&sig),
+                "-in",
+                p(&data),
+            ]);
+        } else {
+            cmd.args([p(&pem), "-signature", p(&sig), p(&data)]);
+        }
+        let out = run(&mut cmd);
+        assert!(
+            out.status.success(),
+            "{name}: openssl refused: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // Pre-computed digests.
+    for (name, alg, hash, verify_hash) in [
+        ("ec", "ecdsa-sha256", "-sha256", "-sha256"),
+        ("ectok", "ecdsa-sha256", "-sha256", "-sha256"),
+        ("rsa", "rsa-pkcs1-sha512", "-sha512", "-sha512"),
+    ] {
+        let digest = env.path().join(format!("{name}.dgst"));
+        std::fs::write(&digest, dgst(hash)).expect("digest");
+        let sig = env.path().join(format!("{name}.pre.sig"));
+        env.ok(&[
+            "sign",
+            "--key",
+            name,
+            "--prehashed",
+            "--alg",
+            alg,
+            "--in",
+            p(&digest),
+            "--out",
+            p(&sig),
+        ]);
+        let pem = env.path().join(format!("{name}.pem"));
+        let out = run(Command::new("openssl").args([
+            "dgst",
+            verify_hash,
+            "-verify",
+            p(&pem),
+            "-signature",
+            p(&sig),
+            p(&data),
+        ]));
+        assert!(
+            out.status.success(),
+            "{name} prehashed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // Refusals: wrong algorithm for the key, wrong digest size, a key not for signing, unknown key.
+    assert_fails(
+        &env.cli(&[
+            "sign",
+            "--key",
+            "ed",
+            "--alg",
+            "rsa-pss-sha256",
+            "--in",
+            p(&data),
+        ]),
+        6,
+        "algorithm:",
+    );
+    assert_fails(
+        &env.cli(&["sign", "--key", "ec", "--prehashed", "--in", p(&data)]),
+        6,
+        "32 bytes",
+    );
+    assert_fails(
+        &env.cli(&["sign", "--key", "ed", "--prehashed", "--in", p(&data)]),
+        6,
+        "prehashed",
+    );
+    env.ok(&["key", "generate", "sshonly", "--type", "ed25519", "--ssh"]);
+    assert_fails(
+        &env.cli(&["sign", "--key", "sshonly", "--in", p(&data)]),
+        7,
+        "not for general signing",
+    );
+    assert_fails(
+        &env.cli(&["sign", "--key", "nosuch", "--in", p(&data)]),
+        4,
+        "key \"nosuch\" does not exist",
+    );
+    assert_fails(
+        &env.cli(&["key", "generate", "bad", "--type", "dsa"]),
+        6,
+        "type:",
+    );
+    assert_fails(
+        &env.cli(&["key", "generate", "ed", "--type", "ed25519"]),
+        5,
+        "already exists",
+    );
+    assert_fails(
+        &env.cli(&["key", "generate", "tok", "--type", "ed25519", "--on-token"]),
+        6,
+        "ecdsa-p256",
+    );
+}
+
+#[test]
+fn keys_import_from_openssh_and_pkcs8_files_with_passphrases() {
+    let (env, _daemon) = ready_env();
+    let dir = env.path();
+    for (name, kind, pass) in [
+        ("imp-ed", "ed25519", ""),
+        ("imp-ec", "ecdsa", "s3cret pass"),
+        ("imp-rsa", "rsa", ""),
+    ] {
+        let file = dir.join(name);
+        let mut cmd = Command::new("ssh-keygen");
+        cmd.args(["-q", "-t", kind, "-N", pass, "-f", p(&file), "-C", name]);
+        if kind == "rsa" {
+            cmd.args(["-b", "3072"]);
+        }
+        ok(run(&mut cmd), "ssh-keygen");
+        let mut args = vec!["key", "import", name, "--file", p(&file), "--ssh"];
+        let passfile = env.file(&format!("{name}.pass"), &format!("{pass}\n"));
+        if !pass.is_empty() {
+            args.extend_from_slice(&["--passphrase-file", p(&passfile)]);
+        }
+        env.ok(&args);
+        let original = std::fs::read_to_string(format!("{}.pub", file.display())).expect("pub");
+        let ours = env.ok(&["key", "show", name, "--public"]);
+        let blob = |s: &str| s.split_whitespace().nth(1).unwrap_or_default().to_owned();
+        assert_eq!(blob(&ours), blob(&original), "{name}: same public key");
+    }
+    // Wrong passphrase, and no passphrase, for an encrypted key.
+    let enc = dir.join("imp-ec");
+    let wrong = env.file("wrong.pass", "nope\n");
+    assert_fails(
+        &env.cli(&[
+            "key",
+            "import",
+            "x",
+            "--file",
+            p(&enc),
+            "--passphrase-file",
+            p(&wrong),
+        ]),
+        6,
+        "passphrase",
+    );
+    // PKCS#8, encrypted, from openssl.
+    let pk8 = dir.join("p8.pem");
+    ok(
+        run(Command::new("openssl").args([
+            "genpkey",
+            "-algorithm",
+            "ed25519",
+            "-aes-256-cbc",
+            "-pass",
+            "pass:hunter2",
+            "-out",
+            p(&pk8),
+        ])),
+        "openssl genpkey",
+    );
+    let pass = env.file("p8.pass", "hunter2\n");
+    env.ok(&[
+        "key",
+        "import",
+        "p8",
+        "--file",
+        p(&pk8),
+        "--passphrase-file",
+        p(&pass),
+        "--sign",
+    ]);
+    let junk = env.file("junk.key", "not a key\n");
+    assert_fails(
+        &env.cli(&["key", "import", "junk", "--file", p(&junk)]),
+        6,
+        "key:",
+    );
+    // The imported keys sign through the agent.
+    assert_eq!(ok(ssh_add(&env, &["-L"]), "ssh-add -L").lines().count(), 3);
+}
+
+fn frame(body: &[u8]) -> Vec<u8> {
+    let mut v = (body.len() as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(body);
+    v
+}
+
+fn reply(s: &mut UnixStream) -> Option<Vec<u8>> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).ok()?;
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).ok()?;
+    Some(body)
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn malformed_agent_traffic_gets_failure_or_a_closed_connection_and_others_are_served() {
+    let (env, daemon) = ready_env();
+    env.ok(&["key", "generate", "k", "--type", "ed25519", "--ssh"]);
+    let sock = agent_socket(&env);
+    let connect = || {
+        let s = UnixStream::connect(&sock).expect("agent socket");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        s
+    };
+    // A well-behaved client kept open throughout.
+    let mut good = connect();
+    good.write_all(&frame(&[11])).expect("write");
+    assert_eq!(reply(&mut good).expect("identities")[0], 12);
+
+    let mut s = connect();
+    for bad in [
+        vec![99u8],                                         // unknown type
+        vec![11, 0],                                        // trailing byte
+        vec![13, 0, 0, 0, 9, 1],                            // truncated sign request
+        vec![13, 0xff, 0xff, 0xff, 0xff],                   // huge inner length
+        vec![20, 0, 0, 0, 3, b'a', b'b', b'c', 0, 0, 0, 0], // smartcard add
+        vec![17, 0, 0, 0, 1, b'x'],                         // add identity
+        vec![27, 0, 0, 0, 4, b'n', b'o', b'p', b'e'],       // unknown extension
+        vec![],                                             // empty message
+    ] {
+        s.write_all(&frame(&bad)).expect("write");
+        assert_eq!(reply(&mut s), Some(vec![5]), "{bad:?} gets FAILURE");
+    }
+    // The same connection still works.
+    s.write_all(&frame(&[11])).expect("write");
+    assert_eq!(reply(&mut s).expect("identities")[0], 12);
+
+    // A 4 GiB length prefix closes the connection without allocating it.
+    let mut big = connect();
+    big.write_all(&u32::MAX.to_be_bytes()).expect("write");
+    assert_eq!(reply(&mut big), None, "connection closed");
+    // 256 KiB + 1 too.
+    let mut over = connect();
+    over.write_all(&(256 * 1024 + 1u32).to_be_bytes())
+        .expect("write");
+    assert_eq!(reply(&mut over), None);
+
+    // A slow client that started a message does not block anyone.
+    let mut slow = connect();
+    slow.write_all(&[0, 0, 0, 100, 13]).expect("write");
+    good.write_all(&frame(&[11])).expect("write");
+    assert_eq!(
+        reply(&mut good).expect("served while another client stalls")[0],
+        12
+    );
+
+    // Memory stays flat under a stream of bad messages.
+    let before = rss_kib(daemon.pid());
+    for _ in 0..2000 {
+        let mut c = connect();
+        let _ = c.write_all(&u32::MAX.to_be_bytes());
+        let _ = c.write_all(&frame(&[13, 0, 0, 0, 200]));
+    }
+    for _ in 0..5000 {
+        s.write_all(&frame(&[13, 0, 0, 0, 1, 1])).expect("write");
+        assert_eq!(reply(&mut s), Some(vec![5]));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let after = rss_kib(daemon.pid());
+    assert!(
+        after < before + 8 * 1024,
+        "RSS grew from {before} KiB to {after} KiB"
+    );
+    good.write_all(&frame(&[11])).expect("write");
+    assert_eq!(reply(&mut good).expect("still serving")[0], 12);
+    drop(slow);
+}
