@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use keyholder_agent::{Backend, Identity, Peer};
+use keyholder_pki::keys::KeyType;
 use secrecy::SecretString;
 use zeroize::Zeroizing;
 
@@ -35,7 +36,17 @@ impl Backend for AgentBackend {
         };
         let key = self.0.loaded_key(name).ok()?;
         self.0.touch();
-        match key.sign_ssh(data, flags) {
+        let name = name.to_owned();
+        let signed = if matches!(key.kind(), KeyType::Rsa3072 | KeyType::Rsa4096) || key.on_token() {
+            // Slow signatures (RSA: milliseconds; token: a device round
+            // trip) run on the blocking pool, so that many of them queue
+            // fairly instead of starving the runtime's two workers.
+            let data = data.to_vec();
+            tokio::task::spawn_blocking(move || key.sign_ssh(&data, flags)).await.ok()?
+        } else {
+            key.sign_ssh(data, flags)
+        };
+        match signed {
             Ok(sig) => keyholder_pki::keys::ssh_signature_blob(&sig).ok(),
             Err(e) => {
                 tracing::info!(key = %name, pid = ?peer.pid, error = %e, "agent signature refused");

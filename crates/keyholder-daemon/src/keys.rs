@@ -97,6 +97,8 @@ impl LoadedKey {
     }
 
     fn token_sign(signer: &TokenSigner, digest: &[u8; 32]) -> Result<[u8; 64]> {
+        // Hands the worker's other tasks off while the token works (a no-op
+        // wrapper on blocking-pool threads).
         tokio::task::block_in_place(|| signer.sign_digest(digest))
     }
 
