@@ -5,40 +5,25 @@
 //!
 //! Run: `cargo bench --bench agent` (needs openssh-client).
 
+mod common;
 #[path = "../tests/e2e/util.rs"]
 #[allow(dead_code)]
 mod util;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
+use common::{Run, connect};
 use keyholder_proto::v1;
 use util::Env;
 
 /// Each measurement stops at this many signatures or this much time.
 const MAX_OPS: usize = 200_000;
 const MAX_TIME: Duration = Duration::from_secs(3);
-
-struct Run {
-    ops: usize,
-    elapsed: Duration,
-    latencies: Vec<Duration>,
-}
-
-impl Run {
-    fn rate(&self) -> f64 {
-        self.ops as f64 / self.elapsed.as_secs_f64()
-    }
-    fn pct(&self, p: f64) -> f64 {
-        let mut l = self.latencies.clone();
-        l.sort();
-        l[(((l.len() as f64 - 1.0) * p).round() as usize).min(l.len() - 1)].as_secs_f64() * 1e3
-    }
-}
 
 fn frame_sign(blob: &[u8], data: &[u8], flags: u32) -> Vec<u8> {
     let mut body = vec![13u8];
@@ -78,22 +63,12 @@ fn agent_run(socket: &Path, blob: &[u8], flags: u32, concurrency: usize) -> Run 
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("thread")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
     });
-    let latencies: Vec<Duration> = parts.into_iter().flatten().collect();
-    Run { ops: latencies.len(), elapsed: start.elapsed(), latencies }
-}
-
-async fn connect(socket: PathBuf) -> tonic::transport::Channel {
-    tonic::transport::Endpoint::from_static("http://keyholderd.invalid")
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(socket).await?))
-            }
-        }))
-        .await
-        .expect("connect")
+    Run::new(parts.into_iter().flatten().collect(), start.elapsed())
 }
 
 fn grpc_run(rt: &tokio::runtime::Runtime, socket: &Path, key: &str, concurrency: usize) -> Run {
@@ -109,7 +84,11 @@ fn grpc_run(rt: &tokio::runtime::Runtime, socket: &Path, key: &str, concurrency:
                 while lat.len() < MAX_OPS / concurrency && start.elapsed() < MAX_TIME {
                     let t = Instant::now();
                     client
-                        .sign(v1::SignRequest { key: key.clone(), data: vec![0x5a; 64], ..Default::default() })
+                        .sign(v1::SignRequest {
+                            key: key.clone(),
+                            data: vec![0x5a; 64],
+                            ..Default::default()
+                        })
                         .await
                         .expect("sign");
                     lat.push(t.elapsed());
@@ -121,13 +100,18 @@ fn grpc_run(rt: &tokio::runtime::Runtime, socket: &Path, key: &str, concurrency:
         for t in tasks {
             latencies.extend(t.await.expect("task"));
         }
-        Run { ops: latencies.len(), elapsed: start.elapsed(), latencies }
+        Run::new(latencies, start.elapsed())
     })
 }
 
 fn blob_of(public_line: &str) -> Vec<u8> {
-    let b64 = public_line.split_whitespace().nth(1).expect("public key line");
-    base64::prelude::BASE64_STANDARD.decode(b64).expect("base64")
+    let b64 = public_line
+        .split_whitespace()
+        .nth(1)
+        .expect("public key line");
+    base64::prelude::BASE64_STANDARD
+        .decode(b64)
+        .expect("base64")
 }
 
 fn main() {
@@ -155,31 +139,64 @@ fn main() {
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    let types = [("ed25519", "ed25519", &["-t", "ed25519"][..], 0u32), ("ecdsa-p256", "ecdsa-p256", &["-t", "ecdsa", "-b", "256"][..], 0), ("rsa-3072", "rsa-3072", &["-t", "rsa", "-b", "3072"][..], 2)];
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
-    println!("{:<11} {:<10} {:>4} {:>10} {:>9} {:>9}", "key", "server", "conc", "sign/s", "p50 ms", "p99 ms");
+    let types = [
+        ("ed25519", "ed25519", &["-t", "ed25519"][..], 0u32),
+        (
+            "ecdsa-p256",
+            "ecdsa-p256",
+            &["-t", "ecdsa", "-b", "256"][..],
+            0,
+        ),
+        ("rsa-3072", "rsa-3072", &["-t", "rsa", "-b", "3072"][..], 2),
+    ];
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    println!(
+        "{:<11} {:<10} {:>4} {:>10} {:>9} {:>9}",
+        "key", "server", "conc", "sign/s", "p50 ms", "p99 ms"
+    );
     let mut ratios = Vec::new();
     for (name, kind, keygen, flags) in types {
         env.ok(&["key", "generate", name, "--type", kind, "--ssh", "--sign"]);
         let our_blob = blob_of(&env.ok(&["key", "show", name, "--public"]));
         let file = env.path().join(format!("openssh-{name}"));
-        let ok = Command::new("ssh-keygen").args(["-q", "-N", "", "-f"]).arg(&file).args(keygen).status().expect("ssh-keygen");
+        let ok = Command::new("ssh-keygen")
+            .args(["-q", "-N", "", "-f"])
+            .arg(&file)
+            .args(keygen)
+            .status()
+            .expect("ssh-keygen");
         assert!(ok.success());
-        let ok = Command::new("ssh-add").env("SSH_AUTH_SOCK", &openssh_sock).arg(&file).stderr(Stdio::null()).status().expect("ssh-add");
+        let ok = Command::new("ssh-add")
+            .env("SSH_AUTH_SOCK", &openssh_sock)
+            .arg(&file)
+            .stderr(Stdio::null())
+            .status()
+            .expect("ssh-add");
         assert!(ok.success());
-        let their_blob = blob_of(&std::fs::read_to_string(format!("{}.pub", file.display())).expect("pub"));
+        let their_blob =
+            blob_of(&std::fs::read_to_string(format!("{}.pub", file.display())).expect("pub"));
         for c in [1usize, 4, 16] {
             let k = agent_run(&ours, &our_blob, flags, c);
             let o = agent_run(&openssh_sock, &their_blob, flags, c);
             let g = grpc_run(&rt, &env.socket(), name, c);
             for (server, r) in [("keyholder", &k), ("ssh-agent", &o), ("grpc-sign", &g)] {
-                println!("{name:<11} {server:<10} {c:>4} {:>10.0} {:>9.3} {:>9.3}", r.rate(), r.pct(0.5), r.pct(0.99));
+                println!(
+                    "{name:<11} {server:<10} {c:>4} {:>10.0} {:>9.3} {:>9.3}",
+                    r.rate(),
+                    r.pct(0.5),
+                    r.pct(0.99)
+                );
             }
             ratios.push((name, c, k.rate() / o.rate(), k.pct(0.99) < o.pct(0.99)));
         }
     }
     for (name, c, ratio, p99_lower) in ratios {
-        println!("{name} concurrency {c}: keyholder/ssh-agent throughput {ratio:.1}x, lower p99: {p99_lower}");
+        println!(
+            "{name} concurrency {c}: keyholder/ssh-agent throughput {ratio:.1}x, lower p99: {p99_lower}"
+        );
     }
     let _ = agent.kill();
     let _ = agent.wait();

@@ -4,6 +4,7 @@
 //!
 //! Run: `cargo bench --bench core` (release build, SoftHSM2 token in a temp dir).
 
+mod common;
 #[path = "../tests/e2e/util.rs"]
 #[allow(dead_code)]
 mod util;
@@ -11,6 +12,7 @@ mod util;
 use std::cell::Cell;
 use std::time::{Duration, Instant};
 
+use common::{Run, connect};
 use keyholder_proto::v1;
 use keyholder_vault::{KeyAgreement, OpenVault, SecretEntry, Storage};
 use secrecy::SecretString;
@@ -42,30 +44,15 @@ impl KeyAgreement for Timed<'_> {
     }
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn summary(name: &str, mut samples: Vec<Duration>) {
-    samples.sort();
-    let total: Duration = samples.iter().sum();
+fn summary(name: &str, samples: Vec<Duration>) {
+    let run = Run::new(samples, Duration::ZERO);
     println!(
         "{name:<44} n={:<5} p50={:>9.3} ms  p99={:>9.3} ms  mean={:>9.3} ms",
-        samples.len(),
-        percentile(&samples, 0.5).as_secs_f64() * 1e3,
-        percentile(&samples, 0.99).as_secs_f64() * 1e3,
-        total.as_secs_f64() * 1e3 / samples.len() as f64
+        run.ops,
+        run.pct(0.5),
+        run.pct(0.99),
+        run.mean()
     );
-}
-
-fn rss_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// Fills the vault with SECRETS secrets through the library (the daemon is
@@ -133,20 +120,6 @@ fn fill_and_time_open(env: &Env) {
     session.close();
 }
 
-async fn connect(socket: std::path::PathBuf) -> tonic::transport::Channel {
-    tonic::transport::Endpoint::from_static("http://keyholderd.invalid")
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
-        .await
-        .expect("connect")
-}
-
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -166,7 +139,7 @@ fn main() {
     std::thread::sleep(Duration::from_millis(300));
     println!(
         "keyholderd RSS, locked, before any unlock: {} KiB",
-        rss_kib(daemon.pid())
+        daemon.rss_kib()
     );
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -227,7 +200,7 @@ fn main() {
     std::thread::sleep(Duration::from_millis(300));
     println!(
         "keyholderd RSS, unlocked with 10k secrets, idle: {} KiB",
-        rss_kib(daemon.pid())
+        daemon.rss_kib()
     );
     drop(daemon);
 }

@@ -6,6 +6,7 @@
 //! Run: `cargo bench --bench issue` (needs `cfssl` from Debian's golang-cfssl
 //! and `openssl`).
 
+mod common;
 #[path = "../tests/e2e/util.rs"]
 #[allow(dead_code)]
 mod util;
@@ -15,54 +16,13 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{Run, connect};
 use keyholder_proto::v1;
 use util::Env;
 
 /// Each measurement stops at this many operations or this much time.
 const MAX_OPS: usize = 20_000;
 const MAX_TIME: Duration = Duration::from_secs(8);
-
-struct Run {
-    ops: usize,
-    elapsed: Duration,
-    latencies: Vec<Duration>,
-}
-
-impl Run {
-    fn rate(&self) -> f64 {
-        self.ops as f64 / self.elapsed.as_secs_f64()
-    }
-
-    fn pct(&self, p: f64) -> f64 {
-        let mut l = self.latencies.clone();
-        l.sort();
-        let i = ((l.len() as f64 - 1.0) * p).round() as usize;
-        l[i.min(l.len() - 1)].as_secs_f64() * 1e3
-    }
-}
-
-fn merge(parts: Vec<Vec<Duration>>, elapsed: Duration) -> Run {
-    let latencies: Vec<Duration> = parts.into_iter().flatten().collect();
-    Run {
-        ops: latencies.len(),
-        elapsed,
-        latencies,
-    }
-}
-
-async fn connect(socket: std::path::PathBuf) -> tonic::transport::Channel {
-    tonic::transport::Endpoint::from_static("http://keyholderd.invalid")
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
-        .await
-        .expect("connect")
-}
 
 fn keyholder_run(
     rt: &tokio::runtime::Runtime,
@@ -101,7 +61,7 @@ fn keyholder_run(
         for t in tasks {
             parts.push(t.await.expect("task"));
         }
-        merge(parts, start.elapsed())
+        Run::new(parts.into_iter().flatten().collect(), start.elapsed())
     })
 }
 
@@ -148,7 +108,7 @@ fn cfssl_run(port: u16, concurrency: usize) -> Run {
     let body = r#"{"request":{"CN":"bench-client","names":[{"O":"bench"}],"key":{"algo":"ecdsa","size":256}}}"#;
     let per_thread = MAX_OPS / concurrency;
     let start = Instant::now();
-    let parts = std::thread::scope(|s| {
+    let parts: Vec<Vec<Duration>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..concurrency)
             .map(|_| {
                 s.spawn(move || {
@@ -173,7 +133,7 @@ fn cfssl_run(port: u16, concurrency: usize) -> Run {
             .map(|h| h.join().expect("thread"))
             .collect()
     });
-    merge(parts, start.elapsed())
+    Run::new(parts.into_iter().flatten().collect(), start.elapsed())
 }
 
 fn main() {

@@ -10,14 +10,6 @@ use std::time::{Duration, Instant};
 
 use crate::util::{Env, assert_fails};
 
-fn ready_env() -> (Env, crate::util::Daemon) {
-    let env = Env::new();
-    let daemon = env.start_daemon(&[]);
-    env.init();
-    env.unlock();
-    (env, daemon)
-}
-
 fn issued_count(daemon: &crate::util::Daemon) -> usize {
     daemon.log_text().matches("certificate issued").count()
 }
@@ -54,7 +46,7 @@ fn window_seconds(v: &serde_json::Value) -> u64 {
 
 #[test]
 fn every_profile_verifies_with_openssl_with_the_right_usages_and_window() {
-    let (env, _daemon) = ready_env();
+    let (env, _daemon) = Env::ready();
     env.ok(&["ca", "create", "etcd-prod"]);
     env.ok(&["ca", "create", "on-token", "--on-token"]);
     let ca = env.path().join("ca.pem");
@@ -246,7 +238,7 @@ fn etcdctl(endpoint: &str, dir: &Path, client: &Path, args: &[&str]) -> std::pro
 
 #[test]
 fn etcd_with_mutual_tls_accepts_keyholder_certificates_and_refuses_others() {
-    let (env, _daemon) = ready_env();
+    let (env, _daemon) = Env::ready();
     env.ok(&["ca", "create", "etcd"]);
     env.ok(&["ca", "create", "other"]);
     let dir = env.path().join("etcd");
@@ -539,7 +531,7 @@ fn kubectl(kubeconfig: &Path, dir: &Path) -> Command {
 
 #[test]
 fn kubectl_authenticates_through_the_exec_plugin_and_concurrent_runs_share_one_certificate() {
-    let (env, daemon) = ready_env();
+    let (env, daemon) = Env::ready();
     env.ok(&["ca", "create", "kube-prod"]);
     env.ok(&["ca", "create", "impostor"]);
     let dir = env.path().join("kube");
@@ -669,7 +661,7 @@ fn kubectl_authenticates_through_the_exec_plugin_and_concurrent_runs_share_one_c
 
 #[test]
 fn the_exec_plugin_prints_only_json_on_stdout_and_follows_kubernetes_exec_info() {
-    let (env, daemon) = ready_env();
+    let (env, daemon) = Env::ready();
     env.ok(&["ca", "create", "kube"]);
     env.ok(&[
         "cluster",
@@ -766,7 +758,7 @@ fn the_exec_plugin_prints_only_json_on_stdout_and_follows_kubernetes_exec_info()
 
 #[test]
 fn bad_certificate_requests_are_refused_and_nothing_is_issued() {
-    let (env, daemon) = ready_env();
+    let (env, daemon) = Env::ready();
     env.ok(&["ca", "create", "kube"]);
     env.ok(&["ca", "create", "short", "--max-ttl", "1h"]);
     env.ok(&[
@@ -1005,7 +997,7 @@ fn bad_certificate_requests_are_refused_and_nothing_is_issued() {
 
 #[test]
 fn the_python_example_writes_a_kubeconfig_with_mode_0600() {
-    let (env, _daemon) = ready_env();
+    let (env, _daemon) = Env::ready();
     env.ok(&["ca", "create", "kube"]);
     env.ok(&[
         "cluster",

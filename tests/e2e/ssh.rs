@@ -17,14 +17,6 @@ fn agent_socket(env: &Env) -> PathBuf {
     env.runtime.join("keyholder/ssh-agent.sock")
 }
 
-fn ready_env() -> (Env, crate::util::Daemon) {
-    let env = Env::new();
-    let daemon = env.start_daemon(&[]);
-    env.init();
-    env.unlock();
-    (env, daemon)
-}
-
 fn run(cmd: &mut Command) -> Output {
     cmd.output().expect("command runs")
 }
@@ -161,7 +153,7 @@ fn ssh_logs_in_with_vault_and_token_keys_and_a_short_lived_certificate() {
         rustix::process::getuid().is_root(),
         "sshd needs root; CI runs as root"
     );
-    let (env, daemon) = ready_env();
+    let (env, daemon) = Env::ready();
     env.ok(&["key", "generate", "deploy", "--type", "ed25519", "--ssh"]);
     env.ok(&[
         "key",
@@ -285,7 +277,7 @@ fn public_file_cached(env: &Env, key: &str) -> PathBuf {
 
 #[test]
 fn ssh_add_and_ssh_keygen_work_through_the_agent() {
-    let (env, _daemon) = ready_env();
+    let (env, _daemon) = Env::ready();
     env.ok(&["key", "generate", "git", "--type", "ed25519", "--ssh"]);
     env.ok(&["key", "generate", "plain", "--type", "ed25519"]);
     env.ok(&["ca", "create", "users", "--kind", "ssh"]);
@@ -425,7 +417,7 @@ fn ssh_add_and_ssh_keygen_work_through_the_agent() {
 
 #[test]
 fn signatures_verify_with_openssl() {
-    let (env, _daemon) = ready_env();
+    let (env, _daemon) = Env::ready();
     let data = env.file("data.bin", "sign me, please\n");
     let dgst = |alg: &str| -> Vec<u8> {
         let out = run(Command::new("openssl").args(["dgst", alg, "-binary", p(&data)]));
@@ -600,7 +592,7 @@ fn signatures_verify_with_openssl() {
 
 #[test]
 fn keys_import_from_openssh_and_pkcs8_files_with_passphrases() {
-    let (env, _daemon) = ready_env();
+    let (env, _daemon) = Env::ready();
     let dir = env.path();
     for (name, kind, pass) in [
         ("imp-ed", "ed25519", ""),
@@ -691,18 +683,9 @@ fn reply(s: &mut UnixStream) -> Option<Vec<u8>> {
     Some(body)
 }
 
-fn rss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn malformed_agent_traffic_gets_failure_or_a_closed_connection_and_others_are_served() {
-    let (env, daemon) = ready_env();
+    let (env, daemon) = Env::ready();
     env.ok(&["key", "generate", "k", "--type", "ed25519", "--ssh"]);
     let sock = agent_socket(&env);
     let connect = || {
@@ -754,7 +737,7 @@ fn malformed_agent_traffic_gets_failure_or_a_closed_connection_and_others_are_se
     );
 
     // Memory stays flat under a stream of bad messages.
-    let before = rss_kib(daemon.pid());
+    let before = daemon.rss_kib();
     for _ in 0..2000 {
         let mut c = connect();
         let _ = c.write_all(&u32::MAX.to_be_bytes());
@@ -765,7 +748,7 @@ fn malformed_agent_traffic_gets_failure_or_a_closed_connection_and_others_are_se
         assert_eq!(reply(&mut s), Some(vec![5]));
     }
     std::thread::sleep(Duration::from_millis(300));
-    let after = rss_kib(daemon.pid());
+    let after = daemon.rss_kib();
     assert!(
         after < before + 8 * 1024,
         "RSS grew from {before} KiB to {after} KiB"

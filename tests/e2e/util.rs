@@ -230,6 +230,15 @@ impl Env {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// A fresh world with a running daemon, an initialised vault, unlocked.
+    pub fn ready() -> (Self, Daemon) {
+        let env = Self::new();
+        let daemon = env.start_daemon(&[]);
+        env.init();
+        env.unlock();
+        (env, daemon)
+    }
+
     pub fn init(&self) {
         self.ok(&[
             "init",
@@ -293,6 +302,16 @@ pub struct Daemon {
 impl Daemon {
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
+    }
+
+    /// Resident set size, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
     }
 
     pub fn log_text(&self) -> String {

@@ -37,12 +37,15 @@ impl Backend for AgentBackend {
         let key = self.0.loaded_key(name).ok()?;
         self.0.touch();
         let name = name.to_owned();
-        let signed = if matches!(key.kind(), KeyType::Rsa3072 | KeyType::Rsa4096) || key.on_token() {
+        let signed = if matches!(key.kind(), KeyType::Rsa3072 | KeyType::Rsa4096) || key.on_token()
+        {
             // Slow signatures (RSA: milliseconds; token: a device round
             // trip) run on the blocking pool, so that many of them queue
             // fairly instead of starving the runtime's two workers.
             let data = data.to_vec();
-            tokio::task::spawn_blocking(move || key.sign_ssh(&data, flags)).await.ok()?
+            tokio::task::spawn_blocking(move || key.sign_ssh(&data, flags))
+                .await
+                .ok()?
         } else {
             key.sign_ssh(data, flags)
         };

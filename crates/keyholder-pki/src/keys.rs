@@ -14,16 +14,9 @@ use ssh_key::public::KeyData;
 use ssh_key::{Algorithm, HashAlg};
 use zeroize::Zeroizing;
 
-use crate::PkiError;
+use crate::{PkiError, invalid};
 
 type Result<T, E = PkiError> = std::result::Result<T, E>;
-
-fn invalid(field: &'static str, reason: impl Into<String>) -> PkiError {
-    PkiError::Invalid {
-        field,
-        reason: reason.into(),
-    }
-}
 
 /// Key types.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -50,7 +50,7 @@ pub enum PkiError {
 
 type Result<T, E = PkiError> = std::result::Result<T, E>;
 
-fn invalid(field: &'static str, reason: impl Into<String>) -> PkiError {
+pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> PkiError {
     PkiError::Invalid {
         field,
         reason: reason.into(),
