@@ -757,3 +757,103 @@ fn malformed_agent_traffic_gets_failure_or_a_closed_connection_and_others_are_se
     assert_eq!(reply(&mut good).expect("still serving")[0], 12);
     drop(slow);
 }
+
+#[test]
+fn a_key_already_on_the_token_is_found_by_uri_and_signs() {
+    let (env, _daemon) = Env::ready();
+    // Another tool put a P-256 key on the token.
+    let out = run(Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", &env.softhsm_conf)
+        .args([
+            "--module",
+            crate::util::MODULE,
+            "--token-label",
+            "ops",
+            "--login",
+            "--pin",
+            crate::util::PIN,
+        ])
+        .args([
+            "--keypairgen",
+            "--key-type",
+            "EC:prime256v1",
+            "--label",
+            "ext-key",
+            "--id",
+            "4b48",
+            "--usage-sign",
+        ]));
+    ok(out, "pkcs11-tool --keypairgen (apt-get install opensc)");
+    env.ok(&[
+        "key",
+        "import",
+        "ext",
+        "--pkcs11-uri",
+        "pkcs11:token=ops;object=ext-key;id=%4b%48",
+        "--ssh",
+        "--sign",
+    ]);
+    let shown: serde_json::Value = serde_json::from_str(
+        env.ok(&["--json", "key", "list"])
+            .lines()
+            .next()
+            .expect("a key"),
+    )
+    .expect("json");
+    assert_eq!(shown["on_token"], true);
+    let data = env.file("data.bin", "signed on the token\n");
+    let sig = env.path().join("ext.sig");
+    env.ok(&["sign", "--key", "ext", "--in", p(&data), "--out", p(&sig)]);
+    let pem = env.path().join("ext.pem");
+    std::fs::write(
+        &pem,
+        env.ok(&["key", "show", "ext", "--public", "--format", "pem"]),
+    )
+    .expect("pem");
+    ok(
+        run(Command::new("openssl").args([
+            "dgst",
+            "-sha256",
+            "-verify",
+            p(&pem),
+            "-signature",
+            p(&sig),
+            p(&data),
+        ])),
+        "openssl verify",
+    );
+    assert!(ok(ssh_add(&env, &["-L"]), "ssh-add -L").starts_with("ecdsa-sha2-nistp256 "));
+
+    assert_fails(
+        &env.cli(&["key", "import", "x", "--pkcs11-uri", "pkcs11:object=nosuch"]),
+        3,
+        "no EC private key matches",
+    );
+    assert_fails(
+        &env.cli(&[
+            "key",
+            "import",
+            "x",
+            "--pkcs11-uri",
+            "pkcs11:token=other;object=ext-key",
+        ]),
+        6,
+        "pkcs11_uri",
+    );
+    assert_fails(
+        &env.cli(&["key", "import", "x", "--pkcs11-uri", "pkcs11:token=ops"]),
+        6,
+        "names no key",
+    );
+    assert_fails(
+        &env.cli(&[
+            "key",
+            "import",
+            "x",
+            "--pkcs11-uri",
+            "pkcs11:object=ext-key?module-path=/tmp/x.so",
+        ]),
+        6,
+        "module-path",
+    );
+}

@@ -83,6 +83,7 @@ impl fmt::Debug for v1::ImportKeyRequest {
             .field("private_key", &"<redacted>")
             .field("passphrase", &"<redacted>")
             .field("usages", &self.usages)
+            .field("pkcs11_uri", &self.pkcs11_uri)
             .finish()
     }
 }

@@ -33,7 +33,7 @@ use p256::elliptic_curve::sec1::ToEncodedPoint;
 use secrecy::{ExposeSecret, SecretString};
 use zeroize::Zeroizing;
 
-pub use uri::Selector;
+pub use uri::{ObjectSelector, Selector};
 
 /// DER encoding of the P-256 curve OID (1.2.840.10045.3.1.7), as `CKA_EC_PARAMS`.
 const P256_EC_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
@@ -440,6 +440,71 @@ impl TokenSession {
             }
         }
         Ok(keys)
+    }
+
+    /// The one P-256 key pair on this token that `object` names, usable for
+    /// signing (needs a logged-in session to see the private key).
+    pub fn find_p256_signing_key(&self, object: &ObjectSelector) -> Result<TokenKey> {
+        let mut template = vec![
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::KeyType(KeyType::EC),
+        ];
+        if let Some(l) = &object.label {
+            template.push(Attribute::Label(l.as_bytes().to_vec()));
+        }
+        if let Some(id) = &object.id {
+            template.push(Attribute::Id(id.clone()));
+        }
+        let found = self.session.find_objects(&template).map_err(map_err)?;
+        let private = match found.as_slice() {
+            [one] => *one,
+            [] => {
+                return Err(Error::KeyNotFound(
+                    "no EC private key matches the URI".into(),
+                ));
+            }
+            many => {
+                return Err(Error::KeyNotFound(format!(
+                    "{} EC private keys match the URI; add id=",
+                    many.len()
+                )));
+            }
+        };
+        let attrs = self
+            .session
+            .get_attributes(private, &[AttributeType::Id, AttributeType::Sign])
+            .map_err(map_err)?;
+        let mut id = None;
+        let mut can_sign = false;
+        for a in attrs {
+            match a {
+                Attribute::Id(v) => id = Some(v),
+                Attribute::Sign(b) => can_sign = b,
+                _ => {}
+            }
+        }
+        let id = id.ok_or_else(|| Error::KeyNotFound("the private key has no CKA_ID".into()))?;
+        if !can_sign {
+            return Err(Error::KeyNotFound(
+                "the private key may not sign (CKA_SIGN is false)".into(),
+            ));
+        }
+        let public = self
+            .session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::PUBLIC_KEY),
+                Attribute::Id(id.clone()),
+            ])
+            .map_err(map_err)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                Error::KeyNotFound("no public key object shares the private key's CKA_ID".into())
+            })?;
+        Ok(TokenKey {
+            public: self.ec_point(public)?,
+            id,
+        })
     }
 
     fn ec_point(&self, handle: ObjectHandle) -> Result<p256::PublicKey> {

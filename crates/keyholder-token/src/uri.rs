@@ -130,8 +130,56 @@ impl fmt::Display for Selector {
     }
 }
 
+/// The key an RFC 7512 URI names: `object=` (`CKA_LABEL`) and `id=` (`CKA_ID`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ObjectSelector {
+    /// `CKA_LABEL`.
+    pub label: Option<String>,
+    /// `CKA_ID` bytes.
+    pub id: Option<Vec<u8>>,
+}
+
+impl ObjectSelector {
+    /// The object attributes of a `pkcs11:` URI (its token attributes are
+    /// parsed, and checked, by [`Selector::from_uri`]).
+    pub fn from_uri(uri: &str) -> Result<Self, Error> {
+        Selector::from_uri(uri)?;
+        let path = uri.strip_prefix("pkcs11:").unwrap_or_default();
+        let path = path.split_once('?').map_or(path, |(p, _)| p);
+        let mut out = Self::default();
+        for part in path.split(';').filter(|p| !p.is_empty()) {
+            let Some((key, value)) = part.split_once('=') else {
+                continue;
+            };
+            let bytes = percent_decode_bytes(value).ok_or_else(|| {
+                Error::InvalidSelector(format!("URI attribute {key:?} has a bad %-escape"))
+            })?;
+            match key {
+                "object" => {
+                    out.label = Some(String::from_utf8(bytes).map_err(|_| {
+                        Error::InvalidSelector("URI attribute \"object\" is not UTF-8".into())
+                    })?)
+                }
+                "id" => out.id = Some(bytes),
+                _ => {}
+            }
+        }
+        if out.label.is_none() && out.id.is_none() {
+            return Err(Error::InvalidSelector(
+                "the URI names no key: give object= or id=".into(),
+            ));
+        }
+        Ok(out)
+    }
+}
+
 /// Decodes RFC 3986 %-escapes; `None` on a malformed escape or invalid UTF-8.
 fn percent_decode(s: &str) -> Option<String> {
+    String::from_utf8(percent_decode_bytes(s)?).ok()
+}
+
+/// Decodes RFC 3986 %-escapes into bytes; `None` on a malformed escape.
+fn percent_decode_bytes(s: &str) -> Option<Vec<u8>> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -146,7 +194,7 @@ fn percent_decode(s: &str) -> Option<String> {
             i += 1;
         }
     }
-    String::from_utf8(out).ok()
+    Some(out)
 }
 
 #[cfg(test)]
@@ -171,6 +219,14 @@ mod tests {
         assert!(sel.matches(&token("ops team", "42ab")));
         assert!(!sel.matches(&token("ops team", "42ac")));
         assert!(!sel.matches(&token("ops", "42ab")));
+    }
+
+    #[test]
+    fn object_and_id_name_a_key() {
+        let o = ObjectSelector::from_uri("pkcs11:token=ops;object=ca%20key;id=%01%ff").unwrap();
+        assert_eq!(o.label.as_deref(), Some("ca key"));
+        assert_eq!(o.id, Some(vec![1, 255]));
+        assert!(ObjectSelector::from_uri("pkcs11:token=ops").is_err());
     }
 
     #[test]

@@ -35,8 +35,16 @@ pub enum KeyCommand {
         /// The key's name.
         name: String,
         /// The private key file.
+        #[arg(
+            long,
+            required_unless_present = "pkcs11_uri",
+            conflicts_with = "pkcs11_uri"
+        )]
+        file: Option<PathBuf>,
+        /// Use a P-256 key already on the unlocked token, named by an RFC 7512
+        /// URI (object= and/or id=), instead of a file. It stays on the token.
         #[arg(long)]
-        file: PathBuf,
+        pkcs11_uri: Option<String>,
         /// Read the passphrase of an encrypted key from this file (else asked on the terminal when needed).
         #[arg(long)]
         passphrase_file: Option<PathBuf>,
@@ -179,10 +187,33 @@ pub async fn key(channel: Channel, cmd: KeyCommand, json: bool) -> CliResult {
         }
         KeyCommand::Import {
             name,
-            file,
+            file: None,
+            pkcs11_uri: Some(uri),
+            ssh,
+            sign,
+            ..
+        } => {
+            let k = admin
+                .import_key(v1::ImportKeyRequest {
+                    name,
+                    pkcs11_uri: uri,
+                    usages: usages(ssh, sign),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            print_key(&k, json);
+        }
+        KeyCommand::Import { file: None, .. } => {
+            return Err(Failure::new(2, "give --file or --pkcs11-uri"));
+        }
+        KeyCommand::Import {
+            name,
+            file: Some(file),
             passphrase_file,
             ssh,
             sign,
+            ..
         } => {
             let text = Zeroizing::new(
                 std::fs::read_to_string(&file).map_err(|e| io_failure("cannot read", &file, e))?,
@@ -215,6 +246,7 @@ pub async fn key(channel: Channel, cmd: KeyCommand, json: bool) -> CliResult {
                     private_key: text.to_string(),
                     passphrase: passphrase.to_string(),
                     usages: usages(ssh, sign),
+                    pkcs11_uri: String::new(),
                 })
                 .await?
                 .into_inner();

@@ -501,6 +501,45 @@ impl v1::admin_server::Admin for AdminService {
         let req = request.into_inner();
         validate_name("name", &req.name)?;
         let usages = usages(req.usages)?;
+        if !req.pkcs11_uri.is_empty() {
+            let object =
+                keyholder_token::ObjectSelector::from_uri(&req.pkcs11_uri).map_err(|e| {
+                    Error::InvalidArgument {
+                        field: "pkcs11_uri",
+                        reason: e.to_string(),
+                    }
+                })?;
+            let selector =
+                keyholder_token::Selector::from_uri(&req.pkcs11_uri).map_err(Error::from)?;
+            let key = self.0.with_token(|session| {
+                if !selector.matches(session.token()) {
+                    return Err(Error::InvalidArgument {
+                        field: "pkcs11_uri",
+                        reason: format!(
+                            "names {selector}, but the session runs on token {:?}",
+                            session.token().label
+                        ),
+                    });
+                }
+                Ok(session.find_p256_signing_key(&object)?)
+            })?;
+            let point =
+                p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(&key.public, false);
+            let data =
+                ssh_key::public::KeyData::Ecdsa(ssh_key::public::EcdsaPublicKey::NistP256(point));
+            let entry = KeyEntry {
+                key_type: KeyType::EcdsaP256.as_str().into(),
+                usages,
+                key: CaKey::Token {
+                    key_id: hex(&key.id),
+                    label: object.label.unwrap_or_default(),
+                },
+                public_openssh: keyholder_pki::keys::openssh_public(&data, &req.name)
+                    .map_err(Error::from)?,
+                created_at: now_rfc3339(),
+            };
+            return Ok(Response::new(store_key(&self.0, &req.name, entry).await?));
+        }
         let text = zeroize::Zeroizing::new(req.private_key);
         let pass = zeroize::Zeroizing::new(req.passphrase);
         let key = SoftKey::import(&text, (!pass.is_empty()).then_some(pass.as_str()))
