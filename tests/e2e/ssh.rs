@@ -377,6 +377,41 @@ fn ssh_add_and_ssh_keygen_work_through_the_agent() {
         "the certificate is served too"
     );
 
+    // A host certificate for a public key that is not in the vault.
+    let host_key = env.path().join("host_ed25519");
+    ok(
+        run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f", p(&host_key)])),
+        "ssh-keygen",
+    );
+    let host_cert = env.path().join("host-cert.pub");
+    let host_pub = format!("{}.pub", host_key.display());
+    env.ok(&[
+        "ssh-cert",
+        "--ca",
+        "users",
+        "--host",
+        "--public-key",
+        &host_pub,
+        "--principal",
+        "node1.example",
+        "--ttl",
+        "720h",
+        "--out",
+        p(&host_cert),
+    ]);
+    let shown = ok(
+        run(Command::new("ssh-keygen").args(["-L", "-f", p(&host_cert)])),
+        "ssh-keygen -L host",
+    );
+    assert!(
+        shown.contains("host certificate") && shown.contains("node1.example"),
+        "{shown}"
+    );
+    assert!(
+        !shown.contains("permit-pty"),
+        "host certificates carry no user extensions: {shown}"
+    );
+
     // LOCK / UNLOCK map onto the session; UNLOCK's passphrase is the PIN.
     let askpass = env.file("askpass.sh", "#!/bin/sh\necho 1234\n");
     std::fs::set_permissions(
