@@ -58,15 +58,21 @@ impl Selector {
             let (key, value) = part
                 .split_once('=')
                 .ok_or_else(|| bad(format!("URI attribute {part:?} has no '='")))?;
-            let value = percent_decode(value)
+            let bytes = percent_decode_bytes(value)
                 .ok_or_else(|| bad(format!("URI attribute {key:?} has a bad %-escape")))?;
+            // `id` is arbitrary bytes; every other attribute is text.
+            if key == "id" {
+                continue;
+            }
+            let value = String::from_utf8(bytes)
+                .map_err(|_| bad(format!("URI attribute {key:?} is not UTF-8")))?;
             match key {
                 "token" => sel.label = Some(value),
                 "serial" => sel.serial = Some(value),
                 "manufacturer" => sel.manufacturer = Some(value),
                 "model" => sel.model = Some(value),
                 // Object attributes name keys, not tokens; Keyholder finds its own key.
-                "object" | "id" | "type" => {}
+                "object" | "type" => {}
                 "library-description"
                 | "library-manufacturer"
                 | "library-version"
@@ -171,11 +177,6 @@ impl ObjectSelector {
         }
         Ok(out)
     }
-}
-
-/// Decodes RFC 3986 %-escapes; `None` on a malformed escape or invalid UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
-    String::from_utf8(percent_decode_bytes(s)?).ok()
 }
 
 /// Decodes RFC 3986 %-escapes into bytes; `None` on a malformed escape.
