@@ -95,11 +95,9 @@ pub enum ClusterCommand {
     },
 }
 
-/// `keyholder kubeconfig` arguments.
+/// Who a Kubernetes credential is for, and for how long.
 #[derive(clap::Args, Debug)]
-pub struct KubeconfigArgs {
-    /// The cluster profile.
-    cluster: String,
+pub struct KubeIdentity {
     /// The Kubernetes user (certificate CN). Default: $USER.
     #[arg(long)]
     user: Option<String>,
@@ -109,6 +107,15 @@ pub struct KubeconfigArgs {
     /// Certificate lifetime (default 15m).
     #[arg(long, value_parser = humantime::parse_duration)]
     ttl: Option<Duration>,
+}
+
+/// `keyholder kubeconfig` arguments.
+#[derive(clap::Args, Debug)]
+pub struct KubeconfigArgs {
+    /// The cluster profile.
+    cluster: String,
+    #[command(flatten)]
+    who: KubeIdentity,
     /// Write a kubeconfig that runs `keyholder kube-credential` instead of embedding a certificate.
     #[arg(long)]
     exec: bool,
@@ -126,15 +133,8 @@ pub struct KubeCredentialArgs {
     /// The cluster profile.
     #[arg(long)]
     cluster: String,
-    /// The Kubernetes user. Default: $USER.
-    #[arg(long)]
-    user: Option<String>,
-    /// Kubernetes groups (repeatable). Default: the cluster's.
-    #[arg(long = "group")]
-    groups: Vec<String>,
-    /// Certificate lifetime (default 15m).
-    #[arg(long, value_parser = humantime::parse_duration)]
-    ttl: Option<Duration>,
+    #[command(flatten)]
+    who: KubeIdentity,
     /// ExecCredential version when KUBERNETES_EXEC_INFO does not say: v1 or v1beta1.
     #[arg(long, default_value = "v1")]
     api_version: String,
@@ -384,7 +384,7 @@ pub async fn cluster(channel: Channel, cmd: ClusterCommand, json: bool) -> CliRe
 }
 
 pub async fn kubeconfig(channel: Channel, args: KubeconfigArgs, socket: &Path) -> CliResult {
-    let user = default_user(args.user)?;
+    let user = default_user(args.who.user)?;
     let (exec_command, exec_args) = if args.exec {
         let exe = std::env::current_exe().map_err(|e| {
             Failure::new(1, format!("cannot find the keyholder binary's path: {e}"))
@@ -400,11 +400,11 @@ pub async fn kubeconfig(channel: Channel, args: KubeconfigArgs, socket: &Path) -
             "--api-version".to_owned(),
             args.exec_api_version.clone(),
         ];
-        for g in &args.groups {
+        for g in &args.who.groups {
             a.push("--group".to_owned());
             a.push(g.clone());
         }
-        if let Some(ttl) = args.ttl {
+        if let Some(ttl) = args.who.ttl {
             a.push("--ttl".to_owned());
             a.push(humantime::format_duration(ttl).to_string());
         }
@@ -417,8 +417,8 @@ pub async fn kubeconfig(channel: Channel, args: KubeconfigArgs, socket: &Path) -
         .issue_kubeconfig(v1::IssueKubeconfigRequest {
             cluster: args.cluster,
             user,
-            groups: args.groups,
-            ttl_seconds: seconds(args.ttl),
+            groups: args.who.groups,
+            ttl_seconds: seconds(args.who.ttl),
             exec: args.exec,
             exec_command,
             exec_args,
@@ -447,15 +447,15 @@ pub async fn kube_credential(channel: Channel, args: KubeCredentialArgs) -> CliR
         None => keyholder_pki::kube::ExecApiVersion::parse(&args.api_version)
             .map_err(|e| Failure::new(6, e.to_string()))?,
     };
-    let user = default_user(args.user)?;
+    let user = default_user(args.who.user)?;
     let mut creds = v1::credentials_client::CredentialsClient::new(channel);
     let resp = creds
         .issue_exec_credential(v1::IssueExecCredentialRequest {
             cluster: args.cluster,
             user,
-            groups: args.groups,
+            groups: args.who.groups,
             api_version: version.as_str().to_owned(),
-            ttl_seconds: seconds(args.ttl),
+            ttl_seconds: seconds(args.who.ttl),
         })
         .await?
         .into_inner();
