@@ -5,6 +5,19 @@
 //!
 //! Run: `cargo bench --bench issue` (needs `cfssl` from Debian's golang-cfssl
 //! and `openssl`).
+//!
+//! Both clients are kept lean because they share the machine's cores with the
+//! server they measure: cfssl's is blocking HTTP/1.1 with keep-alive, one
+//! thread per connection; Keyholder's is a single-threaded tokio runtime with
+//! one HTTP/2 connection per concurrent caller (see `common::Direct`).
+//!
+//! Knobs: `ISSUE_BENCH_CONCURRENCY` (default `1,8`), `ISSUE_BENCH_OPS`
+//! (operations per measurement, default 20000), `ISSUE_BENCH_CONNECTIONS`
+//! (HTTP/2 connections Keyholder's callers share, default one each),
+//! `ISSUE_BENCH_SERVE_THREADS` and `ISSUE_BENCH_KEY_STOCK` (the daemon's
+//! `--serve-threads` and `--key-stock`),
+//! `ISSUE_BENCH_PEER=0` to skip cfssl (e.g. with a profiler attached to the
+//! daemon PID printed on stderr).
 
 mod common;
 #[path = "../tests/e2e/util.rs"]
@@ -16,7 +29,7 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Run, connect};
+use common::{Run, connect_direct};
 use keyholder_proto::v1;
 use util::Env;
 
@@ -24,17 +37,32 @@ use util::Env;
 const MAX_OPS: usize = 20_000;
 const MAX_TIME: Duration = Duration::from_secs(8);
 
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 fn keyholder_run(
     rt: &tokio::runtime::Runtime,
     socket: &std::path::Path,
     concurrency: usize,
+    max_ops: usize,
 ) -> Run {
     rt.block_on(async {
-        let per_task = MAX_OPS / concurrency;
+        let per_task = max_ops / concurrency;
+        let connections = env_or("ISSUE_BENCH_CONNECTIONS", concurrency).clamp(1, concurrency);
+        let mut open = Vec::new();
+        for _ in 0..connections {
+            open.push(connect_direct(socket.to_owned()).await);
+        }
+        let channels: Vec<_> = (0..concurrency)
+            .map(|i| open[i % connections].clone())
+            .collect();
         let start = Instant::now();
         let mut tasks = Vec::new();
-        for _ in 0..concurrency {
-            let channel = connect(socket.to_owned()).await;
+        for channel in channels {
             tasks.push(tokio::spawn(async move {
                 let mut client = v1::credentials_client::CredentialsClient::new(channel);
                 let mut lat = Vec::with_capacity(per_task);
@@ -104,9 +132,9 @@ impl Http {
     }
 }
 
-fn cfssl_run(port: u16, concurrency: usize) -> Run {
+fn cfssl_run(port: u16, concurrency: usize, max_ops: usize) -> Run {
     let body = r#"{"request":{"CN":"bench-client","names":[{"O":"bench"}],"key":{"algo":"ecdsa","size":256}}}"#;
-    let per_thread = MAX_OPS / concurrency;
+    let per_thread = max_ops / concurrency;
     let start = Instant::now();
     let parts: Vec<Vec<Duration>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..concurrency)
@@ -136,19 +164,8 @@ fn cfssl_run(port: u16, concurrency: usize) -> Run {
     Run::new(parts.into_iter().flatten().collect(), start.elapsed())
 }
 
-fn main() {
-    if std::env::args().any(|a| a == "--list") {
-        return;
-    }
-    let env = Env::new();
-    let log = std::env::var("BENCH_DAEMON_LOG").unwrap_or_else(|_| "info".into());
-    let daemon = env.start_daemon(&["--log", &log]);
-    env.init();
-    env.unlock();
-    env.ok(&["ca", "create", "bench"]);
-
-    // cfssl gets its own P-256 CA from openssl.
-    let dir = env.path();
+/// `cfssl serve` on a loopback port with its own P-256 CA made by openssl.
+fn start_cfssl(dir: &std::path::Path) -> (std::process::Child, u16) {
     let (ca, ca_key) = (dir.join("cfssl-ca.pem"), dir.join("cfssl-ca-key.pem"));
     let ok = Command::new("openssl")
         .args([
@@ -194,39 +211,88 @@ fn main() {
         .expect("cfssl runs (apt-get install golang-cfssl)");
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "cfssl did not start");
+        if Instant::now() > deadline {
+            let _ = cfssl.kill();
+            let _ = cfssl.wait();
+            panic!("cfssl did not start");
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
+    (cfssl, port)
+}
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
+fn print_row(name: &str, c: usize, r: &Run) {
+    println!(
+        "{name:<10} {c:>4} {:>10.0} {:>10.3} {:>10.3}",
+        r.rate(),
+        r.pct(0.5),
+        r.pct(0.99)
+    );
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let concurrency: Vec<usize> = std::env::var("ISSUE_BENCH_CONCURRENCY")
+        .unwrap_or_else(|_| "1,8".into())
+        .split(',')
+        .filter_map(|c| c.trim().parse().ok())
+        .filter(|&c| c > 0)
+        .collect();
+    let max_ops = env_or("ISSUE_BENCH_OPS", MAX_OPS).max(1);
+    let with_peer = std::env::var("ISSUE_BENCH_PEER").map_or(true, |v| v != "0");
+
+    let env = Env::new();
+    // Quiet like cfssl (`-loglevel 5`): the per-issuance audit line is
+    // measured separately (BENCH_DAEMON_LOG=info).
+    let log = std::env::var("BENCH_DAEMON_LOG").unwrap_or_else(|_| "warn".into());
+    let mut flags = vec!["--log".to_owned(), log];
+    for (var, flag) in [
+        ("ISSUE_BENCH_SERVE_THREADS", "--serve-threads"),
+        ("ISSUE_BENCH_KEY_STOCK", "--key-stock"),
+    ] {
+        if let Ok(v) = std::env::var(var) {
+            flags.extend([flag.to_owned(), v]);
+        }
+    }
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let daemon = env.start_daemon(&flags);
+    eprintln!("keyholderd pid {}", daemon.pid());
+    env.init();
+    env.unlock();
+    env.ok(&["ca", "create", "bench"]);
+    let mut cfssl = with_peer.then(|| start_cfssl(env.path()));
+
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     // Warm both up.
-    let _ = keyholder_run(&rt, &env.socket(), 1);
-    let _ = cfssl_run(port, 1);
+    let _ = keyholder_run(&rt, &env.socket(), 1, 2000);
+    if let Some((_, port)) = &cfssl {
+        let _ = cfssl_run(*port, 1, 2000);
+    }
     println!(
         "{:<10} {:>4} {:>10} {:>10} {:>10}",
         "server", "conc", "issues/s", "p50 ms", "p99 ms"
     );
     let mut rows = Vec::new();
-    for c in [1usize, 8] {
-        let k = keyholder_run(&rt, &env.socket(), c);
-        let f = cfssl_run(port, c);
-        for (name, r) in [("keyholder", &k), ("cfssl", &f)] {
-            println!(
-                "{name:<10} {c:>4} {:>10.0} {:>10.3} {:>10.3}",
-                r.rate(),
-                r.pct(0.5),
-                r.pct(0.99)
-            );
+    for c in concurrency {
+        let k = keyholder_run(&rt, &env.socket(), c, max_ops);
+        print_row("keyholder", c, &k);
+        if let Some((_, port)) = &cfssl {
+            let f = cfssl_run(*port, c, max_ops);
+            print_row("cfssl", c, &f);
+            rows.push((c, k.rate() / f.rate()));
         }
-        rows.push((c, k.rate() / f.rate()));
     }
     for (c, ratio) in rows {
         println!("throughput ratio keyholder/cfssl at concurrency {c}: {ratio:.2}x");
     }
-    let _ = cfssl.kill();
-    let _ = cfssl.wait();
+    if let Some((mut child, _)) = cfssl.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     drop(daemon);
 }

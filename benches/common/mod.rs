@@ -54,3 +54,50 @@ impl Run {
         self.latencies.iter().sum::<Duration>().as_secs_f64() * 1e3 / self.ops as f64
     }
 }
+
+/// A gRPC client transport without tonic's `Channel`: one HTTP/2 connection
+/// over the Unix socket, requests sent straight on it. `Channel` adds a
+/// buffer task and reconnect logic per request that the benchmark client
+/// would otherwise pay for on the same two cores as the daemon.
+#[derive(Clone)]
+pub struct Direct(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
+
+pub async fn connect_direct(socket: PathBuf) -> Direct {
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .expect("connect");
+    let (send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("HTTP/2 handshake");
+    tokio::spawn(conn);
+    Direct(send)
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for Direct {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<tonic::body::Body>) -> Self::Future {
+        // tonic leaves the URI relative to the service; HTTP/2 needs a scheme
+        // and authority.
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_default();
+        *req.uri_mut() = format!("http://localhost{path}").parse().expect("uri");
+        Box::pin(self.0.send_request(req))
+    }
+}

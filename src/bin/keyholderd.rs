@@ -57,6 +57,12 @@ struct Args {
     /// Largest secret value in bytes.
     #[arg(long)]
     max_secret_bytes: Option<usize>,
+    /// Worker threads serving requests (default: half the CPUs, at least 1).
+    #[arg(long)]
+    serve_threads: Option<usize>,
+    /// Client keys generated ahead of time while unlocked (default 64; 0: none).
+    #[arg(long)]
+    key_stock: Option<usize>,
     /// Log filter (tracing syntax), e.g. info or keyholder_daemon=debug.
     #[arg(long, env = "KEYHOLDER_LOG", default_value = "info")]
     log: String,
@@ -96,6 +102,12 @@ fn settings(args: &Args) -> Result<Config, config::ConfigError> {
     }
     if let Some(v) = args.max_secret_bytes {
         cfg.max_secret_bytes = v;
+    }
+    if let Some(v) = args.serve_threads {
+        cfg.serve_threads = v;
+    }
+    if let Some(v) = args.key_stock {
+        cfg.key_stock = v;
     }
     cfg.validate()?;
     Ok(cfg)
@@ -162,6 +174,7 @@ fn main() -> ExitCode {
         }
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.serve_thread_count())
         .enable_all()
         .build()
     {

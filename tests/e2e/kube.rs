@@ -1065,3 +1065,64 @@ fn the_python_example_writes_a_kubeconfig_with_mode_0600() {
         "{subject}"
     );
 }
+
+/// Keys for callers come from a stock generated ahead of time while the
+/// session is unlocked: no two certificates may share a key, every key must
+/// match its certificate, and locking and unlocking changes neither.
+#[test]
+fn every_issued_key_is_fresh_and_matches_its_certificate() {
+    let (env, _daemon) = Env::ready();
+    env.ok(&["ca", "create", "kube"]);
+    let ca = env.path().join("ca.pem");
+    std::fs::write(&ca, env.ok(&["ca", "export", "kube"])).expect("ca");
+    let issue_batch = |batch: usize| -> Vec<PathBuf> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|t| {
+                    let env = &env;
+                    s.spawn(move || {
+                        (0..5)
+                            .map(|i| {
+                                let dir = env.path().join(format!("k-{batch}-{t}-{i}"));
+                                env.ok(&[
+                                    "cert",
+                                    "issue",
+                                    "--ca",
+                                    "kube",
+                                    "--cn",
+                                    "a",
+                                    "--out-dir",
+                                    p(&dir),
+                                ]);
+                                dir
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().expect("issuing thread"))
+                .collect()
+        })
+    };
+    let mut dirs = issue_batch(0);
+    env.ok(&["lock"]);
+    env.unlock();
+    dirs.extend(issue_batch(1));
+    let mut seen = std::collections::HashSet::new();
+    for dir in &dirs {
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        assert!(openssl(&["verify", "-CAfile", p(&ca), p(&cert)]).contains(": OK"));
+        let from_cert = openssl(&["x509", "-in", p(&cert), "-noout", "-pubkey"]);
+        let from_key = openssl(&["pkey", "-in", p(&key), "-pubout"]);
+        assert_eq!(
+            from_cert,
+            from_key,
+            "{} holds a key that is not its certificate's",
+            dir.display()
+        );
+        assert!(seen.insert(from_key), "a key was issued twice");
+    }
+    assert_eq!(seen.len(), 40);
+}

@@ -43,6 +43,11 @@ pub struct Config {
     pub max_secret_bytes: usize,
     /// Most secrets a vault may hold (100000).
     pub max_secrets: usize,
+    /// Runtime worker threads; 0 (the default) means half the CPUs, at least one.
+    pub serve_threads: usize,
+    /// Client keys generated ahead of time while unlocked (64); 0 turns the
+    /// stock off.
+    pub key_stock: usize,
 }
 
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -100,6 +105,8 @@ impl Default for Config {
             clock_skew: Duration::from_secs(300),
             max_secret_bytes: 64 * 1024,
             max_secrets: 100_000,
+            serve_threads: 0,
+            key_stock: 64,
         }
     }
 }
@@ -118,6 +125,18 @@ impl Config {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => Ok(Self::default()),
             Err(e) => Err(ConfigError(format!("config file {}: {e}", path.display()))),
         }
+    }
+
+    /// How many runtime worker threads serve requests: `serve_threads`, or
+    /// half the CPUs (at least one). Every client of the daemon runs on the
+    /// same machine, so a daemon that takes every CPU competes with its own
+    /// callers; see docs/configuration.md for the measurement.
+    pub fn serve_thread_count(&self) -> usize {
+        if self.serve_threads > 0 {
+            return self.serve_threads;
+        }
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cpus / 2).max(1)
     }
 
     /// Checks values that TOML cannot.

@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use crate::ca::{LoadedCa, TokenSlot};
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::keypool::KeyPool;
 
 /// Label of the vault key objects Keyholder creates on tokens.
 pub const KEY_LABEL: &str = "keyholder-vault";
@@ -110,6 +111,14 @@ pub struct Core {
     epoch: Instant,
     status_tx: watch::Sender<v1::StatusResponse>,
     shutdown_tx: watch::Sender<bool>,
+    /// Client keys generated ahead of time while unlocked.
+    pub(crate) key_pool: Arc<KeyPool>,
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        self.key_pool.stop();
+    }
 }
 
 fn timestamp(t: SystemTime) -> prost_types::Timestamp {
@@ -134,6 +143,7 @@ impl Core {
     pub fn new(config: Config, module: Module, storage: FileStorage) -> Arc<Self> {
         let (status_tx, _) = watch::channel(v1::StatusResponse::default());
         let (shutdown_tx, _) = watch::channel(false);
+        let key_pool = KeyPool::start(config.key_stock);
         let core = Arc::new(Self {
             config,
             module,
@@ -146,6 +156,7 @@ impl Core {
             epoch: Instant::now(),
             status_tx,
             shutdown_tx,
+            key_pool,
         });
         core.publish();
         core
@@ -399,6 +410,7 @@ impl Core {
         *self.token_slot() = Some(session);
         self.touch();
         *self.write_state() = State::Unlocked(Box::new(unlocked));
+        self.key_pool.fill();
         self.publish();
         Ok(self.status())
     }
@@ -435,6 +447,7 @@ impl Core {
         let was_unlocked = matches!(previous, State::Unlocked(_));
         // Dropping Unlocked zeroizes secret values and the MAC key.
         drop(previous);
+        self.key_pool.drain();
         self.exec_cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -515,6 +528,7 @@ impl Core {
     pub fn begin_shutdown(&self) {
         self.shutdown_tx.send_replace(true);
         self.lock(LockReason::Shutdown);
+        self.key_pool.stop();
     }
 }
 

@@ -13,6 +13,7 @@ pub mod config;
 pub mod core;
 pub mod error;
 pub mod gate;
+mod keypool;
 pub mod keys;
 pub mod services;
 

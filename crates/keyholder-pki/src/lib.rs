@@ -89,17 +89,26 @@ impl KeyAlgorithm {
     }
 }
 
-/// A P-256 key generated per issuance. Generated with ring directly, which
-/// costs one scalar multiplication; going through rcgen's `KeyPair` would
-/// parse the PKCS#8 back and spend a second one, and issuance is a hot path.
-struct FreshP256 {
+/// A P-256 key for one certificate, generated per issuance or ahead of time
+/// (see [`PublicKeySource::Pregenerated`]). Generated with ring directly,
+/// which costs one scalar multiplication; going through rcgen's `KeyPair`
+/// would parse the PKCS#8 back and spend a second one, and issuance is a hot
+/// path. The PKCS#8 document is zeroized on drop.
+pub struct FreshP256 {
     pkcs8: Zeroizing<Vec<u8>>,
     /// Uncompressed SEC1 point.
     point: Vec<u8>,
 }
 
+impl std::fmt::Debug for FreshP256 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FreshP256(..)")
+    }
+}
+
 impl FreshP256 {
-    fn generate() -> Result<Self> {
+    /// A new key.
+    pub fn generate() -> Result<Self> {
         let rng = ring::rand::SystemRandom::new();
         let doc = ring::signature::EcdsaKeyPair::generate_pkcs8(
             &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
@@ -115,6 +124,11 @@ impl FreshP256 {
             _ => return Err(PkiError::Build("unexpected PKCS#8 layout from ring".into())),
         };
         Ok(Self { pkcs8, point })
+    }
+
+    /// The public key, an uncompressed SEC1 point.
+    pub fn public_point(&self) -> &[u8] {
+        &self.point
     }
 
     fn pem(&self) -> Zeroizing<String> {
@@ -349,6 +363,9 @@ pub struct IssueRequest {
 pub enum PublicKeySource<'a> {
     /// Generate a key pair and return its private key with the certificate.
     Generate(KeyAlgorithm),
+    /// Use this P-256 key generated earlier, and return it with the
+    /// certificate.
+    Pregenerated(FreshP256),
     /// The public key of this PEM CSR, whose signature is verified; its CN,
     /// O and SANs are used where the request leaves them empty.
     Csr(&'a str),
@@ -420,6 +437,7 @@ pub fn issue<S: SigningKey>(
     let mut generated = None;
     match source {
         PublicKeySource::Generate(alg) => generated = Some(Fresh::generate(alg)?),
+        PublicKeySource::Pregenerated(key) => generated = Some(Fresh::P256(key)),
         PublicKeySource::Csr(pem) => {
             let csr = CertificateSigningRequestParams::from_pem(pem).map_err(|e| {
                 PkiError::Csr(match e {

@@ -82,6 +82,17 @@ struct ClusterRequest {
 }
 
 impl CredentialsService {
+    /// A key from the stock made ahead of time when there is one (P-256
+    /// only), else generated during the request.
+    fn fresh_key(&self, alg: KeyAlgorithm) -> PublicKeySource<'static> {
+        if alg == KeyAlgorithm::P256
+            && let Some(key) = self.0.key_pool.take()
+        {
+            return PublicKeySource::Pregenerated(key);
+        }
+        PublicKeySource::Generate(alg)
+    }
+
     fn resolve(
         &self,
         cluster: &str,
@@ -144,11 +155,7 @@ impl CredentialsService {
             ttl: c.ttl,
             backdate: self.0.config.clock_skew,
         };
-        let issued = sign(
-            &c.ca,
-            &request,
-            PublicKeySource::Generate(KeyAlgorithm::P256),
-        )?;
+        let issued = sign(&c.ca, &request, self.fresh_key(KeyAlgorithm::P256))?;
         log_issued(&c.ca_name, &request, &issued);
         Ok(issued)
     }
@@ -346,7 +353,7 @@ impl v1::credentials_server::Credentials for CredentialsService {
             backdate: self.0.config.clock_skew,
         };
         let source = if req.csr_pem.is_empty() {
-            PublicKeySource::Generate(KeyAlgorithm::parse(&req.key_algorithm).map_err(Error::from)?)
+            self.fresh_key(KeyAlgorithm::parse(&req.key_algorithm).map_err(Error::from)?)
         } else {
             PublicKeySource::Csr(&req.csr_pem)
         };
