@@ -185,9 +185,21 @@ fn offset(t: SystemTime) -> OffsetDateTime {
 /// A random positive serial of exactly 16 bytes: the top bit is cleared so
 /// the DER INTEGER needs no sign byte, and the next one set so it never
 /// shrinks (126 random bits).
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    out
+}
+
 fn serial() -> SerialNumber {
     let mut bytes = [0u8; 16];
-    rand::Rng::fill(&mut rand::rngs::OsRng, &mut bytes);
+    // The thread's ChaCha generator, seeded and periodically reseeded from
+    // the OS: a CSPRNG without a system call per certificate.
+    rand::Rng::fill(&mut rand::thread_rng(), &mut bytes);
     bytes[0] = (bytes[0] & 0x3f) | 0x40;
     SerialNumber::from_slice(&bytes)
 }
@@ -530,7 +542,7 @@ pub fn issue<S: SigningKey>(
     params.not_before = offset(not_before);
     params.not_after = offset(not_after);
     let serial = serial();
-    let serial_hex = serial.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let serial_hex = hex(serial.as_ref());
     params.serial_number = Some(serial);
 
     let cert = match (&generated, &csr_key) {
