@@ -580,6 +580,15 @@ fn dn_text(v: &rcgen::DnValue) -> String {
     }
 }
 
+/// The subject public key bytes of a PEM certificate (for an EC key, the
+/// SEC1 point).
+pub fn certificate_public_key(pem: &str) -> Result<Vec<u8>> {
+    let der = pem_to_der(pem)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| PkiError::Parse(format!("certificate does not parse: {e}")))?;
+    Ok(cert.public_key().subject_public_key.data.to_vec())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -719,13 +728,4 @@ mod tests {
         let other = KeyAlgorithm::P256.generate().unwrap();
         assert!(import_ca(&ca_pem, &other.serialize_pem()).is_err());
     }
-}
-
-/// The subject public key bytes of a PEM certificate (for an EC key, the
-/// SEC1 point).
-pub fn certificate_public_key(pem: &str) -> Result<Vec<u8>> {
-    let der = pem_to_der(pem)?;
-    let (_, cert) = x509_parser::parse_x509_certificate(&der)
-        .map_err(|e| PkiError::Parse(format!("certificate does not parse: {e}")))?;
-    Ok(cert.public_key().subject_public_key.data.to_vec())
 }

@@ -249,6 +249,24 @@ impl KeyAgreement for SoftwareKey {
     }
 }
 
+/// A token key reached through an open (logged-in) token session.
+pub struct TokenAgreement<'a> {
+    /// The session to run ECDH in.
+    pub session: &'a keyholder_token::TokenSession,
+    /// The key on that token.
+    pub key: &'a keyholder_token::TokenKey,
+}
+
+impl KeyAgreement for TokenAgreement<'_> {
+    fn public_key(&self) -> p256::PublicKey {
+        self.key.public
+    }
+
+    fn agree(&self, peer: &p256::PublicKey) -> Result<Zeroizing<[u8; 32]>, keyholder_token::Error> {
+        self.session.ecdh(self.key, peer)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Write};
@@ -306,23 +324,5 @@ mod tests {
         assert!(s.starts_with("age1tag1"));
         let parsed: age::tag::Recipient = s.parse().expect("age accepts it");
         assert_eq!(parsed.to_string(), s);
-    }
-}
-
-/// A token key reached through an open (logged-in) token session.
-pub struct TokenAgreement<'a> {
-    /// The session to run ECDH in.
-    pub session: &'a keyholder_token::TokenSession,
-    /// The key on that token.
-    pub key: &'a keyholder_token::TokenKey,
-}
-
-impl KeyAgreement for TokenAgreement<'_> {
-    fn public_key(&self) -> p256::PublicKey {
-        self.key.public
-    }
-
-    fn agree(&self, peer: &p256::PublicKey) -> Result<Zeroizing<[u8; 32]>, keyholder_token::Error> {
-        self.session.ecdh(self.key, peer)
     }
 }
