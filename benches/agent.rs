@@ -119,7 +119,9 @@ fn main() {
         return;
     }
     let env = Env::new();
-    let daemon = env.start_daemon(&["--log", "warn"]);
+    let flags = common::daemon_flags("warn");
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let daemon = env.start_daemon(&flags);
     env.init();
     env.unlock();
     let ours = env.runtime.join("keyholder/ssh-agent.sock");

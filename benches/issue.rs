@@ -14,7 +14,7 @@
 //! Knobs: `ISSUE_BENCH_CONCURRENCY` (default `1,8`), `ISSUE_BENCH_OPS`
 //! (operations per measurement, default 20000), `ISSUE_BENCH_CONNECTIONS`
 //! (HTTP/2 connections Keyholder's callers share, default one each),
-//! `ISSUE_BENCH_SERVE_THREADS` and `ISSUE_BENCH_KEY_STOCK` (the daemon's
+//! `BENCH_SERVE_THREADS` and `BENCH_KEY_STOCK` (the daemon's
 //! `--serve-threads` and `--key-stock`),
 //! `ISSUE_BENCH_PEER=0` to skip cfssl (e.g. with a profiler attached to the
 //! daemon PID printed on stderr).
@@ -247,15 +247,7 @@ fn main() {
     // Quiet like cfssl (`-loglevel 5`): the per-issuance audit line is
     // measured separately (BENCH_DAEMON_LOG=info).
     let log = std::env::var("BENCH_DAEMON_LOG").unwrap_or_else(|_| "warn".into());
-    let mut flags = vec!["--log".to_owned(), log];
-    for (var, flag) in [
-        ("ISSUE_BENCH_SERVE_THREADS", "--serve-threads"),
-        ("ISSUE_BENCH_KEY_STOCK", "--key-stock"),
-    ] {
-        if let Ok(v) = std::env::var(var) {
-            flags.extend([flag.to_owned(), v]);
-        }
-    }
+    let flags = common::daemon_flags(&log);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let daemon = env.start_daemon(&flags);
     eprintln!("keyholderd pid {}", daemon.pid());

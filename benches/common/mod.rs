@@ -5,6 +5,22 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// keyholderd flags for a benchmark: `--log <log>`, plus `--serve-threads`
+/// and `--key-stock` from `BENCH_SERVE_THREADS` and `BENCH_KEY_STOCK` when
+/// set (to compare settings on one machine).
+pub fn daemon_flags(log: &str) -> Vec<String> {
+    let mut flags = vec!["--log".to_owned(), log.to_owned()];
+    for (var, flag) in [
+        ("BENCH_SERVE_THREADS", "--serve-threads"),
+        ("BENCH_KEY_STOCK", "--key-stock"),
+    ] {
+        if let Ok(v) = std::env::var(var) {
+            flags.extend([flag.to_owned(), v]);
+        }
+    }
+    flags
+}
+
 /// A gRPC channel over the daemon's Unix socket.
 pub async fn connect(socket: PathBuf) -> tonic::transport::Channel {
     tonic::transport::Endpoint::from_static("http://keyholderd.invalid")
