@@ -33,9 +33,14 @@ use common::{Run, connect_direct};
 use keyholder_proto::v1;
 use util::Env;
 
-/// Each measurement stops at this many operations or this much time.
+/// Each measurement stops at this many operations or this much time, split
+/// over `ROUNDS` alternating rounds of the two servers.
 const MAX_OPS: usize = 20_000;
 const MAX_TIME: Duration = Duration::from_secs(8);
+/// The machine's speed drifts (a shared host), so the two servers take turns
+/// in short rounds and each one's figures are summed over its rounds; a slow
+/// spell then lands on both instead of on whichever ran during it.
+const ROUNDS: usize = 5;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -49,6 +54,7 @@ fn keyholder_run(
     socket: &std::path::Path,
     concurrency: usize,
     max_ops: usize,
+    max_time: Duration,
 ) -> Run {
     rt.block_on(async {
         let per_task = max_ops / concurrency;
@@ -67,7 +73,7 @@ fn keyholder_run(
                 let mut client = v1::credentials_client::CredentialsClient::new(channel);
                 let mut lat = Vec::with_capacity(per_task);
                 let begin = Instant::now();
-                while lat.len() < per_task && begin.elapsed() < MAX_TIME {
+                while lat.len() < per_task && begin.elapsed() < max_time {
                     let t = Instant::now();
                     let r = client
                         .issue_certificate(v1::IssueCertificateRequest {
@@ -132,7 +138,7 @@ impl Http {
     }
 }
 
-fn cfssl_run(port: u16, concurrency: usize, max_ops: usize) -> Run {
+fn cfssl_run(port: u16, concurrency: usize, max_ops: usize, max_time: Duration) -> Run {
     let body = r#"{"request":{"CN":"bench-client","names":[{"O":"bench"}],"key":{"algo":"ecdsa","size":256}}}"#;
     let per_thread = max_ops / concurrency;
     let start = Instant::now();
@@ -147,7 +153,7 @@ fn cfssl_run(port: u16, concurrency: usize, max_ops: usize) -> Run {
                     };
                     let mut lat = Vec::with_capacity(per_thread);
                     let begin = Instant::now();
-                    while lat.len() < per_thread && begin.elapsed() < MAX_TIME {
+                    while lat.len() < per_thread && begin.elapsed() < max_time {
                         let t = Instant::now();
                         http.post(port, "/api/v1/cfssl/newcert", body);
                         lat.push(t.elapsed());
@@ -261,26 +267,43 @@ fn main() {
         .build()
         .expect("runtime");
     // Warm both up.
-    let _ = keyholder_run(&rt, &env.socket(), 1, 2000);
+    let warm = Duration::from_secs(2);
+    let _ = keyholder_run(&rt, &env.socket(), 1, 2000, warm);
     if let Some((_, port)) = &cfssl {
-        let _ = cfssl_run(*port, 1, 2000);
+        let _ = cfssl_run(*port, 1, 2000, warm);
     }
+    let rounds = env_or("ISSUE_BENCH_ROUNDS", ROUNDS).max(1);
+    let (round_ops, round_time) = ((max_ops / rounds).max(1), MAX_TIME / rounds as u32);
     println!(
         "{:<10} {:>4} {:>10} {:>10} {:>10}",
         "server", "conc", "issues/s", "p50 ms", "p99 ms"
     );
     let mut rows = Vec::new();
     for c in concurrency {
-        let k = keyholder_run(&rt, &env.socket(), c, max_ops);
+        let (mut ks, mut fs, mut per_round) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            let k = keyholder_run(&rt, &env.socket(), c, round_ops, round_time);
+            if let Some((_, port)) = &cfssl {
+                let f = cfssl_run(*port, c, round_ops, round_time);
+                per_round.push(k.rate() / f.rate());
+                fs.push(f);
+            }
+            ks.push(k);
+        }
+        let k = Run::merge(ks);
         print_row("keyholder", c, &k);
-        if let Some((_, port)) = &cfssl {
-            let f = cfssl_run(*port, c, max_ops);
+        if !fs.is_empty() {
+            let f = Run::merge(fs);
             print_row("cfssl", c, &f);
-            rows.push((c, k.rate() / f.rate()));
+            rows.push((c, k.rate() / f.rate(), per_round));
         }
     }
-    for (c, ratio) in rows {
-        println!("throughput ratio keyholder/cfssl at concurrency {c}: {ratio:.2}x");
+    for (c, ratio, per_round) in rows {
+        let low = per_round.iter().copied().fold(f64::INFINITY, f64::min);
+        let high = per_round.iter().copied().fold(0.0, f64::max);
+        println!(
+            "throughput ratio keyholder/cfssl at concurrency {c}: {ratio:.2}x (rounds {low:.2}x-{high:.2}x)"
+        );
     }
     if let Some((mut child, _)) = cfssl.take() {
         let _ = child.kill();

@@ -54,6 +54,15 @@ impl Run {
         }
     }
 
+    /// Several runs taken as one: their operations and their time added up.
+    pub fn merge(runs: Vec<Run>) -> Self {
+        let elapsed = runs.iter().map(|r| r.elapsed).sum();
+        Self::new(
+            runs.into_iter().flat_map(|r| r.latencies).collect(),
+            elapsed,
+        )
+    }
+
     /// Operations per second.
     pub fn rate(&self) -> f64 {
         self.ops as f64 / self.elapsed.as_secs_f64()
