@@ -41,6 +41,8 @@ const MAX_TIME: Duration = Duration::from_secs(8);
 /// in short rounds and each one's figures are summed over its rounds; a slow
 /// spell then lands on both instead of on whichever ran during it.
 const ROUNDS: usize = 5;
+/// Pause before each round.
+const SETTLE: Duration = Duration::from_millis(300);
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -282,8 +284,12 @@ fn main() {
     for c in concurrency {
         let (mut ks, mut fs, mut per_round) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..rounds {
+            // Let the other server's background work (Go's garbage collector,
+            // the key stock) settle so it does not run into this round.
+            std::thread::sleep(SETTLE);
             let k = keyholder_run(&rt, &env.socket(), c, round_ops, round_time);
             if let Some((_, port)) = &cfssl {
+                std::thread::sleep(SETTLE);
                 let f = cfssl_run(*port, c, round_ops, round_time);
                 per_round.push(k.rate() / f.rate());
                 fs.push(f);
