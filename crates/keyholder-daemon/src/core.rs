@@ -409,8 +409,13 @@ impl Core {
         );
         *self.token_slot() = Some(session);
         self.touch();
-        *self.write_state() = State::Unlocked(Box::new(unlocked));
-        self.key_pool.fill();
+        {
+            // Under the state lock, so a concurrent lock() cannot drain the
+            // key stock before this starts filling it.
+            let mut state = self.write_state();
+            *state = State::Unlocked(Box::new(unlocked));
+            self.key_pool.fill();
+        }
         self.publish();
         Ok(self.status())
     }
@@ -443,11 +448,14 @@ impl Core {
 
     /// Locks: wipes the open vault, logs out and closes the token session.
     pub fn lock(&self, reason: LockReason) {
-        let previous = std::mem::replace(&mut *self.write_state(), State::Locked(reason));
+        let previous = {
+            let mut state = self.write_state();
+            self.key_pool.drain();
+            std::mem::replace(&mut *state, State::Locked(reason))
+        };
         let was_unlocked = matches!(previous, State::Unlocked(_));
         // Dropping Unlocked zeroizes secret values and the MAC key.
         drop(previous);
-        self.key_pool.drain();
         self.exec_cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
