@@ -40,35 +40,23 @@ fn frame_sign(blob: &[u8], data: &[u8], flags: u32) -> Vec<u8> {
 fn agent_run(socket: &Path, blob: &[u8], flags: u32, concurrency: usize) -> Run {
     let data = [0x5au8; 64];
     let request = frame_sign(blob, &data, flags);
-    let start = Instant::now();
-    let parts: Vec<Vec<Duration>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..concurrency)
-            .map(|_| {
-                let request = &request;
-                s.spawn(move || {
-                    let mut stream = UnixStream::connect(socket).expect("agent socket");
-                    let mut lat = Vec::new();
-                    let mut len = [0u8; 4];
-                    let mut body = Vec::new();
-                    while lat.len() < MAX_OPS / concurrency && start.elapsed() < MAX_TIME {
-                        let t = Instant::now();
-                        stream.write_all(request).expect("send");
-                        stream.read_exact(&mut len).expect("reply length");
-                        body.resize(u32::from_be_bytes(len) as usize, 0);
-                        stream.read_exact(&mut body).expect("reply");
-                        assert_eq!(body[0], 14, "agent refused to sign");
-                        lat.push(t.elapsed());
-                    }
-                    lat
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("thread"))
-            .collect()
-    });
-    Run::new(parts.into_iter().flatten().collect(), start.elapsed())
+    common::threaded_run(
+        concurrency,
+        MAX_OPS,
+        MAX_TIME,
+        || {
+            let stream = UnixStream::connect(socket).expect("agent socket");
+            (stream, Vec::new())
+        },
+        |(stream, body)| {
+            let mut len = [0u8; 4];
+            stream.write_all(&request).expect("send");
+            stream.read_exact(&mut len).expect("reply length");
+            body.resize(u32::from_be_bytes(len) as usize, 0);
+            stream.read_exact(body).expect("reply");
+            assert_eq!(body[0], 14, "agent refused to sign");
+        },
+    )
 }
 
 fn grpc_run(rt: &tokio::runtime::Runtime, socket: &Path, key: &str, concurrency: usize) -> Run {

@@ -142,34 +142,21 @@ impl Http {
 
 fn cfssl_run(port: u16, concurrency: usize, max_ops: usize, max_time: Duration) -> Run {
     let body = r#"{"request":{"CN":"bench-client","names":[{"O":"bench"}],"key":{"algo":"ecdsa","size":256}}}"#;
-    let per_thread = max_ops / concurrency;
-    let start = Instant::now();
-    let parts: Vec<Vec<Duration>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..concurrency)
-            .map(|_| {
-                s.spawn(move || {
-                    let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect cfssl");
-                    stream.set_nodelay(true).expect("nodelay");
-                    let mut http = Http {
-                        stream: BufReader::new(stream),
-                    };
-                    let mut lat = Vec::with_capacity(per_thread);
-                    let begin = Instant::now();
-                    while lat.len() < per_thread && begin.elapsed() < max_time {
-                        let t = Instant::now();
-                        http.post(port, "/api/v1/cfssl/newcert", body);
-                        lat.push(t.elapsed());
-                    }
-                    lat
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("thread"))
-            .collect()
-    });
-    Run::new(parts.into_iter().flatten().collect(), start.elapsed())
+    common::threaded_run(
+        concurrency,
+        max_ops,
+        max_time,
+        || {
+            let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect cfssl");
+            stream.set_nodelay(true).expect("nodelay");
+            Http {
+                stream: BufReader::new(stream),
+            }
+        },
+        |http| {
+            http.post(port, "/api/v1/cfssl/newcert", body);
+        },
+    )
 }
 
 /// `cfssl serve` on a loopback port with its own P-256 CA made by openssl.

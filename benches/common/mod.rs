@@ -36,6 +36,43 @@ pub async fn connect(socket: PathBuf) -> tonic::transport::Channel {
         .expect("connect")
 }
 
+/// Runs `concurrency` threads, each with its own connection from `connect`,
+/// calling `op` on it until the thread has done its share of `max_ops` or
+/// `max_time` has passed, and times every call.
+pub fn threaded_run<C>(
+    concurrency: usize,
+    max_ops: usize,
+    max_time: Duration,
+    connect: impl Fn() -> C + Sync,
+    op: impl Fn(&mut C) + Sync,
+) -> Run {
+    let per_thread = max_ops / concurrency;
+    let start = std::time::Instant::now();
+    let parts: Vec<Vec<Duration>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..concurrency)
+            .map(|_| {
+                let (connect, op) = (&connect, &op);
+                s.spawn(move || {
+                    let mut conn = connect();
+                    let mut lat = Vec::with_capacity(per_thread);
+                    let begin = std::time::Instant::now();
+                    while lat.len() < per_thread && begin.elapsed() < max_time {
+                        let t = std::time::Instant::now();
+                        op(&mut conn);
+                        lat.push(t.elapsed());
+                    }
+                    lat
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    Run::new(parts.into_iter().flatten().collect(), start.elapsed())
+}
+
 /// Latencies of one measured run.
 pub struct Run {
     pub ops: usize,
