@@ -4,10 +4,14 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use keyholder_pki::ecdsa::PreparedSigner;
 use keyholder_pki::{CaIssuer, PkiError, PublicKeyData, SigningKey};
 use keyholder_token::{TokenKey, TokenSession};
 use keyholder_vault::{CaEntry, CaKey};
 use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use crate::keypool::KeyPool;
 
 use crate::error::{Error, Result};
 
@@ -62,7 +66,13 @@ mod rcgen_alg {
 /// A CA key of either kind.
 pub enum CaSigner {
     /// Held in memory (decrypted from the vault).
-    Memory(keyholder_pki::rcgen::KeyPair),
+    Memory {
+        key: Box<keyholder_pki::rcgen::KeyPair>,
+        /// For a P-256 key: the same key, signing with nonces from the
+        /// stock when it has one.
+        prepared: Option<PreparedSigner>,
+        nonces: Arc<KeyPool>,
+    },
     /// On the token.
     Token(TokenSigner),
 }
@@ -70,14 +80,14 @@ pub enum CaSigner {
 impl PublicKeyData for CaSigner {
     fn der_bytes(&self) -> &[u8] {
         match self {
-            Self::Memory(k) => k.der_bytes(),
+            Self::Memory { key, .. } => key.der_bytes(),
             Self::Token(t) => t.der_bytes(),
         }
     }
 
     fn algorithm(&self) -> &'static rcgen_alg::SignatureAlgorithm {
         match self {
-            Self::Memory(k) => k.algorithm(),
+            Self::Memory { key, .. } => key.algorithm(),
             Self::Token(t) => t.algorithm(),
         }
     }
@@ -86,7 +96,19 @@ impl PublicKeyData for CaSigner {
 impl SigningKey for CaSigner {
     fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen_alg::Error> {
         match self {
-            Self::Memory(k) => k.sign(msg),
+            Self::Memory {
+                key,
+                prepared,
+                nonces,
+            } => {
+                if let Some(prepared) = prepared
+                    && let Some(nonce) = nonces.take_nonce()
+                    && let Some(sig) = prepared.sign(nonce, msg)
+                {
+                    return Ok(sig);
+                }
+                key.sign(msg)
+            }
             Self::Token(t) => t.sign(msg),
         }
     }
@@ -139,18 +161,43 @@ pub fn token_signer(slot: TokenSlot, key_id: Vec<u8>, point: Vec<u8>) -> Result<
     })
 }
 
-/// Prepares the CA `entry` to sign.
-pub fn load(entry: &CaEntry, slot: &TokenSlot) -> Result<LoadedCa> {
+/// A CA signer for a key held in memory (PKCS#8 PEM from the vault).
+fn memory_signer(private_key_pem: &str, nonces: &Arc<KeyPool>) -> Result<CaSigner> {
+    let key = keyholder_pki::rcgen::KeyPair::from_pem(private_key_pem).map_err(|e| {
+        Error::Vault(keyholder_vault::VaultError::Damaged(format!(
+            "CA key does not parse ({e})"
+        )))
+    })?;
+    Ok(CaSigner::Memory {
+        prepared: prepared_signer(&key),
+        key: Box::new(key),
+        nonces: nonces.clone(),
+    })
+}
+
+/// The nonce-stock signer for an in-memory P-256 CA key; `None` for other
+/// algorithms, which sign through rcgen.
+fn prepared_signer(key: &keyholder_pki::rcgen::KeyPair) -> Option<PreparedSigner> {
+    if key.algorithm() != &rcgen_alg::PKCS_ECDSA_P256_SHA256 {
+        return None;
+    }
+    let der = Zeroizing::new(key.serialize_der());
+    match PreparedSigner::from_pkcs8_der(&der, key.der_bytes()) {
+        Ok(signer) => Some(signer),
+        Err(e) => {
+            // Signing still works through rcgen, without the stock.
+            tracing::warn!(error = %e, "CA key cannot sign with prepared nonces");
+            None
+        }
+    }
+}
+
+/// Prepares the CA `entry` to sign; in-memory P-256 keys take nonces from
+/// `nonces`.
+pub fn load(entry: &CaEntry, slot: &TokenSlot, nonces: &Arc<KeyPool>) -> Result<LoadedCa> {
     let info = keyholder_pki::certificate_info(&entry.certificate_pem).map_err(pki)?;
     let (signer, on_token) = match &entry.key {
-        CaKey::Vault { private_key_pem } => {
-            let kp = keyholder_pki::rcgen::KeyPair::from_pem(private_key_pem).map_err(|e| {
-                Error::Vault(keyholder_vault::VaultError::Damaged(format!(
-                    "CA key does not parse ({e})"
-                )))
-            })?;
-            (CaSigner::Memory(kp), false)
-        }
+        CaKey::Vault { private_key_pem } => (memory_signer(private_key_pem, nonces)?, false),
         CaKey::Token { key_id, .. } => {
             let id = unhex(key_id).ok_or_else(|| {
                 Error::Vault(keyholder_vault::VaultError::Damaged(
@@ -191,5 +238,63 @@ pub fn validate_name(field: &'static str, name: &str) -> Result<()> {
             field,
             reason: format!("{name:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keyholder_pki::KeyAlgorithm;
+    use ring::signature::{ECDSA_P256_SHA256_ASN1, ED25519, UnparsedPublicKey};
+
+    fn sign_and_verify(
+        signer: &CaSigner,
+        alg: &'static dyn ring::signature::VerificationAlgorithm,
+    ) {
+        let public = UnparsedPublicKey::new(alg, signer.der_bytes().to_vec());
+        for i in 0..4 {
+            let msg = format!("tbsCertificate {i}");
+            let sig = signer.sign(msg.as_bytes()).expect("signature");
+            public.verify(msg.as_bytes(), &sig).expect("verifies");
+        }
+    }
+
+    #[test]
+    fn p256_ca_signs_with_stocked_nonces_and_without() {
+        let key = KeyAlgorithm::P256.generate().expect("key");
+        let pool = KeyPool::start(16);
+        let signer = memory_signer(&key.serialize_pem(), &pool).expect("signer");
+        assert!(matches!(
+            signer,
+            CaSigner::Memory {
+                prepared: Some(_),
+                ..
+            }
+        ));
+
+        // Locked: no nonces, so ring signs.
+        sign_and_verify(&signer, &ECDSA_P256_SHA256_ASN1);
+
+        pool.fill();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while pool.stocked_nonces() < 16 {
+            assert!(std::time::Instant::now() < deadline, "nonces were not made");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Unlocked: each signature takes a nonce from the stock.
+        sign_and_verify(&signer, &ECDSA_P256_SHA256_ASN1);
+        assert_eq!(pool.stocked_nonces(), 12, "one nonce per signature");
+        pool.stop();
+    }
+
+    #[test]
+    fn other_algorithms_sign_through_rcgen() {
+        let key = KeyAlgorithm::Ed25519.generate().expect("key");
+        let pool = KeyPool::start(16);
+        pool.fill();
+        let signer = memory_signer(&key.serialize_pem(), &pool).expect("signer");
+        assert!(matches!(signer, CaSigner::Memory { prepared: None, .. }));
+        sign_and_verify(&signer, &ED25519);
+        pool.stop();
     }
 }

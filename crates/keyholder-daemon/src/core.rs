@@ -111,7 +111,7 @@ pub struct Core {
     epoch: Instant,
     status_tx: watch::Sender<v1::StatusResponse>,
     shutdown_tx: watch::Sender<bool>,
-    /// Client keys generated ahead of time while unlocked.
+    /// Client keys and CA signature nonces made ahead of time while unlocked.
     pub(crate) key_pool: Arc<KeyPool>,
 }
 
@@ -586,7 +586,7 @@ impl Core {
                     reason: format!("{name:?} is an {} CA, not an X.509 one", entry.kind),
                 });
             }
-            let loaded = Arc::new(crate::ca::load(entry, &self.token)?);
+            let loaded = Arc::new(crate::ca::load(entry, &self.token, &self.key_pool)?);
             cache.insert(name.to_owned(), loaded.clone());
             Ok(loaded)
         })

@@ -9,19 +9,31 @@
 //! what it did without it; in bursts (kubectl, helm and k9s starting the exec
 //! plugin together) and with idle CPU it saves a key generation per request.
 //!
-//! The stock holds keys that belong to no one yet. It is emptied (and each
-//! key zeroized) when the session locks, and refilled only while unlocked.
+//! The same thread keeps a stock of ECDSA nonces for P-256 CAs held in the
+//! vault (see [`keyholder_pki::ecdsa`]): with one at hand, the CA's
+//! signature is two scalar multiplications instead of a point
+//! multiplication and an inversion. Nonces are made in batches so that one
+//! inversion serves the whole batch.
+//!
+//! The stock holds keys that belong to no one yet and nonces not yet used.
+//! It is emptied (and each key and nonce zeroized) when the session locks,
+//! and refilled only while unlocked. Each item is handed out once.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use keyholder_pki::FreshP256;
+use keyholder_pki::ecdsa::Nonce;
 
 /// Nice value of the filling thread: it runs when nothing else wants the CPU.
 const NICE: i32 = 19;
 
+/// Nonces made together, sharing one inversion.
+const NONCE_BATCH: usize = 16;
+
 #[derive(Default)]
 struct Stock {
     keys: Vec<FreshP256>,
+    nonces: Vec<Nonce>,
     /// True while the session is unlocked.
     filling: bool,
     /// True once the daemon stops.
@@ -32,7 +44,7 @@ struct Stock {
 pub struct KeyPool {
     stock: Mutex<Stock>,
     wake: Condvar,
-    /// Keys kept ready; 0 keeps none (and starts no thread).
+    /// Keys kept ready, and nonces; 0 keeps none (and starts no thread).
     capacity: usize,
 }
 
@@ -70,6 +82,34 @@ impl KeyPool {
         key
     }
 
+    /// A nonce from the stock, if there is one; it is no longer in the stock.
+    pub fn take_nonce(&self) -> Option<Nonce> {
+        let mut stock = self.stock();
+        let nonce = stock.nonces.pop();
+        if self.nonces_wanted(&stock) > 0 {
+            self.wake.notify_one();
+        }
+        nonce
+    }
+
+    /// Nonces in the stock now.
+    #[cfg(test)]
+    pub(crate) fn stocked_nonces(&self) -> usize {
+        self.stock().nonces.len()
+    }
+
+    /// How many nonces to make now: a whole batch once that many are
+    /// missing (a batch of one would cost an inversion of its own), else none.
+    fn nonces_wanted(&self, stock: &Stock) -> usize {
+        let batch = NONCE_BATCH.min(self.capacity);
+        let missing = self.capacity.saturating_sub(stock.nonces.len());
+        if batch > 0 && missing >= batch {
+            batch
+        } else {
+            0
+        }
+    }
+
     /// Starts keeping the stock full (the session unlocked).
     pub fn fill(&self) {
         self.stock().filling = true;
@@ -78,13 +118,17 @@ impl KeyPool {
 
     /// Empties the stock and stops filling it (the session locked).
     pub fn drain(&self) {
-        let keys = {
+        let taken = {
             let mut stock = self.stock();
             stock.filling = false;
-            std::mem::take(&mut stock.keys)
+            (
+                std::mem::take(&mut stock.keys),
+                std::mem::take(&mut stock.nonces),
+            )
         };
-        // Each key's PKCS#8 is zeroized as it drops, outside the lock.
-        drop(keys);
+        // Each key's PKCS#8 and each nonce is zeroized as it drops, outside
+        // the lock.
+        drop(taken);
     }
 
     /// Stops the filling thread.
@@ -94,6 +138,7 @@ impl KeyPool {
             stock.stopped = true;
             stock.filling = false;
             stock.keys.clear();
+            stock.nonces.clear();
         }
         self.wake.notify_one();
     }
@@ -108,25 +153,46 @@ impl KeyPool {
             if stock.stopped {
                 return;
             }
-            if !stock.filling || stock.keys.len() >= self.capacity {
+            let want_key = stock.keys.len() < self.capacity;
+            let want_nonces = self.nonces_wanted(&stock);
+            if !stock.filling || (!want_key && want_nonces == 0) {
                 stock = self.wake.wait(stock).unwrap_or_else(|p| p.into_inner());
                 continue;
             }
+            // The emptier of the two first.
+            let nonces_first =
+                want_nonces > 0 && (!want_key || stock.nonces.len() <= stock.keys.len());
             drop(stock);
-            let key = FreshP256::generate();
+            let made = if nonces_first {
+                Nonce::prepare(want_nonces).map(Made::Nonces)
+            } else {
+                FreshP256::generate().map(Made::Key)
+            };
             stock = self.stock();
-            match key {
-                Ok(key) if stock.filling && stock.keys.len() < self.capacity => {
-                    stock.keys.push(key)
+            match made {
+                Ok(_) if !stock.filling => {}
+                Ok(Made::Key(key)) => {
+                    if stock.keys.len() < self.capacity {
+                        stock.keys.push(key);
+                    }
                 }
-                Ok(_) => {}
+                Ok(Made::Nonces(nonces)) => {
+                    let room = self.capacity.saturating_sub(stock.nonces.len());
+                    stock.nonces.extend(nonces.into_iter().take(room));
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "key generation failed; the stock stops filling");
+                    tracing::warn!(error = %e, "key or nonce generation failed; the stock stops filling");
                     stock.filling = false;
                 }
             }
         }
     }
+}
+
+/// What one round of the filling thread made.
+enum Made {
+    Key(FreshP256),
+    Nonces(Vec<Nonce>),
 }
 
 #[cfg(test)]
@@ -153,11 +219,15 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(stocked(&pool), 0, "nothing is generated while locked");
         assert!(pool.take().is_none());
+        assert!(pool.take_nonce().is_none());
 
         pool.fill();
-        wait_until("the stock is full", || stocked(&pool) == 8);
+        wait_until("the stock is full", || {
+            stocked(&pool) == 8 && pool.stocked_nonces() == 8
+        });
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(stocked(&pool), 8, "the stock never grows past its size");
+        assert_eq!(pool.stocked_nonces(), 8);
 
         // Taking refills.
         let a = pool.take().expect("a key");
@@ -169,10 +239,22 @@ mod tests {
         );
         wait_until("the stock is refilled", || stocked(&pool) == 8);
 
+        // Nonces are refilled a whole batch at a time (here the batch is the
+        // stock's size), and only once that many are missing.
+        assert!(pool.take_nonce().is_some());
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(pool.stocked_nonces(), 7, "one missing nonce is not a batch");
+        for _ in 0..7 {
+            assert!(pool.take_nonce().is_some());
+        }
+        wait_until("the nonces are refilled", || pool.stocked_nonces() == 8);
+
         pool.drain();
         assert_eq!(stocked(&pool), 0);
+        assert_eq!(pool.stocked_nonces(), 0);
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(stocked(&pool), 0, "a locked session's stock stays empty");
+        assert_eq!(pool.stocked_nonces(), 0);
         pool.stop();
     }
 
@@ -182,5 +264,6 @@ mod tests {
         pool.fill();
         std::thread::sleep(Duration::from_millis(50));
         assert!(pool.take().is_none());
+        assert!(pool.take_nonce().is_none());
     }
 }

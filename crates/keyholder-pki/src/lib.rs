@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod ecdsa;
 pub mod keys;
 pub mod kube;
 pub mod ssh;
@@ -109,21 +110,12 @@ impl std::fmt::Debug for FreshP256 {
 impl FreshP256 {
     /// A new key.
     pub fn generate() -> Result<Self> {
-        let rng = ring::rand::SystemRandom::new();
-        let doc = ring::signature::EcdsaKeyPair::generate_pkcs8(
-            &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
-            &rng,
-        )
-        .map_err(|_| PkiError::Build("P-256 key generation failed".into()))?;
-        let pkcs8 = Zeroizing::new(doc.as_ref().to_vec());
-        // ring writes PKCS#8 v1 from a fixed template whose ECPrivateKey ends
-        // with the public key: BIT STRING (03 42 00) around the 65-byte point.
-        let n = pkcs8.len();
-        let point = match pkcs8.get(n.saturating_sub(68)..) {
-            Some([0x03, 0x42, 0x00, 0x04, ..]) => pkcs8[n - 65..].to_vec(),
-            _ => return Err(PkiError::Build("unexpected PKCS#8 layout from ring".into())),
-        };
-        Ok(Self { pkcs8, point })
+        let pair = ecdsa::RingP256::generate(&ring::rand::SystemRandom::new())?;
+        let point = pair.point().to_vec();
+        Ok(Self {
+            pkcs8: pair.pkcs8,
+            point,
+        })
     }
 
     /// The public key, an uncompressed SEC1 point.
