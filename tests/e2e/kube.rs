@@ -236,6 +236,53 @@ fn etcdctl(endpoint: &str, dir: &Path, client: &Path, args: &[&str]) -> std::pro
         .expect("etcdctl runs (apt-get install etcd-client)")
 }
 
+/// etcd on loopback serving `server`'s cert.pem/key.pem and requiring
+/// client certificates from its ca.pem; data and log under `dir`.
+fn start_etcd(dir: &Path, server: &Path) -> (Running, String) {
+    let (client_port, peer_port) = (free_port(), free_port());
+    let endpoint = format!("https://127.0.0.1:{client_port}");
+    let peer = format!("http://127.0.0.1:{peer_port}");
+    let etcd = Command::new("etcd")
+        .args(["--name", "keyholder-test", "--data-dir"])
+        .arg(dir.join("data"))
+        .args(["--listen-client-urls", &endpoint])
+        .args(["--advertise-client-urls", &endpoint])
+        .args(["--listen-peer-urls", &peer])
+        .args(["--initial-advertise-peer-urls", &peer])
+        .args(["--initial-cluster", &format!("keyholder-test={peer}")])
+        .arg("--client-cert-auth")
+        .arg("--trusted-ca-file")
+        .arg(server.join("ca.pem"))
+        .arg("--cert-file")
+        .arg(server.join("cert.pem"))
+        .arg("--key-file")
+        .arg(server.join("key.pem"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("etcd.log")).expect("log"))
+        .spawn()
+        .expect("etcd runs (apt-get install etcd-server)");
+    (Running(etcd), endpoint)
+}
+
+/// `etcdctl put keyholder works` with `client`'s certificate, retried
+/// (bounded) until etcd is up.
+fn put_when_up(endpoint: &str, dir: &Path, client: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = etcdctl(endpoint, dir, client, &["put", "keyholder", "works"]);
+        if out.status.success() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "etcd never accepted the client: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(dir.join("etcd.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 #[test]
 fn etcd_with_mutual_tls_accepts_keyholder_certificates_and_refuses_others() {
     let (env, _daemon) = Env::ready();
@@ -286,58 +333,9 @@ fn etcd_with_mutual_tls_accepts_keyholder_certificates_and_refuses_others() {
         p(&out_dir("intruder")),
     ]);
 
-    let (client_port, peer_port) = (free_port(), free_port());
-    let endpoint = format!("https://127.0.0.1:{client_port}");
-    let server = out_dir("server");
-    let etcd = Command::new("etcd")
-        .args(["--name", "keyholder-test", "--data-dir"])
-        .arg(dir.join("data"))
-        .args([
-            "--listen-client-urls",
-            &endpoint,
-            "--advertise-client-urls",
-            &endpoint,
-        ])
-        .args([
-            "--listen-peer-urls",
-            &format!("http://127.0.0.1:{peer_port}"),
-        ])
-        .args([
-            "--initial-advertise-peer-urls",
-            &format!("http://127.0.0.1:{peer_port}"),
-        ])
-        .args([
-            "--initial-cluster",
-            &format!("keyholder-test=http://127.0.0.1:{peer_port}"),
-        ])
-        .arg("--client-cert-auth")
-        .arg("--trusted-ca-file")
-        .arg(server.join("ca.pem"))
-        .arg("--cert-file")
-        .arg(server.join("cert.pem"))
-        .arg("--key-file")
-        .arg(server.join("key.pem"))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("etcd.log")).expect("log"))
-        .spawn()
-        .expect("etcd runs (apt-get install etcd-server)");
-    let _etcd = Running(etcd);
-
+    let (_etcd, endpoint) = start_etcd(&dir, &out_dir("server"));
     let client = out_dir("client");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = etcdctl(&endpoint, &dir, &client, &["put", "keyholder", "works"]);
-        if out.status.success() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "etcd never accepted the client: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            std::fs::read_to_string(dir.join("etcd.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    put_when_up(&endpoint, &dir, &client);
     let got = etcdctl(
         &endpoint,
         &dir,
@@ -380,6 +378,92 @@ fn etcd_with_mutual_tls_accepts_keyholder_certificates_and_refuses_others() {
             .status
             .success()
     );
+}
+
+#[test]
+fn rsa_and_ed25519_cas_issue_certificates_etcd_accepts() {
+    let (env, _daemon) = Env::ready();
+    // (CA algorithm, what openssl shows for its key, the caller's key algorithm)
+    let cases = [
+        ("rsa-2048", "Public-Key: (2048 bit)", "rsa-2048"),
+        ("ed25519", "ED25519", "ed25519"),
+    ];
+    for (alg, key_text, client_alg) in cases {
+        let name = format!("etcd-{alg}");
+        env.ok(&["ca", "create", &name, "--key-algorithm", alg]);
+        let dir = env.path().join(&name);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, env.ok(&["ca", "export", &name])).expect("ca");
+        let ca_text = openssl(&["x509", "-in", p(&ca), "-noout", "-text"]);
+        assert!(ca_text.contains(key_text), "{alg}: {ca_text}");
+        assert!(ca_text.contains("CA:TRUE"), "{alg}");
+        let issue = |profile: &str, cn: &str, extra: &[&str], out: &Path| {
+            let mut args = vec![
+                "cert",
+                "issue",
+                "--ca",
+                &name,
+                "--profile",
+                profile,
+                "--cn",
+                cn,
+                "--out-dir",
+                p(out),
+            ];
+            args.extend_from_slice(extra);
+            env.ok(&args);
+            assert!(
+                openssl(&["verify", "-CAfile", p(&ca), p(&out.join("cert.pem"))]).contains(": OK"),
+                "{alg} {profile}"
+            );
+        };
+        let (server, client) = (dir.join("server"), dir.join("client"));
+        issue(
+            "server",
+            "etcd-1",
+            &["--san", "127.0.0.1", "--ttl", "1h"],
+            &server,
+        );
+        issue(
+            "client",
+            "root",
+            &["--key-algorithm", client_alg, "--ttl", "10m"],
+            &client,
+        );
+        let client_text = openssl(&[
+            "x509",
+            "-in",
+            p(&client.join("cert.pem")),
+            "-noout",
+            "-text",
+        ]);
+        assert!(
+            client_text.contains(key_text),
+            "{alg} client key: {client_text}"
+        );
+        if alg.starts_with("rsa") {
+            assert!(
+                client_text.contains("sha256WithRSAEncryption"),
+                "{client_text}"
+            );
+        }
+
+        let (etcd, endpoint) = start_etcd(&dir, &server);
+        put_when_up(&endpoint, &dir, &client);
+        let got = etcdctl(
+            &endpoint,
+            &dir,
+            &client,
+            &["get", "keyholder", "--print-value-only"],
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&got.stdout).trim(),
+            "works",
+            "{alg}"
+        );
+        drop(etcd);
+    }
 }
 
 /// A TLS server that answers like an API server's `/version` and requires a
@@ -793,6 +877,25 @@ fn bad_certificate_requests_are_refused_and_nothing_is_issued() {
         &env.cli(&["cert", "issue", "--ca", "short", "--cn", "a", "--ttl", "2h"]),
         6,
         "over the CA's maximum",
+    );
+    assert_fails(
+        &env.cli(&[
+            "cert",
+            "issue",
+            "--ca",
+            "kube",
+            "--cn",
+            "a",
+            "--key-algorithm",
+            "rsa-1024",
+        ]),
+        6,
+        "\"rsa-1024\" is not supported",
+    );
+    assert_fails(
+        &env.cli(&["ca", "create", "weak", "--key-algorithm", "rsa-1024"]),
+        6,
+        "\"rsa-1024\" is not supported",
     );
     assert_fails(
         &env.cli(&[

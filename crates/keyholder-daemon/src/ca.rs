@@ -60,7 +60,9 @@ impl SigningKey for TokenSigner {
 
 /// rcgen's types, re-exported through keyholder-pki.
 mod rcgen_alg {
-    pub use keyholder_pki::rcgen::{Error, PKCS_ECDSA_P256_SHA256, SignatureAlgorithm};
+    pub use keyholder_pki::rcgen::{
+        Error, PKCS_ECDSA_P256_SHA256, PKCS_RSA_SHA256, SignatureAlgorithm,
+    };
 }
 
 /// A CA key of either kind.
@@ -124,8 +126,9 @@ pub struct LoadedCa {
     pub not_after: SystemTime,
     /// Longest certificate it issues.
     pub max_ttl: Duration,
-    /// Whether signing is a token operation (and so blocks).
-    pub on_token: bool,
+    /// Whether a signature takes long enough to block a worker: a token
+    /// operation, or an RSA private-key operation (milliseconds).
+    pub slow: bool,
 }
 
 fn pki(e: PkiError) -> Error {
@@ -212,13 +215,14 @@ pub fn load(entry: &CaEntry, slot: &TokenSlot, nonces: &Arc<KeyPool>) -> Result<
             )
         }
     };
+    let signer_is_rsa = signer.algorithm() == &rcgen_alg::PKCS_RSA_SHA256;
     let issuer = keyholder_pki::issuer(&entry.certificate_pem, signer).map_err(pki)?;
     Ok(LoadedCa {
         issuer,
         certificate_pem: entry.certificate_pem.clone(),
         not_after: info.not_after,
         max_ttl: Duration::from_secs(entry.max_ttl_seconds),
-        on_token,
+        slow: on_token || signer_is_rsa,
     })
 }
 

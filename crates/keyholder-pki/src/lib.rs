@@ -65,28 +65,48 @@ pub enum KeyAlgorithm {
     P256,
     /// Ed25519: accepted by Go's TLS stack (etcd, Kubernetes 1.x), not by every other peer.
     Ed25519,
+    /// RSA with a modulus of this many bits (2048, 3072 or 4096), signing
+    /// PKCS#1 v1.5 with SHA-256: what kubeadm and most existing PKIs use.
+    /// Generating one takes tenths of a second to seconds.
+    Rsa(usize),
 }
 
 impl KeyAlgorithm {
-    /// Parses `p256` / `ecdsa-p256` / `ed25519`.
+    /// Parses `p256` / `ecdsa-p256` / `ed25519` / `rsa-2048` / `rsa-3072` /
+    /// `rsa-4096` (`rsa` is `rsa-3072`).
     pub fn parse(s: &str) -> Result<Self> {
         match s {
             "" | "p256" | "ecdsa-p256" | "ecdsa" => Ok(Self::P256),
             "ed25519" => Ok(Self::Ed25519),
+            "rsa-2048" => Ok(Self::Rsa(2048)),
+            "rsa" | "rsa-3072" => Ok(Self::Rsa(3072)),
+            "rsa-4096" => Ok(Self::Rsa(4096)),
             other => Err(invalid(
                 "key_algorithm",
-                format!("{other:?} is not supported; use p256 or ed25519"),
+                format!(
+                    "{other:?} is not supported; use p256, ed25519, rsa-2048, rsa-3072 or rsa-4096"
+                ),
             )),
         }
     }
 
     /// A new key pair of this algorithm.
     pub fn generate(self) -> Result<KeyPair> {
-        let alg = match self {
-            Self::P256 => &rcgen::PKCS_ECDSA_P256_SHA256,
-            Self::Ed25519 => &rcgen::PKCS_ED25519,
-        };
-        KeyPair::generate_for(alg).map_err(|e| PkiError::Build(e.to_string()))
+        let build = |e: String| PkiError::Build(e);
+        match self {
+            Self::P256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256),
+            Self::Ed25519 => KeyPair::generate_for(&rcgen::PKCS_ED25519),
+            Self::Rsa(bits) => {
+                // ring signs RSA but cannot generate keys; the rsa crate does.
+                let key = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, bits)
+                    .map_err(|e| build(format!("RSA key generation: {e}")))?;
+                let der = pkcs8::EncodePrivateKey::to_pkcs8_der(&key)
+                    .map_err(|e| build(format!("RSA key encoding: {e}")))?;
+                // rcgen signs an RSA PKCS#8 key with PKCS#1 v1.5 and SHA-256.
+                KeyPair::try_from(der.as_bytes())
+            }
+        }
+        .map_err(|e| build(e.to_string()))
     }
 }
 

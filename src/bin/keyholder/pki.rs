@@ -20,7 +20,8 @@ pub enum CaCommand {
         /// x509 (TLS) or ssh (OpenSSH certificates).
         #[arg(long, default_value = "x509", value_parser = ["x509", "ssh"])]
         kind: String,
-        /// p256 or ed25519 (default: p256 for x509, ed25519 for ssh).
+        /// x509: p256 (default), ed25519, rsa-2048, rsa-3072 or rsa-4096;
+        /// ssh: ed25519 (default) or p256. On the token: p256.
         #[arg(long)]
         key_algorithm: Option<String>,
         /// Generate the key on the token; every signature is then a token operation.
@@ -165,7 +166,7 @@ pub enum CertCommand {
         /// Certify this CSR (PEM) instead of generating a key.
         #[arg(long)]
         csr: Option<PathBuf>,
-        /// For generated keys: p256 (default) or ed25519.
+        /// For generated keys: p256 (default), ed25519, rsa-2048, rsa-3072 or rsa-4096.
         #[arg(long, default_value = "p256")]
         key_algorithm: String,
         /// Write cert.pem, key.pem (0600) and ca.pem here instead of printing.

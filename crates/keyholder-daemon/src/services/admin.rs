@@ -329,7 +329,8 @@ impl v1::admin_server::Admin for AdminService {
                 },
             )
         } else {
-            let kp = alg.generate().map_err(Error::from)?;
+            // RSA generation takes up to seconds: off the async worker.
+            let kp = tokio::task::block_in_place(|| alg.generate()).map_err(Error::from)?;
             let pem =
                 keyholder_pki::create_ca_certificate(&cn, &kp, validity).map_err(Error::from)?;
             (

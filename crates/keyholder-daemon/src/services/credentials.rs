@@ -48,10 +48,12 @@ fn check_ttl(ttl: Duration, cap: Duration, whose: &str) -> Result<()> {
     Ok(())
 }
 
-/// Signs, on a blocking thread when the CA key is on the token.
+/// Signs, on a blocking thread when the CA's signature or the caller's key
+/// generation takes milliseconds (a token CA, an RSA CA or RSA key).
 fn sign(ca: &LoadedCa, request: &IssueRequest, source: PublicKeySource<'_>) -> Result<Issued> {
+    let slow = ca.slow || matches!(source, PublicKeySource::Generate(KeyAlgorithm::Rsa(_)));
     let run = || keyholder_pki::issue(&ca.issuer, ca.not_after, request, source);
-    let issued = if ca.on_token {
+    let issued = if slow {
         tokio::task::block_in_place(run)
     } else {
         run()
