@@ -386,7 +386,7 @@ fn rsa_and_ed25519_cas_issue_certificates_etcd_accepts() {
     // (CA algorithm, what openssl shows for its key, the caller's key algorithm)
     let cases = [
         ("rsa-2048", "Public-Key: (2048 bit)", "rsa-2048"),
-        ("ed25519", "ED25519", "ed25519"),
+        ("ed25519", "Public Key Algorithm: ED25519", "ed25519"),
     ];
     for (alg, key_text, client_alg) in cases {
         let name = format!("etcd-{alg}");

@@ -46,6 +46,8 @@ const RING_POINT_HEADER: [u8; 6] = [0xa1, 0x44, 0x03, 0x42, 0x00, 0x04];
 
 impl RingP256 {
     /// A new key pair, or an error if ring's layout is not the expected one.
+    /// ring's own copy of the document is freed without being zeroized (its
+    /// `Document` offers no way to); ours is.
     pub(crate) fn generate(rng: &ring::rand::SystemRandom) -> Result<Self> {
         let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, rng)
             .map_err(|_| PkiError::Build("P-256 key generation failed".into()))?;
@@ -71,8 +73,10 @@ impl RingP256 {
 }
 
 /// One prepared nonce: `k⁻¹` and `r = x(kG) mod n`. Use it for one signature.
+/// `k⁻¹` is boxed so that moving a nonce (into and out of the stock, as a
+/// vector grows) moves a pointer and leaves no copy of the secret behind.
 pub struct Nonce {
-    k_inv: Scalar,
+    k_inv: Box<Scalar>,
     r: Scalar,
 }
 
@@ -99,7 +103,7 @@ impl Nonce {
         let mut rs = Vec::with_capacity(count);
         while ks.len() < count {
             let pair = RingP256::generate(&rng)?;
-            let k = Option::<NonZeroScalar>::from(NonZeroScalar::from_repr(
+            let mut k = Option::<NonZeroScalar>::from(NonZeroScalar::from_repr(
                 *FieldBytes::from_slice(pair.scalar_bytes()),
             ))
             .ok_or_else(|| PkiError::Build("ring produced an invalid P-256 scalar".into()))?;
@@ -111,13 +115,17 @@ impl Nonce {
                 continue;
             }
             ks.push(*k);
+            k.zeroize();
             rs.push(r);
         }
-        let mut inverses = batch_invert(&ks)?;
+        let inverses = batch_invert(&ks)?;
         Ok(inverses
-            .drain(..)
+            .iter()
             .zip(rs)
-            .map(|(k_inv, r)| Nonce { k_inv, r })
+            .map(|(k_inv, r)| Nonce {
+                k_inv: Box::new(*k_inv),
+                r,
+            })
             .collect())
     }
 }
@@ -190,7 +198,7 @@ impl PreparedSigner {
     /// signs another way.
     pub fn sign(&self, nonce: Nonce, msg: &[u8]) -> Option<Vec<u8>> {
         let z = <Scalar as Reduce<U256>>::reduce_bytes(&Sha256::digest(msg));
-        let s = nonce.k_inv * (z + nonce.r * *self.d);
+        let s = *nonce.k_inv * (z + nonce.r * *self.d);
         let r = NonZeroScalar::new(nonce.r).into_option()?;
         let s = NonZeroScalar::new(s).into_option()?;
         let sig = p256::ecdsa::Signature::from_scalars(r, s).ok()?;

@@ -96,6 +96,12 @@ impl KeyAlgorithm {
         match self {
             Self::P256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256),
             Self::Ed25519 => KeyPair::generate_for(&rcgen::PKCS_ED25519),
+            Self::Rsa(bits) if ![2048, 3072, 4096].contains(&bits) => {
+                return Err(invalid(
+                    "key_algorithm",
+                    format!("RSA keys are 2048, 3072 or 4096 bits, not {bits}"),
+                ));
+            }
             Self::Rsa(bits) => {
                 // ring signs RSA but cannot generate keys; the rsa crate does.
                 let key = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, bits)

@@ -329,10 +329,14 @@ impl v1::admin_server::Admin for AdminService {
                 },
             )
         } else {
-            // RSA generation takes up to seconds: off the async worker.
-            let kp = tokio::task::block_in_place(|| alg.generate()).map_err(Error::from)?;
-            let pem =
-                keyholder_pki::create_ca_certificate(&cn, &kp, validity).map_err(Error::from)?;
+            // RSA generation takes up to seconds and an RSA signature
+            // milliseconds: off the async worker.
+            let (kp, pem) = tokio::task::block_in_place(|| {
+                let kp = alg.generate()?;
+                let pem = keyholder_pki::create_ca_certificate(&cn, &kp, validity)?;
+                Ok::<_, keyholder_pki::PkiError>((kp, pem))
+            })
+            .map_err(Error::from)?;
             (
                 pem,
                 CaKey::Vault {
