@@ -236,3 +236,44 @@ fn without_a_daemon_the_cli_says_how_to_start_one() {
     assert_fails(&out, 8, "cannot reach keyholderd");
     assert!(String::from_utf8_lossy(&out.stderr).contains("keyholderd --pkcs11-module"));
 }
+
+#[test]
+fn an_older_copy_of_the_vault_is_refused_until_accepted_on_purpose() {
+    let (env, daemon) = Env::ready();
+    env.put("kept", b"1");
+    let older = env.path().join("older-vault.age");
+    std::fs::copy(&env.vault, &older).expect("copy the vault");
+    env.put("later", b"2");
+    env.ok(&["lock"]);
+
+    // Put the older (genuine, authenticated) copy in place, as someone with
+    // write access to the file could.
+    let staged = env.vault.with_extension("staged");
+    std::fs::copy(&older, &staged).expect("stage");
+    std::fs::rename(&staged, &env.vault).expect("replace the vault");
+    let pin = env.pin_file.to_str().expect("utf8");
+    let refused = env.cli(&["unlock", "--pin-file", pin]);
+    assert_fails(&refused, 3, "older copy is in its place");
+    assert_fails(&refused, 3, "--accept-older-vault");
+    assert!(env.ok(&["status"]).contains("locked"), "still locked");
+    assert!(
+        daemon
+            .log_text()
+            .contains("vault file older than the token's record refused")
+    );
+
+    // Restored on purpose: accepted, and the older content is what opens.
+    env.ok(&["unlock", "--pin-file", pin, "--accept-older-vault"]);
+    assert_eq!(env.ok(&["secret", "get", "kept"]), "1");
+    assert_fails(
+        &env.cli(&["secret", "get", "later"]),
+        4,
+        "\"later\" does not exist",
+    );
+    // From there on the record follows the restored file: writes and a
+    // plain unlock work again.
+    env.put("after", b"3");
+    env.ok(&["lock"]);
+    env.ok(&["unlock", "--pin-file", pin]);
+    assert_eq!(env.ok(&["secret", "get", "after"]), "3");
+}

@@ -65,7 +65,7 @@ impl Backend for AgentBackend {
 
     async fn unlock(&self, passphrase: Zeroizing<String>) -> bool {
         let pin = SecretString::from(passphrase.to_string());
-        match self.0.unlock(pin, false, None, None).await {
+        match self.0.unlock(pin, false, None, None, false).await {
             Ok(_) => true,
             Err(e) => {
                 tracing::info!(error = %e, "agent UNLOCK refused");

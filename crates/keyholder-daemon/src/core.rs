@@ -323,6 +323,7 @@ impl Core {
                 let mut body = vault.body.clone();
                 let bytes = vault.next(&mut body)?;
                 self.storage.compare_and_store(None, &bytes, body.generation)?;
+                record_generation(&session, vault.vault_id(), body.generation);
                 tracing::info!(token = %token.label, %recipient, vault = %self.storage.location(), "vault created");
                 Ok(v1::InitResponse {
                     vault_path: self.storage.location(),
@@ -344,6 +345,7 @@ impl Core {
         allow_final_try: bool,
         ttl: Option<Duration>,
         idle: Option<Duration>,
+        accept_older: bool,
     ) -> Result<v1::StatusResponse> {
         let ttl = ttl.unwrap_or(self.config.session_ttl);
         if ttl > self.config.max_session_ttl {
@@ -377,11 +379,14 @@ impl Core {
                     key: &key,
                 },
             );
-            let vault = match opened {
+            let vault = match opened.map_err(Error::from).and_then(|v| {
+                check_generation(&session, &v, accept_older)?;
+                Ok(v)
+            }) {
                 Ok(v) => v,
                 Err(e) => {
                     session.close();
-                    return Err(Error::from(e));
+                    return Err(e);
                 }
             };
             Ok((
@@ -473,7 +478,7 @@ impl Core {
     /// vault is replaced only once the new file is durable.
     pub async fn write<T>(&self, change: impl FnOnce(&mut Body) -> Result<T>) -> Result<(T, u64)> {
         let _writer = self.writer.lock().await;
-        let (body_new, out, bytes, expected) = {
+        let (body_new, out, bytes, expected, vault_id) = {
             let state = self.read_state();
             let State::Unlocked(u) = &*state else {
                 return Err(Error::Locked);
@@ -481,12 +486,25 @@ impl Core {
             let mut body = u.vault.body.clone();
             let out = change(&mut body)?;
             let bytes = u.vault.next(&mut body)?;
-            (body, out, bytes, u.revision.clone())
+            (
+                body,
+                out,
+                bytes,
+                u.revision.clone(),
+                u.vault.vault_id().to_owned(),
+            )
         };
         let generation = body_new.generation;
         let revision = tokio::task::block_in_place(|| {
-            self.storage
-                .compare_and_store(Some(&expected), &bytes, generation)
+            let revision = self
+                .storage
+                .compare_and_store(Some(&expected), &bytes, generation)?;
+            // After the file: a crash in between leaves the file ahead of the
+            // record, which the next unlock accepts and catches up.
+            if let Some(session) = &*self.token_slot() {
+                record_generation(session, &vault_id, generation);
+            }
+            Ok::<_, Error>(revision)
         })?;
         if let State::Unlocked(u) = &mut *self.write_state() {
             u.vault.body = body_new;
@@ -590,6 +608,52 @@ impl Core {
             cache.insert(name.to_owned(), loaded.clone());
             Ok(loaded)
         })
+    }
+}
+
+/// Label of the token data object recording a vault's generation.
+fn generation_label(vault_id: &str) -> String {
+    format!("keyholder-generation:{vault_id}")
+}
+
+/// Rollback detection on unlock: the vault file's generation against the
+/// one the token recorded at the last write. An older file is refused
+/// unless `accept_older` (a backup restored on purpose); a newer one (a
+/// crash after the file was written, or a token without a record yet)
+/// moves the record up. The record is only as strong as the token: whoever
+/// has the PIN can change it too.
+fn check_generation(session: &TokenSession, vault: &OpenVault, accept_older: bool) -> Result<()> {
+    let label = generation_label(vault.vault_id());
+    let file = vault.body.generation;
+    match session.read_generation(&label)? {
+        Some(recorded) if file < recorded && !accept_older => {
+            tracing::warn!(
+                file,
+                recorded,
+                "vault file older than the token's record refused"
+            );
+            Err(Error::Rollback { file, recorded })
+        }
+        Some(recorded) if file == recorded => Ok(()),
+        Some(recorded) => {
+            if file < recorded {
+                tracing::warn!(file, recorded, "older vault file accepted on request");
+            }
+            record_generation(session, vault.vault_id(), file);
+            Ok(())
+        }
+        None => {
+            record_generation(session, vault.vault_id(), file);
+            Ok(())
+        }
+    }
+}
+
+/// Records `generation` on the token; a token that cannot store it still
+/// works, without rollback detection, and says so in the log.
+fn record_generation(session: &TokenSession, vault_id: &str, generation: u64) {
+    if let Err(e) = session.store_generation(&generation_label(vault_id), generation) {
+        tracing::warn!(error = %e, generation, "cannot record the vault generation on the token");
     }
 }
 

@@ -70,6 +70,18 @@ pub enum Error {
     /// A certificate request or CA material was refused.
     #[error(transparent)]
     Pki(#[from] keyholder_pki::PkiError),
+    /// The vault file is older than the generation the token recorded.
+    #[error(
+        "the vault file is generation {file} but the token recorded generation {recorded}: an \
+         older copy is in its place; if you restored it on purpose, unlock with \
+         --accept-older-vault"
+    )]
+    Rollback {
+        /// The file's generation.
+        file: u64,
+        /// The token's record.
+        recorded: u64,
+    },
     /// A bug or an unexpected runtime failure; details go to the log only.
     #[error("internal error: {0}")]
     Internal(String),
@@ -81,7 +93,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         let code = match &e {
-            Error::Locked | Error::NotInitialized(_) => Code::FailedPrecondition,
+            Error::Locked | Error::NotInitialized(_) | Error::Rollback { .. } => {
+                Code::FailedPrecondition
+            }
             Error::VaultExists(_) | Error::AlreadyExists { .. } => Code::AlreadyExists,
             Error::NotFound { .. } => Code::NotFound,
             Error::InvalidArgument { .. } => Code::InvalidArgument,

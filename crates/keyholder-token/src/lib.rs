@@ -397,6 +397,68 @@ impl TokenSession {
         Ok(TokenKey { id, public: point })
     }
 
+    /// The generation recorded on the token under `label` (private data
+    /// objects, so the session must be logged in), or `None` if there is no
+    /// record yet. Where a crash left two records, the higher counts. A
+    /// record that is not 8 bytes is an error, not a panic.
+    pub fn read_generation(&self, label: &str) -> Result<Option<u64>> {
+        let mut highest = None;
+        for handle in self.generation_objects(label)? {
+            let value = self.generation_value(handle).ok_or_else(|| {
+                Error::Pkcs11(format!("the generation record {label:?} on the token is malformed"))
+            })?;
+            highest = highest.max(Some(value));
+        }
+        Ok(highest)
+    }
+
+    /// Records `generation` on the token under `label`, as a private data
+    /// object holding 8 bytes big-endian. A record is replaced, not edited:
+    /// tokens need not let `CKA_VALUE` change (SoftHSM2 refuses), so the new
+    /// object is created first and the old ones destroyed after, and a crash
+    /// in between leaves two records, of which the reader takes the higher.
+    pub fn store_generation(&self, label: &str, generation: u64) -> Result<()> {
+        let old = self.generation_objects(label)?;
+        let new = self
+            .session
+            .create_object(&[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Label(label.as_bytes().to_vec()),
+                Attribute::Application(b"keyholder".to_vec()),
+                Attribute::Value(generation.to_be_bytes().to_vec()),
+            ])
+            .map_err(map_err)?;
+        for handle in old {
+            if handle != new {
+                self.session.destroy_object(handle).map_err(map_err)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn generation_value(&self, handle: ObjectHandle) -> Option<u64> {
+        let attrs = self
+            .session
+            .get_attributes(handle, &[AttributeType::Value])
+            .ok()?;
+        attrs.into_iter().find_map(|a| match a {
+            Attribute::Value(v) => v.as_slice().try_into().ok().map(u64::from_be_bytes),
+            _ => None,
+        })
+    }
+
+    fn generation_objects(&self, label: &str) -> Result<Vec<ObjectHandle>> {
+        self.session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Token(true),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])
+            .map_err(map_err)
+    }
+
     /// Signs a SHA-256 `digest` with the token's P-256 key (`CKM_ECDSA` on
     /// the pre-computed hash, since not every token has `CKM_ECDSA_SHA256`).
     /// Returns the 64-byte r||s form.

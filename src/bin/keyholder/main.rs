@@ -89,6 +89,10 @@ enum Command {
         /// Lock after this long without use, e.g. 30m (default: the daemon's idle_timeout).
         #[arg(long, value_parser = humantime::parse_duration)]
         idle: Option<Duration>,
+        /// Open a vault file older than the generation the token recorded
+        /// (a backup restored on purpose); without it that is refused as a rollback.
+        #[arg(long)]
+        accept_older_vault: bool,
         #[command(flatten)]
         pin: PinSource,
     },
@@ -432,7 +436,12 @@ async fn run(cli: Cli) -> CliResult {
                 println!("next: keyholder unlock");
             }
         }
-        Command::Unlock { ttl, idle, pin } => {
+        Command::Unlock {
+            ttl,
+            idle,
+            accept_older_vault,
+            pin,
+        } => {
             let pin_value = read_pin(&pin)?;
             let resp = session
                 .unlock(v1::UnlockRequest {
@@ -440,6 +449,7 @@ async fn run(cli: Cli) -> CliResult {
                     allow_final_pin_try: pin.allow_final_pin_try,
                     ttl_seconds: ttl.map_or(0, |d| d.as_secs().max(1)),
                     idle_timeout_seconds: idle.map_or(0, |d| d.as_secs().max(1)),
+                    accept_older_vault,
                 })
                 .await?
                 .into_inner();

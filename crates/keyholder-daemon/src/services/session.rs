@@ -35,6 +35,7 @@ impl v1::session_server::Session for SessionService {
                 req.allow_final_pin_try,
                 seconds(req.ttl_seconds),
                 seconds(req.idle_timeout_seconds),
+                req.accept_older_vault,
             )
             .await?;
         Ok(Response::new(v1::UnlockResponse {
