@@ -405,7 +405,9 @@ impl TokenSession {
         let mut highest = None;
         for handle in self.generation_objects(label)? {
             let value = self.generation_value(handle).ok_or_else(|| {
-                Error::Pkcs11(format!("the generation record {label:?} on the token is malformed"))
+                Error::Pkcs11(format!(
+                    "the generation record {label:?} on the token is malformed"
+                ))
             })?;
             highest = highest.max(Some(value));
         }
