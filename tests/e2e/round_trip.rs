@@ -245,6 +245,8 @@ fn an_older_copy_of_the_vault_is_refused_until_accepted_on_purpose() {
     std::fs::copy(&env.vault, &older).expect("copy the vault");
     env.put("later", b"2");
     env.ok(&["lock"]);
+    let newer = env.path().join("newer-vault.age");
+    std::fs::copy(&env.vault, &newer).expect("copy the vault");
 
     // Put the older (genuine, authenticated) copy in place, as someone with
     // write access to the file could.
@@ -270,10 +272,25 @@ fn an_older_copy_of_the_vault_is_refused_until_accepted_on_purpose() {
         4,
         "\"later\" does not exist",
     );
-    // From there on the record follows the restored file: writes and a
-    // plain unlock work again.
-    env.put("after", b"3");
+    // The restored content was written back above the record, so a plain
+    // unlock opens it, and the copy from the abandoned history (the one
+    // that had "later") is still refused: generation numbers never repeat.
     env.ok(&["lock"]);
     env.ok(&["unlock", "--pin-file", pin]);
+    assert_eq!(env.ok(&["secret", "get", "kept"]), "1");
+    env.ok(&["lock"]);
+    let restored = env.path().join("restored-vault.age");
+    std::fs::copy(&env.vault, &restored).expect("copy");
+    std::fs::copy(&newer, &staged).expect("stage");
+    std::fs::rename(&staged, &env.vault).expect("replace the vault");
+    assert_fails(
+        &env.cli(&["unlock", "--pin-file", pin]),
+        3,
+        "older copy is in its place",
+    );
+    std::fs::copy(&restored, &staged).expect("stage");
+    std::fs::rename(&staged, &env.vault).expect("put the restored vault back");
+    env.ok(&["unlock", "--pin-file", pin]);
+    env.put("after", b"3");
     assert_eq!(env.ok(&["secret", "get", "after"]), "3");
 }

@@ -365,7 +365,7 @@ impl Core {
         }
         let started = Instant::now();
         let (session, unlocked) = tokio::task::block_in_place(|| {
-            let (bytes, revision) = self
+            let (bytes, mut revision) = self
                 .storage
                 .load()?
                 .ok_or_else(|| Error::NotInitialized(self.storage.location()))?;
@@ -379,10 +379,23 @@ impl Core {
                     key: &key,
                 },
             );
-            let vault = match opened.map_err(Error::from).and_then(|v| {
-                check_generation(&session, &v, accept_older)?;
+            let checked = opened.map_err(Error::from).and_then(|mut v| {
+                if let Some(recorded) = check_generation(&session, &v, accept_older)? {
+                    // An older file accepted on purpose is written back
+                    // above the record, so generation numbers never repeat:
+                    // a copy from the abandoned history stays refused.
+                    v.body.generation = recorded;
+                    let mut body = v.body.clone();
+                    let bytes = v.next(&mut body)?;
+                    revision =
+                        self.storage
+                            .compare_and_store(Some(&revision), &bytes, body.generation)?;
+                    record_generation(&session, v.vault_id(), body.generation);
+                    v.body = body;
+                }
                 Ok(v)
-            }) {
+            });
+            let vault = match checked {
                 Ok(v) => v,
                 Err(e) => {
                     session.close();
@@ -501,8 +514,13 @@ impl Core {
                 .compare_and_store(Some(&expected), &bytes, generation)?;
             // After the file: a crash in between leaves the file ahead of the
             // record, which the next unlock accepts and catches up.
-            if let Some(session) = &*self.token_slot() {
-                record_generation(session, &vault_id, generation);
+            match &*self.token_slot() {
+                Some(session) => record_generation(session, &vault_id, generation),
+                // Locked in between: the next unlock moves the record up.
+                None => tracing::warn!(
+                    generation,
+                    "vault generation not recorded: locked during the write"
+                ),
             }
             Ok::<_, Error>(revision)
         })?;
@@ -618,14 +636,28 @@ fn generation_label(vault_id: &str) -> String {
 
 /// Rollback detection on unlock: the vault file's generation against the
 /// one the token recorded at the last write. An older file is refused
-/// unless `accept_older` (a backup restored on purpose); a newer one (a
-/// crash after the file was written, or a token without a record yet)
-/// moves the record up. The record is only as strong as the token: whoever
-/// has the PIN can change it too.
-fn check_generation(session: &TokenSession, vault: &OpenVault, accept_older: bool) -> Result<()> {
+/// unless `accept_older` (a backup restored on purpose), in which case the
+/// record is returned and the caller writes the file back above it; a newer
+/// one (a crash after the file was written, or a token without a record
+/// yet) moves the record up. The record is only as strong as the token:
+/// whoever has the PIN can change it too.
+fn check_generation(
+    session: &TokenSession,
+    vault: &OpenVault,
+    accept_older: bool,
+) -> Result<Option<u64>> {
     let label = generation_label(vault.vault_id());
     let file = vault.body.generation;
-    match session.read_generation(&label)? {
+    let recorded = match session.read_generation(&label) {
+        Ok(recorded) => recorded,
+        Err(e) if accept_older => {
+            // Replaced below; only the PIN holder can write private objects.
+            tracing::warn!(error = %e, "unreadable generation record replaced on request");
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
+    match recorded {
         Some(recorded) if file < recorded && !accept_older => {
             tracing::warn!(
                 file,
@@ -634,17 +666,14 @@ fn check_generation(session: &TokenSession, vault: &OpenVault, accept_older: boo
             );
             Err(Error::Rollback { file, recorded })
         }
-        Some(recorded) if file == recorded => Ok(()),
-        Some(recorded) => {
-            if file < recorded {
-                tracing::warn!(file, recorded, "older vault file accepted on request");
-            }
-            record_generation(session, vault.vault_id(), file);
-            Ok(())
+        Some(recorded) if file < recorded => {
+            tracing::warn!(file, recorded, "older vault file accepted on request");
+            Ok(Some(recorded))
         }
-        None => {
+        Some(recorded) if file == recorded => Ok(None),
+        _ => {
             record_generation(session, vault.vault_id(), file);
-            Ok(())
+            Ok(None)
         }
     }
 }

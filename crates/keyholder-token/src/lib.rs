@@ -404,7 +404,7 @@ impl TokenSession {
     pub fn read_generation(&self, label: &str) -> Result<Option<u64>> {
         let mut highest = None;
         for handle in self.generation_objects(label)? {
-            let value = self.generation_value(handle).ok_or_else(|| {
+            let value = self.generation_value(handle)?.ok_or_else(|| {
                 Error::Pkcs11(format!(
                     "the generation record {label:?} on the token is malformed"
                 ))
@@ -440,22 +440,27 @@ impl TokenSession {
         Ok(())
     }
 
-    fn generation_value(&self, handle: ObjectHandle) -> Option<u64> {
+    /// A record's value, `None` if it is not 8 bytes.
+    fn generation_value(&self, handle: ObjectHandle) -> Result<Option<u64>> {
         let attrs = self
             .session
             .get_attributes(handle, &[AttributeType::Value])
-            .ok()?;
-        attrs.into_iter().find_map(|a| match a {
+            .map_err(map_err)?;
+        Ok(attrs.into_iter().find_map(|a| match a {
             Attribute::Value(v) => v.as_slice().try_into().ok().map(u64::from_be_bytes),
             _ => None,
-        })
+        }))
     }
 
+    /// Keyholder's records only: private (so made by the PIN holder) and
+    /// marked with Keyholder's application name.
     fn generation_objects(&self, label: &str) -> Result<Vec<ObjectHandle>> {
         self.session
             .find_objects(&[
                 Attribute::Class(ObjectClass::DATA),
                 Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Application(b"keyholder".to_vec()),
                 Attribute::Label(label.as_bytes().to_vec()),
             ])
             .map_err(map_err)
