@@ -1,6 +1,8 @@
 //! Bad input: each gets a clear error, the daemon keeps serving, and the
 //! vault file is not changed.
 
+use std::process::Command;
+
 use crate::util::{Env, MODULE, assert_fails};
 
 fn vault_bytes(env: &Env) -> Vec<u8> {
@@ -253,4 +255,83 @@ fn a_second_daemon_on_the_same_vault_is_refused() {
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("another keyholderd is serving"));
     assert!(env.ok(&["status"]).contains("locked"));
+}
+
+/// `pkcs11-tool` (OpenSC) on the test's SoftHSM2 token, logged in.
+fn pkcs11_tool(env: &Env, args: &[&str]) -> std::process::Output {
+    Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", &env.softhsm_conf)
+        .arg("--module")
+        .arg(&env.module)
+        .args(["--token-label", "ops", "--login", "--pin", crate::util::PIN])
+        .args(args)
+        .output()
+        .expect("pkcs11-tool runs (apt-get install opensc)")
+}
+
+#[test]
+fn a_malformed_generation_record_on_the_token_is_refused_and_can_be_replaced() {
+    let (env, daemon) = Env::ready();
+    env.put("kept", b"1");
+    env.ok(&["lock"]);
+
+    // Find Keyholder's record and put a 7-byte one in its place, as a
+    // buggy or hostile program holding the PIN could.
+    let listed = pkcs11_tool(&env, &["--list-objects", "--type", "data"]);
+    let listing = String::from_utf8_lossy(&listed.stdout);
+    let label = listing
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("label:"))
+        .map(|l| l.trim().trim_matches('\''))
+        .find(|l| l.starts_with("keyholder-generation:"))
+        .unwrap_or_else(|| panic!("no generation record on the token: {listing}"))
+        .to_owned();
+    let deleted = pkcs11_tool(
+        &env,
+        &["--delete-object", "--type", "data", "--label", &label],
+    );
+    assert!(deleted.status.success(), "{deleted:?}");
+    let bad = env.file("bad-record", "1234567");
+    let written = pkcs11_tool(
+        &env,
+        &[
+            "--write-object",
+            bad.to_str().expect("utf8"),
+            "--type",
+            "data",
+            "--label",
+            &label,
+            "--application-label",
+            "keyholder",
+            "--private",
+        ],
+    );
+    assert!(written.status.success(), "{written:?}");
+
+    let pin = env.pin_file.to_str().expect("utf8");
+    let refused = env.cli(&["unlock", "--pin-file", pin]);
+    assert!(
+        !refused.status.success(),
+        "unlocked past a malformed record"
+    );
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("is malformed"),
+        "{refused:?}"
+    );
+    assert!(
+        env.ok(&["status"]).contains("locked"),
+        "still locked, still serving"
+    );
+
+    // The PIN holder can replace it on purpose; from then on all is normal.
+    env.ok(&["unlock", "--pin-file", pin, "--accept-older-vault"]);
+    assert_eq!(env.ok(&["secret", "get", "kept"]), "1");
+    env.ok(&["lock"]);
+    env.ok(&["unlock", "--pin-file", pin]);
+    assert_eq!(env.ok(&["secret", "get", "kept"]), "1");
+    assert!(
+        daemon
+            .log_text()
+            .contains("unreadable generation record replaced on request")
+    );
 }
