@@ -11,9 +11,8 @@ use keyholder_vault::{CaEntry, CaKey};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use crate::keypool::KeyPool;
-
 use crate::error::{Error, Result};
+use crate::keypool::KeyPool;
 
 /// The token session slot shared with [`crate::core::Core`].
 pub type TokenSlot = Arc<Mutex<Option<TokenSession>>>;
@@ -133,11 +132,6 @@ pub struct LoadedCa {
 
 fn pki(e: PkiError) -> Error {
     Error::from(e)
-}
-
-/// Hex of bytes.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub fn unhex(s: &str) -> Option<Vec<u8>> {

@@ -316,7 +316,7 @@ impl Core {
                         recipient: recipient.clone(),
                         label: token.label.clone(),
                         serial: token.serial.clone(),
-                        key_id: key.id.iter().map(|b| format!("{b:02x}")).collect(),
+                        key_id: keyholder_pki::hex(&key.id),
                     },
                     recovery,
                 )?;

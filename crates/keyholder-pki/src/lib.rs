@@ -200,10 +200,9 @@ fn offset(t: SystemTime) -> OffsetDateTime {
     OffsetDateTime::from(t)
 }
 
-/// A random positive serial of exactly 16 bytes: the top bit is cleared so
-/// the DER INTEGER needs no sign byte, and the next one set so it never
-/// shrinks (126 random bits).
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex of `bytes`, without a `format!` per byte (serials are
+/// written on every issuance).
+pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {
@@ -213,6 +212,9 @@ fn hex(bytes: &[u8]) -> String {
     out
 }
 
+/// A random positive serial of exactly 16 bytes: the top bit is cleared so
+/// the DER INTEGER needs no sign byte, and the next one set so it never
+/// shrinks (126 random bits).
 fn serial() -> SerialNumber {
     let mut bytes = [0u8; 16];
     // The thread's ChaCha generator, seeded and periodically reseeded from

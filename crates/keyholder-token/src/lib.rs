@@ -38,6 +38,9 @@ pub use uri::{ObjectSelector, Selector};
 /// DER encoding of the P-256 curve OID (1.2.840.10045.3.1.7), as `CKA_EC_PARAMS`.
 const P256_EC_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 
+/// `CKA_APPLICATION` of the generation records Keyholder keeps on a token.
+const GENERATION_APPLICATION: &[u8] = b"keyholder";
+
 /// Errors from the token. Messages name tokens and functions, never PINs.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -428,7 +431,7 @@ impl TokenSession {
                 Attribute::Token(true),
                 Attribute::Private(true),
                 Attribute::Label(label.as_bytes().to_vec()),
-                Attribute::Application(b"keyholder".to_vec()),
+                Attribute::Application(GENERATION_APPLICATION.to_vec()),
                 Attribute::Value(generation.to_be_bytes().to_vec()),
             ])
             .map_err(map_err)?;
@@ -460,7 +463,7 @@ impl TokenSession {
                 Attribute::Class(ObjectClass::DATA),
                 Attribute::Token(true),
                 Attribute::Private(true),
-                Attribute::Application(b"keyholder".to_vec()),
+                Attribute::Application(GENERATION_APPLICATION.to_vec()),
                 Attribute::Label(label.as_bytes().to_vec()),
             ])
             .map_err(map_err)

@@ -9,11 +9,12 @@ use tonic::{Request, Response, Status};
 
 use std::time::{Duration, SystemTime};
 
+use keyholder_pki::hex;
 use keyholder_pki::keys::{KeyType, SoftKey};
 use keyholder_vault::document::now_rfc3339;
 use keyholder_vault::{CaEntry, CaKey, ClusterEntry, KeyEntry};
 
-use crate::ca::{hex, validate_name};
+use crate::ca::validate_name;
 use crate::core::Core;
 use crate::error::{Error, Result};
 use crate::gate::Needs;
