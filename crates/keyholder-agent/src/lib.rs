@@ -52,8 +52,8 @@ pub struct Peer {
 
 /// What the agent asks of Keyholder.
 pub trait Backend: Send + Sync + 'static {
-    /// The identities to list; empty while locked.
-    fn identities(&self) -> impl Future<Output = Vec<Identity>> + Send;
+    /// The identities to list for `peer`; empty while locked.
+    fn identities(&self, peer: Peer) -> impl Future<Output = Vec<Identity>> + Send;
     /// An SSH signature blob over `data` by the key (or certificate's key)
     /// `key_blob`, or `None` to refuse.
     fn sign(
@@ -63,10 +63,14 @@ pub trait Backend: Send + Sync + 'static {
         flags: u32,
         peer: Peer,
     ) -> impl Future<Output = Option<Vec<u8>>> + Send;
-    /// LOCK: whether it succeeded.
-    fn lock(&self) -> impl Future<Output = bool> + Send;
-    /// UNLOCK with a passphrase: whether it succeeded.
-    fn unlock(&self, passphrase: Zeroizing<String>) -> impl Future<Output = bool> + Send;
+    /// LOCK by `peer`: whether it succeeded.
+    fn lock(&self, peer: Peer) -> impl Future<Output = bool> + Send;
+    /// UNLOCK by `peer` with a passphrase: whether it succeeded.
+    fn unlock(
+        &self,
+        passphrase: Zeroizing<String>,
+        peer: Peer,
+    ) -> impl Future<Output = bool> + Send;
     /// A verified session binding, for audit.
     fn record_binding(&self, peer: Peer, host_key_fingerprint: &str, forwarding: bool);
 }
@@ -140,7 +144,7 @@ async fn handle<B: Backend>(
     match request {
         Request::RequestIdentities => Response::Identities(
             backend
-                .identities()
+                .identities(peer)
                 .await
                 .into_iter()
                 .map(|i| (i.blob, i.comment))
@@ -155,14 +159,14 @@ async fn handle<B: Backend>(
             None => Response::Failure,
         },
         Request::Lock(_passphrase) => {
-            if backend.lock().await {
+            if backend.lock(peer).await {
                 Response::Success
             } else {
                 Response::Failure
             }
         }
         Request::Unlock(passphrase) => {
-            if backend.unlock(passphrase).await {
+            if backend.unlock(passphrase, peer).await {
                 Response::Success
             } else {
                 Response::Failure

@@ -1,32 +1,179 @@
 //! The ssh-agent's view of Keyholder: the vault's `ssh` keys and their
-//! certificates while unlocked, nothing while locked.
+//! certificates while unlocked, nothing while locked. Every agent request
+//! passes the same gate as gRPC calls, as operation `Agent.*` with the
+//! connection's peer.
 //!
 //! LOCK and UNLOCK map onto the Keyholder session: `ssh-add -x` locks the
 //! whole session (the passphrase is ignored, as the vault is encrypted
 //! anyway), and `ssh-add -X` unlocks it with the passphrase as the token PIN.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use keyholder_agent::{Backend, Identity, Peer};
-use keyholder_pki::keys::KeyType;
+use keyholder_vault::Body;
 use secrecy::SecretString;
 use zeroize::Zeroizing;
 
 use crate::core::{Core, LockReason};
+use crate::error::Result;
+use crate::gate::{Caller, Channel, Needs};
+use crate::signers::off_worker;
+
+/// One identity the agent offers.
+struct Offered {
+    blob: Vec<u8>,
+    comment: String,
+    /// The vault key that signs for it.
+    key: String,
+    /// For certificates: Unix seconds after which it is not offered.
+    valid_before: Option<u64>,
+}
+
+/// What the agent offers, built once per vault generation.
+#[derive(Default)]
+struct AgentIndex {
+    entries: Vec<Offered>,
+    by_blob: HashMap<Vec<u8>, usize>,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl AgentIndex {
+    fn build(body: &Body) -> Self {
+        let mut index = Self::default();
+        for (name, key) in &body.keys {
+            if !key.usages.iter().any(|u| u == "ssh") {
+                continue;
+            }
+            let Ok(public) = ssh_key::PublicKey::from_openssh(&key.public_openssh) else {
+                tracing::warn!(key = %name, "key has an unreadable public key; not offered by the agent");
+                continue;
+            };
+            if let Ok(blob) = keyholder_pki::keys::ssh_blob(public.key_data()) {
+                index.entries.push(Offered {
+                    blob,
+                    comment: name.clone(),
+                    key: name.clone(),
+                    valid_before: None,
+                });
+            }
+            for cert in body.ssh_certificates.iter().filter(|c| c.key == *name) {
+                let Ok(parsed) = ssh_key::Certificate::from_openssh(&cert.certificate) else {
+                    continue;
+                };
+                let mut blob = Vec::new();
+                if ssh_encoding::Encode::encode(&parsed, &mut blob).is_ok() {
+                    index.entries.push(Offered {
+                        blob,
+                        comment: format!(
+                            "{name} (certificate {}, serial {})",
+                            parsed.key_id(),
+                            cert.serial
+                        ),
+                        key: name.clone(),
+                        valid_before: Some(cert.valid_before),
+                    });
+                }
+            }
+        }
+        index.by_blob = index
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.blob.clone(), i))
+            .collect();
+        index
+    }
+
+    /// Identities valid now.
+    fn identities(&self) -> Vec<Identity> {
+        let now = now_unix();
+        self.entries
+            .iter()
+            .filter(|e| e.valid_before.is_none_or(|before| before > now))
+            .map(|e| Identity {
+                blob: e.blob.clone(),
+                comment: e.comment.clone(),
+            })
+            .collect()
+    }
+
+    /// The key name behind a blob offered now.
+    fn key_for(&self, blob: &[u8]) -> Option<&str> {
+        let e = self.entries.get(*self.by_blob.get(blob)?)?;
+        e.valid_before
+            .is_none_or(|before| before > now_unix())
+            .then_some(e.key.as_str())
+    }
+}
 
 /// Adapts [`Core`] to the agent server.
-pub struct AgentBackend(pub Arc<Core>);
+pub struct AgentBackend {
+    core: Arc<Core>,
+    /// The index and the vault generation it was built from.
+    index: Mutex<Option<(u64, Arc<AgentIndex>)>>,
+}
+
+impl AgentBackend {
+    /// The agent's backend over `core`.
+    pub fn new(core: Arc<Core>) -> Self {
+        Self {
+            core,
+            index: Mutex::new(None),
+        }
+    }
+
+    fn enter(&self, peer: Peer, op: &'static str, needs: Needs) -> Result<()> {
+        let caller = Caller {
+            uid: peer.uid,
+            pid: peer.pid,
+            channel: Channel::Agent,
+        };
+        self.core.enter(&caller, op, needs)
+    }
+
+    /// What the agent offers now, rebuilt when the vault changed.
+    fn index(&self) -> Result<Arc<AgentIndex>> {
+        self.core.with_body(|body| {
+            let mut slot = self.index.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((generation, index)) = &*slot
+                && *generation == body.generation
+            {
+                return Ok(index.clone());
+            }
+            let index = Arc::new(AgentIndex::build(body));
+            *slot = Some((body.generation, index.clone()));
+            Ok(index)
+        })
+    }
+}
 
 impl Backend for AgentBackend {
-    async fn identities(&self) -> Vec<Identity> {
-        match self.0.agent_index() {
+    async fn identities(&self, peer: Peer) -> Vec<Identity> {
+        // Listing is not activity: ssh lists at every connection, and that
+        // alone should not keep an idle session open.
+        if self
+            .enter(peer, "Agent.RequestIdentities", Needs::Nothing)
+            .is_err()
+        {
+            return Vec::new();
+        }
+        match self.index() {
             Ok(index) => index.identities(),
             Err(_) => Vec::new(),
         }
     }
 
     async fn sign(&self, key_blob: &[u8], data: &[u8], flags: u32, peer: Peer) -> Option<Vec<u8>> {
-        let index = self.0.agent_index().ok()?;
+        self.enter(peer, "Agent.Sign", Needs::Unlocked).ok()?;
+        let index = self.index().ok()?;
         let Some(name) = index.key_for(key_blob) else {
             tracing::debug!(
                 uid = peer.uid,
@@ -34,21 +181,11 @@ impl Backend for AgentBackend {
             );
             return None;
         };
-        let key = self.0.loaded_key(name).ok()?;
-        self.0.touch();
-        let name = name.to_owned();
-        let signed = if matches!(key.kind(), KeyType::Rsa3072 | KeyType::Rsa4096) || key.on_token()
-        {
-            // Slow signatures (RSA: milliseconds; token: a device round
-            // trip) run on the blocking pool, so that many of them queue
-            // fairly instead of starving the runtime's two workers.
-            let data = data.to_vec();
-            tokio::task::spawn_blocking(move || key.sign_ssh(&data, flags))
-                .await
-                .ok()?
-        } else {
-            key.sign_ssh(data, flags)
-        };
+        let key = self.core.key(name).ok()?;
+        let data = data.to_vec();
+        let signed = off_worker(key.slow(), move || key.sign_ssh(&data, flags))
+            .await
+            .and_then(|r| r);
         match signed {
             Ok(sig) => keyholder_pki::keys::ssh_signature_blob(&sig).ok(),
             Err(e) => {
@@ -58,14 +195,20 @@ impl Backend for AgentBackend {
         }
     }
 
-    async fn lock(&self) -> bool {
-        self.0.lock(LockReason::Request);
+    async fn lock(&self, peer: Peer) -> bool {
+        if self.enter(peer, "Agent.Lock", Needs::Nothing).is_err() {
+            return false;
+        }
+        self.core.lock(LockReason::Request);
         true
     }
 
-    async fn unlock(&self, passphrase: Zeroizing<String>) -> bool {
+    async fn unlock(&self, passphrase: Zeroizing<String>, peer: Peer) -> bool {
+        if self.enter(peer, "Agent.Unlock", Needs::Nothing).is_err() {
+            return false;
+        }
         let pin = SecretString::from(passphrase.to_string());
-        match self.0.unlock(pin, false, None, None, false).await {
+        match self.core.unlock(pin, false, None, None, false).await {
             Ok(_) => true,
             Err(e) => {
                 tracing::info!(error = %e, "agent UNLOCK refused");

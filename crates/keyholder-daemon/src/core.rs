@@ -1,31 +1,52 @@
-//! Session state: locked or unlocked, the open vault, the token session, and
-//! every transition between them.
+//! The session: locked or unlocked, the open vault, the token session, and
+//! every transition between them (init, unlock, lock, write, tick).
+//!
+//! `Core` holds its token through [`keyholder_token::Backend`] and its vault
+//! bytes through [`keyholder_vault::Storage`], so another token family or
+//! another home for the vault plugs in without touching the services, and
+//! tests run it in-process on a software token. Its clock is tokio's, so
+//! TTL and idle locking can be tested with a paused clock.
 //!
 //! Concurrency: `state` is a short-held `std` lock, never held across an
 //! await. Writers (Put, Delete, Init, Unlock) take `writer` first, so writes
 //! are serialised without blocking readers during encryption and fsync.
-//! Token calls run in `block_in_place`, since they block.
+//! Token calls block, and go through [`token_call`].
 
-use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use keyholder_proto::v1;
-use keyholder_token::{Module, Selector, TokenDescription, TokenKey, TokenSession};
+use keyholder_token::{Backend, KeyPurpose, Selector, Session, TokenDescription, TokenKey};
 use keyholder_vault::{
-    Body, FileStorage, OpenVault, Revision, Storage, TokenAgreement, TokenRecipient, VaultError,
+    Body, OpenVault, Revision, Storage, TokenAgreement, TokenRecipient, VaultError,
 };
 use secrecy::SecretString;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
-use crate::ca::{LoadedCa, TokenSlot};
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::gate::{GateHook, GateHooks};
 use crate::keypool::KeyPool;
+use crate::rollback;
+use crate::signers::{Keyring, KeyringContext, Signer, SshCa, TokenSlot, X509Ca};
 
 /// Label of the vault key objects Keyholder creates on tokens.
 pub const KEY_LABEL: &str = "keyholder-vault";
+
+/// Runs a token call, which blocks (a PIN pad, a touch, a USB round trip):
+/// on the multi-threaded runtime the worker hands its other tasks off
+/// first; elsewhere (a current-thread runtime, a plain thread) it runs in
+/// place.
+pub fn token_call<T>(call: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(call)
+        }
+        _ => call(),
+    }
+}
 
 /// Why the session is locked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,7 +66,8 @@ pub enum LockReason {
 }
 
 impl LockReason {
-    fn as_str(self) -> &'static str {
+    /// The API's name for it; empty for [`LockReason::Start`].
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Start => "",
             Self::Request => "request",
@@ -57,62 +79,117 @@ impl LockReason {
     }
 }
 
+/// The session's state as callers see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionState {
+    /// No vault exists yet.
+    Uninitialized,
+    /// Locked, and why.
+    Locked(LockReason),
+    /// Unlocked.
+    Unlocked(UnlockedStatus),
+}
+
+/// What is shown of an open session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnlockedStatus {
+    /// The token in use.
+    pub token: TokenDescription,
+    /// The token's recipient in this vault.
+    pub recipient: String,
+    /// Wall-clock time of unlock.
+    pub unlocked_at: SystemTime,
+    /// When the session ends at the latest.
+    pub expires_at: SystemTime,
+    /// When it locks if no request comes.
+    pub idle_deadline: SystemTime,
+    /// The vault's generation.
+    pub generation: u64,
+    /// How many secrets it holds.
+    pub secret_count: u64,
+}
+
+/// The session status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionStatus {
+    /// Locked, unlocked or uninitialised.
+    pub state: SessionState,
+    /// Where the vault is, for humans.
+    pub vault_path: String,
+    /// The ssh-agent socket, when served.
+    pub ssh_agent_socket: Option<PathBuf>,
+}
+
+/// A token the backend sees, with the Keyholder vault keys found on it.
+#[derive(Clone, Debug)]
+pub struct TokenListing {
+    /// The token.
+    pub token: TokenDescription,
+    /// The `age1tag1...` recipients of its Keyholder keys.
+    pub recipients: Vec<String>,
+}
+
+/// A vault just created.
+#[derive(Clone, Debug)]
+pub struct Initialized {
+    /// Where it is.
+    pub vault_path: String,
+    /// The token's recipient.
+    pub token_recipient: String,
+    /// The token.
+    pub token: TokenDescription,
+}
+
 /// What exists while unlocked. Dropping it wipes the decrypted vault (its
-/// secret values and MAC key are zeroizing types).
+/// secret values and MAC key are zeroizing types) and every loaded key.
 pub struct Unlocked {
     /// The decrypted vault.
     pub vault: OpenVault,
     /// The stored revision the vault was read from or last written as.
-    pub revision: Revision,
+    revision: Revision,
     /// The token in use.
     pub token: TokenDescription,
-    /// The vault key on it.
-    pub key: TokenKey,
     /// Wall-clock time of unlock, for display.
-    pub unlocked_at: SystemTime,
+    unlocked_at: SystemTime,
     /// Locks at this instant at the latest.
-    pub expires_at: Instant,
+    expires_at: Instant,
     /// Idle timeout of this session.
-    pub idle_timeout: Duration,
-    /// CAs parsed and ready to sign, loaded on first use.
-    pub cas: Mutex<HashMap<String, Arc<LoadedCa>>>,
-    /// Signing keys, loaded on first use.
-    pub keys: Mutex<HashMap<String, Arc<crate::keys::LoadedKey>>>,
-    /// What the ssh-agent offers, built on first use after each change.
-    pub agent_index: Mutex<Option<Arc<crate::keys::AgentIndex>>>,
+    idle_timeout: Duration,
+    /// Signers loaded on first use.
+    keyring: Keyring,
 }
 
 /// Locked or unlocked.
-pub enum State {
+enum State {
     /// No decrypted material in memory.
     Locked(LockReason),
     /// The vault is open.
     Unlocked(Box<Unlocked>),
 }
 
-/// The daemon's shared core.
+type LockHook = Box<dyn Fn() + Send + Sync>;
+
+/// The daemon's session.
 pub struct Core {
     /// Settings.
     pub config: Config,
-    module: Module,
-    storage: FileStorage,
+    tokens: Box<dyn Backend>,
+    storage: Box<dyn Storage>,
     state: RwLock<State>,
-    /// The logged-in token session while unlocked. Behind a mutex because a
-    /// cryptoki session may move between threads but not be shared.
+    /// The logged-in token session while unlocked.
     token: TokenSlot,
-    /// Kubernetes exec credentials by request, shared until shortly before
-    /// they expire; one issuance per key at a time. Cleared on lock.
-    pub(crate) exec_cache:
-        Mutex<HashMap<ExecKey, Arc<tokio::sync::Mutex<Option<CachedCredential>>>>>,
     /// Serialises writers.
     writer: tokio::sync::Mutex<()>,
     /// Milliseconds since `epoch` of the last request that used the session.
     last_activity_ms: AtomicU64,
     epoch: Instant,
-    status_tx: watch::Sender<v1::StatusResponse>,
+    status_tx: watch::Sender<SessionStatus>,
     shutdown_tx: watch::Sender<bool>,
     /// Client keys and CA signature nonces made ahead of time while unlocked.
-    pub(crate) key_pool: Arc<KeyPool>,
+    key_pool: Arc<KeyPool>,
+    gate_hooks: RwLock<GateHooks>,
+    /// Run on every lock, to wipe what other parts derived from the session.
+    lock_hooks: Mutex<Vec<LockHook>>,
 }
 
 impl Drop for Core {
@@ -121,42 +198,34 @@ impl Drop for Core {
     }
 }
 
-fn timestamp(t: SystemTime) -> prost_types::Timestamp {
-    prost_types::Timestamp::from(t)
-}
-
-fn describe(t: &TokenDescription) -> v1::TokenInfo {
-    v1::TokenInfo {
-        label: t.label.clone(),
-        serial: t.serial.clone(),
-        manufacturer: t.manufacturer.clone(),
-        model: t.model.clone(),
-        pin_count_low: t.pin.count_low,
-        pin_final_try: t.pin.final_try,
-        pin_locked: t.pin.locked,
-        recipients: Vec::new(),
-    }
-}
-
 impl Core {
-    /// A core over a loaded module and an owned vault file.
-    pub fn new(config: Config, module: Module, storage: FileStorage) -> Arc<Self> {
-        let (status_tx, _) = watch::channel(v1::StatusResponse::default());
+    /// A core over a token backend and a home for the vault.
+    pub fn new(
+        config: Config,
+        tokens: impl Backend + 'static,
+        storage: impl Storage + 'static,
+    ) -> Arc<Self> {
         let (shutdown_tx, _) = watch::channel(false);
         let key_pool = KeyPool::start(config.key_stock);
+        let (status_tx, _) = watch::channel(SessionStatus {
+            state: SessionState::Locked(LockReason::Start),
+            vault_path: String::new(),
+            ssh_agent_socket: None,
+        });
         let core = Arc::new(Self {
             config,
-            module,
-            storage,
+            tokens: Box::new(tokens),
+            storage: Box::new(storage),
             state: RwLock::new(State::Locked(LockReason::Start)),
             token: Arc::new(Mutex::new(None)),
-            exec_cache: Mutex::new(HashMap::new()),
             writer: tokio::sync::Mutex::new(()),
             last_activity_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             status_tx,
             shutdown_tx,
             key_pool,
+            gate_hooks: RwLock::new(Vec::new()),
+            lock_hooks: Mutex::new(Vec::new()),
         });
         core.publish();
         core
@@ -172,18 +241,50 @@ impl Core {
         self.state.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn token_slot(&self) -> std::sync::MutexGuard<'_, Option<TokenSession>> {
+    fn token_slot(&self) -> std::sync::MutexGuard<'_, Option<Box<dyn Session>>> {
         self.token.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a hook the gate runs for every operation.
+    pub fn add_gate_hook(&self, hook: Arc<dyn GateHook>) {
+        self.gate_hooks
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(hook);
+    }
+
+    pub(crate) fn gate_hooks(&self) -> std::sync::RwLockReadGuard<'_, GateHooks> {
+        self.gate_hooks.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a hook run on every lock, after the vault is wiped.
+    pub fn on_lock(&self, hook: impl Fn() + Send + Sync + 'static) {
+        self.lock_hooks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Box::new(hook));
+    }
+
+    /// The key stock.
+    pub fn key_pool(&self) -> &Arc<KeyPool> {
+        &self.key_pool
     }
 
     /// Records activity now (resets the idle timer).
     pub fn touch(&self) {
-        let ms = self.epoch.elapsed().as_millis() as u64;
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_activity_ms.store(ms, Ordering::Relaxed);
     }
 
     fn last_activity(&self) -> Instant {
-        self.epoch + Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed))
+        let since = Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed));
+        self.epoch.checked_add(since).unwrap_or(self.epoch)
+    }
+
+    /// When an idle session locks: `None` when that is beyond what the
+    /// clock can represent (never, in practice).
+    fn idle_deadline(&self, u: &Unlocked) -> Option<Instant> {
+        self.last_activity().checked_add(u.idle_timeout)
     }
 
     /// Runs `f` on the open vault, or fails with [`Error::Locked`].
@@ -194,50 +295,93 @@ impl Core {
         }
     }
 
+    /// Runs `f` on the open vault's body, or fails with [`Error::Locked`].
+    pub fn with_body<T>(&self, f: impl FnOnce(&Body) -> Result<T>) -> Result<T> {
+        self.with_unlocked(|u| f(&u.vault.body))
+    }
+
     /// Whether the session is unlocked.
     pub fn is_unlocked(&self) -> bool {
         matches!(&*self.read_state(), State::Unlocked(_))
     }
 
+    fn keyring_context(&self) -> KeyringContext<'_> {
+        KeyringContext {
+            slot: &self.token,
+            nonces: &self.key_pool,
+        }
+    }
+
+    /// The X.509 CA `name`, ready to issue.
+    pub fn x509_ca(&self, name: &str) -> Result<Arc<X509Ca>> {
+        self.with_unlocked(|u| {
+            u.keyring
+                .x509_ca(name, &u.vault.body, &self.keyring_context())
+        })
+    }
+
+    /// The SSH CA `name`, ready to sign.
+    pub fn ssh_ca(&self, name: &str) -> Result<Arc<SshCa>> {
+        self.with_unlocked(|u| {
+            u.keyring
+                .ssh_ca(name, &u.vault.body, &self.keyring_context())
+        })
+    }
+
+    /// The signing key `name`.
+    pub fn key(&self, name: &str) -> Result<Arc<Signer>> {
+        self.with_unlocked(|u| u.keyring.key(name, &u.vault.body, &self.keyring_context()))
+    }
+
+    /// The token session, for token-backed signers made outside the keyring.
+    pub fn token_slot_handle(&self) -> TokenSlot {
+        self.token.clone()
+    }
+
+    /// Runs `f` with the logged-in token session.
+    pub fn with_token<T>(&self, f: impl FnOnce(&dyn Session) -> Result<T>) -> Result<T> {
+        token_call(|| match &*self.token_slot() {
+            Some(session) => f(session.as_ref()),
+            None => Err(Error::Locked),
+        })
+    }
+
     /// The status now.
-    pub fn status(&self) -> v1::StatusResponse {
+    pub fn status(&self) -> SessionStatus {
         let exists = self.storage.exists().unwrap_or(true);
-        let state = self.read_state();
-        let mut s = v1::StatusResponse {
-            ssh_agent_socket: if self.config.ssh_agent {
-                self.config.ssh_agent_socket.display().to_string()
-            } else {
-                String::new()
-            },
-            vault_path: self.storage.location(),
-            ..Default::default()
-        };
-        match &*state {
-            State::Locked(reason) => {
-                s.state = if exists {
-                    v1::SessionState::Locked
-                } else {
-                    v1::SessionState::Uninitialized
-                } as i32;
-                s.lock_reason = reason.as_str().to_owned();
-            }
+        let state = match &*self.read_state() {
+            State::Locked(_) if !exists => SessionState::Uninitialized,
+            State::Locked(reason) => SessionState::Locked(*reason),
             State::Unlocked(u) => {
-                s.state = v1::SessionState::Unlocked as i32;
-                let mut token = describe(&u.token);
-                token.recipients = vec![u.vault.token_recipient().to_owned()];
-                s.token = Some(token);
-                s.unlocked_at = Some(timestamp(u.unlocked_at));
                 let now_i = Instant::now();
                 let now_s = SystemTime::now();
-                let wall = |at: Instant| now_s + at.saturating_duration_since(now_i);
-                s.expires_at = Some(timestamp(wall(u.expires_at)));
-                let idle_at = (self.last_activity() + u.idle_timeout).min(u.expires_at);
-                s.idle_deadline = Some(timestamp(wall(idle_at)));
-                s.generation = u.vault.body.generation;
-                s.secret_count = u.vault.body.secrets.len() as u64;
+                let wall = |at: Instant| {
+                    now_s
+                        .checked_add(at.saturating_duration_since(now_i))
+                        .unwrap_or(now_s)
+                };
+                let idle_at = self
+                    .idle_deadline(u)
+                    .map_or(u.expires_at, |at| at.min(u.expires_at));
+                SessionState::Unlocked(UnlockedStatus {
+                    token: u.token.clone(),
+                    recipient: u.vault.token_recipient().to_owned(),
+                    unlocked_at: u.unlocked_at,
+                    expires_at: wall(u.expires_at),
+                    idle_deadline: wall(idle_at),
+                    generation: u.vault.body.generation,
+                    secret_count: u64::try_from(u.vault.body.secrets.len()).unwrap_or(u64::MAX),
+                })
             }
+        };
+        SessionStatus {
+            state,
+            vault_path: self.storage.location(),
+            ssh_agent_socket: self
+                .config
+                .ssh_agent
+                .then(|| self.config.ssh_agent_socket.clone()),
         }
-        s
     }
 
     fn publish(&self) {
@@ -246,7 +390,7 @@ impl Core {
     }
 
     /// Status updates, starting with the current one.
-    pub fn watch_status(&self) -> watch::Receiver<v1::StatusResponse> {
+    pub fn watch_status(&self) -> watch::Receiver<SessionStatus> {
         self.status_tx.subscribe()
     }
 
@@ -262,22 +406,22 @@ impl Core {
         Ok(Some(parse_selector(t)?))
     }
 
-    /// The tokens the module sees, with the Keyholder keys found on each.
-    pub fn list_tokens(&self) -> Result<Vec<v1::TokenInfo>> {
-        tokio::task::block_in_place(|| {
+    /// The tokens the backend sees, with the Keyholder keys found on each.
+    pub fn list_tokens(&self) -> Result<Vec<TokenListing>> {
+        token_call(|| {
             let mut out = Vec::new();
-            for t in self.module.tokens()? {
-                let mut info = describe(&t);
-                if let Ok(session) = self.module.open(&t) {
+            for token in self.tokens.tokens()? {
+                let mut recipients = Vec::new();
+                if let Ok(session) = self.tokens.open(&token) {
                     if let Ok(keys) = session.find_p256_keys(KEY_LABEL) {
-                        info.recipients = keys
+                        recipients = keys
                             .iter()
                             .map(|k| keyholder_vault::recipient_string(&k.public))
                             .collect();
                     }
                     session.close();
                 }
-                out.push(info);
+                out.push(TokenListing { token, recipients });
             }
             Ok(out)
         })
@@ -291,7 +435,7 @@ impl Core {
         pin: SecretString,
         allow_final_try: bool,
         recovery: Vec<String>,
-    ) -> Result<v1::InitResponse> {
+    ) -> Result<Initialized> {
         let _writer = self.writer.lock().await;
         for r in &recovery {
             keyholder_vault::check_recovery_recipient(r)?;
@@ -299,14 +443,14 @@ impl Core {
         if self.storage.exists()? {
             return Err(Error::VaultExists(self.storage.location()));
         }
-        tokio::task::block_in_place(|| {
-            let token = self.module.select(&selector)?;
-            let mut session = self.module.open(&token)?;
+        token_call(|| {
+            let token = self.tokens.select(&selector)?;
+            let mut session = self.tokens.open(&token)?;
             session.login(&pin, allow_final_try)?;
             let result = (|| {
-                let key = session.generate_p256(KEY_LABEL)?;
+                let key = session.generate_p256(KEY_LABEL, KeyPurpose::Derive)?;
                 let agreement = TokenAgreement {
-                    session: &session,
+                    session: session.as_ref(),
                     key: &key,
                 };
                 let recipient = keyholder_vault::recipient_string(&key.public);
@@ -323,12 +467,12 @@ impl Core {
                 let mut body = vault.body.clone();
                 let bytes = vault.next(&mut body)?;
                 self.storage.compare_and_store(None, &bytes, body.generation)?;
-                record_generation(&session, vault.vault_id(), body.generation);
+                rollback::record(session.as_ref(), vault.vault_id(), body.generation);
                 tracing::info!(token = %token.label, %recipient, vault = %self.storage.location(), "vault created");
-                Ok(v1::InitResponse {
+                Ok(Initialized {
                     vault_path: self.storage.location(),
                     token_recipient: recipient,
-                    token: Some(describe(&token)),
+                    token: token.clone(),
                 })
             })();
             session.close();
@@ -338,7 +482,8 @@ impl Core {
     }
 
     /// Opens the session: finds the token holding the vault's key, logs in,
-    /// decrypts and authenticates the vault.
+    /// decrypts and authenticates the vault. `ttl` and `idle` default to the
+    /// configured ones.
     pub async fn unlock(
         &self,
         pin: SecretString,
@@ -346,7 +491,7 @@ impl Core {
         ttl: Option<Duration>,
         idle: Option<Duration>,
         accept_older: bool,
-    ) -> Result<v1::StatusResponse> {
+    ) -> Result<SessionStatus> {
         let ttl = ttl.unwrap_or(self.config.session_ttl);
         if ttl > self.config.max_session_ttl {
             return Err(Error::InvalidArgument {
@@ -364,23 +509,26 @@ impl Core {
             return Ok(self.status());
         }
         let started = Instant::now();
-        let (session, unlocked) = tokio::task::block_in_place(|| {
+        let (session, unlocked) = token_call(|| {
             let (bytes, mut revision) = self
                 .storage
                 .load()?
                 .ok_or_else(|| Error::NotInitialized(self.storage.location()))?;
             let stanzas = keyholder_vault::probe(&bytes)?;
             let (mut session, token, key) = self.find_vault_token(&stanzas, selector.as_ref())?;
-            session.login(&pin, allow_final_try)?;
+            if let Err(e) = session.login(&pin, allow_final_try) {
+                session.close();
+                return Err(e.into());
+            }
             let opened = OpenVault::open(
                 &bytes,
                 &TokenAgreement {
-                    session: &session,
+                    session: session.as_ref(),
                     key: &key,
                 },
             );
             let checked = opened.map_err(Error::from).and_then(|mut v| {
-                if let Some(recorded) = check_generation(&session, &v, accept_older)? {
+                if let Some(recorded) = rollback::check(session.as_ref(), &v, accept_older)? {
                     // An older file accepted on purpose is written back
                     // above the record, so generation numbers never repeat:
                     // a copy from the abandoned history stays refused.
@@ -390,7 +538,7 @@ impl Core {
                     revision =
                         self.storage
                             .compare_and_store(Some(&revision), &bytes, body.generation)?;
-                    record_generation(&session, v.vault_id(), body.generation);
+                    rollback::record(session.as_ref(), v.vault_id(), body.generation);
                     v.body = body;
                 }
                 Ok(v)
@@ -402,19 +550,28 @@ impl Core {
                     return Err(e);
                 }
             };
+            let now = Instant::now();
+            let expires_at = now.checked_add(ttl).ok_or_else(|| Error::InvalidArgument {
+                field: "ttl_seconds",
+                reason: "is too long".into(),
+            });
+            let expires_at = match expires_at {
+                Ok(at) => at,
+                Err(e) => {
+                    session.close();
+                    return Err(e);
+                }
+            };
             Ok((
                 session,
                 Unlocked {
                     vault,
                     revision,
                     token,
-                    key,
                     unlocked_at: SystemTime::now(),
-                    expires_at: Instant::now() + ttl,
+                    expires_at,
                     idle_timeout: idle,
-                    cas: Mutex::new(HashMap::new()),
-                    keys: Mutex::new(HashMap::new()),
-                    agent_index: Mutex::new(None),
+                    keyring: Keyring::default(),
                 },
             ))
         })?;
@@ -442,15 +599,15 @@ impl Core {
         &self,
         stanzas: &[keyholder_vault::TagStanza],
         selector: Option<&Selector>,
-    ) -> Result<(TokenSession, TokenDescription, TokenKey)> {
+    ) -> Result<(Box<dyn Session>, TokenDescription, TokenKey)> {
         let tokens = match selector {
-            Some(sel) => vec![self.module.select(sel)?],
-            None => self.module.tokens()?,
+            Some(sel) => vec![self.tokens.select(sel)?],
+            None => self.tokens.tokens()?,
         };
         let mut looked_at = Vec::new();
         for token in tokens {
             looked_at.push(format!("{:?}", token.label));
-            let session = self.module.open(&token)?;
+            let session = self.tokens.open(&token)?;
             let keys = session.find_p256_keys(KEY_LABEL)?;
             if let Some(key) = keys
                 .into_iter()
@@ -464,7 +621,8 @@ impl Core {
         Err(Error::Vault(VaultError::NotForThisToken))
     }
 
-    /// Locks: wipes the open vault, logs out and closes the token session.
+    /// Locks: wipes the open vault and everything derived from it, logs out
+    /// and closes the token session.
     pub fn lock(&self, reason: LockReason) {
         let previous = {
             let mut state = self.write_state();
@@ -472,14 +630,19 @@ impl Core {
             std::mem::replace(&mut *state, State::Locked(reason))
         };
         let was_unlocked = matches!(previous, State::Unlocked(_));
-        // Dropping Unlocked zeroizes secret values and the MAC key.
+        // Dropping Unlocked zeroizes secret values, the MAC key and the
+        // loaded keys.
         drop(previous);
-        self.exec_cache
+        for hook in self
+            .lock_hooks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clear();
+            .iter()
+        {
+            hook();
+        }
         if let Some(session) = self.token_slot().take() {
-            tokio::task::block_in_place(|| session.close());
+            token_call(|| session.close());
         }
         if was_unlocked {
             tracing::info!(reason = reason.as_str(), "locked");
@@ -488,7 +651,8 @@ impl Core {
     }
 
     /// Applies `change` to a copy of the body and stores it; the in-memory
-    /// vault is replaced only once the new file is durable.
+    /// vault is replaced only once the new file is durable. Returns what
+    /// `change` returned and the new generation.
     pub async fn write<T>(&self, change: impl FnOnce(&mut Body) -> Result<T>) -> Result<(T, u64)> {
         let _writer = self.writer.lock().await;
         let (body_new, out, bytes, expected, vault_id) = {
@@ -508,14 +672,14 @@ impl Core {
             )
         };
         let generation = body_new.generation;
-        let revision = tokio::task::block_in_place(|| {
+        let revision = token_call(|| {
             let revision = self
                 .storage
                 .compare_and_store(Some(&expected), &bytes, generation)?;
             // After the file: a crash in between leaves the file ahead of the
             // record, which the next unlock accepts and catches up.
             match &*self.token_slot() {
-                Some(session) => record_generation(session, &vault_id, generation),
+                Some(session) => rollback::record(session.as_ref(), &vault_id, generation),
                 // Locked in between: the next unlock moves the record up.
                 None => tracing::warn!(
                     generation,
@@ -527,10 +691,8 @@ impl Core {
         if let State::Unlocked(u) = &mut *self.write_state() {
             u.vault.body = body_new;
             u.revision = revision;
-            // Derived views are rebuilt from the new body on next use.
-            u.cas.get_mut().unwrap_or_else(|p| p.into_inner()).clear();
-            u.keys.get_mut().unwrap_or_else(|p| p.into_inner()).clear();
-            *u.agent_index.get_mut().unwrap_or_else(|p| p.into_inner()) = None;
+            // Signers are loaded from the new body on next use.
+            u.keyring.clear();
         }
         self.publish();
         Ok((out, generation))
@@ -546,7 +708,7 @@ impl Core {
             let now = Instant::now();
             if now >= u.expires_at {
                 Some(LockReason::Expired)
-            } else if now >= self.last_activity() + u.idle_timeout {
+            } else if self.idle_deadline(u).is_some_and(|at| now >= at) {
                 Some(LockReason::Idle)
             } else {
                 None
@@ -557,7 +719,7 @@ impl Core {
             return;
         }
         if check_token {
-            let present = tokio::task::block_in_place(|| match &*self.token_slot() {
+            let present = token_call(|| match &*self.token_slot() {
                 Some(session) => session.check_present(),
                 None => Ok(()),
             });
@@ -573,116 +735,6 @@ impl Core {
         self.shutdown_tx.send_replace(true);
         self.lock(LockReason::Shutdown);
         self.key_pool.stop();
-    }
-}
-
-/// Identifies one kind of exec credential: cluster, user, sorted groups, TTL.
-pub type ExecKey = (String, String, Vec<String>, u64);
-
-/// A certificate and key served to the kubectl credential plugin.
-pub struct CachedCredential {
-    /// PEM.
-    pub certificate_pem: String,
-    /// PEM; wiped when dropped.
-    pub private_key_pem: zeroize::Zeroizing<String>,
-    /// `notAfter`.
-    pub expires: SystemTime,
-    /// Full lifetime, to decide when to renew.
-    pub ttl: Duration,
-}
-
-impl Core {
-    /// The token slot, for token-backed CA signers.
-    pub fn token_slot_handle(&self) -> TokenSlot {
-        self.token.clone()
-    }
-
-    /// Runs `f` with the logged-in token session.
-    pub fn with_token<T>(&self, f: impl FnOnce(&TokenSession) -> Result<T>) -> Result<T> {
-        tokio::task::block_in_place(|| match &*self.token_slot() {
-            Some(session) => f(session),
-            None => Err(Error::Locked),
-        })
-    }
-
-    /// The CA `name`, loaded and ready to sign.
-    pub fn loaded_ca(&self, name: &str) -> Result<Arc<LoadedCa>> {
-        self.with_unlocked(|u| {
-            let mut cache = u.cas.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(ca) = cache.get(name) {
-                return Ok(ca.clone());
-            }
-            let entry = u.vault.body.cas.get(name).ok_or_else(|| Error::NotFound {
-                kind: "CA",
-                name: name.to_owned(),
-            })?;
-            if entry.kind != "x509" {
-                return Err(Error::InvalidArgument {
-                    field: "ca",
-                    reason: format!("{name:?} is an {} CA, not an X.509 one", entry.kind),
-                });
-            }
-            let loaded = Arc::new(crate::ca::load(entry, &self.token, &self.key_pool)?);
-            cache.insert(name.to_owned(), loaded.clone());
-            Ok(loaded)
-        })
-    }
-}
-
-/// Label of the token data object recording a vault's generation.
-fn generation_label(vault_id: &str) -> String {
-    format!("keyholder-generation:{vault_id}")
-}
-
-/// Rollback detection on unlock: the vault file's generation against the
-/// one the token recorded at the last write. An older file is refused
-/// unless `accept_older` (a backup restored on purpose), in which case the
-/// record is returned and the caller writes the file back above it; a newer
-/// one (a crash after the file was written, or a token without a record
-/// yet) moves the record up. The record is only as strong as the token:
-/// whoever has the PIN can change it too.
-fn check_generation(
-    session: &TokenSession,
-    vault: &OpenVault,
-    accept_older: bool,
-) -> Result<Option<u64>> {
-    let label = generation_label(vault.vault_id());
-    let file = vault.body.generation;
-    let recorded = match session.read_generation(&label) {
-        Ok(recorded) => recorded,
-        Err(e) if accept_older => {
-            // Replaced below; only the PIN holder can write private objects.
-            tracing::warn!(error = %e, "unreadable generation record replaced on request");
-            None
-        }
-        Err(e) => return Err(e.into()),
-    };
-    match recorded {
-        Some(recorded) if file < recorded && !accept_older => {
-            tracing::warn!(
-                file,
-                recorded,
-                "vault file older than the token's record refused"
-            );
-            Err(Error::Rollback { file, recorded })
-        }
-        Some(recorded) if file < recorded => {
-            tracing::warn!(file, recorded, "older vault file accepted on request");
-            Ok(Some(recorded))
-        }
-        Some(recorded) if file == recorded => Ok(None),
-        _ => {
-            record_generation(session, vault.vault_id(), file);
-            Ok(None)
-        }
-    }
-}
-
-/// Records `generation` on the token; a token that cannot store it still
-/// works, without rollback detection, and says so in the log.
-fn record_generation(session: &TokenSession, vault_id: &str, generation: u64) {
-    if let Err(e) = session.store_generation(&generation_label(vault_id), generation) {
-        tracing::warn!(error = %e, generation, "cannot record the vault generation on the token");
     }
 }
 

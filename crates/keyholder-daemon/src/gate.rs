@@ -1,13 +1,21 @@
-//! The one place every RPC passes through: it identifies the caller and
-//! checks the session state, so that policy and audit hook in here.
+//! The one gate every operation passes, gRPC and ssh-agent alike: it
+//! checks who is calling, runs the hooks that policy and audit plug into,
+//! and checks the session state.
 
 use std::path::PathBuf;
-
-use tonic::Request;
-use tonic::transport::server::UdsConnectInfo;
+use std::sync::Arc;
 
 use crate::core::Core;
 use crate::error::{Error, Result};
+
+/// Which listener a request came through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Channel {
+    /// The gRPC socket.
+    Grpc,
+    /// The ssh-agent socket.
+    Agent,
+}
 
 /// Who is calling.
 #[derive(Clone, Debug)]
@@ -16,6 +24,8 @@ pub struct Caller {
     pub uid: u32,
     /// Peer pid from `SO_PEERCRED`, when the kernel gave one.
     pub pid: Option<i32>,
+    /// The listener.
+    pub channel: Channel,
 }
 
 impl Caller {
@@ -27,7 +37,7 @@ impl Caller {
     }
 }
 
-/// What an RPC needs from the session.
+/// What an operation needs from the session.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Needs {
     /// Works locked or unlocked (Status, Lock, Unlock, Init, ListTokens).
@@ -36,36 +46,34 @@ pub enum Needs {
     Unlocked,
 }
 
+/// Something that sees every operation at the gate and may refuse it
+/// (policy), or must record it before it runs (audit).
+pub trait GateHook: Send + Sync {
+    /// Called for every operation `op` by `caller`, after the peer check
+    /// and before the session check; an error refuses the operation.
+    fn check(&self, caller: &Caller, op: &'static str) -> Result<()>;
+}
+
+/// The hooks the gate runs, in order.
+pub type GateHooks = Vec<Arc<dyn GateHook>>;
+
 impl Core {
-    /// Identifies the caller of `request`, logs the operation, and checks
-    /// that the session allows it.
-    pub fn enter<T>(&self, request: &Request<T>, op: &'static str, needs: Needs) -> Result<Caller> {
-        let cred = request
-            .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|info| info.peer_cred);
-        let Some(cred) = cred else {
-            // Every listener Keyholder runs is a Unix socket; a request
-            // without peer credentials did not come through one.
-            tracing::warn!(op, "request without peer credentials refused");
-            return Err(Error::PermissionDenied(
-                "peer credentials unavailable".into(),
-            ));
-        };
+    /// Lets `caller` run `op` if the peer is served, every hook agrees and
+    /// the session allows it.
+    pub fn enter(&self, caller: &Caller, op: &'static str, needs: Needs) -> Result<()> {
         let own = rustix::process::getuid().as_raw();
-        if cred.uid() != own {
-            tracing::warn!(op, uid = cred.uid(), pid = ?cred.pid(), "request from another uid refused");
+        if caller.uid != own {
+            tracing::warn!(op, uid = caller.uid, pid = ?caller.pid, "request from another uid refused");
             return Err(Error::PermissionDenied(format!(
                 "uid {} may not use this keyholderd (it serves uid {own})",
-                cred.uid()
+                caller.uid
             )));
         }
-        let caller = Caller {
-            uid: cred.uid(),
-            pid: cred.pid(),
-        };
         if tracing::enabled!(tracing::Level::DEBUG) {
-            tracing::debug!(op, uid = caller.uid, pid = ?caller.pid, exe = ?caller.exe(), "request");
+            tracing::debug!(op, uid = caller.uid, pid = ?caller.pid, channel = ?caller.channel, exe = ?caller.exe(), "request");
+        }
+        for hook in self.gate_hooks().iter() {
+            hook.check(caller, op)?;
         }
         if needs == Needs::Unlocked {
             if !self.is_unlocked() {
@@ -73,6 +81,6 @@ impl Core {
             }
             self.touch();
         }
-        Ok(caller)
+        Ok(())
     }
 }

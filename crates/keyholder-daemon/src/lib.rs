@@ -1,5 +1,16 @@
-//! The running Keyholder agent: session state, the gRPC services, and the
-//! Unix-socket listener.
+//! The running Keyholder agent. The crate's map:
+//!
+//! - [`core`]: the session (locked/unlocked, unlock, lock, write, tick) over
+//!   a token [`keyholder_token::Backend`] and a vault [`keyholder_vault::Storage`].
+//! - [`gate`]: the one gate every operation passes (gRPC and ssh-agent).
+//! - [`signers`]: every key that signs, the keyring that caches them, and
+//!   where slow signatures run.
+//! - [`rollback`]: the vault generation record on the token.
+//! - [`names`]: names from requests, checked once.
+//! - [`services`]: the gRPC services, with the proto boundary in
+//!   [`services::convert`].
+//! - [`agent`]: the ssh-agent backend.
+//! - [`serve`]: sockets, listeners and the tick task; [`config`]: settings.
 //!
 //! [`run`] takes an already bound listener and a shutdown future, so tests
 //! and the `keyholderd` binary start it the same way. This crate holds no CLI
@@ -10,222 +21,17 @@
 #![deny(unsafe_code)]
 
 pub mod agent;
-pub mod ca;
 pub mod config;
 pub mod core;
 pub mod error;
 pub mod gate;
 mod keypool;
-pub mod keys;
+pub mod names;
+pub mod rollback;
+pub mod serve;
 pub mod services;
-
-use std::future::Future;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
-
-use keyholder_proto::v1;
-use tokio::net::UnixListener;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::UnixListenerStream;
+pub mod signers;
 
 pub use crate::core::Core;
 pub use config::Config;
-
-/// How long in-flight requests get to finish once shutdown begins.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-
-/// Process hardening done before any secret exists: no core dumps, and the
-/// process is not dumpable (no ptrace by same-uid processes, no /proc/pid/mem).
-pub fn harden_process() -> std::io::Result<()> {
-    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)?;
-    rustix::process::setrlimit(
-        rustix::process::Resource::Core,
-        rustix::process::Rlimit {
-            current: Some(0),
-            maximum: Some(0),
-        },
-    )?;
-    Ok(())
-}
-
-/// Binds the gRPC socket: its directory is created (or tightened) to 0700
-/// and must belong to us; a stale socket is replaced, a live one is an error;
-/// the socket itself is 0600.
-pub fn bind_socket(path: &Path) -> std::io::Result<UnixListener> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)?;
-    }
-    let meta = std::fs::metadata(&dir)?;
-    let uid = rustix::process::getuid().as_raw();
-    if meta.uid() != uid {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            format!(
-                "socket directory {} belongs to uid {}, not {uid}",
-                dir.display(),
-                meta.uid()
-            ),
-        ));
-    }
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                format!("another keyholderd is serving on {}", path.display()),
-            ));
-        }
-        std::fs::remove_file(path)?;
-    }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
-}
-
-/// Serves the API on `listener` until `shutdown` resolves, then locks the
-/// session, lets in-flight requests finish (up to a grace period) and
-/// returns. The caller removes the socket file.
-pub async fn run(
-    core: Arc<Core>,
-    listener: UnixListener,
-    agent: Option<UnixListener>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let agent_task = agent.map(|listener| {
-        let mut stop = core.shutdown_signal();
-        let backend = Arc::new(agent::AgentBackend(core.clone()));
-        tokio::spawn(keyholder_agent::serve(listener, backend, async move {
-            let _ = stop.wait_for(|s| *s).await;
-        }))
-    });
-    let own_uid = rustix::process::getuid().as_raw();
-    // Peers of another uid are dropped at accept, before any byte is read.
-    let incoming = UnixListenerStream::new(listener).filter_map(move |conn| match conn {
-        Ok(stream) => match stream.peer_cred() {
-            Ok(cred) if cred.uid() == own_uid => Some(Ok(stream)),
-            Ok(cred) => {
-                tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "refused connection from another uid");
-                None
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "refused connection without peer credentials");
-                None
-            }
-        },
-        Err(e) => {
-            tracing::warn!(error = %e, "accept failed");
-            None::<std::io::Result<tokio::net::UnixStream>>
-        }
-    });
-
-    let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<v1::session_server::SessionServer<services::session::SessionService>>()
-        .await;
-    health_reporter
-        .set_serving::<v1::secrets_server::SecretsServer<services::secrets::SecretsService>>()
-        .await;
-    health_reporter
-        .set_serving::<v1::admin_server::AdminServer<services::admin::AdminService>>()
-        .await;
-    health_reporter
-        .set_serving::<v1::signer_server::SignerServer<services::signer::SignerService>>()
-        .await;
-    health_reporter
-        .set_serving::<v1::credentials_server::CredentialsServer<services::credentials::CredentialsService>>()
-        .await;
-    // Both reflection versions: grpcurl and most tools speak v1, some
-    // client libraries still only v1alpha.
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(v1::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection().build_v1()?;
-    let reflection_v1alpha = reflection().build_v1alpha()?;
-
-    let max_message = core.config.max_secret_bytes + 64 * 1024;
-    let ticker = tokio::spawn(tick_loop(core.clone()));
-
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let shutdown_core = core.clone();
-    let signal = async move {
-        shutdown.await;
-        tracing::info!("shutting down");
-        shutdown_core.begin_shutdown();
-        let _ = stop_tx.send(());
-    };
-    let server = tonic::transport::Server::builder()
-        .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(
-            v1::session_server::SessionServer::new(services::session::SessionService(core.clone()))
-                .max_decoding_message_size(max_message),
-        )
-        .add_service(
-            v1::secrets_server::SecretsServer::new(services::secrets::SecretsService(core.clone()))
-                .max_decoding_message_size(max_message),
-        )
-        .add_service(
-            v1::admin_server::AdminServer::new(services::admin::AdminService(core.clone()))
-                .max_decoding_message_size(max_message),
-        )
-        .add_service(
-            v1::signer_server::SignerServer::new(services::signer::SignerService(core.clone()))
-                .max_decoding_message_size(max_message),
-        )
-        .add_service(
-            v1::credentials_server::CredentialsServer::new(
-                services::credentials::CredentialsService(core.clone()),
-            )
-            .max_decoding_message_size(max_message),
-        )
-        .serve_with_incoming_shutdown(incoming, signal);
-    tokio::pin!(server);
-    let result = tokio::select! {
-        r = &mut server => r,
-        () = async {
-            let _ = stop_rx.await;
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        } => {
-            tracing::warn!("in-flight requests did not finish within the grace period");
-            Ok(())
-        }
-    };
-    ticker.abort();
-    if let Some(t) = agent_task {
-        t.abort();
-    }
-    core.lock(crate::core::LockReason::Shutdown);
-    result.map_err(Into::into)
-}
-
-/// Checks session expiry every second and token presence every
-/// `token_poll_interval` (no module here offers a blocking slot-event wait).
-async fn tick_loop(core: Arc<Core>) {
-    let poll = core.config.token_poll_interval;
-    let step = poll.min(Duration::from_secs(1));
-    let mut since_token_check = Duration::ZERO;
-    let mut interval = tokio::time::interval(step);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        interval.tick().await;
-        since_token_check += step;
-        let check_token = since_token_check >= poll;
-        if check_token {
-            since_token_check = Duration::ZERO;
-        }
-        core.tick(check_token);
-    }
-}
+pub use serve::{bind_socket, harden_process, run};

@@ -14,47 +14,21 @@ use ssh_key::public::KeyData;
 use ssh_key::{Algorithm, HashAlg};
 use zeroize::Zeroizing;
 
-use crate::{PkiError, invalid};
+use crate::{KeyAlgorithm, PkiError, invalid};
 
 type Result<T, E = PkiError> = std::result::Result<T, E>;
 
-/// Key types.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KeyType {
-    /// Ed25519.
-    Ed25519,
-    /// ECDSA on NIST P-256 with SHA-256.
-    EcdsaP256,
-    /// RSA, 3072-bit modulus.
-    Rsa3072,
-    /// RSA, 4096-bit modulus.
-    Rsa4096,
-}
-
-impl KeyType {
-    /// Parses `ed25519`, `ecdsa-p256`, `rsa-3072`, `rsa-4096`.
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "ed25519" => Ok(Self::Ed25519),
-            "ecdsa-p256" | "p256" => Ok(Self::EcdsaP256),
-            "rsa-3072" => Ok(Self::Rsa3072),
-            "rsa-4096" => Ok(Self::Rsa4096),
-            other => Err(invalid(
-                "type",
-                format!("{other:?} is not one of ed25519, ecdsa-p256, rsa-3072, rsa-4096"),
-            )),
-        }
-    }
-
-    /// The name `parse` accepts.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Ed25519 => "ed25519",
-            Self::EcdsaP256 => "ecdsa-p256",
-            Self::Rsa3072 => "rsa-3072",
-            Self::Rsa4096 => "rsa-4096",
-        }
-    }
+/// A new RSA key of `alg`'s size as PKCS#8 DER (ring signs RSA but cannot
+/// generate keys; the rsa crate does). Takes tenths of a second to seconds.
+pub(crate) fn rsa_pkcs8(alg: KeyAlgorithm) -> Result<Zeroizing<Vec<u8>>> {
+    let bits = alg
+        .rsa_bits()
+        .ok_or_else(|| PkiError::Build(format!("{} is not RSA", alg.as_str())))?;
+    let key = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, bits)
+        .map_err(|e| PkiError::Build(format!("RSA key generation: {e}")))?;
+    let der = pkcs8::EncodePrivateKey::to_pkcs8_der(&key)
+        .map_err(|e| PkiError::Build(format!("RSA key encoding: {e}")))?;
+    Ok(Zeroizing::new(der.as_bytes().to_vec()))
 }
 
 /// Signature algorithms of `Signer.Sign`.
@@ -76,12 +50,14 @@ pub enum SignAlgorithm {
 
 impl SignAlgorithm {
     /// Parses the names in the API; empty picks the key type's default.
-    pub fn parse(s: &str, key: KeyType) -> Result<Self> {
+    pub fn parse(s: &str, key: KeyAlgorithm) -> Result<Self> {
         Ok(match s {
             "" => match key {
-                KeyType::Ed25519 => Self::Ed25519,
-                KeyType::EcdsaP256 => Self::EcdsaSha256,
-                KeyType::Rsa3072 | KeyType::Rsa4096 => Self::RsaPkcs1Sha256,
+                KeyAlgorithm::Ed25519 => Self::Ed25519,
+                KeyAlgorithm::EcdsaP256 => Self::EcdsaSha256,
+                KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072 | KeyAlgorithm::Rsa4096 => {
+                    Self::RsaPkcs1Sha256
+                }
             },
             "ed25519" => Self::Ed25519,
             "ecdsa-sha256" => Self::EcdsaSha256,
@@ -110,17 +86,17 @@ impl SignAlgorithm {
         }
     }
 
-    fn fits(self, key: KeyType) -> bool {
+    fn fits(self, key: KeyAlgorithm) -> bool {
         matches!(
             (self, key),
-            (Self::Ed25519, KeyType::Ed25519)
-                | (Self::EcdsaSha256, KeyType::EcdsaP256)
+            (Self::Ed25519, KeyAlgorithm::Ed25519)
+                | (Self::EcdsaSha256, KeyAlgorithm::EcdsaP256)
                 | (
                     Self::RsaPkcs1Sha256
                         | Self::RsaPkcs1Sha512
                         | Self::RsaPssSha256
                         | Self::RsaPssSha512,
-                    KeyType::Rsa3072 | KeyType::Rsa4096
+                    KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072 | KeyAlgorithm::Rsa4096
                 )
         )
     }
@@ -150,11 +126,14 @@ enum Inner {
 /// internal key schedule is not (ring offers no way to), which
 /// docs/threat-model.md records.
 pub struct SoftKey {
-    kind: KeyType,
+    kind: KeyAlgorithm,
     pkcs8: Zeroizing<Vec<u8>>,
     inner: Inner,
     ssh_public: KeyData,
     spki_pem: String,
+    /// The public key as ring gives it (an Ed25519 key, an uncompressed
+    /// P-256 point, or a PKCS#1 RSAPublicKey): what X.509 encoders take.
+    public_raw: Vec<u8>,
     rng: SystemRandom,
 }
 
@@ -172,23 +151,18 @@ fn reject(what: &str) -> impl FnOnce(ring::error::KeyRejected) -> PkiError + '_ 
 
 impl SoftKey {
     /// A new key of `kind`. RSA generation takes a second or more.
-    pub fn generate(kind: KeyType) -> Result<Self> {
+    pub fn generate(kind: KeyAlgorithm) -> Result<Self> {
         let rng = SystemRandom::new();
         let pkcs8 = match kind {
-            KeyType::Ed25519 => {
+            KeyAlgorithm::Ed25519 => {
                 rs::Ed25519KeyPair::generate_pkcs8(&rng).map(|d| d.as_ref().to_vec())
             }
-            KeyType::EcdsaP256 => {
+            KeyAlgorithm::EcdsaP256 => {
                 rs::EcdsaKeyPair::generate_pkcs8(&rs::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
                     .map(|d| d.as_ref().to_vec())
             }
-            KeyType::Rsa3072 | KeyType::Rsa4096 => {
-                let bits = if kind == KeyType::Rsa3072 { 3072 } else { 4096 };
-                let key = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, bits)
-                    .map_err(|e| PkiError::Build(format!("RSA key generation: {e}")))?;
-                let der = pkcs8::EncodePrivateKey::to_pkcs8_der(&key)
-                    .map_err(|e| PkiError::Build(format!("RSA key encoding: {e}")))?;
-                Ok(der.as_bytes().to_vec())
+            KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072 | KeyAlgorithm::Rsa4096 => {
+                return Self::from_pkcs8_der(rsa_pkcs8(kind)?);
             }
         }
         .map_err(|_| PkiError::Build("key generation failed".into()))?;
@@ -209,8 +183,10 @@ impl SoftKey {
                 .map_err(|e| invalid("key", e.to_string()))?;
             let spki_pem = pkcs8::EncodePublicKey::to_public_key_pem(&vk, pkcs8::LineEnding::LF)
                 .map_err(|e| PkiError::Build(e.to_string()))?;
+            let public_raw = kp.public_key().as_ref().to_vec();
             return Ok(Self {
-                kind: KeyType::Ed25519,
+                public_raw,
+                kind: KeyAlgorithm::Ed25519,
                 ssh_public: KeyData::Ed25519(ssh_key::public::Ed25519PublicKey(public)),
                 inner: Inner::Ed25519(kp),
                 pkcs8: der,
@@ -233,7 +209,8 @@ impl SoftKey {
             let encoded = p256::EncodedPoint::from_bytes(&point)
                 .map_err(|_| invalid("key", "bad P-256 point"))?;
             return Ok(Self {
-                kind: KeyType::EcdsaP256,
+                public_raw: point.clone(),
+                kind: KeyAlgorithm::EcdsaP256,
                 ssh_public: KeyData::Ecdsa(ssh_key::public::EcdsaPublicKey::NistP256(encoded)),
                 inner: Inner::EcdsaP256 {
                     fixed: Box::new(fixed),
@@ -245,16 +222,13 @@ impl SoftKey {
             });
         }
         if let Ok(kp) = rs::RsaKeyPair::from_pkcs8(&der) {
-            let kind = match kp.public().modulus_len() * 8 {
-                3072 => KeyType::Rsa3072,
-                4096 => KeyType::Rsa4096,
-                bits => {
-                    return Err(invalid(
-                        "key",
-                        format!("RSA keys must be 3072 or 4096 bits, not {bits}"),
-                    ));
-                }
-            };
+            let bits = kp.public().modulus_len() * 8;
+            let kind = KeyAlgorithm::rsa(bits).ok_or_else(|| {
+                invalid(
+                    "key",
+                    format!("RSA keys must be 2048, 3072 or 4096 bits, not {bits}"),
+                )
+            })?;
             let private = <rsa::RsaPrivateKey as pkcs8::DecodePrivateKey>::from_pkcs8_der(&der)
                 .map_err(|e| invalid("key", format!("RSA key: {e}")))?;
             let public = private.to_public_key();
@@ -263,7 +237,9 @@ impl SoftKey {
                     .map_err(|e| PkiError::Build(e.to_string()))?;
             let ssh_rsa = ssh_key::public::RsaPublicKey::try_from(&public)
                 .map_err(|e| PkiError::Build(format!("RSA public key: {e}")))?;
+            let public_raw = kp.public().as_ref().to_vec();
             return Ok(Self {
+                public_raw,
                 kind,
                 ssh_public: KeyData::Rsa(ssh_rsa),
                 inner: Inner::Rsa(kp),
@@ -274,13 +250,25 @@ impl SoftKey {
         }
         Err(invalid(
             "key",
-            "not an Ed25519, ECDSA P-256 or RSA 3072/4096 PKCS#8 private key",
+            "not an Ed25519, ECDSA P-256 or RSA 2048/3072/4096 PKCS#8 private key",
         ))
     }
 
     /// Imports an OpenSSH private key file or a PKCS#8 PEM file, either
     /// possibly encrypted with `passphrase`.
+    /// Signing keys are RSA 3072 or 4096, never 2048.
     pub fn import(text: &str, passphrase: Option<&str>) -> Result<Self> {
+        let key = Self::import_any(text, passphrase)?;
+        if key.kind == KeyAlgorithm::Rsa2048 {
+            return Err(invalid(
+                "key",
+                "RSA keys must be 3072 or 4096 bits, not 2048",
+            ));
+        }
+        Ok(key)
+    }
+
+    fn import_any(text: &str, passphrase: Option<&str>) -> Result<Self> {
         let text = text.trim_start();
         if text.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----") {
             let mut key = ssh_key::PrivateKey::from_openssh(text)
@@ -319,8 +307,33 @@ impl SoftKey {
         ))
     }
 
+    /// A PKCS#8 PEM private key (`BEGIN PRIVATE KEY`) of any supported
+    /// algorithm and size, as the vault stores CA and signing keys.
+    pub fn from_pkcs8_pem(pem: &str) -> Result<Self> {
+        let (label, doc) = pkcs8::SecretDocument::from_pem(pem.trim_start())
+            .map_err(|e| invalid("key", e.to_string()))?;
+        if label != "PRIVATE KEY" {
+            return Err(invalid(
+                "key",
+                format!("expected a PKCS#8 PRIVATE KEY, not {label}"),
+            ));
+        }
+        Self::from_pkcs8_der(Zeroizing::new(doc.as_bytes().to_vec()))
+    }
+
+    /// The PKCS#8 DER private key.
+    pub fn pkcs8_der(&self) -> &[u8] {
+        &self.pkcs8
+    }
+
+    /// The public key as ring gives it: 32 Ed25519 bytes, an uncompressed
+    /// P-256 point, or a PKCS#1 RSAPublicKey (what rcgen's `der_bytes` is).
+    pub fn public_raw(&self) -> &[u8] {
+        &self.public_raw
+    }
+
     /// The key type.
-    pub fn kind(&self) -> KeyType {
+    pub fn kind(&self) -> KeyAlgorithm {
         self.kind
     }
 
@@ -421,7 +434,7 @@ impl SoftKey {
         }
         let build = |e: String| PkiError::Build(e);
         match self.kind {
-            KeyType::EcdsaP256 => {
+            KeyAlgorithm::EcdsaP256 => {
                 let key = <p256::ecdsa::SigningKey as pkcs8::DecodePrivateKey>::from_pkcs8_der(
                     &self.pkcs8,
                 )
@@ -542,7 +555,11 @@ mod tests {
 
     #[test]
     fn ssh_signatures_verify_for_every_type() {
-        for kind in [KeyType::Ed25519, KeyType::EcdsaP256, KeyType::Rsa3072] {
+        for kind in [
+            KeyAlgorithm::Ed25519,
+            KeyAlgorithm::EcdsaP256,
+            KeyAlgorithm::Rsa3072,
+        ] {
             let key = SoftKey::generate(kind).unwrap();
             let sig = key.sign_ssh(b"hello", 0x02).unwrap();
             key.ssh_public().verify(b"hello", &sig).unwrap();
@@ -554,7 +571,7 @@ mod tests {
 
     #[test]
     fn rsa_flags_pick_the_hash_and_sha1_is_refused() {
-        let key = SoftKey::generate(KeyType::Rsa3072).unwrap();
+        let key = SoftKey::generate(KeyAlgorithm::Rsa3072).unwrap();
         assert_eq!(
             key.sign_ssh(b"x", 0x04).unwrap().algorithm().as_str(),
             "rsa-sha2-512"

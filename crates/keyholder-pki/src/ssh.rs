@@ -16,26 +16,39 @@ pub const DEFAULT_USER_EXTENSIONS: [&str; 5] = [
     "permit-user-rc",
 ];
 
-/// Produces an SSH signature over a message.
-pub type SignFn<'a> = Box<dyn Fn(&[u8]) -> Result<ssh_key::Signature, PkiError> + 'a>;
-
-/// Signs with a CA key held anywhere: `sign` returns the SSH signature.
-pub struct CaSigner<'a> {
+/// A CA key that makes SSH signatures, wherever it is held (the daemon
+/// adapts in-memory and token keys to it).
+pub trait SshSigner {
     /// The CA's public key.
-    pub public: KeyData,
-    /// Produces a signature over the message.
-    pub sign: SignFn<'a>,
+    fn ssh_public(&self) -> &KeyData;
+    /// An SSH signature over `msg` (RSA keys: rsa-sha2-512).
+    fn sign_ssh_message(&self, msg: &[u8]) -> Result<ssh_key::Signature, PkiError>;
 }
 
-impl signature::Signer<ssh_key::Signature> for CaSigner<'_> {
-    fn try_sign(&self, msg: &[u8]) -> Result<ssh_key::Signature, signature::Error> {
-        (self.sign)(msg).map_err(signature::Error::from_source)
+impl SshSigner for crate::keys::SoftKey {
+    fn ssh_public(&self) -> &KeyData {
+        crate::keys::SoftKey::ssh_public(self)
+    }
+
+    fn sign_ssh_message(&self, msg: &[u8]) -> Result<ssh_key::Signature, PkiError> {
+        self.sign_ssh(msg, 0x04)
     }
 }
 
-impl From<&CaSigner<'_>> for KeyData {
-    fn from(s: &CaSigner<'_>) -> KeyData {
-        s.public.clone()
+/// ssh-key's builder wants `signature::Signer` and `KeyData: From<&S>`.
+struct Adapter<'a, S: SshSigner + ?Sized>(&'a S);
+
+impl<S: SshSigner + ?Sized> signature::Signer<ssh_key::Signature> for Adapter<'_, S> {
+    fn try_sign(&self, msg: &[u8]) -> Result<ssh_key::Signature, signature::Error> {
+        self.0
+            .sign_ssh_message(msg)
+            .map_err(signature::Error::from_source)
+    }
+}
+
+impl<S: SshSigner + ?Sized> From<&Adapter<'_, S>> for KeyData {
+    fn from(s: &Adapter<'_, S>) -> KeyData {
+        s.0.ssh_public().clone()
     }
 }
 
@@ -59,8 +72,8 @@ pub struct SshCertRequest {
 }
 
 /// Issues a certificate for `subject`, signed by `ca`. Returns it with its serial.
-pub fn issue(
-    ca: &CaSigner<'_>,
+pub fn issue<S: SshSigner + ?Sized>(
+    ca: &S,
     subject: &KeyData,
     req: &SshCertRequest,
 ) -> Result<(ssh_key::Certificate, u64), PkiError> {
@@ -123,23 +136,21 @@ pub fn issue(
             b.extension(e.clone(), "").map_err(build)?;
         }
     }
-    let cert = b.sign(ca).map_err(build)?;
+    let cert = b.sign(&Adapter(ca)).map_err(build)?;
     Ok((cert, serial))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::{KeyType, SoftKey};
+    use crate::KeyAlgorithm;
+    use crate::keys::SoftKey;
 
     #[test]
     fn certificate_validates_against_its_ca() {
-        let ca_key = SoftKey::generate(KeyType::Ed25519).unwrap();
-        let user = SoftKey::generate(KeyType::EcdsaP256).unwrap();
-        let ca = CaSigner {
-            public: ca_key.ssh_public().clone(),
-            sign: Box::new(|m| ca_key.sign_ssh(m, 0x04)),
-        };
+        let ca_key = SoftKey::generate(KeyAlgorithm::Ed25519).unwrap();
+        let user = SoftKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let ca = &ca_key;
         let req = SshCertRequest {
             host: false,
             key_id: "alice".into(),
@@ -149,13 +160,13 @@ mod tests {
             critical_options: vec![],
             extensions: vec![],
         };
-        let (cert, _) = issue(&ca, user.ssh_public(), &req).unwrap();
+        let (cert, _) = issue(ca, user.ssh_public(), &req).unwrap();
         let fp = ca_key.ssh_public().fingerprint(Default::default());
         cert.validate(&[fp]).unwrap();
         assert_eq!(cert.valid_principals(), ["root".to_string()]);
         assert_eq!(cert.valid_before() - cert.valid_after(), 3900);
         let mut empty = req.clone();
         empty.principals.clear();
-        assert!(issue(&ca, user.ssh_public(), &empty).is_err());
+        assert!(issue(ca, user.ssh_public(), &empty).is_err());
     }
 }

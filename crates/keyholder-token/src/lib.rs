@@ -1,4 +1,5 @@
-//! Hardware tokens for Keyholder, through PKCS#11 (`cryptoki`).
+//! Hardware tokens for Keyholder, through PKCS#11 (`cryptoki`), behind the
+//! [`Backend`] / [`Session`] seam the daemon holds them by.
 //!
 //! What this crate does: load the PKCS#11 module the daemon was configured
 //! with, choose a token by label, serial or RFC 7512 `pkcs11:` URI (never by
@@ -17,6 +18,9 @@
 
 #![forbid(unsafe_code)]
 
+mod backend;
+#[cfg(feature = "software")]
+pub mod software;
 mod uri;
 
 use std::fmt;
@@ -27,12 +31,13 @@ use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::elliptic_curve::{EcKdf, Ecdh1DeriveParams};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
-use cryptoki::session::{Session, UserType};
+use cryptoki::session::{Session as CkSession, UserType};
 use cryptoki::slot::Slot;
 use p256::elliptic_curve::sec1::ToEncodedPoint;
 use secrecy::{ExposeSecret, SecretString};
 use zeroize::Zeroizing;
 
+pub use backend::{Backend, Session};
 pub use uri::{ObjectSelector, Selector};
 
 /// DER encoding of the P-256 curve OID (1.2.840.10045.3.1.7), as `CKA_EC_PARAMS`.
@@ -302,7 +307,7 @@ pub struct TokenKey {
 /// An open session on one token.
 pub struct TokenSession {
     module: Module,
-    session: Session,
+    session: CkSession,
     token: TokenDescription,
     logged_in: bool,
 }

@@ -252,7 +252,7 @@ impl KeyAgreement for SoftwareKey {
 /// A token key reached through an open (logged-in) token session.
 pub struct TokenAgreement<'a> {
     /// The session to run ECDH in.
-    pub session: &'a keyholder_token::TokenSession,
+    pub session: &'a dyn keyholder_token::Session,
     /// The key on that token.
     pub key: &'a keyholder_token::TokenKey,
 }

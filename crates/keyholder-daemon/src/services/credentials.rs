@@ -1,64 +1,95 @@
-//! `keyholder.v1.Credentials`: IssueCertificate, IssueKubeconfig, IssueExecCredential.
+//! `keyholder.v1.Credentials`: short-lived credentials. IssueCertificate
+//! (X.509 by profile), IssueKubeconfig and IssueExecCredential (from a
+//! cluster profile, with the kubectl plugin's cache of credentials), and
+//! IssueSshCertificate.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keyholder_pki::kube::{self, ExecApiVersion, KubeUser};
-use keyholder_pki::{IssueRequest, Issued, KeyAlgorithm, Profile, PublicKeySource};
+use keyholder_pki::{FreshP256, IssueRequest, Issued, KeyAlgorithm, Profile, PublicKeySource};
 use keyholder_proto::v1;
 use tonic::{Request, Response, Status};
 
-use crate::ca::LoadedCa;
-use crate::core::{CachedCredential, Core};
+use super::convert::{check_ttl, timestamp, ttl_or, unix_timestamp};
+use super::enter;
+use crate::core::Core;
 use crate::error::{Error, Result};
 use crate::gate::Needs;
+use crate::names::lookup;
+use crate::signers::{X509Ca, off_worker, signing_result};
 
 /// Client certificates and kubeconfigs live 15 minutes unless asked otherwise.
 pub const DEFAULT_CLIENT_TTL: Duration = Duration::from_secs(15 * 60);
 /// Server and peer certificates live 30 days unless asked otherwise.
 pub const DEFAULT_SERVER_TTL: Duration = Duration::from_secs(30 * 86400);
+/// SSH certificates live an hour unless asked otherwise.
+pub const DEFAULT_SSH_TTL: Duration = Duration::from_secs(3600);
+
+/// Identifies one kind of exec credential: cluster, user, sorted groups, TTL.
+type ExecKey = (String, String, Vec<String>, u64);
+
+/// A certificate and key served to the kubectl credential plugin.
+struct CachedCredential {
+    certificate_pem: String,
+    /// Wiped when dropped.
+    private_key_pem: zeroize::Zeroizing<String>,
+    expires: SystemTime,
+    /// Full lifetime, to decide when to renew.
+    ttl: Duration,
+}
+
+/// Exec credentials by request, shared until shortly before they expire;
+/// one issuance per key at a time. Emptied on every lock.
+type ExecCache = Mutex<HashMap<ExecKey, Arc<tokio::sync::Mutex<Option<CachedCredential>>>>>;
 
 /// The Credentials service.
-pub struct CredentialsService(pub Arc<Core>);
-
-fn ts(t: SystemTime) -> Option<prost_types::Timestamp> {
-    Some(prost_types::Timestamp::from(t))
+pub struct CredentialsService {
+    core: Arc<Core>,
+    exec_cache: Arc<ExecCache>,
 }
 
-fn ttl_or(seconds: u64, default: Duration) -> Duration {
-    if seconds == 0 {
-        default
-    } else {
-        Duration::from_secs(seconds)
-    }
-}
-
-fn check_ttl(ttl: Duration, cap: Duration, whose: &str) -> Result<()> {
-    if ttl > cap {
-        return Err(Error::InvalidArgument {
-            field: "ttl_seconds",
-            reason: format!(
-                "{} is over {whose} maximum of {}",
-                humantime::format_duration(ttl),
-                humantime::format_duration(cap)
-            ),
+impl CredentialsService {
+    /// The service over `core`; its credential cache is wiped on lock.
+    pub fn new(core: Arc<Core>) -> Self {
+        let exec_cache: Arc<ExecCache> = Arc::default();
+        let cache = Arc::downgrade(&exec_cache);
+        core.on_lock(move || {
+            if let Some(cache) = cache.upgrade() {
+                cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            }
         });
+        Self { core, exec_cache }
     }
-    Ok(())
 }
 
-/// Signs, on a blocking thread when the CA's signature or the caller's key
-/// generation takes milliseconds (a token CA, an RSA CA or RSA key).
-fn sign(ca: &LoadedCa, request: &IssueRequest, source: PublicKeySource<'_>) -> Result<Issued> {
-    let slow = ca.slow || matches!(source, PublicKeySource::Generate(KeyAlgorithm::Rsa(_)));
-    let run = || keyholder_pki::issue(&ca.issuer, ca.not_after, request, source);
-    let issued = if slow {
-        tokio::task::block_in_place(run)
-    } else {
-        run()
-    };
-    issued.map_err(Error::from)
+/// Where the certified key comes from, owned so that issuance can move to
+/// a blocking thread.
+enum KeySource {
+    Generate(KeyAlgorithm),
+    Stocked(FreshP256),
+    Csr(String),
+}
+
+/// Issues from `ca`, on a blocking thread when the CA's signature or the
+/// key generation is slow.
+async fn issue(ca: Arc<X509Ca>, request: IssueRequest, source: KeySource) -> Result<Issued> {
+    let slow = ca.slow || matches!(source, KeySource::Generate(alg) if alg.is_rsa());
+    off_worker(slow, move || {
+        let csr: String;
+        let source = match source {
+            KeySource::Generate(alg) => PublicKeySource::Generate(alg),
+            KeySource::Stocked(key) => PublicKeySource::Pregenerated(key),
+            KeySource::Csr(pem) => {
+                csr = pem;
+                PublicKeySource::Csr(&csr)
+            }
+        };
+        signing_result(|| keyholder_pki::issue(&ca.issuer, ca.not_after, &request, source))
+    })
+    .await?
 }
 
 fn log_issued(ca: &str, request: &IssueRequest, issued: &Issued) {
@@ -77,90 +108,10 @@ struct ClusterRequest {
     name: String,
     server: String,
     ca_name: String,
-    ca: Arc<LoadedCa>,
+    ca: Arc<X509Ca>,
     user: String,
     groups: Vec<String>,
     ttl: Duration,
-}
-
-impl CredentialsService {
-    /// A key from the stock made ahead of time when there is one (P-256
-    /// only), else generated during the request.
-    fn fresh_key(&self, alg: KeyAlgorithm) -> PublicKeySource<'static> {
-        if alg == KeyAlgorithm::P256
-            && let Some(key) = self.0.key_pool.take()
-        {
-            return PublicKeySource::Pregenerated(key);
-        }
-        PublicKeySource::Generate(alg)
-    }
-
-    fn resolve(
-        &self,
-        cluster: &str,
-        user: &str,
-        groups: Vec<String>,
-        ttl_seconds: u64,
-    ) -> Result<ClusterRequest> {
-        let (server, ca_name, default_groups, max_ttl) = self.0.with_unlocked(|u| {
-            let c = u
-                .vault
-                .body
-                .clusters
-                .get(cluster)
-                .ok_or_else(|| Error::NotFound {
-                    kind: "cluster",
-                    name: cluster.to_owned(),
-                })?;
-            Ok((
-                c.server.clone(),
-                c.ca.clone(),
-                c.default_groups.clone(),
-                c.max_ttl_seconds,
-            ))
-        })?;
-        if user.is_empty() {
-            return Err(Error::InvalidArgument {
-                field: "user",
-                reason: "must not be empty".into(),
-            });
-        }
-        let ca = self.0.loaded_ca(&ca_name)?;
-        let ttl = ttl_or(ttl_seconds, DEFAULT_CLIENT_TTL);
-        check_ttl(ttl, Duration::from_secs(max_ttl), "the cluster's")?;
-        check_ttl(ttl, ca.max_ttl, "the CA's")?;
-        let mut groups = if groups.is_empty() {
-            default_groups
-        } else {
-            groups
-        };
-        groups.sort();
-        groups.dedup();
-        Ok(ClusterRequest {
-            name: cluster.to_owned(),
-            server,
-            ca_name,
-            ca,
-            user: user.to_owned(),
-            groups,
-            ttl,
-        })
-    }
-
-    fn issue_client(&self, c: &ClusterRequest) -> Result<Issued> {
-        let request = IssueRequest {
-            profile: Profile::Client,
-            common_name: c.user.clone(),
-            organizations: c.groups.clone(),
-            dns_names: Vec::new(),
-            ip_addresses: Vec::new(),
-            ttl: c.ttl,
-            backdate: self.0.config.clock_skew,
-        };
-        let issued = sign(&c.ca, &request, self.fresh_key(KeyAlgorithm::P256))?;
-        log_issued(&c.ca_name, &request, &issued);
-        Ok(issued)
-    }
 }
 
 fn api_version(s: &str) -> Result<ExecApiVersion> {
@@ -170,8 +121,76 @@ fn api_version(s: &str) -> Result<ExecApiVersion> {
     ExecApiVersion::parse(s).map_err(Error::from)
 }
 
-/// SSH certificates live an hour unless asked otherwise.
-pub const DEFAULT_SSH_TTL: Duration = Duration::from_secs(3600);
+impl CredentialsService {
+    /// A key from the stock made ahead of time when there is one (P-256
+    /// only), else generated during the request.
+    fn fresh_key(&self, alg: KeyAlgorithm) -> KeySource {
+        if alg == KeyAlgorithm::EcdsaP256
+            && let Some(key) = self.core.key_pool().take()
+        {
+            return KeySource::Stocked(key);
+        }
+        KeySource::Generate(alg)
+    }
+
+    fn resolve(
+        &self,
+        cluster: &str,
+        user: &str,
+        groups: Vec<String>,
+        ttl_seconds: u64,
+    ) -> Result<ClusterRequest> {
+        let c = self
+            .core
+            .with_body(|body| lookup(&body.clusters, "cluster", cluster).cloned())?;
+        if user.is_empty() {
+            return Err(Error::InvalidArgument {
+                field: "user",
+                reason: "must not be empty".into(),
+            });
+        }
+        let ca = self.core.x509_ca(&c.ca)?;
+        let ttl = ttl_or(ttl_seconds, DEFAULT_CLIENT_TTL);
+        check_ttl(ttl, Duration::from_secs(c.max_ttl_seconds), "the cluster's")?;
+        check_ttl(ttl, ca.max_ttl, "the CA's")?;
+        let mut groups = if groups.is_empty() {
+            c.default_groups
+        } else {
+            groups
+        };
+        groups.sort();
+        groups.dedup();
+        Ok(ClusterRequest {
+            name: cluster.to_owned(),
+            server: c.server,
+            ca_name: c.ca,
+            ca,
+            user: user.to_owned(),
+            groups,
+            ttl,
+        })
+    }
+
+    async fn issue_client(&self, c: &ClusterRequest) -> Result<Issued> {
+        let request = IssueRequest {
+            profile: Profile::Client,
+            common_name: c.user.clone(),
+            organizations: c.groups.clone(),
+            dns_names: Vec::new(),
+            ip_addresses: Vec::new(),
+            ttl: c.ttl,
+            backdate: self.core.config.clock_skew,
+        };
+        let issued = issue(
+            c.ca.clone(),
+            request.clone(),
+            self.fresh_key(KeyAlgorithm::EcdsaP256),
+        )
+        .await?;
+        log_issued(&c.ca_name, &request, &issued);
+        Ok(issued)
+    }
+}
 
 #[tonic::async_trait]
 impl v1::credentials_server::Credentials for CredentialsService {
@@ -179,42 +198,20 @@ impl v1::credentials_server::Credentials for CredentialsService {
         &self,
         request: Request<v1::IssueSshCertificateRequest>,
     ) -> Result<Response<v1::IssueSshCertificateResponse>, Status> {
-        self.0
-            .enter(&request, "Credentials.IssueSshCertificate", Needs::Unlocked)?;
+        enter(
+            &self.core,
+            &request,
+            "Credentials.IssueSshCertificate",
+            Needs::Unlocked,
+        )?;
         let req = request.into_inner();
-        let (ca_entry, subject_line) = self.0.with_unlocked(|u| {
-            let ca = u
-                .vault
-                .body
-                .cas
-                .get(&req.ca)
-                .cloned()
-                .ok_or_else(|| Error::NotFound {
-                    kind: "CA",
-                    name: req.ca.clone(),
-                })?;
-            let subject = if !req.key.is_empty() {
-                u.vault
-                    .body
-                    .keys
-                    .get(&req.key)
-                    .map(|k| k.public_openssh.clone())
-                    .ok_or_else(|| Error::NotFound {
-                        kind: "key",
-                        name: req.key.clone(),
-                    })?
-            } else {
-                req.public_key.clone()
-            };
-            Ok((ca, subject))
-        })?;
-        if ca_entry.kind != "ssh" {
-            return Err(Error::InvalidArgument {
-                field: "ca",
-                reason: format!("{:?} is an X.509 CA; create one with --kind ssh", req.ca),
-            }
-            .into());
-        }
+        let ca = self.core.ssh_ca(&req.ca)?;
+        let subject_line = if req.key.is_empty() {
+            req.public_key.clone()
+        } else {
+            self.core
+                .with_body(|body| Ok(lookup(&body.keys, "key", &req.key)?.public_openssh.clone()))?
+        };
         if subject_line.is_empty() {
             return Err(Error::InvalidArgument {
                 field: "key",
@@ -229,22 +226,7 @@ impl v1::credentials_server::Credentials for CredentialsService {
             }
         })?;
         let ttl = ttl_or(req.ttl_seconds, DEFAULT_SSH_TTL);
-        check_ttl(
-            ttl,
-            Duration::from_secs(ca_entry.max_ttl_seconds),
-            "the CA's",
-        )?;
-        let ca_key = crate::keys::LoadedKey::load(
-            &req.ca,
-            &keyholder_vault::KeyEntry {
-                key_type: String::new(),
-                usages: vec!["ca".into()],
-                key: ca_entry.key.clone(),
-                public_openssh: ca_entry.public_openssh.clone().unwrap_or_default(),
-                created_at: String::new(),
-            },
-            &self.0.token_slot_handle(),
-        )?;
+        check_ttl(ttl, ca.max_ttl, "the CA's")?;
         let mut critical_options: Vec<(String, String)> =
             req.critical_options.into_iter().collect();
         critical_options.sort();
@@ -261,29 +243,26 @@ impl v1::credentials_server::Credentials for CredentialsService {
             },
             principals: req.principals,
             ttl,
-            backdate: self.0.config.clock_skew,
+            backdate: self.core.config.clock_skew,
             critical_options,
             extensions: req.extensions,
         };
         let (cert, serial) = {
-            let signer = keyholder_pki::ssh::CaSigner {
-                public: ca_key.ssh_public().clone(),
-                sign: Box::new(|m| {
-                    ca_key
-                        .sign_ssh(m, 0x04)
-                        .map_err(|e| keyholder_pki::PkiError::Build(e.to_string()))
-                }),
-            };
-            keyholder_pki::ssh::issue(&signer, subject.key_data(), &cert_request)
-                .map_err(Error::from)?
+            let (ca, cert_request) = (ca.clone(), cert_request.clone());
+            off_worker(ca.signer.slow(), move || {
+                signing_result(|| {
+                    keyholder_pki::ssh::issue(&ca.signer, subject.key_data(), &cert_request)
+                })
+            })
+            .await??
         };
         let line = cert
             .to_openssh()
             .map_err(|e| Error::Internal(e.to_string()))?;
         let valid_before = cert.valid_before();
         if !req.key.is_empty() {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
             let entry = keyholder_vault::SshCertificateEntry {
@@ -293,7 +272,7 @@ impl v1::credentials_server::Credentials for CredentialsService {
                 valid_before,
                 serial,
             };
-            self.0
+            self.core
                 .write(|body| {
                     body.ssh_certificates.retain(|c| c.valid_before > now);
                     body.ssh_certificates.push(entry);
@@ -309,12 +288,11 @@ impl v1::credentials_server::Credentials for CredentialsService {
             host = req.host,
             "ssh certificate issued"
         );
-        let at = |s: u64| ts(std::time::UNIX_EPOCH + Duration::from_secs(s));
         Ok(Response::new(v1::IssueSshCertificateResponse {
             certificate: line,
             serial,
-            valid_after: at(cert.valid_after()),
-            valid_before: at(valid_before),
+            valid_after: unix_timestamp(cert.valid_after()),
+            valid_before: unix_timestamp(valid_before),
         }))
     }
 
@@ -322,10 +300,14 @@ impl v1::credentials_server::Credentials for CredentialsService {
         &self,
         request: Request<v1::IssueCertificateRequest>,
     ) -> Result<Response<v1::IssueCertificateResponse>, Status> {
-        self.0
-            .enter(&request, "Credentials.IssueCertificate", Needs::Unlocked)?;
+        enter(
+            &self.core,
+            &request,
+            "Credentials.IssueCertificate",
+            Needs::Unlocked,
+        )?;
         let req = request.into_inner();
-        let ca = self.0.loaded_ca(&req.ca)?;
+        let ca = self.core.x509_ca(&req.ca)?;
         let profile = Profile::parse(if req.profile.is_empty() {
             "client"
         } else {
@@ -352,14 +334,16 @@ impl v1::credentials_server::Credentials for CredentialsService {
             dns_names: req.dns_names,
             ip_addresses,
             ttl,
-            backdate: self.0.config.clock_skew,
+            backdate: self.core.config.clock_skew,
         };
         let source = if req.csr_pem.is_empty() {
-            self.fresh_key(KeyAlgorithm::parse(&req.key_algorithm).map_err(Error::from)?)
+            self.fresh_key(
+                KeyAlgorithm::parse_certificate_key(&req.key_algorithm).map_err(Error::from)?,
+            )
         } else {
-            PublicKeySource::Csr(&req.csr_pem)
+            KeySource::Csr(req.csr_pem)
         };
-        let issued = sign(&ca, &request, source)?;
+        let issued = issue(ca.clone(), request.clone(), source).await?;
         log_issued(&req.ca, &request, &issued);
         Ok(Response::new(v1::IssueCertificateResponse {
             certificate_pem: issued.certificate_pem.clone(),
@@ -370,8 +354,8 @@ impl v1::credentials_server::Credentials for CredentialsService {
                 .unwrap_or_default(),
             ca_certificate_pem: ca.certificate_pem.clone(),
             serial: issued.serial.clone(),
-            not_before: ts(issued.not_before),
-            not_after: ts(issued.not_after),
+            not_before: timestamp(issued.not_before),
+            not_after: timestamp(issued.not_after),
         }))
     }
 
@@ -379,8 +363,12 @@ impl v1::credentials_server::Credentials for CredentialsService {
         &self,
         request: Request<v1::IssueKubeconfigRequest>,
     ) -> Result<Response<v1::IssueKubeconfigResponse>, Status> {
-        self.0
-            .enter(&request, "Credentials.IssueKubeconfig", Needs::Unlocked)?;
+        enter(
+            &self.core,
+            &request,
+            "Credentials.IssueKubeconfig",
+            Needs::Unlocked,
+        )?;
         let req = request.into_inner();
         let c = self.resolve(&req.cluster, &req.user, req.groups, req.ttl_seconds)?;
         if req.exec {
@@ -408,7 +396,7 @@ impl v1::credentials_server::Credentials for CredentialsService {
                 expires_at: None,
             }));
         }
-        let issued = self.issue_client(&c)?;
+        let issued = self.issue_client(&c).await?;
         let key = issued
             .private_key_pem
             .as_deref()
@@ -426,7 +414,7 @@ impl v1::credentials_server::Credentials for CredentialsService {
         );
         Ok(Response::new(v1::IssueKubeconfigResponse {
             kubeconfig: kubeconfig.to_string(),
-            expires_at: ts(issued.not_after),
+            expires_at: timestamp(issued.not_after),
         }))
     }
 
@@ -434,8 +422,12 @@ impl v1::credentials_server::Credentials for CredentialsService {
         &self,
         request: Request<v1::IssueExecCredentialRequest>,
     ) -> Result<Response<v1::IssueExecCredentialResponse>, Status> {
-        self.0
-            .enter(&request, "Credentials.IssueExecCredential", Needs::Unlocked)?;
+        enter(
+            &self.core,
+            &request,
+            "Credentials.IssueExecCredential",
+            Needs::Unlocked,
+        )?;
         let req = request.into_inner();
         let version = api_version(&req.api_version)?;
         let c = self.resolve(&req.cluster, &req.user, req.groups, req.ttl_seconds)?;
@@ -446,22 +438,21 @@ impl v1::credentials_server::Credentials for CredentialsService {
             c.ttl.as_secs(),
         );
         let slot = {
-            let mut cache = self.0.exec_cache.lock().unwrap_or_else(|p| p.into_inner());
+            let mut cache = self.exec_cache.lock().unwrap_or_else(|p| p.into_inner());
             cache.entry(key).or_default().clone()
         };
         // Concurrent identical requests queue here and share one issuance.
         let mut entry = slot.lock().await;
         let now = SystemTime::now();
-        let fresh = entry.as_ref().is_some_and(|cached| {
+        let cached = entry.as_ref().is_some_and(|cached| {
             let renew_before = (cached.ttl / 3).min(Duration::from_secs(300));
             cached
                 .expires
                 .duration_since(now)
                 .is_ok_and(|left| left > renew_before)
         });
-        let cached = fresh;
-        if !fresh {
-            let issued = self.issue_client(&c)?;
+        if !cached {
+            let issued = self.issue_client(&c).await?;
             *entry = Some(CachedCredential {
                 certificate_pem: issued.certificate_pem,
                 private_key_pem: issued.private_key_pem.unwrap_or_default(),
@@ -480,7 +471,7 @@ impl v1::credentials_server::Credentials for CredentialsService {
         );
         Ok(Response::new(v1::IssueExecCredentialResponse {
             exec_credential: json.to_string(),
-            expires_at: ts(credential.expires),
+            expires_at: timestamp(credential.expires),
             cached,
         }))
     }

@@ -1,7 +1,45 @@
-//! One module per gRPC service.
+//! The gRPC services: each adapts requests through [`convert`] to the
+//! session ([`crate::core::Core`]) and the signers, one file per service
+//! (Admin, split by noun, in a folder of its own).
 
 pub mod admin;
+pub mod convert;
 pub mod credentials;
 pub mod secrets;
 pub mod session;
 pub mod signer;
+
+use tonic::Request;
+use tonic::transport::server::UdsConnectInfo;
+
+use crate::core::Core;
+use crate::error::{Error, Result};
+use crate::gate::{Caller, Channel, Needs};
+
+/// Passes `request` through the gate as operation `op`.
+pub fn enter<T>(
+    core: &Core,
+    request: &Request<T>,
+    op: &'static str,
+    needs: Needs,
+) -> Result<Caller> {
+    let cred = request
+        .extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|info| info.peer_cred);
+    let Some(cred) = cred else {
+        // Every listener Keyholder runs is a Unix socket; a request
+        // without peer credentials did not come through one.
+        tracing::warn!(op, "request without peer credentials refused");
+        return Err(Error::PermissionDenied(
+            "peer credentials unavailable".into(),
+        ));
+    };
+    let caller = Caller {
+        uid: cred.uid(),
+        pid: cred.pid(),
+        channel: Channel::Grpc,
+    };
+    core.enter(&caller, op, needs)?;
+    Ok(caller)
+}

@@ -6,66 +6,50 @@ use keyholder_proto::v1;
 use keyholder_vault::SecretEntry;
 use keyholder_vault::document::now_rfc3339;
 use tonic::{Request, Response, Status};
+use zeroize::Zeroizing;
 
+use super::convert::rfc3339_timestamp;
+use super::enter;
 use crate::core::Core;
 use crate::error::{Error, Result};
 use crate::gate::Needs;
-
-/// Longest secret name, in bytes.
-pub const MAX_NAME_BYTES: usize = 256;
+use crate::names::{MAX_SECRET_NAME_BYTES, SecretName, lookup};
 
 /// The Secrets service.
 pub struct SecretsService(pub Arc<Core>);
 
-/// Checks a secret name: 1 to 256 bytes of `A-Z a-z 0-9 . _ - + @ = : ,`
-/// in segments separated by single `/`, none of them `.` or `..`.
-pub fn validate_name(name: &str) -> Result<()> {
-    let bad = |reason: String| Error::InvalidArgument {
-        field: "name",
-        reason,
-    };
-    if name.is_empty() {
-        return Err(bad("must not be empty".into()));
-    }
-    if name.len() > MAX_NAME_BYTES {
-        return Err(bad(format!(
-            "is {} bytes; the limit is {MAX_NAME_BYTES}",
-            name.len()
-        )));
-    }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || "._-+@=:,/".contains(*c)))
-    {
-        return Err(bad(format!(
-            "contains {c:?}; allowed are A-Z a-z 0-9 . _ - + @ = : , and / between segments"
-        )));
-    }
-    for segment in name.split('/') {
-        match segment {
-            "" => {
-                return Err(bad(
-                    "has an empty segment (leading, trailing or double '/')".into(),
-                ));
-            }
-            "." | ".." => return Err(bad("must not contain '.' or '..' segments".into())),
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
 fn metadata(name: &str, e: &SecretEntry) -> v1::SecretMetadata {
-    let ts = |s: &str| {
-        humantime::parse_rfc3339(s)
-            .ok()
-            .map(prost_types::Timestamp::from)
-    };
     v1::SecretMetadata {
         name: name.to_owned(),
         size: e.size,
-        created_at: ts(&e.created_at),
-        updated_at: ts(&e.updated_at),
+        created_at: rfc3339_timestamp(&e.created_at),
+        updated_at: rfc3339_timestamp(&e.updated_at),
+    }
+}
+
+/// A Put, checked.
+struct Put {
+    name: SecretName,
+    value: Zeroizing<Vec<u8>>,
+    overwrite: bool,
+}
+
+impl Put {
+    fn parse(req: v1::PutSecretRequest, limit: usize) -> Result<Self> {
+        let value = Zeroizing::new(req.value);
+        let name = SecretName::parse(req.name)?;
+        if value.len() > limit {
+            return Err(Error::TooLarge {
+                field: "value",
+                size: value.len(),
+                limit,
+            });
+        }
+        Ok(Self {
+            name,
+            value,
+            overwrite: req.overwrite,
+        })
     }
 }
 
@@ -75,31 +59,20 @@ impl v1::secrets_server::Secrets for SecretsService {
         &self,
         request: Request<v1::PutSecretRequest>,
     ) -> Result<Response<v1::PutSecretResponse>, Status> {
-        self.0.enter(&request, "Secrets.Put", Needs::Unlocked)?;
-        let req = request.into_inner();
-        validate_name(&req.name)?;
-        let limit = self.0.config.max_secret_bytes;
-        if req.value.len() > limit {
-            return Err(Error::TooLarge {
-                field: "value",
-                size: req.value.len(),
-                limit,
-            }
-            .into());
-        }
-        let value = zeroize::Zeroizing::new(req.value);
+        enter(&self.0, &request, "Secrets.Put", Needs::Unlocked)?;
+        let put = Put::parse(request.into_inner(), self.0.config.max_secret_bytes)?;
         let max_secrets = self.0.config.max_secrets;
-        let name = req.name;
+        let name = put.name.as_str();
         let (meta, generation) = self
             .0
             .write(|body| {
                 let now = now_rfc3339();
-                let mut entry = SecretEntry::new(&value, &now);
-                match body.secrets.get(&name) {
-                    Some(_) if !req.overwrite => {
+                let mut entry = SecretEntry::new(&put.value, &now);
+                match body.secrets.get(name) {
+                    Some(_) if !put.overwrite => {
                         return Err(Error::AlreadyExists {
                             kind: "secret",
-                            name: name.clone(),
+                            name: name.to_owned(),
                         });
                     }
                     Some(old) => entry.created_at = old.created_at.clone(),
@@ -110,8 +83,8 @@ impl v1::secrets_server::Secrets for SecretsService {
                     }
                     None => {}
                 }
-                let meta = metadata(&name, &entry);
-                body.secrets.insert(name.clone(), entry);
+                let meta = metadata(name, &entry);
+                body.secrets.insert(name.to_owned(), entry);
                 Ok(meta)
             })
             .await?;
@@ -126,29 +99,21 @@ impl v1::secrets_server::Secrets for SecretsService {
         &self,
         request: Request<v1::GetSecretRequest>,
     ) -> Result<Response<v1::GetSecretResponse>, Status> {
-        self.0.enter(&request, "Secrets.Get", Needs::Unlocked)?;
-        let name = request.into_inner().name;
-        validate_name(&name)?;
-        let response = self.0.with_unlocked(|u| {
-            let entry = u
-                .vault
-                .body
-                .secrets
-                .get(&name)
-                .ok_or_else(|| Error::NotFound {
-                    kind: "secret",
-                    name: name.clone(),
-                })?;
+        enter(&self.0, &request, "Secrets.Get", Needs::Unlocked)?;
+        let name = SecretName::parse(request.into_inner().name)?;
+        let response = self.0.with_body(|body| {
+            let entry = lookup(&body.secrets, "secret", name.as_str())?;
             let value = entry.value().ok_or_else(|| {
                 Error::Vault(keyholder_vault::VaultError::Damaged(format!(
-                    "secret {name:?} has a value that is not valid base64"
+                    "secret {:?} has a value that is not valid base64",
+                    name.as_str()
                 )))
             })?;
             Ok(v1::GetSecretResponse {
                 // The response buffer is handed to the transport, which does
                 // not zeroize; the vault's own copy stays wiped on lock.
                 value: value.to_vec(),
-                metadata: Some(metadata(&name, entry)),
+                metadata: Some(metadata(name.as_str(), entry)),
             })
         })?;
         Ok(Response::new(response))
@@ -158,19 +123,18 @@ impl v1::secrets_server::Secrets for SecretsService {
         &self,
         request: Request<v1::ListSecretsRequest>,
     ) -> Result<Response<v1::ListSecretsResponse>, Status> {
-        self.0.enter(&request, "Secrets.List", Needs::Unlocked)?;
+        enter(&self.0, &request, "Secrets.List", Needs::Unlocked)?;
         let prefix = request.into_inner().prefix;
-        if prefix.len() > MAX_NAME_BYTES {
+        if prefix.len() > MAX_SECRET_NAME_BYTES {
             return Err(Error::TooLarge {
                 field: "prefix",
                 size: prefix.len(),
-                limit: MAX_NAME_BYTES,
+                limit: MAX_SECRET_NAME_BYTES,
             }
             .into());
         }
-        let secrets = self.0.with_unlocked(|u| {
-            Ok(u.vault
-                .body
+        let secrets = self.0.with_body(|body| {
+            Ok(body
                 .secrets
                 .range(prefix.clone()..)
                 .take_while(|(name, _)| name.starts_with(&prefix))
@@ -184,51 +148,17 @@ impl v1::secrets_server::Secrets for SecretsService {
         &self,
         request: Request<v1::DeleteSecretRequest>,
     ) -> Result<Response<v1::DeleteSecretResponse>, Status> {
-        self.0.enter(&request, "Secrets.Delete", Needs::Unlocked)?;
-        let name = request.into_inner().name;
-        validate_name(&name)?;
+        enter(&self.0, &request, "Secrets.Delete", Needs::Unlocked)?;
+        let name = SecretName::parse(request.into_inner().name)?;
         let ((), generation) = self
             .0
             .write(|body| {
-                body.secrets
-                    .remove(&name)
-                    .map(drop)
-                    .ok_or_else(|| Error::NotFound {
-                        kind: "secret",
-                        name: name.clone(),
-                    })
+                lookup(&body.secrets, "secret", name.as_str())?;
+                body.secrets.remove(name.as_str());
+                Ok(())
             })
             .await?;
-        tracing::info!(%name, generation, "secret deleted");
+        tracing::info!(name = %name, generation, "secret deleted");
         Ok(Response::new(v1::DeleteSecretResponse { generation }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::validate_name;
-
-    #[test]
-    fn names() {
-        for good in ["db/prod/password", "a", "k8s:prod/admin@x", "x.y_z-1"] {
-            assert!(validate_name(good).is_ok(), "{good}");
-        }
-        let long = "a".repeat(257);
-        for bad in [
-            "",
-            "/a",
-            "a/",
-            "a//b",
-            "a/../b",
-            "..",
-            ".",
-            "a b",
-            "a\0b",
-            "ü",
-            long.as_str(),
-        ] {
-            assert!(validate_name(bad).is_err(), "{bad:?}");
-        }
-        assert!(validate_name(&"a".repeat(256)).is_ok());
     }
 }

@@ -2,22 +2,18 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use keyholder_proto::v1;
-use secrecy::SecretString;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use super::convert::Unlock;
+use super::enter;
 use crate::core::{Core, LockReason};
 use crate::gate::Needs;
 
 /// The Session service.
 pub struct SessionService(pub Arc<Core>);
-
-fn seconds(s: u64) -> Option<Duration> {
-    (s > 0).then(|| Duration::from_secs(s))
-}
 
 #[tonic::async_trait]
 impl v1::session_server::Session for SessionService {
@@ -25,21 +21,20 @@ impl v1::session_server::Session for SessionService {
         &self,
         request: Request<v1::UnlockRequest>,
     ) -> Result<Response<v1::UnlockResponse>, Status> {
-        self.0.enter(&request, "Session.Unlock", Needs::Nothing)?;
-        let mut req = request.into_inner();
-        let pin = SecretString::from(std::mem::take(&mut req.pin));
+        enter(&self.0, &request, "Session.Unlock", Needs::Nothing)?;
+        let req = Unlock::from(request.into_inner());
         let status = self
             .0
             .unlock(
-                pin,
-                req.allow_final_pin_try,
-                seconds(req.ttl_seconds),
-                seconds(req.idle_timeout_seconds),
-                req.accept_older_vault,
+                req.pin,
+                req.allow_final_try,
+                req.ttl,
+                req.idle,
+                req.accept_older,
             )
             .await?;
         Ok(Response::new(v1::UnlockResponse {
-            status: Some(status),
+            status: Some((&status).into()),
         }))
     }
 
@@ -47,10 +42,10 @@ impl v1::session_server::Session for SessionService {
         &self,
         request: Request<v1::LockRequest>,
     ) -> Result<Response<v1::LockResponse>, Status> {
-        self.0.enter(&request, "Session.Lock", Needs::Nothing)?;
+        enter(&self.0, &request, "Session.Lock", Needs::Nothing)?;
         self.0.lock(LockReason::Request);
         Ok(Response::new(v1::LockResponse {
-            status: Some(self.0.status()),
+            status: Some((&self.0.status()).into()),
         }))
     }
 
@@ -58,8 +53,8 @@ impl v1::session_server::Session for SessionService {
         &self,
         request: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::StatusResponse>, Status> {
-        self.0.enter(&request, "Session.Status", Needs::Nothing)?;
-        Ok(Response::new(self.0.status()))
+        enter(&self.0, &request, "Session.Status", Needs::Nothing)?;
+        Ok(Response::new((&self.0.status()).into()))
     }
 
     type WatchStatusStream = Pin<Box<dyn Stream<Item = Result<v1::StatusResponse, Status>> + Send>>;
@@ -68,8 +63,7 @@ impl v1::session_server::Session for SessionService {
         &self,
         request: Request<v1::StatusRequest>,
     ) -> Result<Response<Self::WatchStatusStream>, Status> {
-        self.0
-            .enter(&request, "Session.WatchStatus", Needs::Nothing)?;
+        enter(&self.0, &request, "Session.WatchStatus", Needs::Nothing)?;
         let mut updates = self.0.watch_status();
         let mut shutdown = self.0.shutdown_signal();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -77,7 +71,7 @@ impl v1::session_server::Session for SessionService {
         // down; ending the stream on shutdown keeps graceful shutdown from
         // waiting on watchers forever.
         tokio::spawn(async move {
-            let mut next = Some(updates.borrow_and_update().clone());
+            let mut next = Some(v1::StatusResponse::from(&*updates.borrow_and_update()));
             while let Some(status) = next.take() {
                 if tx.send(Ok(status)).await.is_err() {
                     return;
@@ -85,7 +79,7 @@ impl v1::session_server::Session for SessionService {
                 tokio::select! {
                     changed = updates.changed() => {
                         if changed.is_ok() {
-                            next = Some(updates.borrow_and_update().clone());
+                            next = Some(v1::StatusResponse::from(&*updates.borrow_and_update()));
                         }
                     }
                     _ = shutdown.wait_for(|stopping| *stopping) => {}

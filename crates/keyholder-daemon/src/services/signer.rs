@@ -7,9 +7,13 @@ use keyholder_proto::v1;
 use keyholder_vault::{CaKey, KeyEntry};
 use tonic::{Request, Response, Status};
 
+use super::convert::rfc3339_timestamp;
+use super::enter;
 use crate::core::Core;
 use crate::error::{Error, Result};
 use crate::gate::Needs;
+use crate::names::lookup;
+use crate::signers::off_worker;
 
 /// The Signer service.
 pub struct SignerService(pub Arc<Core>);
@@ -26,24 +30,12 @@ pub fn key_info(name: &str, entry: &KeyEntry) -> v1::KeyInfo {
         on_token: matches!(entry.key, CaKey::Token { .. }),
         public_key_openssh: entry.public_openssh.clone(),
         fingerprint,
-        created_at: humantime::parse_rfc3339(&entry.created_at)
-            .ok()
-            .map(prost_types::Timestamp::from),
+        created_at: rfc3339_timestamp(&entry.created_at),
     }
 }
 
 fn entry(core: &Core, name: &str) -> Result<KeyEntry> {
-    core.with_unlocked(|u| {
-        u.vault
-            .body
-            .keys
-            .get(name)
-            .cloned()
-            .ok_or_else(|| Error::NotFound {
-                kind: "key",
-                name: name.to_owned(),
-            })
-    })
+    core.with_body(|body| lookup(&body.keys, "key", name).cloned())
 }
 
 #[tonic::async_trait]
@@ -52,15 +44,10 @@ impl v1::signer_server::Signer for SignerService {
         &self,
         request: Request<v1::ListKeysRequest>,
     ) -> Result<Response<v1::ListKeysResponse>, Status> {
-        self.0.enter(&request, "Signer.ListKeys", Needs::Unlocked)?;
-        let keys = self.0.with_unlocked(|u| {
-            Ok(u.vault
-                .body
-                .keys
-                .iter()
-                .map(|(n, e)| key_info(n, e))
-                .collect())
-        })?;
+        enter(&self.0, &request, "Signer.ListKeys", Needs::Unlocked)?;
+        let keys = self
+            .0
+            .with_body(|body| Ok(body.keys.iter().map(|(n, e)| key_info(n, e)).collect()))?;
         Ok(Response::new(v1::ListKeysResponse { keys }))
     }
 
@@ -68,13 +55,12 @@ impl v1::signer_server::Signer for SignerService {
         &self,
         request: Request<v1::GetPublicKeyRequest>,
     ) -> Result<Response<v1::GetPublicKeyResponse>, Status> {
-        self.0
-            .enter(&request, "Signer.GetPublicKey", Needs::Unlocked)?;
+        enter(&self.0, &request, "Signer.GetPublicKey", Needs::Unlocked)?;
         let req = request.into_inner();
         let e = entry(&self.0, &req.name)?;
         let public_key = match req.format.as_str() {
             "" | "openssh" => e.public_openssh.clone(),
-            "pem" => self.0.loaded_key(&req.name)?.public_pem().to_owned(),
+            "pem" => self.0.key(&req.name)?.public_pem().to_owned(),
             other => {
                 return Err(Error::InvalidArgument {
                     field: "format",
@@ -93,7 +79,7 @@ impl v1::signer_server::Signer for SignerService {
         &self,
         request: Request<v1::SignRequest>,
     ) -> Result<Response<v1::SignResponse>, Status> {
-        let caller = self.0.enter(&request, "Signer.Sign", Needs::Unlocked)?;
+        let caller = enter(&self.0, &request, "Signer.Sign", Needs::Unlocked)?;
         let req = request.into_inner();
         let e = entry(&self.0, &req.key)?;
         if !e.usages.iter().any(|u| u == "sign") {
@@ -104,9 +90,10 @@ impl v1::signer_server::Signer for SignerService {
             ))
             .into());
         }
-        let key = self.0.loaded_key(&req.key)?;
-        let alg = SignAlgorithm::parse(&req.algorithm, key.kind()).map_err(Error::from)?;
-        let signature = key.sign(alg, &req.data, req.prehashed)?;
+        let key = self.0.key(&req.key)?;
+        let alg = SignAlgorithm::parse(&req.algorithm, key.algorithm()).map_err(Error::from)?;
+        let (data, prehashed) = (req.data, req.prehashed);
+        let signature = off_worker(key.slow(), move || key.sign(alg, &data, prehashed)).await??;
         tracing::info!(key = %req.key, algorithm = alg.as_str(), pid = ?caller.pid, "signed");
         Ok(Response::new(v1::SignResponse {
             signature,

@@ -1,0 +1,59 @@
+//! Rollback detection: the vault file's generation against the record the
+//! token keeps of the last write. The record is only as strong as the
+//! token: whoever has the PIN can change it too.
+
+use keyholder_token::Session;
+use keyholder_vault::OpenVault;
+
+use crate::error::{Error, Result};
+
+/// Label of the token data object recording a vault's generation.
+fn label(vault_id: &str) -> String {
+    format!("keyholder-generation:{vault_id}")
+}
+
+/// Checks an opened vault against the token's record. An older file is
+/// refused unless `accept_older` (a backup restored on purpose), in which
+/// case the record is returned and the caller writes the file back above
+/// it; a newer one (a crash after the file was written, or a token without
+/// a record yet) moves the record up.
+pub fn check(session: &dyn Session, vault: &OpenVault, accept_older: bool) -> Result<Option<u64>> {
+    let label = label(vault.vault_id());
+    let file = vault.body.generation;
+    let recorded = match session.read_generation(&label) {
+        Ok(recorded) => recorded,
+        Err(e) if accept_older => {
+            // Replaced below; only the PIN holder can write private objects.
+            tracing::warn!(error = %e, "unreadable generation record replaced on request");
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
+    match recorded {
+        Some(recorded) if file < recorded && !accept_older => {
+            tracing::warn!(
+                file,
+                recorded,
+                "vault file older than the token's record refused"
+            );
+            Err(Error::Rollback { file, recorded })
+        }
+        Some(recorded) if file < recorded => {
+            tracing::warn!(file, recorded, "older vault file accepted on request");
+            Ok(Some(recorded))
+        }
+        Some(recorded) if file == recorded => Ok(None),
+        _ => {
+            record(session, vault.vault_id(), file);
+            Ok(None)
+        }
+    }
+}
+
+/// Records `generation` on the token; a token that cannot store it still
+/// works, without rollback detection, and says so in the log.
+pub fn record(session: &dyn Session, vault_id: &str, generation: u64) {
+    if let Err(e) = session.store_generation(&label(vault_id), generation) {
+        tracing::warn!(error = %e, generation, "cannot record the vault generation on the token");
+    }
+}

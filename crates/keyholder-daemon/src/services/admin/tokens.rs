@@ -1,0 +1,55 @@
+//! Admin: the tokens the daemon sees, and creating the vault on one.
+
+use keyholder_proto::v1;
+use keyholder_token::Selector;
+use secrecy::SecretString;
+
+use crate::core::Core;
+use crate::error::{Error, Result};
+
+/// The token a request names: by one of label, serial or URI, or any.
+fn selector(s: Option<v1::TokenSelector>) -> Result<Selector> {
+    let s = s.unwrap_or_default();
+    let set = [&s.label, &s.serial, &s.uri]
+        .iter()
+        .filter(|v| !v.is_empty())
+        .count();
+    if set > 1 {
+        return Err(Error::InvalidArgument {
+            field: "token",
+            reason: "give one of label, serial or uri".into(),
+        });
+    }
+    Ok(if !s.uri.is_empty() {
+        Selector::from_uri(&s.uri).map_err(|e| Error::InvalidArgument {
+            field: "token.uri",
+            reason: e.to_string(),
+        })?
+    } else if !s.serial.is_empty() {
+        Selector::serial(s.serial)
+    } else if !s.label.is_empty() {
+        Selector::label(s.label)
+    } else {
+        Selector::any()
+    })
+}
+
+/// Admin.Init.
+pub async fn init(core: &Core, mut req: v1::InitRequest) -> Result<v1::InitResponse> {
+    let selector = selector(req.token.take())?;
+    let pin = SecretString::from(std::mem::take(&mut req.pin));
+    let recovery: Vec<String> = Some(req.recovery_recipient)
+        .filter(|r| !r.is_empty())
+        .into_iter()
+        .collect();
+    Ok(core
+        .init(selector, pin, req.allow_final_pin_try, recovery)
+        .await?
+        .into())
+}
+
+/// Admin.ListTokens.
+pub fn list(core: &Core) -> Result<v1::ListTokensResponse> {
+    let tokens = core.list_tokens()?.iter().map(Into::into).collect();
+    Ok(v1::ListTokensResponse { tokens })
+}

@@ -1,0 +1,167 @@
+//! The one boundary between the wire (`keyholder.v1`) and the domain:
+//! `TryFrom` for requests that need checking, `From` (or a function, where
+//! both sides are foreign types) for responses, and the rule that a TTL of
+//! 0 means the default.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use keyholder_proto::v1;
+use keyholder_token::TokenDescription;
+use secrecy::SecretString;
+
+use crate::core::{Initialized, SessionState, SessionStatus, TokenListing};
+use crate::error::{Error, Result};
+
+/// A protobuf timestamp.
+pub fn timestamp(t: SystemTime) -> Option<prost_types::Timestamp> {
+    Some(prost_types::Timestamp::from(t))
+}
+
+/// A protobuf timestamp from the vault's RFC 3339 text (none if unreadable).
+pub fn rfc3339_timestamp(s: &str) -> Option<prost_types::Timestamp> {
+    humantime::parse_rfc3339(s)
+        .ok()
+        .map(prost_types::Timestamp::from)
+}
+
+/// A protobuf timestamp from Unix seconds.
+pub fn unix_timestamp(seconds: u64) -> Option<prost_types::Timestamp> {
+    UNIX_EPOCH
+        .checked_add(Duration::from_secs(seconds))
+        .and_then(timestamp)
+}
+
+/// A TTL field: 0 means "the default".
+pub fn ttl(seconds: u64) -> Option<Duration> {
+    (seconds > 0).then(|| Duration::from_secs(seconds))
+}
+
+/// A TTL field, with 0 meaning `default`.
+pub fn ttl_or(seconds: u64, default: Duration) -> Duration {
+    ttl(seconds).unwrap_or(default)
+}
+
+/// Refuses `ttl` over `cap` ("the CA's", "the cluster's" maximum).
+pub fn check_ttl(ttl: Duration, cap: Duration, whose: &str) -> Result<()> {
+    if ttl > cap {
+        return Err(Error::InvalidArgument {
+            field: "ttl_seconds",
+            reason: format!(
+                "{} is over {whose} maximum of {}",
+                humantime::format_duration(ttl),
+                humantime::format_duration(cap)
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The API view of a token.
+pub fn token_info(t: &TokenDescription, recipients: Vec<String>) -> v1::TokenInfo {
+    v1::TokenInfo {
+        label: t.label.clone(),
+        serial: t.serial.clone(),
+        manufacturer: t.manufacturer.clone(),
+        model: t.model.clone(),
+        pin_count_low: t.pin.count_low,
+        pin_final_try: t.pin.final_try,
+        pin_locked: t.pin.locked,
+        recipients,
+    }
+}
+
+impl From<&TokenListing> for v1::TokenInfo {
+    fn from(t: &TokenListing) -> Self {
+        token_info(&t.token, t.recipients.clone())
+    }
+}
+
+impl From<Initialized> for v1::InitResponse {
+    fn from(i: Initialized) -> Self {
+        Self {
+            vault_path: i.vault_path,
+            token_recipient: i.token_recipient,
+            token: Some(token_info(&i.token, Vec::new())),
+        }
+    }
+}
+
+impl From<&SessionStatus> for v1::StatusResponse {
+    fn from(s: &SessionStatus) -> Self {
+        let mut out = Self {
+            vault_path: s.vault_path.clone(),
+            ssh_agent_socket: s
+                .ssh_agent_socket
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            ..Default::default()
+        };
+        match &s.state {
+            SessionState::Uninitialized => {
+                out.state = v1::SessionState::Uninitialized as i32;
+                out.lock_reason = crate::core::LockReason::Start.as_str().to_owned();
+            }
+            SessionState::Locked(reason) => {
+                out.state = v1::SessionState::Locked as i32;
+                out.lock_reason = reason.as_str().to_owned();
+            }
+            SessionState::Unlocked(u) => {
+                out.state = v1::SessionState::Unlocked as i32;
+                out.token = Some(token_info(&u.token, vec![u.recipient.clone()]));
+                out.unlocked_at = timestamp(u.unlocked_at);
+                out.expires_at = timestamp(u.expires_at);
+                out.idle_deadline = timestamp(u.idle_deadline);
+                out.generation = u.generation;
+                out.secret_count = u.secret_count;
+            }
+        }
+        out
+    }
+}
+
+/// An unlock request, checked.
+pub struct Unlock {
+    /// The PIN.
+    pub pin: SecretString,
+    /// Spend the final PIN try.
+    pub allow_final_try: bool,
+    /// Session lifetime; `None`: the configured default.
+    pub ttl: Option<Duration>,
+    /// Idle timeout; `None`: the configured default.
+    pub idle: Option<Duration>,
+    /// Accept a vault older than the token's record.
+    pub accept_older: bool,
+}
+
+impl From<v1::UnlockRequest> for Unlock {
+    fn from(mut req: v1::UnlockRequest) -> Self {
+        Self {
+            pin: SecretString::from(std::mem::take(&mut req.pin)),
+            allow_final_try: req.allow_final_pin_try,
+            ttl: ttl(req.ttl_seconds),
+            idle: ttl(req.idle_timeout_seconds),
+            accept_older: req.accept_older_vault,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_means_default_and_caps_name_the_field() {
+        assert_eq!(ttl(0), None);
+        assert_eq!(ttl_or(0, Duration::from_secs(9)), Duration::from_secs(9));
+        assert_eq!(ttl_or(5, Duration::from_secs(9)), Duration::from_secs(5));
+        let e =
+            check_ttl(Duration::from_secs(61), Duration::from_secs(60), "the CA's").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("ttl_seconds: 1m 1s is over the CA's maximum"),
+            "{e}"
+        );
+        assert_eq!(unix_timestamp(60).map(|t| t.seconds), Some(60));
+    }
+}

@@ -1,0 +1,109 @@
+//! The token seam: what Keyholder asks of a family of tokens, so that the
+//! daemon holds "a token" and not a PKCS#11 type. PKCS#11 ([`crate::Module`])
+//! implements it; a PIV backend and the in-memory [`crate::software`] token
+//! plug in the same way.
+
+use std::fmt;
+
+use secrecy::SecretString;
+use zeroize::Zeroizing;
+
+use crate::{KeyPurpose, ObjectSelector, Result, Selector, TokenDescription, TokenKey};
+
+/// A family of tokens: lists them and opens sessions on them.
+pub trait Backend: Send + Sync {
+    /// Every usable token present now.
+    fn tokens(&self) -> Result<Vec<TokenDescription>>;
+    /// The one token `selector` names.
+    fn select(&self, selector: &Selector) -> Result<TokenDescription>;
+    /// Opens a session on `token`, not logged in yet.
+    fn open(&self, token: &TokenDescription) -> Result<Box<dyn Session>>;
+}
+
+/// An open session on one token. `Send` but not `Sync`: callers that share
+/// one put it behind a mutex, and call it from a blocking thread.
+pub trait Session: Send + fmt::Debug {
+    /// The token this session runs on.
+    fn token(&self) -> &TokenDescription;
+    /// Logs in as the user; the final PIN try is spent only when
+    /// `allow_final_try` is set.
+    fn login(&mut self, pin: &SecretString, allow_final_try: bool) -> Result<()>;
+    /// Generates a P-256 key pair, sensitive and not extractable, for `purpose`.
+    fn generate_p256(&self, label: &str, purpose: KeyPurpose) -> Result<TokenKey>;
+    /// The P-256 key-agreement keys labelled `label`.
+    fn find_p256_keys(&self, label: &str) -> Result<Vec<TokenKey>>;
+    /// The one P-256 signing key `object` names.
+    fn find_p256_signing_key(&self, object: &ObjectSelector) -> Result<TokenKey>;
+    /// ECDH: the raw X coordinate of `private * peer`.
+    fn ecdh(&self, key: &TokenKey, peer: &p256::PublicKey) -> Result<Zeroizing<[u8; 32]>>;
+    /// An ECDSA signature (r||s) over a SHA-256 digest.
+    fn sign_p256_digest(&self, key: &TokenKey, digest: &[u8; 32]) -> Result<[u8; 64]>;
+    /// The vault generation recorded under `label`, if any.
+    fn read_generation(&self, label: &str) -> Result<Option<u64>>;
+    /// Records `generation` under `label`.
+    fn store_generation(&self, label: &str, generation: u64) -> Result<()>;
+    /// Fails when the token or this session is gone.
+    fn check_present(&self) -> Result<()>;
+    /// Logs out and closes the session.
+    fn close(self: Box<Self>);
+}
+
+impl Backend for crate::Module {
+    fn tokens(&self) -> Result<Vec<TokenDescription>> {
+        crate::Module::tokens(self)
+    }
+
+    fn select(&self, selector: &Selector) -> Result<TokenDescription> {
+        crate::Module::select(self, selector)
+    }
+
+    fn open(&self, token: &TokenDescription) -> Result<Box<dyn Session>> {
+        Ok(Box::new(crate::Module::open(self, token)?))
+    }
+}
+
+impl Session for crate::TokenSession {
+    fn token(&self) -> &TokenDescription {
+        crate::TokenSession::token(self)
+    }
+
+    fn login(&mut self, pin: &SecretString, allow_final_try: bool) -> Result<()> {
+        crate::TokenSession::login(self, pin, allow_final_try)
+    }
+
+    fn generate_p256(&self, label: &str, purpose: KeyPurpose) -> Result<TokenKey> {
+        self.generate_p256_for(label, purpose)
+    }
+
+    fn find_p256_keys(&self, label: &str) -> Result<Vec<TokenKey>> {
+        crate::TokenSession::find_p256_keys(self, label)
+    }
+
+    fn find_p256_signing_key(&self, object: &ObjectSelector) -> Result<TokenKey> {
+        crate::TokenSession::find_p256_signing_key(self, object)
+    }
+
+    fn ecdh(&self, key: &TokenKey, peer: &p256::PublicKey) -> Result<Zeroizing<[u8; 32]>> {
+        crate::TokenSession::ecdh(self, key, peer)
+    }
+
+    fn sign_p256_digest(&self, key: &TokenKey, digest: &[u8; 32]) -> Result<[u8; 64]> {
+        crate::TokenSession::sign_p256_digest(self, key, digest)
+    }
+
+    fn read_generation(&self, label: &str) -> Result<Option<u64>> {
+        crate::TokenSession::read_generation(self, label)
+    }
+
+    fn store_generation(&self, label: &str, generation: u64) -> Result<()> {
+        crate::TokenSession::store_generation(self, label, generation)
+    }
+
+    fn check_present(&self) -> Result<()> {
+        crate::TokenSession::check_present(self)
+    }
+
+    fn close(self: Box<Self>) {
+        crate::TokenSession::close(*self);
+    }
+}
