@@ -49,7 +49,7 @@ impl AgentIndex {
     fn build(body: &Body) -> Self {
         let mut index = Self::default();
         for (name, key) in &body.keys {
-            if !key.usages.iter().any(|u| u == "ssh") {
+            if !key.usages.contains(&keyholder_vault::KeyUsage::Ssh) {
                 continue;
             }
             let Ok(public) = ssh_key::PublicKey::from_openssh(&key.public_openssh) else {

@@ -19,7 +19,7 @@ use keyholder_pki::keys::{SignAlgorithm, SoftKey, ecdsa_ssh_signature};
 use keyholder_pki::rcgen::{self, SignatureAlgorithm};
 use keyholder_pki::{CaIssuer, KeyAlgorithm, PkiError, PublicKeyData, SigningKey};
 use keyholder_token::{Session, TokenKey};
-use keyholder_vault::{Body, CaEntry, CaKey, KeyEntry, VaultError};
+use keyholder_vault::{Body, CaEntry, CaKey, CaKind, KeyEntry, VaultError};
 use p256::elliptic_curve::sec1::ToEncodedPoint;
 use sha2::{Digest, Sha256};
 use ssh_key::public::KeyData;
@@ -474,10 +474,13 @@ impl Keyring {
     pub fn x509_ca(&self, name: &str, body: &Body, cx: &KeyringContext<'_>) -> Result<Arc<X509Ca>> {
         let loaded = self.get(Kind::X509Ca, name, || {
             let entry = body.cas.get(name).ok_or_else(|| not_found("CA", name))?;
-            if entry.kind != "x509" {
+            if entry.kind != CaKind::X509 {
                 return Err(Error::InvalidArgument {
                     field: "ca",
-                    reason: format!("{name:?} is an {} CA, not an X.509 one", entry.kind),
+                    reason: format!(
+                        "{name:?} is an {} CA, not an X.509 one",
+                        entry.kind.as_str()
+                    ),
                 });
             }
             Ok(Loaded::X509Ca(Arc::new(X509Ca::load(
@@ -494,7 +497,7 @@ impl Keyring {
     pub fn ssh_ca(&self, name: &str, body: &Body, cx: &KeyringContext<'_>) -> Result<Arc<SshCa>> {
         let loaded = self.get(Kind::SshCa, name, || {
             let entry = body.cas.get(name).ok_or_else(|| not_found("CA", name))?;
-            if entry.kind != "ssh" {
+            if entry.kind != CaKind::Ssh {
                 return Err(Error::InvalidArgument {
                     field: "ca",
                     reason: format!("{name:?} is an X.509 CA; create one with --kind ssh"),

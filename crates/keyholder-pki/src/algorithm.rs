@@ -6,18 +6,24 @@ use rcgen::KeyPair;
 use crate::{PkiError, Result, invalid};
 
 /// A key algorithm: for CA keys, keys issued to callers, and signing keys.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Serialised (in the vault document) as its [`KeyAlgorithm::as_str`] name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum KeyAlgorithm {
     /// Ed25519: accepted by Go's TLS stack (etcd, Kubernetes 1.x), not by every other peer.
+    #[serde(rename = "ed25519")]
     Ed25519,
     /// ECDSA P-256 with SHA-256: accepted by every Kubernetes and etcd version.
+    #[serde(rename = "ecdsa-p256")]
     EcdsaP256,
     /// RSA-2048, signing PKCS#1 v1.5 with SHA-256 in certificates: what
     /// kubeadm and most existing PKIs use. Not offered for signing keys.
+    #[serde(rename = "rsa-2048")]
     Rsa2048,
     /// RSA-3072.
+    #[serde(rename = "rsa-3072")]
     Rsa3072,
     /// RSA-4096.
+    #[serde(rename = "rsa-4096")]
     Rsa4096,
 }
 

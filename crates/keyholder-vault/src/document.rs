@@ -19,6 +19,7 @@ use std::time::SystemTime;
 
 use base64::Engine;
 use base64::prelude::BASE64_STANDARD;
+use keyholder_pki::KeyAlgorithm;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use zeroize::Zeroizing;
 
@@ -111,13 +112,46 @@ pub struct Body {
     pub ssh_certificates: Vec<SshCertificateEntry>,
 }
 
+/// What a signing key may be used for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyUsage {
+    /// Offered by the ssh-agent.
+    Ssh,
+    /// `Signer.Sign`.
+    Sign,
+    /// Signing certificates.
+    Ca,
+}
+
+impl KeyUsage {
+    /// The name in the document and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ssh => "ssh",
+            Self::Sign => "sign",
+            Self::Ca => "ca",
+        }
+    }
+
+    /// Parses a name of [`KeyUsage::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "ssh" => Some(Self::Ssh),
+            "sign" => Some(Self::Sign),
+            "ca" => Some(Self::Ca),
+            _ => None,
+        }
+    }
+}
+
 /// A signing key.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct KeyEntry {
     /// `ed25519`, `ecdsa-p256`, `rsa-3072`, `rsa-4096`.
-    pub key_type: String,
+    pub key_type: KeyAlgorithm,
     /// `ssh`, `sign`, `ca`.
-    pub usages: Vec<String>,
+    pub usages: Vec<KeyUsage>,
     /// Where the private key is (the same two places as a CA key).
     pub key: CaKey,
     /// OpenSSH public key line.
@@ -141,12 +175,33 @@ pub struct SshCertificateEntry {
     pub serial: u64,
 }
 
-/// An X.509 CA.
+/// What a CA certifies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaKind {
+    /// X.509 certificates.
+    X509,
+    /// OpenSSH certificates.
+    Ssh,
+}
+
+impl CaKind {
+    /// The name in the document and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::X509 => "x509",
+            Self::Ssh => "ssh",
+        }
+    }
+}
+
+/// A certificate authority: X.509 (with its certificate) or SSH (with its
+/// public key line).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CaEntry {
-    /// Always `x509` for now.
-    pub kind: String,
-    /// The CA certificate, PEM.
+    /// `x509` or `ssh`.
+    pub kind: CaKind,
+    /// The CA certificate, PEM (empty for SSH CAs).
     pub certificate_pem: String,
     /// Where the private key is.
     pub key: CaKey,

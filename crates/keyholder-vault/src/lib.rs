@@ -33,8 +33,8 @@ use sha2::Sha256;
 use zeroize::Zeroizing;
 
 pub use document::{
-    Body, CaEntry, CaKey, ClusterEntry, KeyEntry, Recipients, SecretEntry, SshCertificateEntry,
-    TokenRecipient,
+    Body, CaEntry, CaKey, CaKind, ClusterEntry, KeyEntry, KeyUsage, Recipients, SecretEntry,
+    SshCertificateEntry, TokenRecipient,
 };
 pub use storage::{FileStorage, Revision, Storage, StorageError};
 pub use tag::{
@@ -146,6 +146,38 @@ pub struct OpenVault {
     vault_id: String,
     token_recipient: String,
     mac_key: Zeroizing<[u8; 32]>,
+    /// The body's recipients, parsed once when the vault is opened or
+    /// created; `None` if one did not parse (reported at the next write).
+    parsed: Option<ParsedRecipients>,
+}
+
+/// Recipients parsed for encryption, with the list they were parsed from.
+struct ParsedRecipients {
+    from: Recipients,
+    list: Vec<Box<dyn age::Recipient + Send + Sync>>,
+}
+
+impl ParsedRecipients {
+    fn parse(recipients: &Recipients) -> Result<Self, VaultError> {
+        let mut list: Vec<Box<dyn age::Recipient + Send + Sync>> = Vec::new();
+        for t in &recipients.tokens {
+            let r: age::tag::Recipient = t
+                .recipient
+                .parse()
+                .map_err(|_| VaultError::InvalidRecipient(t.recipient.clone()))?;
+            list.push(Box::new(r));
+        }
+        for r in &recipients.recovery {
+            let x: age::x25519::Recipient = r
+                .parse()
+                .map_err(|_| VaultError::InvalidRecipient(r.clone()))?;
+            list.push(Box::new(x));
+        }
+        Ok(Self {
+            from: recipients.clone(),
+            list,
+        })
+    }
 }
 
 impl std::fmt::Debug for OpenVault {
@@ -174,15 +206,17 @@ impl OpenVault {
         let token_recipient = recipient_string(&key.public_key());
         let mac_key = mac_key(key, &vault_id)?;
         let now = document::now_rfc3339();
+        let recipients = Recipients {
+            tokens: vec![token],
+            recovery,
+        };
+        let parsed = Some(ParsedRecipients::parse(&recipients)?);
         Ok(Self {
             body: Body {
                 generation: 0,
                 created_at: now.clone(),
                 updated_at: now,
-                recipients: Recipients {
-                    tokens: vec![token],
-                    recovery,
-                },
+                recipients,
                 secrets: Default::default(),
                 cas: Default::default(),
                 clusters: Default::default(),
@@ -192,6 +226,7 @@ impl OpenVault {
             vault_id,
             token_recipient,
             mac_key,
+            parsed,
         })
     }
 
@@ -243,11 +278,13 @@ impl OpenVault {
             .map_err(|_| VaultError::NotAuthentic)?;
         let body: Body = serde_json::from_str(envelope.body.get())
             .map_err(|e| VaultError::Damaged(format!("body does not parse ({e})")))?;
+        let parsed = ParsedRecipients::parse(&body.recipients).ok();
         Ok(Self {
             body,
             vault_id: envelope.vault_id,
             token_recipient,
             mac_key,
+            parsed,
         })
     }
 
@@ -301,28 +338,23 @@ impl OpenVault {
             .map_err(|e| VaultError::Encrypt(e.to_string()))?;
         plain.push(b'\n');
         let _wipe_raw = Zeroizing::new(Box::<str>::from(raw).into_string());
-        encrypt(&body.recipients, &plain)
+        match &self.parsed {
+            Some(p) if p.from == body.recipients => encrypt(&p.list, &plain),
+            // The body names other recipients than the vault was opened
+            // with (or one did not parse): parse them for this write.
+            _ => encrypt(&ParsedRecipients::parse(&body.recipients)?.list, &plain),
+        }
     }
 }
 
-fn encrypt(recipients: &Recipients, plain: &[u8]) -> Result<Vec<u8>, VaultError> {
-    let mut boxed: Vec<Box<dyn age::Recipient + Send>> = Vec::new();
-    for t in &recipients.tokens {
-        let r: age::tag::Recipient = t
-            .recipient
-            .parse()
-            .map_err(|_| VaultError::InvalidRecipient(t.recipient.clone()))?;
-        boxed.push(Box::new(r));
-    }
-    for r in &recipients.recovery {
-        let x: age::x25519::Recipient = r
-            .parse()
-            .map_err(|_| VaultError::InvalidRecipient(r.clone()))?;
-        boxed.push(Box::new(x));
-    }
-    let encryptor =
-        age::Encryptor::with_recipients(boxed.iter().map(|b| b.as_ref() as &dyn age::Recipient))
-            .map_err(|e| VaultError::Encrypt(e.to_string()))?;
+fn encrypt(
+    recipients: &[Box<dyn age::Recipient + Send + Sync>],
+    plain: &[u8],
+) -> Result<Vec<u8>, VaultError> {
+    let encryptor = age::Encryptor::with_recipients(
+        recipients.iter().map(|b| b.as_ref() as &dyn age::Recipient),
+    )
+    .map_err(|e| VaultError::Encrypt(e.to_string()))?;
     let mut out = Vec::with_capacity(plain.len() + 512);
     let mut writer = encryptor
         .wrap_output(&mut out)
@@ -396,6 +428,7 @@ mod tests {
             token_recipient: genuine.token_recipient.clone(),
             // Without the token the attacker can only guess the MAC key.
             mac_key: mac_key(&attacker_key, &genuine.vault_id).unwrap(),
+            parsed: None,
         };
         let mut body = genuine.body.clone();
         body.secrets.insert(

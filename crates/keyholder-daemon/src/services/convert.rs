@@ -146,6 +146,64 @@ impl From<v1::UnlockRequest> for Unlock {
     }
 }
 
+/// An X.509 issuance request, checked.
+pub struct CertificateOrder {
+    /// The issuing CA's name.
+    pub ca: String,
+    /// The profile (empty means client).
+    pub profile: keyholder_pki::Profile,
+    /// Requested lifetime; `None`: the profile's default.
+    pub ttl: Option<Duration>,
+    /// Subject CN.
+    pub common_name: String,
+    /// Subject O entries.
+    pub organizations: Vec<String>,
+    /// DNS SANs.
+    pub dns_names: Vec<String>,
+    /// IP SANs.
+    pub ip_addresses: Vec<std::net::IpAddr>,
+    /// A CSR, or `None` for a key generated for the caller.
+    pub csr_pem: Option<String>,
+    /// The algorithm of a generated key.
+    pub key_algorithm: keyholder_pki::KeyAlgorithm,
+}
+
+impl TryFrom<v1::IssueCertificateRequest> for CertificateOrder {
+    type Error = Error;
+
+    fn try_from(req: v1::IssueCertificateRequest) -> Result<Self> {
+        let profile = keyholder_pki::Profile::parse(if req.profile.is_empty() {
+            "client"
+        } else {
+            &req.profile
+        })?;
+        let mut ip_addresses = Vec::with_capacity(req.ip_addresses.len());
+        for ip in &req.ip_addresses {
+            ip_addresses.push(ip.parse().map_err(|_| Error::InvalidArgument {
+                field: "ip_addresses",
+                reason: format!("{ip:?} is not an IP address"),
+            })?);
+        }
+        let csr_pem = (!req.csr_pem.is_empty()).then_some(req.csr_pem);
+        let key_algorithm = if csr_pem.is_some() {
+            keyholder_pki::KeyAlgorithm::EcdsaP256
+        } else {
+            keyholder_pki::KeyAlgorithm::parse_certificate_key(&req.key_algorithm)?
+        };
+        Ok(Self {
+            ca: req.ca,
+            profile,
+            ttl: ttl(req.ttl_seconds),
+            common_name: req.common_name,
+            organizations: req.organizations,
+            dns_names: req.dns_names,
+            ip_addresses,
+            csr_pem,
+            key_algorithm,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,6 @@
 //! IssueSshCertificate.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -13,7 +12,7 @@ use keyholder_pki::{FreshP256, IssueRequest, Issued, KeyAlgorithm, Profile, Publ
 use keyholder_proto::v1;
 use tonic::{Request, Response, Status};
 
-use super::convert::{check_ttl, timestamp, ttl_or, unix_timestamp};
+use super::convert::{CertificateOrder, check_ttl, timestamp, ttl_or, unix_timestamp};
 use super::enter;
 use crate::core::Core;
 use crate::error::{Error, Result};
@@ -306,45 +305,29 @@ impl v1::credentials_server::Credentials for CredentialsService {
             "Credentials.IssueCertificate",
             Needs::Unlocked,
         )?;
-        let req = request.into_inner();
-        let ca = self.core.x509_ca(&req.ca)?;
-        let profile = Profile::parse(if req.profile.is_empty() {
-            "client"
-        } else {
-            &req.profile
-        })
-        .map_err(Error::from)?;
-        let default_ttl = match profile {
+        let order = CertificateOrder::try_from(request.into_inner())?;
+        let ca = self.core.x509_ca(&order.ca)?;
+        let default_ttl = match order.profile {
             Profile::Client => DEFAULT_CLIENT_TTL,
             Profile::Server | Profile::Peer => DEFAULT_SERVER_TTL,
         };
-        let ttl = ttl_or(req.ttl_seconds, default_ttl);
+        let ttl = order.ttl.unwrap_or(default_ttl);
         check_ttl(ttl, ca.max_ttl, "the CA's")?;
-        let mut ip_addresses = Vec::with_capacity(req.ip_addresses.len());
-        for ip in &req.ip_addresses {
-            ip_addresses.push(ip.parse::<IpAddr>().map_err(|_| Error::InvalidArgument {
-                field: "ip_addresses",
-                reason: format!("{ip:?} is not an IP address"),
-            })?);
-        }
         let request = IssueRequest {
-            profile,
-            common_name: req.common_name,
-            organizations: req.organizations,
-            dns_names: req.dns_names,
-            ip_addresses,
+            profile: order.profile,
+            common_name: order.common_name,
+            organizations: order.organizations,
+            dns_names: order.dns_names,
+            ip_addresses: order.ip_addresses,
             ttl,
             backdate: self.core.config.clock_skew,
         };
-        let source = if req.csr_pem.is_empty() {
-            self.fresh_key(
-                KeyAlgorithm::parse_certificate_key(&req.key_algorithm).map_err(Error::from)?,
-            )
-        } else {
-            KeySource::Csr(req.csr_pem)
+        let source = match order.csr_pem {
+            Some(csr) => KeySource::Csr(csr),
+            None => self.fresh_key(order.key_algorithm),
         };
         let issued = issue(ca.clone(), request.clone(), source).await?;
-        log_issued(&req.ca, &request, &issued);
+        log_issued(&order.ca, &request, &issued);
         Ok(Response::new(v1::IssueCertificateResponse {
             certificate_pem: issued.certificate_pem.clone(),
             private_key_pem: issued

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use keyholder_pki::keys::SignAlgorithm;
 use keyholder_proto::v1;
-use keyholder_vault::{CaKey, KeyEntry};
+use keyholder_vault::{CaKey, KeyEntry, KeyUsage};
 use tonic::{Request, Response, Status};
 
 use super::convert::rfc3339_timestamp;
@@ -25,8 +25,8 @@ pub fn key_info(name: &str, entry: &KeyEntry) -> v1::KeyInfo {
         .unwrap_or_default();
     v1::KeyInfo {
         name: name.to_owned(),
-        r#type: entry.key_type.clone(),
-        usages: entry.usages.clone(),
+        r#type: entry.key_type.as_str().to_owned(),
+        usages: entry.usages.iter().map(|u| u.as_str().to_owned()).collect(),
         on_token: matches!(entry.key, CaKey::Token { .. }),
         public_key_openssh: entry.public_openssh.clone(),
         fingerprint,
@@ -82,11 +82,11 @@ impl v1::signer_server::Signer for SignerService {
         let caller = enter(&self.0, &request, "Signer.Sign", Needs::Unlocked)?;
         let req = request.into_inner();
         let e = entry(&self.0, &req.key)?;
-        if !e.usages.iter().any(|u| u == "sign") {
+        if !e.usages.contains(&KeyUsage::Sign) {
             return Err(Error::PermissionDenied(format!(
                 "key {:?} is not for general signing (usages: {}); add the \"sign\" usage when creating it",
                 req.key,
-                e.usages.join(", ")
+                e.usages.iter().map(|u| u.as_str()).collect::<Vec<_>>().join(", ")
             ))
             .into());
         }

@@ -9,7 +9,7 @@ use keyholder_pki::keys::SoftKey;
 use keyholder_proto::v1;
 use keyholder_token::KeyPurpose;
 use keyholder_vault::document::now_rfc3339;
-use keyholder_vault::{CaEntry, CaKey};
+use keyholder_vault::{CaEntry, CaKey, CaKind};
 
 use super::keys::new_key;
 use crate::core::Core;
@@ -24,14 +24,14 @@ const DEFAULT_CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 86400);
 const DEFAULT_CA_MAX_TTL: Duration = Duration::from_secs(365 * 86400);
 
 fn ca_info(name: &str, entry: &CaEntry) -> Result<v1::CaInfo> {
-    if entry.kind == "ssh" {
+    if entry.kind == CaKind::Ssh {
         let public = entry.public_openssh.clone().unwrap_or_default();
         let fingerprint = ssh_key::PublicKey::from_openssh(&public)
             .map(|p| p.fingerprint(Default::default()).to_string())
             .unwrap_or_default();
         return Ok(v1::CaInfo {
             name: name.to_owned(),
-            kind: entry.kind.clone(),
+            kind: entry.kind.as_str().to_owned(),
             fingerprint_sha256: fingerprint,
             on_token: matches!(entry.key, CaKey::Token { .. }),
             max_ttl_seconds: entry.max_ttl_seconds,
@@ -49,7 +49,7 @@ fn ca_info(name: &str, entry: &CaEntry) -> Result<v1::CaInfo> {
         not_after: timestamp(info.not_after),
         on_token: matches!(entry.key, CaKey::Token { .. }),
         max_ttl_seconds: entry.max_ttl_seconds,
-        kind: entry.kind.clone(),
+        kind: entry.kind.as_str().to_owned(),
         public_key_openssh: String::new(),
     })
 }
@@ -102,7 +102,7 @@ pub async fn create(core: &Core, req: v1::CreateCaRequest) -> Result<v1::CaInfo>
             };
             let (key, openssh) = new_key(core, &name, alg, req.on_token, "keyholder-ca").await?;
             let entry = CaEntry {
-                kind: "ssh".into(),
+                kind: CaKind::Ssh,
                 certificate_pem: String::new(),
                 key,
                 max_ttl_seconds: max_ttl_seconds(req.max_ttl_seconds),
@@ -152,7 +152,7 @@ pub async fn create(core: &Core, req: v1::CreateCaRequest) -> Result<v1::CaInfo>
     })
     .await??;
     let entry = CaEntry {
-        kind: "x509".into(),
+        kind: CaKind::X509,
         certificate_pem,
         key,
         max_ttl_seconds: max_ttl_seconds(req.max_ttl_seconds),
@@ -170,7 +170,7 @@ pub async fn import(core: &Core, req: v1::ImportCaRequest) -> Result<v1::CaInfo>
     // Refused now rather than at the first issuance.
     SoftKey::from_pkcs8_pem(&key_pem)?;
     let entry = CaEntry {
-        kind: "x509".into(),
+        kind: CaKind::X509,
         certificate_pem: req.certificate_pem,
         key: CaKey::Vault {
             private_key_pem: key_pem,

@@ -7,7 +7,7 @@ use keyholder_pki::keys::SoftKey;
 use keyholder_proto::v1;
 use keyholder_token::KeyPurpose;
 use keyholder_vault::document::now_rfc3339;
-use keyholder_vault::{CaKey, KeyEntry};
+use keyholder_vault::{CaKey, KeyEntry, KeyUsage};
 use p256::elliptic_curve::sec1::ToEncodedPoint;
 
 use crate::core::Core;
@@ -17,18 +17,16 @@ use crate::services::signer::key_info;
 use crate::signers::off_worker;
 
 /// Validates key usages; empty means `["sign"]`.
-fn usages(requested: Vec<String>) -> Result<Vec<String>> {
+fn usages(requested: Vec<String>) -> Result<Vec<KeyUsage>> {
     if requested.is_empty() {
-        return Ok(vec!["sign".into()]);
+        return Ok(vec![KeyUsage::Sign]);
     }
     let mut out = Vec::new();
-    for u in requested {
-        if !matches!(u.as_str(), "ssh" | "sign" | "ca") {
-            return Err(Error::InvalidArgument {
-                field: "usages",
-                reason: format!("{u:?} is not one of ssh, sign, ca"),
-            });
-        }
+    for name in requested {
+        let u = KeyUsage::parse(&name).ok_or_else(|| Error::InvalidArgument {
+            field: "usages",
+            reason: format!("{name:?} is not one of ssh, sign, ca"),
+        })?;
         if !out.contains(&u) {
             out.push(u);
         }
@@ -116,7 +114,7 @@ pub async fn generate(core: &Core, req: v1::GenerateKeyRequest) -> Result<v1::Ke
     }
     let (key, public_openssh) = new_key(core, &name, alg, req.on_token, "keyholder-key").await?;
     let entry = KeyEntry {
-        key_type: alg.as_str().into(),
+        key_type: alg,
         usages,
         key,
         public_openssh,
@@ -150,7 +148,7 @@ pub async fn import(core: &Core, req: v1::ImportKeyRequest) -> Result<v1::KeyInf
             Ok(session.find_p256_signing_key(&object)?)
         })?;
         let entry = KeyEntry {
-            key_type: KeyAlgorithm::EcdsaP256.as_str().into(),
+            key_type: KeyAlgorithm::EcdsaP256,
             usages,
             key: CaKey::Token {
                 key_id: hex(&key.id),
@@ -166,7 +164,7 @@ pub async fn import(core: &Core, req: v1::ImportKeyRequest) -> Result<v1::KeyInf
     let key = SoftKey::import(&text, (!pass.is_empty()).then_some(pass.as_str()))?;
     let (stored_key, public_openssh) = stored(&key, name.as_str())?;
     let entry = KeyEntry {
-        key_type: key.kind().as_str().into(),
+        key_type: key.kind(),
         usages,
         key: stored_key,
         public_openssh,
