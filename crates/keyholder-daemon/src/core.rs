@@ -12,7 +12,6 @@
 //! are serialised without blocking readers during encryption and fsync.
 //! Token calls block, and go through [`token_call`].
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
@@ -31,6 +30,9 @@ use crate::gate::{GateHook, GateHooks};
 use crate::keypool::KeyPool;
 use crate::rollback;
 use crate::signers::{Keyring, KeyringContext, Signer, SshCa, TokenSlot, X509Ca};
+pub use crate::status::{
+    Initialized, LockReason, SessionState, SessionStatus, TokenListing, UnlockedStatus,
+};
 
 /// Label of the vault key objects Keyholder creates on tokens.
 pub const KEY_LABEL: &str = "keyholder-vault";
@@ -46,98 +48,6 @@ pub fn token_call<T>(call: impl FnOnce() -> T) -> T {
         }
         _ => call(),
     }
-}
-
-/// Why the session is locked.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LockReason {
-    /// Never unlocked since start.
-    Start,
-    /// `Lock` was called.
-    Request,
-    /// The session TTL ran out.
-    Expired,
-    /// No request for the idle timeout.
-    Idle,
-    /// The token went away.
-    TokenRemoved,
-    /// The daemon is stopping.
-    Shutdown,
-}
-
-impl LockReason {
-    /// The API's name for it; empty for [`LockReason::Start`].
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Start => "",
-            Self::Request => "request",
-            Self::Expired => "expired",
-            Self::Idle => "idle",
-            Self::TokenRemoved => "token-removed",
-            Self::Shutdown => "shutdown",
-        }
-    }
-}
-
-/// The session's state as callers see it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SessionState {
-    /// No vault exists yet.
-    Uninitialized,
-    /// Locked, and why.
-    Locked(LockReason),
-    /// Unlocked.
-    Unlocked(UnlockedStatus),
-}
-
-/// What is shown of an open session.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct UnlockedStatus {
-    /// The token in use.
-    pub token: TokenDescription,
-    /// The token's recipient in this vault.
-    pub recipient: String,
-    /// Wall-clock time of unlock.
-    pub unlocked_at: SystemTime,
-    /// When the session ends at the latest.
-    pub expires_at: SystemTime,
-    /// When it locks if no request comes.
-    pub idle_deadline: SystemTime,
-    /// The vault's generation.
-    pub generation: u64,
-    /// How many secrets it holds.
-    pub secret_count: u64,
-}
-
-/// The session status.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SessionStatus {
-    /// Locked, unlocked or uninitialised.
-    pub state: SessionState,
-    /// Where the vault is, for humans.
-    pub vault_path: String,
-    /// The ssh-agent socket, when served.
-    pub ssh_agent_socket: Option<PathBuf>,
-}
-
-/// A token the backend sees, with the Keyholder vault keys found on it.
-#[derive(Clone, Debug)]
-pub struct TokenListing {
-    /// The token.
-    pub token: TokenDescription,
-    /// The `age1tag1...` recipients of its Keyholder keys.
-    pub recipients: Vec<String>,
-}
-
-/// A vault just created.
-#[derive(Clone, Debug)]
-pub struct Initialized {
-    /// Where it is.
-    pub vault_path: String,
-    /// The token's recipient.
-    pub token_recipient: String,
-    /// The token.
-    pub token: TokenDescription,
 }
 
 /// What exists while unlocked. Dropping it wipes the decrypted vault (its

@@ -5,6 +5,7 @@
 //! - [`gate`]: the one gate every operation passes (gRPC and ssh-agent).
 //! - [`signers`]: every key that signs, the keyring that caches them, and
 //!   where slow signatures run.
+//! - [`status`]: what the session shows of itself (domain types).
 //! - [`rollback`]: the vault generation record on the token.
 //! - [`names`]: names from requests, checked once.
 //! - [`services`]: the gRPC services, with the proto boundary in
@@ -31,6 +32,7 @@ pub mod rollback;
 pub mod serve;
 pub mod services;
 pub mod signers;
+pub mod status;
 
 pub use crate::core::Core;
 pub use config::Config;

@@ -26,6 +26,7 @@ use ssh_key::public::KeyData;
 
 use crate::error::{Error, Result};
 use crate::keypool::KeyPool;
+use crate::names::lookup;
 
 /// The logged-in token session while unlocked, shared by the session and
 /// every token-backed signer. Behind a mutex: a token session may move
@@ -443,13 +444,6 @@ pub struct KeyringContext<'a> {
     pub nonces: &'a Arc<KeyPool>,
 }
 
-fn not_found(kind: &'static str, name: &str) -> Error {
-    Error::NotFound {
-        kind,
-        name: name.to_owned(),
-    }
-}
-
 impl Keyring {
     /// The cached entry, or `load` it once and cache it.
     fn get(&self, kind: Kind, name: &str, load: impl FnOnce() -> Result<Loaded>) -> Result<Loaded> {
@@ -473,7 +467,7 @@ impl Keyring {
     /// The X.509 CA `name`.
     pub fn x509_ca(&self, name: &str, body: &Body, cx: &KeyringContext<'_>) -> Result<Arc<X509Ca>> {
         let loaded = self.get(Kind::X509Ca, name, || {
-            let entry = body.cas.get(name).ok_or_else(|| not_found("CA", name))?;
+            let entry = lookup(&body.cas, "CA", name)?;
             if entry.kind != CaKind::X509 {
                 return Err(Error::InvalidArgument {
                     field: "ca",
@@ -496,7 +490,7 @@ impl Keyring {
     /// The SSH CA `name`.
     pub fn ssh_ca(&self, name: &str, body: &Body, cx: &KeyringContext<'_>) -> Result<Arc<SshCa>> {
         let loaded = self.get(Kind::SshCa, name, || {
-            let entry = body.cas.get(name).ok_or_else(|| not_found("CA", name))?;
+            let entry = lookup(&body.cas, "CA", name)?;
             if entry.kind != CaKind::Ssh {
                 return Err(Error::InvalidArgument {
                     field: "ca",
@@ -524,7 +518,7 @@ impl Keyring {
     /// The signing key `name`.
     pub fn key(&self, name: &str, body: &Body, cx: &KeyringContext<'_>) -> Result<Arc<Signer>> {
         let loaded = self.get(Kind::Key, name, || {
-            let entry: &KeyEntry = body.keys.get(name).ok_or_else(|| not_found("key", name))?;
+            let entry: &KeyEntry = lookup(&body.keys, "key", name)?;
             let signer = Signer::load(
                 &format!("key {name:?}"),
                 &entry.key,
