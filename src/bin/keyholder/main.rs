@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
 use keyholder_proto::v1;
 use secrecy::{ExposeSecret, SecretString};
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
 const AFTER_HELP: &str = "\
@@ -211,35 +211,19 @@ fn io_failure(what: &str, path: &Path, e: std::io::Error) -> Failure {
     Failure::new(1, format!("{what} {}: {e}", path.display()))
 }
 
-fn default_socket() -> PathBuf {
-    keyholder_daemon::config::default_socket()
-}
-
 async fn connect(socket: &Path) -> CliResult<Channel> {
-    let path = socket.to_owned();
-    // The URI is required by the API but unused: the connector dials the socket.
-    let endpoint = Endpoint::from_static("http://keyholderd.invalid");
-    endpoint
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-            }
-        }))
-        .await
-        .map_err(|e| {
-            let cause = std::error::Error::source(&e)
-                .map(ToString::to_string)
-                .unwrap_or_else(|| e.to_string());
-            Failure::new(
-                8,
-                format!(
-                    "cannot reach keyholderd at {} ({cause}); is it running? Start it with `keyholderd --pkcs11-module <module>`",
-                    socket.display()
-                ),
-            )
-        })
+    keyholder_proto::socket::connect(socket).await.map_err(|e| {
+        let cause = std::error::Error::source(&e)
+            .map(ToString::to_string)
+            .unwrap_or_else(|| e.to_string());
+        Failure::new(
+            8,
+            format!(
+                "cannot reach keyholderd at {} ({cause}); is it running? Start it with `keyholderd --pkcs11-module <module>`",
+                socket.display()
+            ),
+        )
+    })
 }
 
 fn first_line(bytes: &[u8]) -> CliResult<SecretString> {
@@ -393,7 +377,10 @@ fn write_private_file(path: &Path, bytes: &[u8]) -> CliResult {
 }
 
 async fn run(cli: Cli) -> CliResult {
-    let socket = cli.socket.clone().unwrap_or_else(default_socket);
+    let socket = cli
+        .socket
+        .clone()
+        .unwrap_or_else(keyholder_proto::socket::default_socket);
     let json = cli.json;
     let channel = connect(&socket).await?;
     let mut session = v1::session_client::SessionClient::new(channel.clone());
