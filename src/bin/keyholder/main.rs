@@ -170,6 +170,7 @@ enum SecretCommand {
 }
 
 /// A failure with the exit status it maps to.
+#[derive(Debug)]
 struct Failure {
     code: u8,
     message: String,

@@ -437,16 +437,61 @@ pub async fn kubeconfig(channel: Channel, args: KubeconfigArgs, socket: &Path) -
     Ok(())
 }
 
+/// The apiVersion kubectl asks for in `KUBERNETES_EXEC_INFO`, as written
+/// there; `None` (unset or empty) means the plugin chooses. Only the shape
+/// is checked here: which versions exist is keyholderd's to say.
+fn exec_info_api_version(exec_info: Option<&str>) -> CliResult<Option<String>> {
+    #[derive(serde::Deserialize)]
+    struct ExecInfo {
+        #[serde(rename = "apiVersion")]
+        api_version: String,
+        kind: String,
+    }
+    let Some(text) = exec_info.filter(|t| !t.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let info: ExecInfo = serde_json::from_str(text).map_err(|e| {
+        Failure::new(
+            6,
+            format!("KUBERNETES_EXEC_INFO: is not an ExecCredential JSON object ({e})"),
+        )
+    })?;
+    if info.kind != "ExecCredential" {
+        return Err(Failure::new(
+            6,
+            format!(
+                "KUBERNETES_EXEC_INFO: kind is {:?}, not \"ExecCredential\"",
+                info.kind
+            ),
+        ));
+    }
+    Ok(Some(info.api_version))
+}
+
+fn unsupported_exec_info(api_version: &str) -> Failure {
+    Failure::new(
+        6,
+        format!("KUBERNETES_EXEC_INFO: apiVersion {api_version:?} is not supported"),
+    )
+}
+
 /// The kubectl exec credential plugin: stdout carries only the
 /// ExecCredential JSON; every message goes to stderr; stdin is never read.
 pub async fn kube_credential(channel: Channel, args: KubeCredentialArgs) -> CliResult {
     let info = std::env::var("KUBERNETES_EXEC_INFO").ok();
-    let requested = keyholder_pki::kube::requested_api_version(info.as_deref())
-        .map_err(|e| Failure::new(6, e.to_string()))?;
-    let version = match requested {
+    let from_exec_info = exec_info_api_version(info.as_deref())?;
+    // An empty api_version asks keyholderd for its default; one written
+    // empty on purpose is refused instead.
+    let api_version = match from_exec_info.clone() {
+        Some(v) if v.is_empty() => return Err(unsupported_exec_info(&v)),
         Some(v) => v,
-        None => keyholder_pki::kube::ExecApiVersion::parse(&args.api_version)
-            .map_err(|e| Failure::new(6, e.to_string()))?,
+        None if args.api_version.is_empty() => {
+            return Err(Failure::new(
+                6,
+                "api_version: \"\" is not client.authentication.k8s.io/v1 or v1beta1",
+            ));
+        }
+        None => args.api_version,
     };
     let user = default_user(args.who.user)?;
     let mut creds = v1::credentials_client::CredentialsClient::new(channel);
@@ -455,10 +500,20 @@ pub async fn kube_credential(channel: Channel, args: KubeCredentialArgs) -> CliR
             cluster: args.cluster,
             user,
             groups: args.who.groups,
-            api_version: version.as_str().to_owned(),
+            api_version,
             ttl_seconds: seconds(args.who.ttl),
         })
-        .await?
+        .await
+        .map_err(|status| match &from_exec_info {
+            // keyholderd names the field it refuses; say where the value came from.
+            Some(v)
+                if status.code() == tonic::Code::InvalidArgument
+                    && status.message().starts_with("api_version:") =>
+            {
+                unsupported_exec_info(v)
+            }
+            _ => Failure::from(status),
+        })?
         .into_inner();
     let json = Zeroizing::new(resp.exec_credential);
     let mut out = std::io::stdout().lock();
@@ -541,4 +596,53 @@ pub async fn cert(channel: Channel, cmd: CertCommand, json: bool) -> CliResult {
         print!("{}{}", resp.certificate_pem, key.as_str());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_info_gives_its_version_as_written_and_rejects_garbage() {
+        assert_eq!(exec_info_api_version(None).unwrap(), None);
+        assert_eq!(exec_info_api_version(Some("")).unwrap(), None);
+        assert_eq!(exec_info_api_version(Some(" \n")).unwrap(), None);
+        let v1b1 = r#"{"kind":"ExecCredential","apiVersion":"client.authentication.k8s.io/v1beta1","spec":{"interactive":false}}"#;
+        assert_eq!(
+            exec_info_api_version(Some(v1b1)).unwrap().as_deref(),
+            Some("client.authentication.k8s.io/v1beta1")
+        );
+        // Whether a version exists is keyholderd's to say.
+        let v9 = r#"{"kind":"ExecCredential","apiVersion":"client.authentication.k8s.io/v9"}"#;
+        assert_eq!(
+            exec_info_api_version(Some(v9)).unwrap().as_deref(),
+            Some("client.authentication.k8s.io/v9")
+        );
+        for bad in [
+            "{",
+            "[]",
+            "{not json",
+            r#"{"kind":"ExecCredential"}"#,
+            r#"{"kind":"Pod","apiVersion":"v1"}"#,
+        ] {
+            let err = exec_info_api_version(Some(bad)).unwrap_err();
+            assert_eq!(err.code, 6, "{bad}");
+            assert!(
+                err.message.starts_with("KUBERNETES_EXEC_INFO: "),
+                "{}",
+                err.message
+            );
+            assert_eq!(err.message.lines().count(), 1, "{}", err.message);
+        }
+    }
+
+    #[test]
+    fn an_unsupported_exec_info_version_is_exit_6() {
+        let f = unsupported_exec_info("client.authentication.k8s.io/v9");
+        assert_eq!(f.code, 6);
+        assert_eq!(
+            f.message,
+            "KUBERNETES_EXEC_INFO: apiVersion \"client.authentication.k8s.io/v9\" is not supported"
+        );
+    }
 }
