@@ -1,4 +1,5 @@
-//! `keyholder ca`, `cluster`, `kubeconfig`, `kube-credential` and `cert`.
+//! `keyholder cluster`, `kubeconfig` and `kube-credential`: Kubernetes
+//! cluster profiles and the client credentials kubectl uses.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -9,64 +10,12 @@ use keyholder_proto::v1;
 use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
-use crate::{CliResult, Failure, io_failure, rfc3339, when, write_private_file};
+use crate::failure::{CliResult, Failure};
+use crate::input::seconds;
+use crate::output::write_private_file;
 
 #[derive(Subcommand, Debug)]
-pub enum CaCommand {
-    /// Create a CA: a new key in the vault (or on the token) and a self-signed certificate.
-    Create {
-        /// The CA's name, e.g. kube-prod.
-        name: String,
-        /// x509 (TLS) or ssh (OpenSSH certificates).
-        #[arg(long, default_value = "x509", value_parser = ["x509", "ssh"])]
-        kind: String,
-        /// x509: p256 (default), ed25519, rsa-2048, rsa-3072 or rsa-4096;
-        /// ssh: ed25519 (default) or p256. On the token: p256.
-        #[arg(long)]
-        key_algorithm: Option<String>,
-        /// Generate the key on the token; every signature is then a token operation.
-        #[arg(long)]
-        on_token: bool,
-        /// Subject CN (default: the name).
-        #[arg(long)]
-        cn: Option<String>,
-        /// CA certificate lifetime (default 10 years).
-        #[arg(long, value_parser = humantime::parse_duration)]
-        validity: Option<Duration>,
-        /// Longest certificate it issues (default 1 year).
-        #[arg(long, value_parser = humantime::parse_duration)]
-        max_ttl: Option<Duration>,
-    },
-    /// Import a CA certificate and its PKCS#8 key (then delete the key file).
-    Import {
-        /// The CA's name.
-        name: String,
-        /// The CA certificate (PEM).
-        #[arg(long)]
-        cert: PathBuf,
-        /// The private key (PKCS#8 PEM).
-        #[arg(long)]
-        key: PathBuf,
-        /// Longest certificate it issues (default 1 year).
-        #[arg(long, value_parser = humantime::parse_duration)]
-        max_ttl: Option<Duration>,
-    },
-    /// List CAs.
-    List,
-    /// Show a CA: subject, fingerprint, validity, where its key is.
-    Show {
-        /// The CA's name.
-        name: String,
-    },
-    /// Print a CA's certificate (PEM).
-    Export {
-        /// The CA's name.
-        name: String,
-    },
-}
-
-#[derive(Subcommand, Debug)]
-pub enum ClusterCommand {
+pub(crate) enum ClusterCommand {
     /// Add a Kubernetes cluster profile.
     Add {
         /// The cluster's name, e.g. prod.
@@ -98,7 +47,7 @@ pub enum ClusterCommand {
 
 /// Who a Kubernetes credential is for, and for how long.
 #[derive(clap::Args, Debug)]
-pub struct KubeIdentity {
+pub(crate) struct KubeIdentity {
     /// The Kubernetes user (certificate CN). Default: $USER.
     #[arg(long)]
     user: Option<String>,
@@ -112,7 +61,7 @@ pub struct KubeIdentity {
 
 /// `keyholder kubeconfig` arguments.
 #[derive(clap::Args, Debug)]
-pub struct KubeconfigArgs {
+pub(crate) struct KubeconfigArgs {
     /// The cluster profile.
     cluster: String,
     #[command(flatten)]
@@ -130,7 +79,7 @@ pub struct KubeconfigArgs {
 
 /// `keyholder kube-credential` arguments.
 #[derive(clap::Args, Debug)]
-pub struct KubeCredentialArgs {
+pub(crate) struct KubeCredentialArgs {
     /// The cluster profile.
     #[arg(long)]
     cluster: String,
@@ -141,187 +90,12 @@ pub struct KubeCredentialArgs {
     api_version: String,
 }
 
-#[derive(Subcommand, Debug)]
-pub enum CertCommand {
-    /// Issue an X.509 certificate from a CA in the vault.
-    Issue {
-        /// The CA.
-        #[arg(long)]
-        ca: String,
-        /// client, server or peer.
-        #[arg(long, default_value = "client")]
-        profile: String,
-        /// Subject CN (default: the CSR's).
-        #[arg(long)]
-        cn: Option<String>,
-        /// Subject O (repeatable).
-        #[arg(long = "o")]
-        organizations: Vec<String>,
-        /// A DNS name or IP address (repeatable).
-        #[arg(long = "san")]
-        sans: Vec<String>,
-        /// Lifetime (default 15m for client, 720h for server and peer).
-        #[arg(long, value_parser = humantime::parse_duration)]
-        ttl: Option<Duration>,
-        /// Certify this CSR (PEM) instead of generating a key.
-        #[arg(long)]
-        csr: Option<PathBuf>,
-        /// For generated keys: p256 (default), ed25519, rsa-2048, rsa-3072 or rsa-4096.
-        #[arg(long, default_value = "p256")]
-        key_algorithm: String,
-        /// Write cert.pem, key.pem (0600) and ca.pem here instead of printing.
-        #[arg(long)]
-        out_dir: Option<PathBuf>,
-    },
-}
-
-fn seconds(d: Option<Duration>) -> u64 {
-    d.map_or(0, |d| d.as_secs().max(1))
-}
-
 fn default_user(user: Option<String>) -> CliResult<String> {
     user.or_else(|| std::env::var("USER").ok().filter(|u| !u.is_empty()))
         .ok_or_else(|| Failure::new(6, "no --user given and $USER is not set"))
 }
 
-fn ca_text(ca: &v1::CaInfo) -> String {
-    if ca.kind == "ssh" {
-        return format!(
-            "name:        {}\nkind:        ssh\nfingerprint: {}\nkey:         {}\npublic key:  {}\n",
-            ca.name,
-            ca.fingerprint_sha256,
-            if ca.on_token {
-                "on the token"
-            } else {
-                "in the vault"
-            },
-            ca.public_key_openssh
-        );
-    }
-    format!(
-        "name:        {}\nsubject:     {}\nsha256:      {}\nnot before:  {}\nnot after:   {}\nkey:         {}\nmax ttl:     {}\n",
-        ca.name,
-        ca.subject,
-        ca.fingerprint_sha256,
-        when(ca.not_before.as_ref()),
-        when(ca.not_after.as_ref()),
-        if ca.on_token {
-            "on the token"
-        } else {
-            "in the vault"
-        },
-        humantime::format_duration(Duration::from_secs(ca.max_ttl_seconds)),
-    )
-}
-
-fn ca_json(ca: &v1::CaInfo) -> serde_json::Value {
-    serde_json::json!({
-        "name": ca.name,
-        "subject": ca.subject,
-        "fingerprint_sha256": ca.fingerprint_sha256,
-        "not_before": rfc3339(ca.not_before.as_ref()),
-        "not_after": rfc3339(ca.not_after.as_ref()),
-        "on_token": ca.on_token,
-        "max_ttl_seconds": ca.max_ttl_seconds,
-        "certificate_pem": ca.certificate_pem,
-        "kind": ca.kind,
-        "public_key_openssh": ca.public_key_openssh,
-    })
-}
-
-fn read_text(path: &Path) -> CliResult<String> {
-    std::fs::read_to_string(path).map_err(|e| io_failure("cannot read", path, e))
-}
-
-pub async fn ca(channel: Channel, cmd: CaCommand, json: bool) -> CliResult {
-    let mut admin = v1::admin_client::AdminClient::new(channel);
-    let show = |ca: &v1::CaInfo| {
-        if json {
-            println!("{}", ca_json(ca));
-        } else {
-            print!("{}", ca_text(ca));
-        }
-    };
-    match cmd {
-        CaCommand::Create {
-            name,
-            kind,
-            key_algorithm,
-            on_token,
-            cn,
-            validity,
-            max_ttl,
-        } => {
-            let ca = admin
-                .create_ca(v1::CreateCaRequest {
-                    name,
-                    kind,
-                    key_algorithm: key_algorithm.unwrap_or_default(),
-                    on_token,
-                    common_name: cn.unwrap_or_default(),
-                    validity_seconds: seconds(validity),
-                    max_ttl_seconds: seconds(max_ttl),
-                })
-                .await?
-                .into_inner();
-            show(&ca);
-        }
-        CaCommand::Import {
-            name,
-            cert,
-            key,
-            max_ttl,
-        } => {
-            let certificate_pem = read_text(&cert)?;
-            let key_pem = Zeroizing::new(read_text(&key)?);
-            let ca = admin
-                .import_ca(v1::ImportCaRequest {
-                    name,
-                    certificate_pem,
-                    private_key_pem: key_pem.to_string(),
-                    max_ttl_seconds: seconds(max_ttl),
-                })
-                .await?
-                .into_inner();
-            show(&ca);
-            if !json {
-                println!("the key is now in the vault: delete {}", key.display());
-            }
-        }
-        CaCommand::List => {
-            let list = admin.list_cas(v1::ListCasRequest {}).await?.into_inner();
-            if json {
-                println!(
-                    "{}",
-                    serde_json::Value::Array(list.cas.iter().map(ca_json).collect())
-                );
-            } else {
-                for ca in &list.cas {
-                    println!(
-                        "{}\t{}\t{}",
-                        ca.name,
-                        if ca.on_token { "token" } else { "vault" },
-                        ca.subject
-                    );
-                }
-            }
-        }
-        CaCommand::Show { name } => {
-            show(&admin.get_ca(v1::GetCaRequest { name }).await?.into_inner())
-        }
-        CaCommand::Export { name } => {
-            let ca = admin.get_ca(v1::GetCaRequest { name }).await?.into_inner();
-            if ca.kind == "ssh" {
-                println!("{}", ca.public_key_openssh);
-            } else {
-                print!("{}", ca.certificate_pem);
-            }
-        }
-    }
-    Ok(())
-}
-
-pub async fn cluster(channel: Channel, cmd: ClusterCommand, json: bool) -> CliResult {
+pub(crate) async fn cluster(channel: Channel, cmd: ClusterCommand, json: bool) -> CliResult {
     let mut admin = v1::admin_client::AdminClient::new(channel);
     let cluster_json = |c: &v1::ClusterInfo| serde_json::json!({"name": c.name, "server": c.server, "ca": c.ca, "default_groups": c.default_groups, "max_ttl_seconds": c.max_ttl_seconds});
     match cmd {
@@ -384,7 +158,7 @@ pub async fn cluster(channel: Channel, cmd: ClusterCommand, json: bool) -> CliRe
     Ok(())
 }
 
-pub async fn kubeconfig(channel: Channel, args: KubeconfigArgs, socket: &Path) -> CliResult {
+pub(crate) async fn kubeconfig(channel: Channel, args: KubeconfigArgs, socket: &Path) -> CliResult {
     let user = default_user(args.who.user)?;
     let (exec_command, exec_args) = if args.exec {
         let exe = std::env::current_exe().map_err(|e| {
@@ -477,7 +251,7 @@ fn unsupported_exec_info(api_version: &str) -> Failure {
 
 /// The kubectl exec credential plugin: stdout carries only the
 /// ExecCredential JSON; every message goes to stderr; stdin is never read.
-pub async fn kube_credential(channel: Channel, args: KubeCredentialArgs) -> CliResult {
+pub(crate) async fn kube_credential(channel: Channel, args: KubeCredentialArgs) -> CliResult {
     let info = std::env::var("KUBERNETES_EXEC_INFO").ok();
     let from_exec_info = exec_info_api_version(info.as_deref())?;
     // An empty api_version asks keyholderd for its default; one written
@@ -521,81 +295,6 @@ pub async fn kube_credential(channel: Channel, args: KubeCredentialArgs) -> CliR
         .and_then(|()| out.write_all(b"\n"))
         .and_then(|()| out.flush())
         .map_err(|e| Failure::new(1, format!("cannot write to stdout: {e}")))
-}
-
-pub async fn cert(channel: Channel, cmd: CertCommand, json: bool) -> CliResult {
-    let CertCommand::Issue {
-        ca,
-        profile,
-        cn,
-        organizations,
-        sans,
-        ttl,
-        csr,
-        key_algorithm,
-        out_dir,
-    } = cmd;
-    let to_dir = out_dir.is_some();
-    let csr_pem = match &csr {
-        Some(path) => read_text(path)?,
-        None => String::new(),
-    };
-    let (ip_addresses, dns_names): (Vec<String>, Vec<String>) = sans
-        .into_iter()
-        .partition(|s| s.parse::<std::net::IpAddr>().is_ok());
-    let mut creds = v1::credentials_client::CredentialsClient::new(channel);
-    let resp = creds
-        .issue_certificate(v1::IssueCertificateRequest {
-            ca,
-            profile,
-            common_name: cn.unwrap_or_default(),
-            organizations,
-            dns_names,
-            ip_addresses,
-            ttl_seconds: seconds(ttl),
-            csr_pem,
-            key_algorithm,
-        })
-        .await?
-        .into_inner();
-    let key = Zeroizing::new(resp.private_key_pem);
-    if let Some(dir) = out_dir {
-        std::fs::create_dir_all(&dir).map_err(|e| io_failure("cannot create", &dir, e))?;
-        let write = |name: &str, text: &str| {
-            let p = dir.join(name);
-            std::fs::write(&p, text).map_err(|e| io_failure("cannot write", &p, e))
-        };
-        write("cert.pem", &resp.certificate_pem)?;
-        write("ca.pem", &resp.ca_certificate_pem)?;
-        if !key.is_empty() {
-            write_private_file(&dir.join("key.pem"), key.as_bytes())?;
-        }
-        if !json {
-            println!(
-                "wrote {}/cert.pem{} and ca.pem (serial {}, expires {})",
-                dir.display(),
-                if key.is_empty() { "" } else { ", key.pem" },
-                resp.serial,
-                when(resp.not_after.as_ref())
-            );
-        }
-    }
-    if json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "serial": resp.serial,
-                "not_before": rfc3339(resp.not_before.as_ref()),
-                "not_after": rfc3339(resp.not_after.as_ref()),
-                "certificate_pem": resp.certificate_pem,
-                "ca_certificate_pem": resp.ca_certificate_pem,
-                "private_key_pem": if key.is_empty() { serde_json::Value::Null } else { serde_json::Value::String(key.to_string()) },
-            })
-        );
-    } else if !to_dir {
-        print!("{}{}", resp.certificate_pem, key.as_str());
-    }
-    Ok(())
 }
 
 #[cfg(test)]
