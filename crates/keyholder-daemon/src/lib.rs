@@ -17,6 +17,7 @@ pub mod error;
 pub mod gate;
 mod keypool;
 pub mod keys;
+pub mod open;
 pub mod services;
 
 use std::future::Future;
@@ -32,6 +33,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 
 pub use crate::core::Core;
 pub use config::Config;
+pub use open::{StartError, open};
 
 /// How long in-flight requests get to finish once shutdown begins.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
