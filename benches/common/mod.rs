@@ -23,15 +23,7 @@ pub fn daemon_flags(log: &str) -> Vec<String> {
 
 /// A gRPC channel over the daemon's Unix socket.
 pub async fn connect(socket: PathBuf) -> tonic::transport::Channel {
-    tonic::transport::Endpoint::from_static("http://keyholderd.invalid")
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
+    keyholder_proto::socket::connect(socket)
         .await
         .expect("connect")
 }

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use keyholder_daemon::{Config, Core, bind_socket, config, harden_process, run};
+use keyholder_daemon::{Config, StartError, bind_socket, config, harden_process, open, run};
 
 /// Keyholder daemon: keeps the vault, opens it through a PKCS#11 token
 /// session, and serves the keyholder.v1 gRPC API on a Unix socket.
@@ -144,35 +144,15 @@ fn main() -> ExitCode {
         tracing::error!(error = %e, "cannot disable core dumps / make the process non-dumpable");
         return ExitCode::from(1);
     }
-    let cfg = match settings(&args) {
+    let core = match settings(&args).map_err(StartError::from).and_then(open) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("keyholderd: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(e.exit_code());
         }
     };
-    let Some(module_path) = cfg.pkcs11_module.clone() else {
-        eprintln!("keyholderd: no PKCS#11 module configured");
-        return ExitCode::from(2);
-    };
-    let module = match keyholder_token::Module::load(&module_path) {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("keyholderd: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let storage = match keyholder_vault::FileStorage::open(&cfg.vault) {
-        Ok(s) => s,
-        Err(e @ keyholder_vault::StorageError::Busy { .. }) => {
-            eprintln!("keyholderd: {e}");
-            return ExitCode::from(3);
-        }
-        Err(e) => {
-            eprintln!("keyholderd: {e}");
-            return ExitCode::from(1);
-        }
-    };
+    let cfg = core.config.clone();
+    let module_path = cfg.pkcs11_module.clone().unwrap_or_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.serve_thread_count())
         .enable_all()
@@ -224,7 +204,6 @@ fn main() -> ExitCode {
             module = %module_path.display(),
             "keyholderd serving"
         );
-        let core = Core::new(cfg, module, storage);
         let result = run(core, listener, agent, shutdown_signal()).await;
         for path in std::iter::once(&socket).chain(agent_socket.as_ref()) {
             if let Err(e) = std::fs::remove_file(path) {

@@ -758,7 +758,7 @@ fn the_exec_plugin_prints_only_json_on_stdout_and_follows_kubernetes_exec_info()
         "--group",
         "devs",
     ]);
-    let run = |info: Option<&str>| {
+    let run_with = |info: Option<&str>, extra: &[&str]| {
         let mut c = Command::new(crate::util::keyholder_bin());
         c.args([
             "--socket",
@@ -769,6 +769,7 @@ fn the_exec_plugin_prints_only_json_on_stdout_and_follows_kubernetes_exec_info()
             "--user",
             "alice",
         ])
+        .args(extra)
         .stdin(Stdio::null());
         match info {
             Some(i) => c.env("KUBERNETES_EXEC_INFO", i),
@@ -776,6 +777,7 @@ fn the_exec_plugin_prints_only_json_on_stdout_and_follows_kubernetes_exec_info()
         };
         c.output().expect("plugin runs")
     };
+    let run = |info: Option<&str>| run_with(info, &[]);
     let out = run(None);
     assert!(out.status.success());
     assert!(
@@ -830,6 +832,20 @@ fn the_exec_plugin_prints_only_json_on_stdout_and_follows_kubernetes_exec_info()
             "{stderr}"
         );
     }
+    // Without KUBERNETES_EXEC_INFO, --api-version reaches keyholderd as
+    // written, and keyholderd alone decides which versions exist.
+    let out = run_with(None, &["--api-version", "v1beta1"]);
+    assert!(out.status.success());
+    let v = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(v["apiVersion"], "client.authentication.k8s.io/v1beta1");
+    let out = run_with(None, &["--api-version", "v2"]);
+    assert_eq!(out.status.code(), Some(6));
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("api_version") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
     env.ok(&["lock"]);
     let out = run(None);
     assert_eq!(out.status.code(), Some(3));

@@ -55,16 +55,8 @@ fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     humantime::parse_duration(&s).map_err(serde::de::Error::custom)
 }
 
-/// `$XDG_RUNTIME_DIR/keyholder`, or `/tmp/keyholder-<uid>` without it.
-pub fn runtime_dir() -> PathBuf {
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(d) if !d.is_empty() => PathBuf::from(d).join("keyholder"),
-        _ => PathBuf::from(format!(
-            "/tmp/keyholder-{}",
-            rustix::process::getuid().as_raw()
-        )),
-    }
-}
+// The runtime directory and the default sockets are shared with the CLI.
+pub use keyholder_proto::socket::{default_agent_socket, default_socket, runtime_dir};
 
 fn home() -> PathBuf {
     std::env::var_os("HOME")
@@ -77,11 +69,6 @@ fn xdg(var: &str, fallback: &str) -> PathBuf {
         Some(d) if !d.is_empty() => PathBuf::from(d),
         _ => home().join(fallback),
     }
-}
-
-/// The default socket path, shared with the CLI.
-pub fn default_socket() -> PathBuf {
-    runtime_dir().join("keyholder.sock")
 }
 
 /// `$XDG_CONFIG_HOME/keyholder/keyholderd.toml`.
@@ -97,7 +84,7 @@ impl Default for Config {
             vault: xdg("XDG_DATA_HOME", ".local/share").join("keyholder/vault.age"),
             socket: default_socket(),
             ssh_agent: true,
-            ssh_agent_socket: runtime_dir().join("ssh-agent.sock"),
+            ssh_agent_socket: default_agent_socket(),
             session_ttl: Duration::from_secs(8 * 3600),
             idle_timeout: Duration::from_secs(30 * 60),
             max_session_ttl: Duration::from_secs(24 * 3600),

@@ -76,11 +76,17 @@ impl Core {
             hook.check(caller, op)?;
         }
         if needs == Needs::Unlocked {
-            if !self.is_unlocked() {
-                return Err(Error::Locked);
-            }
-            self.touch();
+            self.require_unlocked()?;
         }
+        Ok(())
+    }
+
+    /// Fails with [`Error::Locked`] unless unlocked; counts as activity.
+    pub fn require_unlocked(&self) -> Result<()> {
+        if !self.is_unlocked() {
+            return Err(Error::Locked);
+        }
+        self.touch();
         Ok(())
     }
 }

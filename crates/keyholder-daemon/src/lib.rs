@@ -11,7 +11,8 @@
 //! - [`services`]: the gRPC services, with the proto boundary in
 //!   [`services::convert`].
 //! - [`agent`]: the ssh-agent backend.
-//! - [`serve`]: sockets, listeners and the tick task; [`config`]: settings.
+//! - [`serve`]: sockets, listeners and the tick task; [`config`]: settings;
+//!   [`open`]: a daemon from its settings, with typed start errors.
 //!
 //! [`run`] takes an already bound listener and a shutdown future, so tests
 //! and the `keyholderd` binary start it the same way. This crate holds no CLI
@@ -28,6 +29,7 @@ pub mod error;
 pub mod gate;
 mod keypool;
 pub mod names;
+pub mod open;
 pub mod rollback;
 pub mod serve;
 pub mod services;
@@ -36,4 +38,5 @@ pub mod status;
 
 pub use crate::core::Core;
 pub use config::Config;
+pub use open::{StartError, open};
 pub use serve::{bind_socket, harden_process, run};

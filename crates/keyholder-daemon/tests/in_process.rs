@@ -152,16 +152,7 @@ impl GateHook for Recorder {
 }
 
 async fn channel(path: &Path) -> tonic::transport::Channel {
-    let path = path.to_owned();
-    tonic::transport::Endpoint::from_static("http://keyholderd.invalid")
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
+    keyholder_proto::socket::connect(path)
         .await
         .expect("connect")
 }
@@ -307,6 +298,34 @@ async fn grpc_and_agent_requests_pass_the_one_gate_with_their_caller() {
         assert_eq!(*uid, rustix::process::getuid().as_raw(), "{op}");
         assert_eq!(*pid, Some(me), "{op}");
     }
+    let _ = stop.send(());
+    server.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_exec_credential_version_is_reported_before_the_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let (core, _token) = initialised(dir.path()).await;
+    let (stop, server) = serve(&core);
+    let mut creds =
+        v1::credentials_client::CredentialsClient::new(channel(&core.config.socket).await);
+    let request = |version: &str| v1::IssueExecCredentialRequest {
+        cluster: "prod".into(),
+        user: "alice".into(),
+        api_version: version.into(),
+        ..Default::default()
+    };
+    let err = creds
+        .issue_exec_credential(request("v2"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("api_version"), "{err:?}");
+    let err = creds
+        .issue_exec_credential(request("v1"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
     let _ = stop.send(());
     server.await.unwrap();
 }

@@ -1,11 +1,15 @@
 //! The `keyholder.v1` gRPC API, generated from `proto/keyholder/v1/keyholder.proto`.
 //!
-//! This crate holds generated code and nothing else: no logic, no I/O. The
-//! `.proto` file is the contract for clients in every language; Rust clients
-//! and the daemon use these types. Messages that carry a PIN or a secret value
-//! have a hand-written `Debug` that redacts it.
+//! This crate holds the generated code, plus [`socket`]: the default socket
+//! paths and the Unix-socket dial, so the daemon and its Rust clients agree on
+//! them without a client depending on the daemon. The `.proto` file is the
+//! contract for clients in every language; Rust clients and the daemon use
+//! these types. Messages that carry a PIN or a secret value have a
+//! hand-written `Debug` that redacts it.
 
 #![forbid(unsafe_code)]
+
+pub mod socket;
 
 /// Generated messages, clients and servers of package `keyholder.v1`.
 pub mod v1 {

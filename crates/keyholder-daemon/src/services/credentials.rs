@@ -409,10 +409,13 @@ impl v1::credentials_server::Credentials for CredentialsService {
             &self.core,
             &request,
             "Credentials.IssueExecCredential",
-            Needs::Unlocked,
+            Needs::Nothing,
         )?;
         let req = request.into_inner();
+        // A version kubectl cannot read is a setup error, reported even
+        // while the session is locked.
         let version = api_version(&req.api_version)?;
+        self.core.require_unlocked()?;
         let c = self.resolve(&req.cluster, &req.user, req.groups, req.ttl_seconds)?;
         let key = (
             c.name.clone(),

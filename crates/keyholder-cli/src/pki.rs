@@ -1,7 +1,7 @@
-//! `keyholder ca`, `cluster`, `kubeconfig`, `kube-credential` and `cert`.
+//! `keyholder ca` and `keyholder cert`: X.509 and SSH CAs, and the
+//! certificates X.509 CAs issue for cluster components.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Subcommand;
@@ -9,10 +9,12 @@ use keyholder_proto::v1;
 use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
-use crate::{CliResult, Failure, io_failure, rfc3339, when, write_private_file};
+use crate::failure::{CliResult, io_failure};
+use crate::input::{read_text, seconds};
+use crate::output::{rfc3339, when, write_private_file};
 
 #[derive(Subcommand, Debug)]
-pub enum CaCommand {
+pub(crate) enum CaCommand {
     /// Create a CA: a new key in the vault (or on the token) and a self-signed certificate.
     Create {
         /// The CA's name, e.g. kube-prod.
@@ -66,83 +68,7 @@ pub enum CaCommand {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum ClusterCommand {
-    /// Add a Kubernetes cluster profile.
-    Add {
-        /// The cluster's name, e.g. prod.
-        name: String,
-        /// The API server, e.g. https://10.0.0.1:6443.
-        #[arg(long)]
-        server: String,
-        /// The CA (in the vault) the API server trusts for client certificates.
-        #[arg(long)]
-        ca: String,
-        /// Default groups (repeatable).
-        #[arg(long = "group")]
-        groups: Vec<String>,
-        /// Longest credential (default 1h).
-        #[arg(long, value_parser = humantime::parse_duration)]
-        max_ttl: Option<Duration>,
-        /// Replace an existing profile.
-        #[arg(long)]
-        force: bool,
-    },
-    /// List cluster profiles.
-    List,
-    /// Remove a cluster profile.
-    Rm {
-        /// The cluster's name.
-        name: String,
-    },
-}
-
-/// Who a Kubernetes credential is for, and for how long.
-#[derive(clap::Args, Debug)]
-pub struct KubeIdentity {
-    /// The Kubernetes user (certificate CN). Default: $USER.
-    #[arg(long)]
-    user: Option<String>,
-    /// Kubernetes groups (certificate O; repeatable). Default: the cluster's.
-    #[arg(long = "group")]
-    groups: Vec<String>,
-    /// Certificate lifetime (default 15m).
-    #[arg(long, value_parser = humantime::parse_duration)]
-    ttl: Option<Duration>,
-}
-
-/// `keyholder kubeconfig` arguments.
-#[derive(clap::Args, Debug)]
-pub struct KubeconfigArgs {
-    /// The cluster profile.
-    cluster: String,
-    #[command(flatten)]
-    who: KubeIdentity,
-    /// Write a kubeconfig that runs `keyholder kube-credential` instead of embedding a certificate.
-    #[arg(long)]
-    exec: bool,
-    /// ExecCredential version for --exec: v1 (kubectl >= 1.22) or v1beta1.
-    #[arg(long, default_value = "v1")]
-    exec_api_version: String,
-    /// Write to this file (mode 0600) instead of stdout.
-    #[arg(long)]
-    out: Option<PathBuf>,
-}
-
-/// `keyholder kube-credential` arguments.
-#[derive(clap::Args, Debug)]
-pub struct KubeCredentialArgs {
-    /// The cluster profile.
-    #[arg(long)]
-    cluster: String,
-    #[command(flatten)]
-    who: KubeIdentity,
-    /// ExecCredential version when KUBERNETES_EXEC_INFO does not say: v1 or v1beta1.
-    #[arg(long, default_value = "v1")]
-    api_version: String,
-}
-
-#[derive(Subcommand, Debug)]
-pub enum CertCommand {
+pub(crate) enum CertCommand {
     /// Issue an X.509 certificate from a CA in the vault.
     Issue {
         /// The CA.
@@ -173,15 +99,6 @@ pub enum CertCommand {
         #[arg(long)]
         out_dir: Option<PathBuf>,
     },
-}
-
-fn seconds(d: Option<Duration>) -> u64 {
-    d.map_or(0, |d| d.as_secs().max(1))
-}
-
-fn default_user(user: Option<String>) -> CliResult<String> {
-    user.or_else(|| std::env::var("USER").ok().filter(|u| !u.is_empty()))
-        .ok_or_else(|| Failure::new(6, "no --user given and $USER is not set"))
 }
 
 fn ca_text(ca: &v1::CaInfo) -> String {
@@ -229,11 +146,7 @@ fn ca_json(ca: &v1::CaInfo) -> serde_json::Value {
     })
 }
 
-fn read_text(path: &Path) -> CliResult<String> {
-    std::fs::read_to_string(path).map_err(|e| io_failure("cannot read", path, e))
-}
-
-pub async fn ca(channel: Channel, cmd: CaCommand, json: bool) -> CliResult {
+pub(crate) async fn ca(channel: Channel, cmd: CaCommand, json: bool) -> CliResult {
     let mut admin = v1::admin_client::AdminClient::new(channel);
     let show = |ca: &v1::CaInfo| {
         if json {
@@ -321,154 +234,7 @@ pub async fn ca(channel: Channel, cmd: CaCommand, json: bool) -> CliResult {
     Ok(())
 }
 
-pub async fn cluster(channel: Channel, cmd: ClusterCommand, json: bool) -> CliResult {
-    let mut admin = v1::admin_client::AdminClient::new(channel);
-    let cluster_json = |c: &v1::ClusterInfo| serde_json::json!({"name": c.name, "server": c.server, "ca": c.ca, "default_groups": c.default_groups, "max_ttl_seconds": c.max_ttl_seconds});
-    match cmd {
-        ClusterCommand::Add {
-            name,
-            server,
-            ca,
-            groups,
-            max_ttl,
-            force,
-        } => {
-            let c = admin
-                .add_cluster(v1::AddClusterRequest {
-                    name,
-                    server,
-                    ca,
-                    default_groups: groups,
-                    max_ttl_seconds: seconds(max_ttl),
-                    overwrite: force,
-                })
-                .await?
-                .into_inner();
-            if json {
-                println!("{}", cluster_json(&c));
-            } else {
-                println!("added cluster {} ({}, CA {})", c.name, c.server, c.ca);
-            }
-        }
-        ClusterCommand::List => {
-            let list = admin
-                .list_clusters(v1::ListClustersRequest {})
-                .await?
-                .into_inner();
-            if json {
-                println!(
-                    "{}",
-                    serde_json::Value::Array(list.clusters.iter().map(cluster_json).collect())
-                );
-            } else {
-                for c in &list.clusters {
-                    println!(
-                        "{}\t{}\tCA {}\tgroups {}",
-                        c.name,
-                        c.server,
-                        c.ca,
-                        c.default_groups.join(",")
-                    );
-                }
-            }
-        }
-        ClusterCommand::Rm { name } => {
-            admin
-                .remove_cluster(v1::RemoveClusterRequest { name: name.clone() })
-                .await?;
-            if !json {
-                println!("removed cluster {name}");
-            }
-        }
-    }
-    Ok(())
-}
-
-pub async fn kubeconfig(channel: Channel, args: KubeconfigArgs, socket: &Path) -> CliResult {
-    let user = default_user(args.who.user)?;
-    let (exec_command, exec_args) = if args.exec {
-        let exe = std::env::current_exe().map_err(|e| {
-            Failure::new(1, format!("cannot find the keyholder binary's path: {e}"))
-        })?;
-        let mut a = vec![
-            "--socket".to_owned(),
-            socket.display().to_string(),
-            "kube-credential".to_owned(),
-            "--cluster".to_owned(),
-            args.cluster.clone(),
-            "--user".to_owned(),
-            user.clone(),
-            "--api-version".to_owned(),
-            args.exec_api_version.clone(),
-        ];
-        for g in &args.who.groups {
-            a.push("--group".to_owned());
-            a.push(g.clone());
-        }
-        if let Some(ttl) = args.who.ttl {
-            a.push("--ttl".to_owned());
-            a.push(humantime::format_duration(ttl).to_string());
-        }
-        (exe.display().to_string(), a)
-    } else {
-        (String::new(), Vec::new())
-    };
-    let mut creds = v1::credentials_client::CredentialsClient::new(channel);
-    let resp = creds
-        .issue_kubeconfig(v1::IssueKubeconfigRequest {
-            cluster: args.cluster,
-            user,
-            groups: args.who.groups,
-            ttl_seconds: seconds(args.who.ttl),
-            exec: args.exec,
-            exec_command,
-            exec_args,
-            exec_api_version: args.exec_api_version,
-        })
-        .await?
-        .into_inner();
-    let text = Zeroizing::new(resp.kubeconfig);
-    match args.out {
-        Some(path) => write_private_file(&path, text.as_bytes())?,
-        None => std::io::stdout()
-            .write_all(text.as_bytes())
-            .map_err(|e| Failure::new(1, format!("cannot write to stdout: {e}")))?,
-    }
-    Ok(())
-}
-
-/// The kubectl exec credential plugin: stdout carries only the
-/// ExecCredential JSON; every message goes to stderr; stdin is never read.
-pub async fn kube_credential(channel: Channel, args: KubeCredentialArgs) -> CliResult {
-    let info = std::env::var("KUBERNETES_EXEC_INFO").ok();
-    let requested = keyholder_pki::kube::requested_api_version(info.as_deref())
-        .map_err(|e| Failure::new(6, e.to_string()))?;
-    let version = match requested {
-        Some(v) => v,
-        None => keyholder_pki::kube::ExecApiVersion::parse(&args.api_version)
-            .map_err(|e| Failure::new(6, e.to_string()))?,
-    };
-    let user = default_user(args.who.user)?;
-    let mut creds = v1::credentials_client::CredentialsClient::new(channel);
-    let resp = creds
-        .issue_exec_credential(v1::IssueExecCredentialRequest {
-            cluster: args.cluster,
-            user,
-            groups: args.who.groups,
-            api_version: version.as_str().to_owned(),
-            ttl_seconds: seconds(args.who.ttl),
-        })
-        .await?
-        .into_inner();
-    let json = Zeroizing::new(resp.exec_credential);
-    let mut out = std::io::stdout().lock();
-    out.write_all(json.as_bytes())
-        .and_then(|()| out.write_all(b"\n"))
-        .and_then(|()| out.flush())
-        .map_err(|e| Failure::new(1, format!("cannot write to stdout: {e}")))
-}
-
-pub async fn cert(channel: Channel, cmd: CertCommand, json: bool) -> CliResult {
+pub(crate) async fn cert(channel: Channel, cmd: CertCommand, json: bool) -> CliResult {
     let CertCommand::Issue {
         ca,
         profile,

@@ -1,18 +1,19 @@
-//! `keyholder key`, `sign`, `ssh-cert` and `ssh-env`.
+//! `keyholder key` and `keyholder sign`: signing keys in the vault or on
+//! the token, and signatures made with them.
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::Subcommand;
 use keyholder_proto::v1;
 use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
-use crate::{CliResult, Failure, io_failure, rfc3339, when, write_private_file};
+use crate::failure::{CliResult, Failure, io_failure};
+use crate::output::rfc3339;
 
 #[derive(Subcommand, Debug)]
-pub enum KeyCommand {
+pub(crate) enum KeyCommand {
     /// Generate a key in the vault (or on the token with --on-token).
     Generate {
         /// The key's name.
@@ -77,7 +78,7 @@ pub enum KeyCommand {
 
 /// `keyholder sign` arguments.
 #[derive(clap::Args, Debug)]
-pub struct SignArgs {
+pub(crate) struct SignArgs {
     /// The key.
     #[arg(long)]
     key: String,
@@ -91,41 +92,6 @@ pub struct SignArgs {
     #[arg(long)]
     prehashed: bool,
     /// Write the signature here instead of stdout.
-    #[arg(long)]
-    out: Option<PathBuf>,
-}
-
-/// `keyholder ssh-cert` arguments.
-#[derive(clap::Args, Debug)]
-pub struct SshCertArgs {
-    /// The SSH CA.
-    #[arg(long)]
-    ca: String,
-    /// A key in the vault (its certificate is then served by the agent until it expires).
-    #[arg(long, conflicts_with = "public_key")]
-    key: Option<String>,
-    /// Or an OpenSSH public key file to certify.
-    #[arg(long)]
-    public_key: Option<PathBuf>,
-    /// Principal (repeatable): user names, or host names with --host.
-    #[arg(long = "principal", required = true)]
-    principals: Vec<String>,
-    /// Lifetime (default 1h).
-    #[arg(long, value_parser = humantime::parse_duration)]
-    ttl: Option<Duration>,
-    /// A host certificate instead of a user certificate.
-    #[arg(long)]
-    host: bool,
-    /// Key id (default: the key's name).
-    #[arg(long)]
-    key_id: Option<String>,
-    /// Critical option NAME=VALUE (repeatable), e.g. force-command=/bin/true.
-    #[arg(long = "option")]
-    options: Vec<String>,
-    /// Extension (repeatable); default: OpenSSH's defaults for user certificates.
-    #[arg(long = "extension")]
-    extensions: Vec<String>,
-    /// Write the certificate here instead of stdout.
     #[arg(long)]
     out: Option<PathBuf>,
 }
@@ -163,7 +129,7 @@ fn print_key(k: &v1::KeyInfo, json: bool) {
     }
 }
 
-pub async fn key(channel: Channel, cmd: KeyCommand, json: bool) -> CliResult {
+pub(crate) async fn key(channel: Channel, cmd: KeyCommand, json: bool) -> CliResult {
     let mut admin = v1::admin_client::AdminClient::new(channel.clone());
     let mut signer = v1::signer_client::SignerClient::new(channel);
     match cmd {
@@ -299,7 +265,7 @@ fn is_encrypted_openssh(text: &str) -> bool {
     ssh_key::PrivateKey::from_openssh(text).is_ok_and(|k| k.is_encrypted())
 }
 
-pub async fn sign(channel: Channel, args: SignArgs) -> CliResult {
+pub(crate) async fn sign(channel: Channel, args: SignArgs) -> CliResult {
     let data = if args.input.as_os_str() == "-" {
         let mut buf = Vec::new();
         if std::io::stdin().is_terminal() {
@@ -333,70 +299,23 @@ pub async fn sign(channel: Channel, args: SignArgs) -> CliResult {
     }
 }
 
-pub async fn ssh_cert(channel: Channel, args: SshCertArgs, json: bool) -> CliResult {
-    let public_key = match &args.public_key {
-        Some(p) => std::fs::read_to_string(p).map_err(|e| io_failure("cannot read", p, e))?,
-        None => String::new(),
-    };
-    let mut critical_options = std::collections::HashMap::new();
-    for o in &args.options {
-        let (k, v) = o
-            .split_once('=')
-            .ok_or_else(|| Failure::new(6, format!("--option {o:?} is not NAME=VALUE")))?;
-        critical_options.insert(k.to_owned(), v.to_owned());
-    }
-    let mut creds = v1::credentials_client::CredentialsClient::new(channel);
-    let r = creds
-        .issue_ssh_certificate(v1::IssueSshCertificateRequest {
-            ca: args.ca,
-            key: args.key.clone().unwrap_or_default(),
-            public_key,
-            host: args.host,
-            principals: args.principals,
-            ttl_seconds: args.ttl.map_or(0, |d| d.as_secs().max(1)),
-            key_id: args.key_id.unwrap_or_default(),
-            critical_options,
-            extensions: args.extensions,
-        })
-        .await?
-        .into_inner();
-    if let Some(p) = &args.out {
-        write_private_file(p, format!("{}\n", r.certificate).as_bytes())?;
-    }
-    if json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "certificate": r.certificate, "serial": r.serial,
-                "valid_after": rfc3339(r.valid_after.as_ref()), "valid_before": rfc3339(r.valid_before.as_ref()),
-            })
-        );
-    } else if args.out.is_none() {
-        println!("{}", r.certificate);
-    }
-    if !json && args.key.is_some() {
-        eprintln!(
-            "the agent serves this certificate until {}",
-            when(r.valid_before.as_ref())
-        );
-    }
-    Ok(())
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-pub async fn ssh_env(channel: Channel) -> CliResult {
-    let mut session = v1::session_client::SessionClient::new(channel);
-    let status = session.status(v1::StatusRequest {}).await?.into_inner();
-    if status.ssh_agent_socket.is_empty() {
-        return Err(Failure::new(
-            3,
-            "keyholderd runs without its ssh-agent (--no-ssh-agent)",
+    #[test]
+    fn a_key_signs_unless_it_is_only_for_ssh() {
+        assert_eq!(usages(false, false), ["sign"]);
+        assert_eq!(usages(true, false), ["ssh"]);
+        assert_eq!(usages(true, true), ["ssh", "sign"]);
+        assert_eq!(usages(false, true), ["sign"]);
+    }
+
+    #[test]
+    fn garbage_is_not_an_encrypted_openssh_key() {
+        assert!(!is_encrypted_openssh(""));
+        assert!(!is_encrypted_openssh(
+            "-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n"
         ));
     }
-    // Same shape as `ssh-agent -s`, minus the pid (keyholderd is not
-    // stopped through this variable).
-    println!(
-        "SSH_AUTH_SOCK={}; export SSH_AUTH_SOCK;",
-        status.ssh_agent_socket
-    );
-    Ok(())
 }

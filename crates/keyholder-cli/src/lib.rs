@@ -1,0 +1,173 @@
+//! `keyholder`: the command-line client. It is a gRPC client of `keyholderd`
+//! and nothing more: it never opens the vault or the token itself, and this
+//! crate does not depend on the crates that could (scripts/test checks).
+
+#![forbid(unsafe_code)]
+
+mod failure;
+mod input;
+mod keys;
+mod kube;
+mod output;
+mod pki;
+mod secrets;
+mod session;
+mod ssh;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tonic::transport::Channel;
+
+use crate::failure::{CliResult, Failure};
+
+const AFTER_HELP: &str = "\
+Exit status:
+  0  success
+  1  other error
+  2  usage error
+  3  the vault is locked or not initialised (FAILED_PRECONDITION)
+  4  not found (NOT_FOUND)
+  5  already exists (ALREADY_EXISTS)
+  6  invalid argument or over a size limit (INVALID_ARGUMENT, RESOURCE_EXHAUSTED)
+  7  refused: wrong PIN, final PIN try, or another user (PERMISSION_DENIED)
+  8  keyholderd or the token cannot be reached (UNAVAILABLE)
+  9  the vault file is damaged or not authentic (DATA_LOSS)";
+
+/// Keyholder: keys and secrets in one vault that opens only through a
+/// hardware token session. This command talks to keyholderd over gRPC.
+#[derive(Parser, Debug)]
+#[command(name = "keyholder", version, after_help = AFTER_HELP)]
+struct Cli {
+    /// The daemon's socket. Default: $XDG_RUNTIME_DIR/keyholder/keyholder.sock.
+    #[arg(long, global = true, env = "KEYHOLDER_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create the vault: a new P-256 key on the token and an empty vault encrypted to it.
+    Init(session::InitArgs),
+    /// Open a session: asks for the token PIN (no echo).
+    Unlock(session::UnlockArgs),
+    /// Close the session: wipes decrypted data and logs out of the token.
+    Lock,
+    /// Show whether the vault is locked, the token, expiry, path and generation.
+    Status(session::StatusArgs),
+    /// Store, read, list and remove secrets.
+    #[command(subcommand)]
+    Secret(secrets::SecretCommand),
+    /// List the tokens keyholderd's PKCS#11 module sees.
+    Tokens,
+    /// Create, import, list and export X.509 CAs.
+    #[command(subcommand)]
+    Ca(pki::CaCommand),
+    /// Add, list and remove Kubernetes cluster profiles.
+    #[command(subcommand)]
+    Cluster(kube::ClusterCommand),
+    /// Print a kubeconfig for a cluster with a short-lived client certificate
+    /// (or, with --exec, one that runs the credential plugin).
+    Kubeconfig(kube::KubeconfigArgs),
+    /// kubectl exec credential plugin: prints an ExecCredential on stdout.
+    KubeCredential(kube::KubeCredentialArgs),
+    /// Issue X.509 certificates for cluster components.
+    #[command(subcommand)]
+    Cert(pki::CertCommand),
+    /// Generate, import, list, show and delete signing keys.
+    #[command(subcommand)]
+    Key(keys::KeyCommand),
+    /// Sign a file with a key in the vault or on the token (signature to stdout).
+    Sign(keys::SignArgs),
+    /// Issue an OpenSSH certificate from an SSH CA.
+    SshCert(ssh::SshCertArgs),
+    /// Print shell commands that point SSH_AUTH_SOCK at Keyholder's agent:
+    /// eval "$(keyholder ssh-env)".
+    SshEnv,
+}
+
+/// A channel to keyholderd, or a failure that says how to start it.
+async fn connect(socket: &Path) -> CliResult<Channel> {
+    keyholder_proto::socket::connect(socket).await.map_err(|e| {
+        let cause = std::error::Error::source(&e)
+            .map(ToString::to_string)
+            .unwrap_or_else(|| e.to_string());
+        Failure::new(
+            8,
+            format!(
+                "cannot reach keyholderd at {} ({cause}); is it running? Start it with `keyholderd --pkcs11-module <module>`",
+                socket.display()
+            ),
+        )
+    })
+}
+
+async fn run(cli: Cli) -> CliResult {
+    let socket = cli
+        .socket
+        .unwrap_or_else(keyholder_proto::socket::default_socket);
+    let json = cli.json;
+    let channel = connect(&socket).await?;
+    match cli.command {
+        Command::Init(args) => session::init(channel, args, json).await,
+        Command::Unlock(args) => session::unlock(channel, args, json).await,
+        Command::Lock => session::lock(channel, json).await,
+        Command::Status(args) => session::status(channel, args, json).await,
+        Command::Tokens => session::tokens(channel, json).await,
+        Command::Secret(cmd) => secrets::secret(channel, cmd, json).await,
+        Command::Ca(cmd) => pki::ca(channel, cmd, json).await,
+        Command::Cert(cmd) => pki::cert(channel, cmd, json).await,
+        Command::Cluster(cmd) => kube::cluster(channel, cmd, json).await,
+        Command::Kubeconfig(args) => kube::kubeconfig(channel, args, &socket).await,
+        Command::KubeCredential(args) => kube::kube_credential(channel, args).await,
+        Command::Key(cmd) => keys::key(channel, cmd, json).await,
+        Command::Sign(args) => keys::sign(channel, args).await,
+        Command::SshCert(args) => ssh::ssh_cert(channel, args, json).await,
+        Command::SshEnv => ssh::ssh_env(channel).await,
+    }
+}
+
+/// Runs the `keyholder` command with the process's arguments: parses them,
+/// talks to keyholderd, and returns the exit status (listed in `--help`).
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("keyholder: cannot start: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("keyholder: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_command_is_named_keyholder() {
+        use clap::CommandFactory;
+        assert_eq!(Cli::command().get_name(), "keyholder");
+    }
+}

@@ -1,0 +1,296 @@
+//! `keyholder init`, `unlock`, `lock`, `status` and `tokens`: the vault's
+//! session and the tokens that open it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use keyholder_proto::v1;
+use secrecy::{ExposeSecret, SecretString};
+use tonic::transport::Channel;
+use zeroize::Zeroizing;
+
+use crate::failure::{CliResult, Failure, io_failure};
+use crate::input::seconds;
+use crate::output::{rfc3339, when};
+
+/// Where the PIN comes from when not typed at the terminal.
+#[derive(clap::Args, Debug)]
+pub(crate) struct PinSource {
+    /// Read the PIN from this file (first line).
+    #[arg(long, conflicts_with = "pin_fd")]
+    pin_file: Option<PathBuf>,
+    /// Read the PIN from this open file descriptor (first line).
+    #[arg(long)]
+    pin_fd: Option<u32>,
+    /// Spend the token's final PIN try if it comes to that.
+    #[arg(long)]
+    allow_final_pin_try: bool,
+}
+
+/// `keyholder init` arguments.
+#[derive(clap::Args, Debug)]
+pub(crate) struct InitArgs {
+    /// The token's label.
+    #[arg(long, group = "token")]
+    token_label: Option<String>,
+    /// The token's serial number.
+    #[arg(long, group = "token")]
+    token_serial: Option<String>,
+    /// An RFC 7512 URI, e.g. "pkcs11:token=ops".
+    #[arg(long, group = "token")]
+    token_uri: Option<String>,
+    /// An X25519 age recipient (age1...) that can also decrypt the vault;
+    /// keep its identity offline.
+    #[arg(long)]
+    recovery_recipient: Option<String>,
+    #[command(flatten)]
+    pin: PinSource,
+}
+
+/// `keyholder unlock` arguments.
+#[derive(clap::Args, Debug)]
+pub(crate) struct UnlockArgs {
+    /// Session lifetime, e.g. 8h (default: the daemon's session_ttl).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    ttl: Option<Duration>,
+    /// Lock after this long without use, e.g. 30m (default: the daemon's idle_timeout).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    idle: Option<Duration>,
+    /// Open a vault file older than the generation the token recorded
+    /// (a backup restored on purpose); without it that is refused as a rollback.
+    #[arg(long)]
+    accept_older_vault: bool,
+    #[command(flatten)]
+    pin: PinSource,
+}
+
+/// `keyholder status` arguments.
+#[derive(clap::Args, Debug)]
+pub(crate) struct StatusArgs {
+    /// Keep printing each change until interrupted.
+    #[arg(long)]
+    watch: bool,
+}
+
+fn first_line(bytes: &[u8]) -> CliResult<SecretString> {
+    let text = std::str::from_utf8(bytes).map_err(|_| Failure::new(6, "the PIN is not UTF-8"))?;
+    let line = text.lines().next().unwrap_or("");
+    Ok(SecretString::from(line.to_owned()))
+}
+
+fn read_pin(src: &PinSource) -> CliResult<SecretString> {
+    let path = match (&src.pin_file, src.pin_fd) {
+        (Some(p), _) => Some(p.clone()),
+        // /dev/fd/N reaches an inherited descriptor without unsafe code.
+        (None, Some(fd)) => Some(PathBuf::from(format!("/dev/fd/{fd}"))),
+        (None, None) => None,
+    };
+    if let Some(path) = path {
+        let bytes = Zeroizing::new(
+            std::fs::read(&path).map_err(|e| io_failure("cannot read PIN from", &path, e))?,
+        );
+        return first_line(&bytes);
+    }
+    let pin = rpassword::prompt_password("Token PIN: ").map_err(|e| {
+        Failure::new(
+            1,
+            format!("cannot ask for the PIN ({e}); without a terminal use --pin-file or --pin-fd"),
+        )
+    })?;
+    Ok(SecretString::from(pin))
+}
+
+fn state_name(s: &v1::StatusResponse) -> &'static str {
+    match v1::SessionState::try_from(s.state).unwrap_or(v1::SessionState::Unspecified) {
+        v1::SessionState::Uninitialized => "uninitialized",
+        v1::SessionState::Locked => "locked",
+        v1::SessionState::Unlocked => "unlocked",
+        v1::SessionState::Unspecified => "unknown",
+    }
+}
+
+fn token_json(t: &v1::TokenInfo) -> serde_json::Value {
+    serde_json::json!({
+        "label": t.label,
+        "serial": t.serial,
+        "manufacturer": t.manufacturer,
+        "model": t.model,
+        "pin_count_low": t.pin_count_low,
+        "pin_final_try": t.pin_final_try,
+        "pin_locked": t.pin_locked,
+        "recipients": t.recipients,
+    })
+}
+
+fn status_json(s: &v1::StatusResponse) -> serde_json::Value {
+    serde_json::json!({
+        "state": state_name(s),
+        "token": s.token.as_ref().map(token_json),
+        "unlocked_at": rfc3339(s.unlocked_at.as_ref()),
+        "expires_at": rfc3339(s.expires_at.as_ref()),
+        "idle_deadline": rfc3339(s.idle_deadline.as_ref()),
+        "vault_path": s.vault_path,
+        "generation": s.generation,
+        "secret_count": s.secret_count,
+        "lock_reason": s.lock_reason,
+    })
+}
+
+fn print_status(s: &v1::StatusResponse, json: bool) {
+    if json {
+        println!("{}", status_json(s));
+        return;
+    }
+    println!("state:       {}", state_name(s));
+    if let Some(t) = &s.token {
+        println!(
+            "token:       {} (serial {}, {} {})",
+            t.label, t.serial, t.manufacturer, t.model
+        );
+    }
+    if s.state == v1::SessionState::Unlocked as i32 {
+        println!("unlocked:    {}", when(s.unlocked_at.as_ref()));
+        println!("expires:     {}", when(s.expires_at.as_ref()));
+        println!("idle lock:   {}", when(s.idle_deadline.as_ref()));
+        println!("generation:  {}", s.generation);
+        println!("secrets:     {}", s.secret_count);
+    } else if !s.lock_reason.is_empty() {
+        println!("locked by:   {}", s.lock_reason);
+    }
+    println!("vault:       {}", s.vault_path);
+    if s.state == v1::SessionState::Uninitialized as i32 {
+        println!("hint:        run `keyholder init --token-label <label>` to create the vault");
+    }
+}
+
+pub(crate) async fn init(channel: Channel, args: InitArgs, json: bool) -> CliResult {
+    let pin = read_pin(&args.pin)?;
+    let mut admin = v1::admin_client::AdminClient::new(channel);
+    let resp = admin
+        .init(v1::InitRequest {
+            token: Some(v1::TokenSelector {
+                label: args.token_label.unwrap_or_default(),
+                serial: args.token_serial.unwrap_or_default(),
+                uri: args.token_uri.unwrap_or_default(),
+            }),
+            pin: pin.expose_secret().to_owned(),
+            allow_final_pin_try: args.pin.allow_final_pin_try,
+            recovery_recipient: args.recovery_recipient.unwrap_or_default(),
+        })
+        .await?
+        .into_inner();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "vault_path": resp.vault_path,
+                "token_recipient": resp.token_recipient,
+                "token": resp.token.as_ref().map(token_json),
+            })
+        );
+    } else {
+        let label = resp.token.as_ref().map(|t| t.label.as_str()).unwrap_or("");
+        println!("created vault {}", resp.vault_path);
+        println!("token {label:?} recipient: {}", resp.token_recipient);
+        println!("next: keyholder unlock");
+    }
+    Ok(())
+}
+
+pub(crate) async fn unlock(channel: Channel, args: UnlockArgs, json: bool) -> CliResult {
+    let pin = read_pin(&args.pin)?;
+    let mut session = v1::session_client::SessionClient::new(channel);
+    let resp = session
+        .unlock(v1::UnlockRequest {
+            pin: pin.expose_secret().to_owned(),
+            allow_final_pin_try: args.pin.allow_final_pin_try,
+            ttl_seconds: seconds(args.ttl),
+            idle_timeout_seconds: seconds(args.idle),
+            accept_older_vault: args.accept_older_vault,
+        })
+        .await?
+        .into_inner();
+    print_status(&resp.status.unwrap_or_default(), json);
+    Ok(())
+}
+
+pub(crate) async fn lock(channel: Channel, json: bool) -> CliResult {
+    let mut session = v1::session_client::SessionClient::new(channel);
+    let resp = session.lock(v1::LockRequest {}).await?.into_inner();
+    print_status(&resp.status.unwrap_or_default(), json);
+    Ok(())
+}
+
+pub(crate) async fn status(channel: Channel, args: StatusArgs, json: bool) -> CliResult {
+    let mut session = v1::session_client::SessionClient::new(channel);
+    if !args.watch {
+        let s = session.status(v1::StatusRequest {}).await?.into_inner();
+        print_status(&s, json);
+        return Ok(());
+    }
+    let mut stream = session
+        .watch_status(v1::StatusRequest {})
+        .await?
+        .into_inner();
+    while let Some(s) = stream.message().await? {
+        print_status(&s, json);
+        if !json {
+            println!();
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn tokens(channel: Channel, json: bool) -> CliResult {
+    let mut admin = v1::admin_client::AdminClient::new(channel);
+    let resp = admin
+        .list_tokens(v1::ListTokensRequest {})
+        .await?
+        .into_inner();
+    if json {
+        let list: Vec<_> = resp.tokens.iter().map(token_json).collect();
+        println!("{}", serde_json::Value::Array(list));
+    } else {
+        for t in &resp.tokens {
+            println!(
+                "{} (serial {}, {} {})",
+                t.label, t.serial, t.manufacturer, t.model
+            );
+            for r in &t.recipients {
+                println!("  keyholder key: {r}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pin_is_the_first_line_of_its_file() {
+        assert_eq!(first_line(b"1234\nrest\n").unwrap().expose_secret(), "1234");
+        assert_eq!(first_line(b"1234").unwrap().expose_secret(), "1234");
+        assert_eq!(first_line(b"").unwrap().expose_secret(), "");
+        let err = first_line(b"\xff\xfe").unwrap_err();
+        assert_eq!(err.code, 6);
+    }
+
+    #[test]
+    fn status_names_every_state() {
+        let mut s = v1::StatusResponse::default();
+        for (state, name) in [
+            (v1::SessionState::Uninitialized, "uninitialized"),
+            (v1::SessionState::Locked, "locked"),
+            (v1::SessionState::Unlocked, "unlocked"),
+            (v1::SessionState::Unspecified, "unknown"),
+        ] {
+            s.state = state as i32;
+            assert_eq!(state_name(&s), name);
+            assert_eq!(status_json(&s)["state"], name);
+        }
+        s.state = 99;
+        assert_eq!(state_name(&s), "unknown");
+    }
+}
