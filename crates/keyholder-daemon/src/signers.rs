@@ -413,27 +413,40 @@ pub struct SshCa {
     pub max_ttl: Duration,
 }
 
-/// What the keyring holds, by kind.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Kind {
-    X509Ca,
-    SshCa,
-    Key,
+/// Loaded entries of one kind, by name.
+struct Cache<T>(Mutex<HashMap<String, Arc<T>>>);
+
+impl<T> Default for Cache<T> {
+    fn default() -> Self {
+        Self(Mutex::new(HashMap::new()))
+    }
 }
 
-#[derive(Clone)]
-enum Loaded {
-    X509Ca(Arc<X509Ca>),
-    SshCa(Arc<SshCa>),
-    Key(Arc<Signer>),
+impl<T> Cache<T> {
+    /// The cached entry, or `load` it once and cache it.
+    fn get(&self, name: &str, load: impl FnOnce() -> Result<T>) -> Result<Arc<T>> {
+        let mut cache = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(found) = cache.get(name) {
+            return Ok(found.clone());
+        }
+        let loaded = Arc::new(load()?);
+        cache.insert(name.to_owned(), loaded.clone());
+        Ok(loaded)
+    }
+
+    fn clear(&mut self) {
+        self.0.get_mut().unwrap_or_else(|p| p.into_inner()).clear();
+    }
 }
 
-/// Signers loaded from the open vault on first use, by kind and name.
-/// Lives in the unlocked state, so it is dropped on lock and rebuilt
-/// after every write.
+/// Signers loaded from the open vault on first use, by kind (X.509 CA, SSH
+/// CA, key) and name. Lives in the unlocked state, so it is dropped on lock
+/// and emptied after every write.
 #[derive(Default)]
 pub struct Keyring {
-    loaded: Mutex<HashMap<(Kind, String), Loaded>>,
+    x509_cas: Cache<X509Ca>,
+    ssh_cas: Cache<SshCa>,
+    keys: Cache<Signer>,
 }
 
 /// What loading a signer needs besides the vault body.
@@ -445,28 +458,16 @@ pub struct KeyringContext<'a> {
 }
 
 impl Keyring {
-    /// The cached entry, or `load` it once and cache it.
-    fn get(&self, kind: Kind, name: &str, load: impl FnOnce() -> Result<Loaded>) -> Result<Loaded> {
-        let mut cache = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(found) = cache.get(&(kind, name.to_owned())) {
-            return Ok(found.clone());
-        }
-        let loaded = load()?;
-        cache.insert((kind, name.to_owned()), loaded.clone());
-        Ok(loaded)
-    }
-
     /// Forgets everything (after the vault changed).
     pub fn clear(&mut self) {
-        self.loaded
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.x509_cas.clear();
+        self.ssh_cas.clear();
+        self.keys.clear();
     }
 
     /// The X.509 CA `name`.
     pub fn x509_ca(&self, name: &str, body: &Body, cx: &KeyringContext<'_>) -> Result<Arc<X509Ca>> {
-        let loaded = self.get(Kind::X509Ca, name, || {
+        self.x509_cas.get(name, || {
             let entry = lookup(&body.cas, "CA", name)?;
             if entry.kind != CaKind::X509 {
                 return Err(Error::InvalidArgument {
@@ -477,19 +478,13 @@ impl Keyring {
                     ),
                 });
             }
-            Ok(Loaded::X509Ca(Arc::new(X509Ca::load(
-                name, entry, cx.slot, cx.nonces,
-            )?)))
-        })?;
-        match loaded {
-            Loaded::X509Ca(ca) => Ok(ca),
-            _ => Err(Error::Internal("keyring kind mismatch".into())),
-        }
+            X509Ca::load(name, entry, cx.slot, cx.nonces)
+        })
     }
 
     /// The SSH CA `name`.
     pub fn ssh_ca(&self, name: &str, body: &Body, cx: &KeyringContext<'_>) -> Result<Arc<SshCa>> {
-        let loaded = self.get(Kind::SshCa, name, || {
+        self.ssh_cas.get(name, || {
             let entry = lookup(&body.cas, "CA", name)?;
             if entry.kind != CaKind::Ssh {
                 return Err(Error::InvalidArgument {
@@ -498,39 +493,29 @@ impl Keyring {
                 });
             }
             let public = entry.public_openssh.as_deref().unwrap_or_default();
-            let signer = Signer::load(
-                &format!("CA {name:?}"),
-                &entry.key,
-                PublicHint::OpenSsh(public),
-                cx.slot,
-            )?;
-            Ok(Loaded::SshCa(Arc::new(SshCa {
-                signer,
+            Ok(SshCa {
+                signer: Signer::load(
+                    &format!("CA {name:?}"),
+                    &entry.key,
+                    PublicHint::OpenSsh(public),
+                    cx.slot,
+                )?,
                 max_ttl: Duration::from_secs(entry.max_ttl_seconds),
-            })))
-        })?;
-        match loaded {
-            Loaded::SshCa(ca) => Ok(ca),
-            _ => Err(Error::Internal("keyring kind mismatch".into())),
-        }
+            })
+        })
     }
 
     /// The signing key `name`.
     pub fn key(&self, name: &str, body: &Body, cx: &KeyringContext<'_>) -> Result<Arc<Signer>> {
-        let loaded = self.get(Kind::Key, name, || {
+        self.keys.get(name, || {
             let entry: &KeyEntry = lookup(&body.keys, "key", name)?;
-            let signer = Signer::load(
+            Signer::load(
                 &format!("key {name:?}"),
                 &entry.key,
                 PublicHint::OpenSsh(&entry.public_openssh),
                 cx.slot,
-            )?;
-            Ok(Loaded::Key(Arc::new(signer)))
-        })?;
-        match loaded {
-            Loaded::Key(k) => Ok(k),
-            _ => Err(Error::Internal("keyring kind mismatch".into())),
-        }
+            )
+        })
     }
 }
 
