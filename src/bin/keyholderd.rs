@@ -8,6 +8,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+
+/// Every block keyholderd frees is zeroed first: secrets pass through
+/// buffers Keyholder does not own (HTTP/2 frames, protobuf decoding, serde),
+/// and a wipe on free is what leaves none of them behind after a lock.
+#[global_allocator]
+static ALLOCATOR: zeroizing_alloc::ZeroAlloc<std::alloc::System> =
+    zeroizing_alloc::ZeroAlloc(std::alloc::System);
 use keyholder_daemon::{Config, StartError, bind_socket, config, harden_process, open, run};
 
 /// Keyholder daemon: keeps the vault, opens it through a PKCS#11 token

@@ -335,3 +335,181 @@ fn a_malformed_generation_record_on_the_token_is_refused_and_can_be_replaced() {
             .contains("unreadable generation record replaced on request")
     );
 }
+
+#[test]
+fn extreme_durations_are_refused_and_locking_still_works_afterwards() {
+    let (env, daemon) = Env::ready();
+    let pin = env.path().join("pin");
+    let pin = pin.to_str().expect("utf8");
+    let huge = "500000years";
+    env.ok(&["lock"]);
+    // Idle and TTL beyond the daemon's maximum: refused before the token is touched.
+    for flag in ["--idle", "--ttl"] {
+        let out = env.cli(&["unlock", "--pin-file", pin, flag, huge]);
+        assert_fails(&out, 6, "is longer than the daemon's max_session_ttl");
+    }
+    env.unlock();
+    // A CA that may issue forever still issues nothing longer than 100 years.
+    env.ok(&["ca", "create", "wide", "--max-ttl", huge]);
+    let out = env.cli(&["ca", "create", "old", "--validity", huge]);
+    assert_fails(&out, 6, "validity_seconds");
+    let out = env.cli(&[
+        "cert",
+        "issue",
+        "--ca",
+        "wide",
+        "--profile",
+        "client",
+        "--cn",
+        "a",
+        "--ttl",
+        huge,
+    ]);
+    assert_fails(&out, 6, "ttl");
+    env.ok(&[
+        "ca",
+        "create",
+        "wide-ssh",
+        "--kind",
+        "ssh",
+        "--max-ttl",
+        huge,
+    ]);
+    env.ok(&["key", "generate", "deploy", "--type", "ed25519", "--ssh"]);
+    let out = env.cli(&[
+        "ssh-cert",
+        "--ca",
+        "wide-ssh",
+        "--key",
+        "deploy",
+        "--principal",
+        "root",
+        "--ttl",
+        huge,
+    ]);
+    assert_fails(&out, 6, "ttl_seconds");
+    let out = env.cli(&[
+        "ssh-cert",
+        "--ca",
+        "wide-ssh",
+        "--key",
+        "deploy",
+        "--principal",
+        "root",
+        "--extension",
+        "permit-pty",
+        "--extension",
+        "permit-pty",
+    ]);
+    assert_fails(&out, 6, "extensions");
+
+    // The session checks still run: a 2-second idle timeout locks.
+    env.ok(&["lock"]);
+    env.ok(&["unlock", "--pin-file", pin, "--idle", "2s"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let status = env.ok(&["status", "--json"]);
+        if status.contains("\"idle\"") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never idle-locked: {status}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    let log = daemon.log_text();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn request_strings_cannot_forge_log_lines() {
+    let (env, daemon) = Env::ready();
+    env.ok(&["ca", "create", "kube"]);
+    env.ok(&["ca", "create", "users", "--kind", "ssh"]);
+    env.ok(&["key", "generate", "deploy", "--type", "ed25519", "--ssh"]);
+    let forged = |n: u32| format!("x\n2026-12-02T00:00:00.000000Z  INFO FORGED{n}\r\x1b[1A\t");
+    // Whatever the daemon accepts or refuses, none of it may start a line.
+    let _ = env.cli(&[
+        "cert",
+        "issue",
+        "--ca",
+        "kube",
+        "--profile",
+        "client",
+        "--cn",
+        &forged(1),
+        "--o",
+        &forged(2),
+    ]);
+    let _ = env.cli(&[
+        "cert",
+        "issue",
+        "--ca",
+        "kube",
+        "--profile",
+        "server",
+        "--cn",
+        "s",
+        "--san",
+        &forged(3),
+    ]);
+    let _ = env.cli(&[
+        "ssh-cert",
+        "--ca",
+        "users",
+        "--key",
+        "deploy",
+        "--principal",
+        "root",
+        "--key-id",
+        &forged(4),
+    ]);
+    let _ = env.cli(&[
+        "ssh-cert",
+        "--ca",
+        "users",
+        "--key",
+        "deploy",
+        "--principal",
+        &forged(5),
+    ]);
+    let _ = env.cli(&["secret", "get", &forged(6)]);
+    let _ = env.cli(&["ca", "create", &forged(7)]);
+    env.ok(&[
+        "cluster",
+        "add",
+        "prod",
+        "--server",
+        "https://127.0.0.1:6443",
+        "--ca",
+        "kube",
+    ]);
+    let _ = env.cli(&[
+        "kubeconfig",
+        "prod",
+        "--user",
+        &forged(8),
+        "--group",
+        &forged(9),
+    ]);
+    let log = daemon.log_text();
+    assert!(
+        log.contains("FORGED4"),
+        "the SSH certificate was not logged: {log}"
+    );
+    for line in log.lines() {
+        assert!(
+            !line.contains("INFO FORGED") || line.contains("\\n"),
+            "forged line: {line:?}"
+        );
+        assert!(
+            !line.starts_with("2026-12-02T00:00:00"),
+            "forged line: {line:?}"
+        );
+        assert!(
+            !line.contains('\x1b') && !line.contains('\r'),
+            "raw control: {line:?}"
+        );
+    }
+}

@@ -97,3 +97,37 @@ fn removing_the_token_locks_the_session_and_unlock_says_it_is_gone() {
     env.unlock();
     assert_eq!(env.ok(&["secret", "get", "db/pw"]), "hunter2");
 }
+
+#[test]
+fn a_key_the_token_cannot_make_is_named_with_its_return_value() {
+    let env = Env::with_fault_module();
+    let daemon = env.start_daemon(&[]);
+    env.init();
+    env.unlock();
+    for (fault, code) in [
+        ("keygen-unsupported", "CKR_FUNCTION_NOT_SUPPORTED"),
+        ("keygen-general-error", "CKR_GENERAL_ERROR"),
+    ] {
+        env.fault(fault);
+        for args in [
+            &["ca", "create", "kube", "--on-token"][..],
+            &[
+                "key",
+                "generate",
+                "root",
+                "--type",
+                "ecdsa-p256",
+                "--on-token",
+            ][..],
+        ] {
+            let out = env.cli(args);
+            assert_fails(&out, 3, "the token cannot do this");
+            assert_fails(&out, 3, code);
+        }
+    }
+    env.fault("");
+    // Nothing was stored, the session is still open, and the token works.
+    assert_eq!(status(&env)["state"], "unlocked");
+    env.ok(&["ca", "create", "kube", "--on-token"]);
+    drop(daemon);
+}

@@ -1245,3 +1245,104 @@ fn every_issued_key_is_fresh_and_matches_its_certificate() {
     }
     assert_eq!(seen.len(), 40);
 }
+
+#[test]
+fn kubeadm_and_openssl_ca_keys_import_in_every_pem_form() {
+    let (env, _daemon) = Env::ready();
+    let dir = env.path();
+    // kubeadm writes PKCS#1 RSA keys; `openssl ecparam` writes SEC1 EC keys.
+    // "KEY" stands for the key file's path.
+    let forms: [(&str, &[&str]); 3] = [
+        ("pkcs1", &["genrsa", "-traditional", "-out", "KEY", "2048"]),
+        (
+            "sec1",
+            &[
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+                "KEY",
+            ],
+        ),
+        (
+            "pkcs8",
+            &[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-out",
+                "KEY",
+            ],
+        ),
+    ];
+    for (form, gen_args) in forms {
+        let key = dir.join(format!("{form}.key"));
+        let cert = dir.join(format!("{form}.crt"));
+        let args: Vec<&str> = gen_args
+            .iter()
+            .map(|a| if *a == "KEY" { p(&key) } else { a })
+            .collect();
+        openssl(&args);
+        let head = std::fs::read_to_string(&key).expect("key");
+        let expected = match form {
+            "pkcs1" => "-----BEGIN RSA PRIVATE KEY-----",
+            "sec1" => "-----BEGIN EC PRIVATE KEY-----",
+            _ => "-----BEGIN PRIVATE KEY-----",
+        };
+        assert!(head.starts_with(expected), "{form}: {head}");
+        openssl(&[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            p(&key),
+            "-subj",
+            "/CN=kubernetes",
+            "-days",
+            "3650",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+            "-out",
+            p(&cert),
+        ]);
+        let name = format!("kube-{form}");
+        env.ok(&["ca", "import", &name, "--cert", p(&cert), "--key", p(&key)]);
+        // It issues, and what it issues verifies against the imported CA.
+        let out_dir = dir.join(format!("issued-{form}"));
+        env.ok(&[
+            "cert",
+            "issue",
+            "--ca",
+            &name,
+            "--profile",
+            "client",
+            "--cn",
+            "admin",
+            "--out-dir",
+            p(&out_dir),
+        ]);
+        let verified = openssl(&["verify", "-CAfile", p(&cert), p(&out_dir.join("cert.pem"))]);
+        assert!(verified.contains("OK"), "{form}: {verified}");
+    }
+    // The same forms import as signing keys (RSA signing keys are 3072+ bits).
+    let ec = dir.join("sign-sec1.key");
+    openssl(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        p(&ec),
+    ]);
+    env.ok(&["key", "import", "ec-sec1", "--file", p(&ec)]);
+    let rsa = dir.join("sign-pkcs1.key");
+    openssl(&["genrsa", "-traditional", "-out", p(&rsa), "3072"]);
+    env.ok(&["key", "import", "rsa-pkcs1", "--file", p(&rsa)]);
+}

@@ -7,6 +7,7 @@ mod bad_input;
 mod crash;
 mod faults;
 mod kube;
+mod memory;
 mod peer;
 mod python;
 mod round_trip;

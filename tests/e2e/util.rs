@@ -103,6 +103,11 @@ impl Env {
 
     /// Initialises another token in the same SoftHSM2 store.
     pub fn add_token(&self, label: &str) {
+        self.add_token_with_pin(label, PIN);
+    }
+
+    /// Initialises another token whose user PIN is `pin`.
+    pub fn add_token_with_pin(&self, label: &str, pin: &str) {
         let out = Command::new("softhsm2-util")
             .env("SOFTHSM2_CONF", &self.softhsm_conf)
             .args([
@@ -111,7 +116,7 @@ impl Env {
                 "--label",
                 label,
                 "--pin",
-                PIN,
+                pin,
                 "--so-pin",
                 SO_PIN,
             ])

@@ -183,13 +183,13 @@ async fn handle<B: Backend>(
                     Response::Success
                 }
                 Err(e) => {
-                    tracing::warn!(uid = peer.uid, pid = ?peer.pid, error = %e, "session-bind refused");
+                    tracing::warn!(uid = peer.uid, pid = ?peer.pid, error = ?e, "session-bind refused");
                     Response::Failure
                 }
             }
         }
         Request::Extension { name, .. } => {
-            tracing::debug!(%name, "unsupported agent extension");
+            tracing::debug!(name = ?name, "unsupported agent extension");
             Response::Failure
         }
         Request::Refused(kind) => {

@@ -27,7 +27,7 @@ Exit status:
   0  success
   1  other error
   2  usage error
-  3  the vault is locked or not initialised (FAILED_PRECONDITION)
+  3  the vault is locked or not initialised, or the token cannot do it (FAILED_PRECONDITION)
   4  not found (NOT_FOUND)
   5  already exists (ALREADY_EXISTS)
   6  invalid argument or over a size limit (INVALID_ARGUMENT, RESOURCE_EXHAUSTED)

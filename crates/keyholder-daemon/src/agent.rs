@@ -53,7 +53,7 @@ impl AgentIndex {
                 continue;
             }
             let Ok(public) = ssh_key::PublicKey::from_openssh(&key.public_openssh) else {
-                tracing::warn!(key = %name, "key has an unreadable public key; not offered by the agent");
+                tracing::warn!(key = ?name, "key has an unreadable public key; not offered by the agent");
                 continue;
             };
             if let Ok(blob) = keyholder_pki::keys::ssh_blob(public.key_data()) {
@@ -189,7 +189,7 @@ impl Backend for AgentBackend {
         match signed {
             Ok(sig) => keyholder_pki::keys::ssh_signature_blob(&sig).ok(),
             Err(e) => {
-                tracing::info!(key = %name, pid = ?peer.pid, error = %e, "agent signature refused");
+                tracing::info!(key = ?name, pid = ?peer.pid, error = %crate::escape::Escaped(&e), "agent signature refused");
                 None
             }
         }
@@ -211,7 +211,7 @@ impl Backend for AgentBackend {
         match self.core.unlock(pin, false, None, None, false).await {
             Ok(_) => true,
             Err(e) => {
-                tracing::info!(error = %e, "agent UNLOCK refused");
+                tracing::info!(error = %crate::escape::Escaped(&e), "agent UNLOCK refused");
                 false
             }
         }

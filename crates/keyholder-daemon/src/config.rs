@@ -7,6 +7,13 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+/// The longest `max_session_ttl` the configuration may set: 30 days.
+pub const MAX_SESSION_TTL_LIMIT: Duration = Duration::from_secs(30 * 86400);
+/// The most `clock_skew` the configuration may set: one day.
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(86400);
+/// The longest `token_poll_interval`: one hour.
+pub const MAX_TOKEN_POLL_INTERVAL: Duration = Duration::from_secs(3600);
+
 /// The daemon's settings.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -138,14 +145,33 @@ impl Config {
                 "session_ttl and idle_timeout must be above zero".into(),
             ));
         }
+        if self.max_session_ttl > MAX_SESSION_TTL_LIMIT {
+            return Err(ConfigError(format!(
+                "max_session_ttl must be at most {}",
+                humantime::format_duration(MAX_SESSION_TTL_LIMIT)
+            )));
+        }
         if self.session_ttl > self.max_session_ttl {
             return Err(ConfigError(
                 "session_ttl is longer than max_session_ttl".into(),
             ));
         }
-        if self.token_poll_interval < Duration::from_millis(100) {
+        if self.idle_timeout > self.max_session_ttl {
             return Err(ConfigError(
-                "token_poll_interval must be at least 100ms".into(),
+                "idle_timeout is longer than max_session_ttl".into(),
+            ));
+        }
+        if self.clock_skew > MAX_CLOCK_SKEW {
+            return Err(ConfigError(format!(
+                "clock_skew must be at most {}",
+                humantime::format_duration(MAX_CLOCK_SKEW)
+            )));
+        }
+        if self.token_poll_interval < Duration::from_millis(100)
+            || self.token_poll_interval > MAX_TOKEN_POLL_INTERVAL
+        {
+            return Err(ConfigError(
+                "token_poll_interval must be between 100ms and 1h".into(),
             ));
         }
         Ok(())
@@ -168,5 +194,17 @@ mod tests {
         c.validate().unwrap();
         assert!(toml::from_str::<Config>("sesion_ttl = \"2h\"").is_err());
         assert!(toml::from_str::<Config>("session_ttl = \"soon\"").is_err());
+        // Durations beyond the documented maxima are refused, never used.
+        for bad in [
+            "max_session_ttl = \"31days\"",
+            "idle_timeout = \"25h\"",
+            "clock_skew = \"2days\"",
+            "token_poll_interval = \"2h\"",
+            "max_session_ttl = \"500000years\"",
+        ] {
+            let mut c: Config = toml::from_str(bad).expect(bad);
+            c.pkcs11_module = Some("/m.so".into());
+            assert!(c.validate().is_err(), "{bad}");
+        }
     }
 }

@@ -378,7 +378,7 @@ impl Core {
                 let bytes = vault.next(&mut body)?;
                 self.storage.compare_and_store(None, &bytes, body.generation)?;
                 rollback::record(session.as_ref(), vault.vault_id(), body.generation);
-                tracing::info!(token = %token.label, %recipient, vault = %self.storage.location(), "vault created");
+                tracing::info!(token = ?token.label, %recipient, vault = %self.storage.location(), "vault created");
                 Ok(Initialized {
                     vault_path: self.storage.location(),
                     token_recipient: recipient,
@@ -413,6 +413,15 @@ impl Core {
             });
         }
         let idle = idle.unwrap_or(self.config.idle_timeout);
+        if idle > self.config.max_session_ttl {
+            return Err(Error::InvalidArgument {
+                field: "idle_timeout_seconds",
+                reason: format!(
+                    "is longer than the daemon's max_session_ttl ({})",
+                    humantime::format_duration(self.config.max_session_ttl)
+                ),
+            });
+        }
         let selector = self.selector()?;
         let _writer = self.writer.lock().await;
         if self.is_unlocked() {
@@ -486,7 +495,7 @@ impl Core {
             ))
         })?;
         tracing::info!(
-            token = %unlocked.token.label,
+            token = ?unlocked.token.label,
             generation = unlocked.vault.body.generation,
             secrets = unlocked.vault.body.secrets.len(),
             elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
@@ -527,7 +536,7 @@ impl Core {
             }
             session.close();
         }
-        tracing::warn!(tokens = %looked_at.join(", "), "no token holds the vault's key");
+        tracing::warn!(tokens = ?looked_at.join(", "), "no token holds the vault's key");
         Err(Error::Vault(VaultError::NotForThisToken))
     }
 
@@ -634,7 +643,7 @@ impl Core {
                 None => Ok(()),
             });
             if let Err(e) = present {
-                tracing::warn!(error = %e, "token check failed; locking");
+                tracing::warn!(error = %crate::escape::Escaped(&e), "token check failed; locking");
                 self.lock(LockReason::TokenRemoved);
             }
         }

@@ -109,7 +109,9 @@ impl From<Error> for Status {
                 TokenError::TokenAmbiguous { .. } | TokenError::InvalidSelector(_) => {
                     Code::InvalidArgument
                 }
-                TokenError::KeyNotFound(_) => Code::FailedPrecondition,
+                TokenError::KeyNotFound(_) | TokenError::Unsupported { .. } => {
+                    Code::FailedPrecondition
+                }
                 _ => Code::Unavailable,
             },
             Error::Vault(v) => match v {
@@ -119,6 +121,7 @@ impl From<Error> for Status {
                 VaultError::NotForThisToken => Code::FailedPrecondition,
                 VaultError::InvalidRecipient(_) => Code::InvalidArgument,
                 VaultError::Token(TokenError::TokenRemoved(_)) => Code::Unavailable,
+                VaultError::Token(TokenError::Unsupported { .. }) => Code::FailedPrecondition,
                 VaultError::Token(_) => Code::Unavailable,
                 _ => Code::Internal,
             },
@@ -139,7 +142,7 @@ impl From<Error> for Status {
             }
             // Internal details (I/O errors, library messages) are logged, not returned.
             (_, Code::Internal) => {
-                tracing::error!(error = %e, "request failed");
+                tracing::error!(error = %crate::escape::Escaped(&e), "request failed");
                 "internal error; see the keyholderd log".to_owned()
             }
             _ => e.to_string(),

@@ -102,7 +102,7 @@ impl KeyPool {
             .spawn(move || worker.run());
         if let Err(e) = spawned {
             // Issuance still works, generating on request.
-            tracing::warn!(error = %e, "cannot start the key generation thread");
+            tracing::warn!(error = %crate::escape::Escaped(&e), "cannot start the key generation thread");
         }
         pool
     }
@@ -197,7 +197,7 @@ impl KeyPool {
             if let Err(e) =
                 rustix::process::setpriority_process(Some(rustix::thread::gettid()), NICE)
             {
-                tracing::debug!(error = %e, "cannot lower the key generation thread's priority");
+                tracing::debug!(error = %crate::escape::Escaped(&e), "cannot lower the key generation thread's priority");
             }
         }
         let mut stock = self.stock();
@@ -229,7 +229,7 @@ impl KeyPool {
                     stock.nonces.extend(nonces.into_iter().take(room));
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "key or nonce generation failed; the stock stops filling");
+                    tracing::warn!(error = %crate::escape::Escaped(&e), "key or nonce generation failed; the stock stops filling");
                     stock.filling = false;
                 }
             }

@@ -26,6 +26,7 @@ pub mod agent;
 pub mod config;
 pub mod core;
 pub mod error;
+pub mod escape;
 pub mod gate;
 mod keypool;
 pub mod names;

@@ -24,7 +24,7 @@ pub fn check(session: &dyn Session, vault: &OpenVault, accept_older: bool) -> Re
         Ok(recorded) => recorded,
         Err(e) if accept_older => {
             // Replaced below; only the PIN holder can write private objects.
-            tracing::warn!(error = %e, "unreadable generation record replaced on request");
+            tracing::warn!(error = %crate::escape::Escaped(&e), "unreadable generation record replaced on request");
             None
         }
         Err(e) => return Err(e.into()),
@@ -54,6 +54,6 @@ pub fn check(session: &dyn Session, vault: &OpenVault, accept_older: bool) -> Re
 /// works, without rollback detection, and says so in the log.
 pub fn record(session: &dyn Session, vault_id: &str, generation: u64) {
     if let Err(e) = session.store_generation(&label(vault_id), generation) {
-        tracing::warn!(error = %e, generation, "cannot record the vault generation on the token");
+        tracing::warn!(error = %crate::escape::Escaped(&e), generation, "cannot record the vault generation on the token");
     }
 }

@@ -101,12 +101,12 @@ pub async fn run(
                 None
             }
             Err(e) => {
-                tracing::warn!(error = %e, "refused connection without peer credentials");
+                tracing::warn!(error = %crate::escape::Escaped(&e), "refused connection without peer credentials");
                 None
             }
         },
         Err(e) => {
-            tracing::warn!(error = %e, "accept failed");
+            tracing::warn!(error = %crate::escape::Escaped(&e), "accept failed");
             None::<std::io::Result<tokio::net::UnixStream>>
         }
     });
@@ -138,7 +138,7 @@ pub async fn run(
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let max_message = core.config.max_secret_bytes + 64 * 1024;
-    let ticker = tokio::spawn(tick_loop(core.clone()));
+    let ticker = tokio::spawn(supervised_ticks(core.clone()));
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown_core = core.clone();
@@ -194,6 +194,17 @@ pub async fn run(
     result.map_err(Into::into)
 }
 
+/// Runs [`tick_loop`] for as long as the daemon serves; should it ever end,
+/// the session locks (fail closed), the reason is logged, and it restarts.
+async fn supervised_ticks(core: Arc<Core>) {
+    loop {
+        let ended = tokio::spawn(tick_loop(core.clone())).await;
+        tracing::error!(ended = ?ended.err(), "the session check task ended; locking and restarting it");
+        core.lock(crate::core::LockReason::CheckFailed);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// Checks session expiry every second and token presence every
 /// `token_poll_interval` (no module here offers a blocking slot-event wait).
 pub async fn tick_loop(core: Arc<Core>) {
@@ -204,11 +215,18 @@ pub async fn tick_loop(core: Arc<Core>) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        since_token_check += step;
+        since_token_check = since_token_check.saturating_add(step);
         let check_token = since_token_check >= poll;
         if check_token {
             since_token_check = Duration::ZERO;
         }
-        core.tick(check_token);
+        // The checks must never stop silently: a failure locks the session
+        // (fail closed) and the loop goes on.
+        let ticked =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| core.tick(check_token)));
+        if ticked.is_err() {
+            tracing::error!("the session check failed; locking the session");
+            core.lock(crate::core::LockReason::CheckFailed);
+        }
     }
 }

@@ -187,7 +187,9 @@ impl Signer {
                     *stock = Some(nonces.clone());
                 }
                 // Signing still works, without the stock.
-                Err(e) => tracing::warn!(error = %e, "CA key cannot sign with prepared nonces"),
+                Err(e) => {
+                    tracing::warn!(error = %crate::escape::Escaped(&e), "CA key cannot sign with prepared nonces")
+                }
             }
         }
         self
@@ -333,7 +335,7 @@ impl SigningKey for Signer {
 
 /// Logs a failed signature and keeps its token error for [`signing_result`].
 fn keep_token_failure(e: Error) -> String {
-    tracing::warn!(error = %e, "signature failed");
+    tracing::warn!(error = %crate::escape::Escaped(&e), "signature failed");
     let text = e.to_string();
     if let Error::Token(t) = e {
         TOKEN_FAILURE.with(|f| *f.borrow_mut() = Some(t));

@@ -21,6 +21,9 @@ pub enum LockReason {
     TokenRemoved,
     /// The daemon is stopping.
     Shutdown,
+    /// The periodic session check failed, so the session was locked
+    /// rather than left open unchecked.
+    CheckFailed,
 }
 
 impl LockReason {
@@ -33,6 +36,7 @@ impl LockReason {
             Self::Idle => "idle",
             Self::TokenRemoved => "token-removed",
             Self::Shutdown => "shutdown",
+            Self::CheckFailed => "check-failed",
         }
     }
 }

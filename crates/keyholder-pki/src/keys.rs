@@ -18,6 +18,58 @@ use crate::{KeyAlgorithm, PkiError, invalid};
 
 type Result<T, E = PkiError> = std::result::Result<T, E>;
 
+/// The PKCS#8 DER of a PKCS#1 `RSA PRIVATE KEY` or SEC1 `EC PRIVATE KEY`
+/// PEM, the forms `openssl genrsa -traditional`, `openssl ecparam -genkey`
+/// and kubeadm write. Encrypted legacy PEM (`Proc-Type: 4,ENCRYPTED`) is
+/// refused: convert it with `openssl pkcs8 -topk8` first.
+fn legacy_to_pkcs8(text: &str) -> Result<Zeroizing<Vec<u8>>> {
+    if text.contains("Proc-Type: 4,ENCRYPTED") {
+        return Err(invalid(
+            "key",
+            "encrypted legacy PEM keys are not supported; convert with `openssl pkcs8 -topk8`",
+        ));
+    }
+    let der = if text.starts_with("-----BEGIN RSA PRIVATE KEY-----") {
+        let key = <rsa::RsaPrivateKey as rsa::pkcs1::DecodeRsaPrivateKey>::from_pkcs1_pem(text)
+            .map_err(|e| invalid("key", format!("PKCS#1 RSA key does not parse: {e}")))?;
+        pkcs8::EncodePrivateKey::to_pkcs8_der(&key)
+    } else {
+        let key = p256::SecretKey::from_sec1_pem(text).map_err(|_| {
+            invalid(
+                "key",
+                "SEC1 EC key does not parse (only P-256 keys are supported)",
+            )
+        })?;
+        pkcs8::EncodePrivateKey::to_pkcs8_der(&key)
+    }
+    .map_err(|e| PkiError::Build(format!("key encoding: {e}")))?;
+    Ok(Zeroizing::new(der.as_bytes().to_vec()))
+}
+
+/// A private key PEM in any form [`SoftKey`] reads without a passphrase
+/// (PKCS#8, PKCS#1 RSA, SEC1 EC), as PKCS#8 PEM: what the vault stores.
+pub fn private_key_pkcs8_pem(text: &str) -> Result<Zeroizing<String>> {
+    let text = text.trim_start();
+    let der = if text.starts_with("-----BEGIN RSA PRIVATE KEY-----")
+        || text.starts_with("-----BEGIN EC PRIVATE KEY-----")
+    {
+        legacy_to_pkcs8(text)?
+    } else if text.starts_with("-----BEGIN PRIVATE KEY-----") {
+        let (_, doc) =
+            pkcs8::SecretDocument::from_pem(text).map_err(|e| invalid("key", e.to_string()))?;
+        Zeroizing::new(doc.as_bytes().to_vec())
+    } else {
+        return Err(invalid(
+            "key",
+            "expected a PEM private key: BEGIN PRIVATE KEY (PKCS#8), BEGIN RSA PRIVATE KEY (PKCS#1) or BEGIN EC PRIVATE KEY (SEC1)",
+        ));
+    };
+    let doc = pkcs8::SecretDocument::try_from(der.as_slice())
+        .map_err(|e| invalid("key", e.to_string()))?;
+    doc.to_pem("PRIVATE KEY", pkcs8::LineEnding::LF)
+        .map_err(|e| PkiError::Build(e.to_string()))
+}
+
 /// A new RSA key of `alg`'s size as PKCS#8 DER (ring signs RSA but cannot
 /// generate keys; the rsa crate does). Takes tenths of a second to seconds.
 pub(crate) fn rsa_pkcs8(alg: KeyAlgorithm) -> Result<Zeroizing<Vec<u8>>> {
@@ -296,6 +348,11 @@ impl SoftKey {
                 .map_err(|_| invalid("passphrase", "does not decrypt the key"))?;
             return Self::from_pkcs8_der(Zeroizing::new(plain.as_bytes().to_vec()));
         }
+        if text.starts_with("-----BEGIN RSA PRIVATE KEY-----")
+            || text.starts_with("-----BEGIN EC PRIVATE KEY-----")
+        {
+            return Self::from_pkcs8_der(legacy_to_pkcs8(text)?);
+        }
         if text.starts_with("-----BEGIN PRIVATE KEY-----") {
             let (_, doc) =
                 pkcs8::SecretDocument::from_pem(text).map_err(|e| invalid("key", e.to_string()))?;
@@ -303,7 +360,7 @@ impl SoftKey {
         }
         Err(invalid(
             "key",
-            "expected an OpenSSH private key or a PKCS#8 PEM (BEGIN PRIVATE KEY / BEGIN ENCRYPTED PRIVATE KEY)",
+            "expected an OpenSSH private key, a PKCS#8 PEM (BEGIN PRIVATE KEY / BEGIN ENCRYPTED PRIVATE KEY), a PKCS#1 RSA key (BEGIN RSA PRIVATE KEY) or a SEC1 P-256 key (BEGIN EC PRIVATE KEY)",
         ))
     }
 

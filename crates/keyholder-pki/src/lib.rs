@@ -13,6 +13,8 @@
 
 #![forbid(unsafe_code)]
 
+use std::time::{Duration, SystemTime};
+
 pub mod algorithm;
 pub mod ecdsa;
 pub mod keys;
@@ -58,6 +60,36 @@ pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> PkiErro
         field,
         reason: reason.into(),
     }
+}
+
+/// The longest validity Keyholder puts in any certificate (X.509 or SSH):
+/// 100 years. Lifetimes from requests, CA caps and configuration are
+/// checked against it before any time arithmetic, so no request can make
+/// a deadline overflow.
+pub const MAX_VALIDITY: Duration = Duration::from_secs(100 * 365 * 86400);
+
+/// `now + ttl`, refused (naming `field`) when `ttl` is over
+/// [`MAX_VALIDITY`] or the clock cannot represent the result.
+pub fn deadline(now: SystemTime, ttl: Duration, field: &'static str) -> Result<SystemTime> {
+    if ttl > MAX_VALIDITY {
+        return Err(invalid(
+            field,
+            format!(
+                "is {} seconds; the longest Keyholder issues is {} seconds (100 years)",
+                ttl.as_secs(),
+                MAX_VALIDITY.as_secs()
+            ),
+        ));
+    }
+    now.checked_add(ttl)
+        .ok_or_else(|| invalid(field, "is beyond what the clock can represent"))
+}
+
+/// `now - backdate`, never before the Unix epoch.
+pub fn backdated(now: SystemTime, backdate: Duration) -> SystemTime {
+    now.checked_sub(backdate)
+        .filter(|t| *t >= SystemTime::UNIX_EPOCH)
+        .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
 /// Lower-case hex of `bytes`, without a `format!` per byte (serials are

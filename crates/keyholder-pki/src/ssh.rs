@@ -105,8 +105,35 @@ pub fn issue<S: SshSigner + ?Sized>(
             .map(|d| d.as_secs())
             .unwrap_or(0)
     };
-    let valid_after = secs(now - req.backdate);
-    let valid_before = secs(now + req.ttl);
+    let valid_after = secs(crate::backdated(now, req.backdate));
+    let valid_before = secs(crate::deadline(now, req.ttl, "ttl_seconds")?);
+    let mut seen = std::collections::BTreeSet::new();
+    for e in &req.extensions {
+        if e.is_empty() || e.len() > 255 || e.chars().any(|c| c.is_control()) {
+            return Err(invalid(
+                "extensions",
+                format!("{e:?} is not an extension name"),
+            ));
+        }
+        if !seen.insert(e.as_str()) {
+            return Err(invalid("extensions", format!("{e:?} is given twice")));
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (name, _) in &req.critical_options {
+        if name.is_empty() || name.len() > 255 || name.chars().any(|c| c.is_control()) {
+            return Err(invalid(
+                "critical_options",
+                format!("{name:?} is not an option name"),
+            ));
+        }
+        if !seen.insert(name.as_str()) {
+            return Err(invalid(
+                "critical_options",
+                format!("{name:?} is given twice"),
+            ));
+        }
+    }
     let mut nonce = vec![0u8; 16];
     rand::Rng::fill(&mut rand::rngs::OsRng, nonce.as_mut_slice());
     let serial: u64 = rand::Rng::r#gen(&mut rand::rngs::OsRng);
@@ -168,5 +195,20 @@ mod tests {
         let mut empty = req.clone();
         empty.principals.clear();
         assert!(issue(ca, user.ssh_public(), &empty).is_err());
+
+        // Extreme lifetimes and repeated extensions are field errors, not panics.
+        for ttl in [u64::MAX, u64::MAX / 2, 101 * 365 * 86400] {
+            let mut long = req.clone();
+            long.ttl = Duration::from_secs(ttl);
+            let e = issue(ca, user.ssh_public(), &long).unwrap_err();
+            assert!(e.to_string().starts_with("ttl_seconds:"), "{e}");
+        }
+        let mut huge_backdate = req.clone();
+        huge_backdate.backdate = Duration::from_secs(u64::MAX);
+        assert!(issue(ca, user.ssh_public(), &huge_backdate).is_ok());
+        let mut twice = req.clone();
+        twice.extensions = vec!["permit-pty".into(), "permit-pty".into()];
+        let e = issue(ca, user.ssh_public(), &twice).unwrap_err();
+        assert!(e.to_string().starts_with("extensions:"), "{e}");
     }
 }

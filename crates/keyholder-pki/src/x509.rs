@@ -14,7 +14,9 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
-use crate::{KeyAlgorithm, PkiError, Result, ecdsa, hex, invalid};
+use crate::{
+    KeyAlgorithm, MAX_VALIDITY, PkiError, Result, backdated, deadline, ecdsa, hex, invalid,
+};
 
 /// would parse the PKCS#8 back and spend a second one, and issuance is a hot
 /// path. The PKCS#8 document is zeroized on drop.
@@ -126,8 +128,8 @@ pub fn create_ca_certificate(
         KeyUsagePurpose::DigitalSignature,
     ];
     let now = SystemTime::now();
-    params.not_before = offset(now - Duration::from_secs(300));
-    params.not_after = offset(now + validity);
+    params.not_before = offset(backdated(now, Duration::from_secs(300)));
+    params.not_after = offset(deadline(now, validity, "validity_seconds")?);
     params.serial_number = Some(serial());
     let cert = params
         .self_signed(key)
@@ -164,11 +166,16 @@ fn pem_to_der(pem: &str) -> Result<Vec<u8>> {
 
 fn system_time(t: x509_parser::time::ASN1Time) -> SystemTime {
     let secs = t.timestamp();
-    if secs >= 0 {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(secs as u64)
-    } else {
-        SystemTime::UNIX_EPOCH
-    }
+    // A certificate from outside may say anything; times the clock cannot
+    // hold are clamped, never a panic.
+    u64::try_from(secs)
+        .ok()
+        .and_then(|s| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(s)))
+        .unwrap_or(if secs < 0 {
+            SystemTime::UNIX_EPOCH
+        } else {
+            SystemTime::UNIX_EPOCH + MAX_VALIDITY
+        })
 }
 
 /// Parses a PEM certificate.
@@ -192,6 +199,8 @@ pub fn certificate_info(pem: &str) -> Result<CertificateInfo> {
 
 /// Checks that `key_pem` (PKCS#8) is the private key of `cert_pem` and
 /// returns it as a key pair. Accepts P-256, P-384, Ed25519 and RSA keys.
+/// `key_pem` may be PKCS#8, PKCS#1 (RSA) or SEC1 (P-256); store it as
+/// [`crate::keys::private_key_pkcs8_pem`] gives it.
 pub fn import_ca(cert_pem: &str, key_pem: &str) -> Result<KeyPair> {
     let info = certificate_info(cert_pem)?;
     if !info.is_ca {
@@ -200,8 +209,9 @@ pub fn import_ca(cert_pem: &str, key_pem: &str) -> Result<KeyPair> {
             "the certificate is not a CA (basicConstraints CA:FALSE or absent)",
         ));
     }
-    let key = KeyPair::from_pem(key_pem)
-        .map_err(|e| invalid("key", format!("not a supported PKCS#8 private key ({e})")))?;
+    let pkcs8 = crate::keys::private_key_pkcs8_pem(key_pem)?;
+    let key = KeyPair::from_pem(&pkcs8)
+        .map_err(|e| invalid("key", format!("not a supported private key ({e})")))?;
     let der = pem_to_der(cert_pem)?;
     let (_, cert) =
         x509_parser::parse_x509_certificate(&der).map_err(|e| PkiError::Parse(e.to_string()))?;
@@ -416,11 +426,11 @@ pub fn issue<S: SigningKey>(
         return Err(invalid("ttl", "must be at least 1s"));
     }
     let now = SystemTime::now();
-    let not_after = now + req.ttl;
+    let not_after = deadline(now, req.ttl, "ttl")?;
     if not_after > ca_not_after {
         return Err(invalid("ttl", "would outlive the CA certificate"));
     }
-    let not_before = now - req.backdate;
+    let not_before = backdated(now, req.backdate);
 
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -463,7 +473,9 @@ pub fn issue<S: SigningKey>(
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+        SystemTime::UNIX_EPOCH
+            .checked_add(Duration::from_secs(secs))
+            .unwrap_or(t)
     };
     Ok(Issued {
         certificate_pem: cert.pem(),
@@ -543,6 +555,30 @@ mod tests {
             cert.public_key().raw,
             key.subject_public_key_info().as_slice()
         );
+    }
+
+    #[test]
+    fn extreme_lifetimes_are_field_errors() {
+        let key = KeyAlgorithm::EcdsaP256.generate().unwrap();
+        for secs in [u64::MAX, u64::MAX / 2, 101 * 365 * 86400] {
+            let e = create_ca_certificate("t", &key, Duration::from_secs(secs)).unwrap_err();
+            assert!(e.to_string().starts_with("validity_seconds:"), "{e}");
+        }
+        let (pem, ca_key) = ca();
+        let issuer = issuer(&pem, ca_key).unwrap();
+        let mut req = request(Profile::Client);
+        req.ttl = Duration::from_secs(u64::MAX);
+        req.backdate = Duration::from_secs(u64::MAX);
+        let far = SystemTime::UNIX_EPOCH + MAX_VALIDITY + MAX_VALIDITY;
+        let e = issue(
+            &issuer,
+            far,
+            &req,
+            PublicKeySource::Generate(KeyAlgorithm::EcdsaP256),
+        )
+        .err()
+        .expect("refused");
+        assert!(e.to_string().starts_with("ttl:"), "{e}");
     }
 
     #[test]

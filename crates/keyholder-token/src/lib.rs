@@ -108,7 +108,26 @@ pub enum Error {
     /// The token holds no key with this id, or the key is not P-256.
     #[error("the token holds no usable Keyholder key: {0}")]
     KeyNotFound(String),
-    /// Any other PKCS#11 failure.
+    /// The token refused an operation it cannot do: a mechanism, an
+    /// attribute or a template it does not support.
+    #[error(
+        "the token cannot do this: {function} returned {code}; see docs/configuration.md for what each token supports"
+    )]
+    Unsupported {
+        /// The PKCS#11 function.
+        function: String,
+        /// The `CKR_*` return value.
+        code: String,
+    },
+    /// A PKCS#11 call failed with this return value.
+    #[error("PKCS#11 {function} failed with {code}")]
+    Call {
+        /// The PKCS#11 function.
+        function: String,
+        /// The `CKR_*` return value.
+        code: String,
+    },
+    /// Any other failure talking to the token.
     #[error("PKCS#11 call failed: {0}")]
     Pkcs11(String),
 }
@@ -139,9 +158,65 @@ fn is_removal(rv: RvError) -> bool {
     )
 }
 
+/// The `CKR_*` name of a return value (cryptoki's variant names are the
+/// PKCS#11 names in camel case), with its number for vendor codes.
+pub fn ckr_name(rv: RvError) -> String {
+    match rv {
+        RvError::VendorDefined(code) => format!("CKR_VENDOR_DEFINED({code:#x})"),
+        RvError::UnknownErrorCode(code) => format!("CKR_{code:#x}"),
+        other => {
+            let camel = format!("{other:?}");
+            let mut out = String::from("CKR_");
+            for (i, c) in camel.chars().enumerate() {
+                if c.is_ascii_uppercase() && i > 0 {
+                    out.push('_');
+                }
+                out.push(c.to_ascii_uppercase());
+            }
+            out
+        }
+    }
+}
+
+/// Whether `rv` says the token cannot do what was asked (rather than that
+/// it failed or went away).
+fn is_refusal(rv: RvError) -> bool {
+    matches!(
+        rv,
+        RvError::FunctionNotSupported
+            | RvError::MechanismInvalid
+            | RvError::MechanismParamInvalid
+            | RvError::AttributeValueInvalid
+            | RvError::AttributeTypeInvalid
+            | RvError::AttributeReadOnly
+            | RvError::TemplateInconsistent
+            | RvError::TemplateIncomplete
+            | RvError::KeyTypeInconsistent
+            | RvError::KeyFunctionNotPermitted
+            | RvError::DomainParamsInvalid
+            | RvError::CurveNotSupported
+    )
+}
+
 fn map_err(e: CkError) -> Error {
+    map_err_in(e, false)
+}
+
+/// Maps a cryptoki error by meaning; `generating` counts CKR_GENERAL_ERROR
+/// as a refusal, which is how some tokens answer a key template they
+/// cannot make.
+fn map_err_in(e: CkError, generating: bool) -> Error {
     match e {
-        CkError::Pkcs11(rv, _) if is_removal(rv) => Error::TokenRemoved(e.to_string()),
+        CkError::Pkcs11(rv, function) => {
+            let (function, code) = (function.to_string(), ckr_name(rv));
+            if is_removal(rv) {
+                Error::TokenRemoved(format!("{function} returned {code}"))
+            } else if is_refusal(rv) || (generating && rv == RvError::GeneralError) {
+                Error::Unsupported { function, code }
+            } else {
+                Error::Call { function, code }
+            }
+        }
         other => Error::Pkcs11(other.to_string()),
     }
 }
@@ -400,7 +475,7 @@ impl TokenSession {
                 &public_template,
                 &private_template,
             )
-            .map_err(map_err)?;
+            .map_err(|e| map_err_in(e, true))?;
         let point = self.ec_point(public)?;
         Ok(TokenKey { id, public: point })
     }
@@ -680,5 +755,41 @@ impl TokenSession {
             tracing::debug!(error = %e, "logout on close failed");
         }
         // Dropping the session closes it.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn return_values_are_named_and_mapped_by_meaning() {
+        assert_eq!(
+            ckr_name(RvError::FunctionNotSupported),
+            "CKR_FUNCTION_NOT_SUPPORTED"
+        );
+        assert_eq!(
+            ckr_name(RvError::AttributeValueInvalid),
+            "CKR_ATTRIBUTE_VALUE_INVALID"
+        );
+        assert_eq!(ckr_name(RvError::DeviceRemoved), "CKR_DEVICE_REMOVED");
+        assert_eq!(
+            ckr_name(RvError::VendorDefined(0x8000_0001)),
+            "CKR_VENDOR_DEFINED(0x80000001)"
+        );
+        let f = cryptoki::context::Function::GenerateKeyPair;
+        let refused = map_err_in(CkError::Pkcs11(RvError::TemplateInconsistent, f), false);
+        assert!(matches!(refused, Error::Unsupported { .. }), "{refused}");
+        assert!(
+            refused.to_string().contains("CKR_TEMPLATE_INCONSISTENT"),
+            "{refused}"
+        );
+        let general = map_err_in(CkError::Pkcs11(RvError::GeneralError, f), true);
+        assert!(matches!(general, Error::Unsupported { .. }), "{general}");
+        let general = map_err_in(CkError::Pkcs11(RvError::GeneralError, f), false);
+        assert!(matches!(general, Error::Call { .. }), "{general}");
+        let gone = map_err_in(CkError::Pkcs11(RvError::DeviceRemoved, f), false);
+        assert!(matches!(gone, Error::TokenRemoved(_)), "{gone}");
+        assert!(gone.to_string().contains("CKR_DEVICE_REMOVED"), "{gone}");
     }
 }

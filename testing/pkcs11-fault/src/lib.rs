@@ -4,7 +4,10 @@
 //!
 //! The fault is read on every call from the file named by
 //! `KEYHOLDER_FAULT_FILE`: empty (or no file) for none, `final-try`,
-//! `pin-locked`, or `removed`. `KEYHOLDER_FAULT_MODULE` names the real module
+//! `pin-locked`, `removed`, or a key generation the token refuses:
+//! `keygen-unsupported` (CKR_FUNCTION_NOT_SUPPORTED, as OpenSC's PIV driver
+//! answers) or `keygen-general-error` (CKR_GENERAL_ERROR, as tpm2-pkcs11
+//! answers a template it cannot make). `KEYHOLDER_FAULT_MODULE` names the real module
 //! (default `/usr/lib/softhsm/libsofthsm2.so`).
 //!
 //! FFI needs `unsafe`; it is confined to this test crate, which Keyholder
@@ -13,9 +16,10 @@
 use std::sync::OnceLock;
 
 use cryptoki_sys::{
-    CK_FUNCTION_LIST, CK_FUNCTION_LIST_PTR_PTR, CK_RV, CK_SESSION_HANDLE, CK_SESSION_INFO_PTR,
-    CK_SLOT_ID, CK_TOKEN_INFO_PTR, CK_ULONG, CK_USER_TYPE, CKF_USER_PIN_COUNT_LOW,
-    CKF_USER_PIN_FINAL_TRY, CKF_USER_PIN_LOCKED, CKR_DEVICE_REMOVED, CKR_GENERAL_ERROR, CKR_OK,
+    CK_ATTRIBUTE_PTR, CK_FUNCTION_LIST, CK_FUNCTION_LIST_PTR_PTR, CK_MECHANISM_PTR,
+    CK_OBJECT_HANDLE_PTR, CK_RV, CK_SESSION_HANDLE, CK_SESSION_INFO_PTR, CK_SLOT_ID,
+    CK_TOKEN_INFO_PTR, CK_ULONG, CK_USER_TYPE, CKF_USER_PIN_COUNT_LOW, CKF_USER_PIN_FINAL_TRY,
+    CKF_USER_PIN_LOCKED, CKR_DEVICE_REMOVED, CKR_FUNCTION_NOT_SUPPORTED, CKR_GENERAL_ERROR, CKR_OK,
     CKR_PIN_LOCKED, CKR_TOKEN_NOT_PRESENT,
 };
 
@@ -36,6 +40,8 @@ enum Fault {
     FinalTry,
     PinLocked,
     Removed,
+    KeygenUnsupported,
+    KeygenGeneralError,
 }
 
 fn fault() -> Fault {
@@ -46,6 +52,8 @@ fn fault() -> Fault {
         "final-try" => Fault::FinalTry,
         "pin-locked" => Fault::PinLocked,
         "removed" => Fault::Removed,
+        "keygen-unsupported" => Fault::KeygenUnsupported,
+        "keygen-general-error" => Fault::KeygenGeneralError,
         _ => Fault::None,
     }
 }
@@ -72,6 +80,7 @@ fn load() -> Result<Forward, String> {
     patched.C_GetTokenInfo = Some(get_token_info);
     patched.C_GetSessionInfo = Some(get_session_info);
     patched.C_Login = Some(login);
+    patched.C_GenerateKeyPair = Some(generate_key_pair);
     Ok(Forward {
         _library: library,
         real,
@@ -152,4 +161,39 @@ unsafe extern "C" fn login(
     };
     // SAFETY: forwarding the caller's arguments unchanged.
     unsafe { real(session, user, pin, pin_len) }
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C" fn generate_key_pair(
+    session: CK_SESSION_HANDLE,
+    mechanism: CK_MECHANISM_PTR,
+    public_template: CK_ATTRIBUTE_PTR,
+    public_count: CK_ULONG,
+    private_template: CK_ATTRIBUTE_PTR,
+    private_count: CK_ULONG,
+    public_key: CK_OBJECT_HANDLE_PTR,
+    private_key: CK_OBJECT_HANDLE_PTR,
+) -> CK_RV {
+    match fault() {
+        Fault::Removed => return CKR_DEVICE_REMOVED,
+        Fault::KeygenUnsupported => return CKR_FUNCTION_NOT_SUPPORTED,
+        Fault::KeygenGeneralError => return CKR_GENERAL_ERROR,
+        _ => {}
+    }
+    let Some(real) = forward().and_then(|f| f.real.C_GenerateKeyPair) else {
+        return CKR_GENERAL_ERROR;
+    };
+    // SAFETY: forwarding the caller's arguments unchanged.
+    unsafe {
+        real(
+            session,
+            mechanism,
+            public_template,
+            public_count,
+            private_template,
+            private_count,
+            public_key,
+            private_key,
+        )
+    }
 }

@@ -95,7 +95,7 @@ fn log_issued(ca: &str, request: &IssueRequest, issued: &Issued) {
     tracing::info!(
         ca,
         profile = ?request.profile,
-        cn = %request.common_name,
+        cn = ?request.common_name,
         serial = %issued.serial,
         not_after = %humantime::format_rfc3339_seconds(issued.not_after),
         "certificate issued"
@@ -280,9 +280,9 @@ impl v1::credentials_server::Credentials for CredentialsService {
                 .await?;
         }
         tracing::info!(
-            ca = %req.ca,
-            key_id = %cert_request.key_id,
-            principals = %cert_request.principals.join(","),
+            ca = ?req.ca,
+            key_id = ?cert_request.key_id,
+            principals = ?cert_request.principals,
             serial,
             host = req.host,
             "ssh certificate issued"

@@ -88,7 +88,7 @@ impl v1::secrets_server::Secrets for SecretsService {
                 Ok(meta)
             })
             .await?;
-        tracing::info!(name = %meta.name, generation, "secret stored");
+        tracing::info!(name = ?meta.name, generation, "secret stored");
         Ok(Response::new(v1::PutSecretResponse {
             metadata: Some(meta),
             generation,
@@ -158,7 +158,7 @@ impl v1::secrets_server::Secrets for SecretsService {
                 Ok(())
             })
             .await?;
-        tracing::info!(name = %name, generation, "secret deleted");
+        tracing::info!(name = ?name, generation, "secret deleted");
         Ok(Response::new(v1::DeleteSecretResponse { generation }))
     }
 }

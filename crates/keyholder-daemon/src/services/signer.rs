@@ -94,7 +94,7 @@ impl v1::signer_server::Signer for SignerService {
         let alg = SignAlgorithm::parse(&req.algorithm, key.algorithm()).map_err(Error::from)?;
         let (data, prehashed) = (req.data, req.prehashed);
         let signature = off_worker(key.slow(), move || key.sign(alg, &data, prehashed)).await??;
-        tracing::info!(key = %req.key, algorithm = alg.as_str(), pid = ?caller.pid, "signed");
+        tracing::info!(key = ?req.key, algorithm = alg.as_str(), pid = ?caller.pid, "signed");
         Ok(Response::new(v1::SignResponse {
             signature,
             algorithm: alg.as_str().to_owned(),

@@ -68,7 +68,7 @@ async fn store(core: &Core, name: &ObjectName, entry: CaEntry) -> Result<v1::CaI
         Ok(())
     })
     .await?;
-    tracing::info!(ca = %name, on_token = info.on_token, fingerprint = %info.fingerprint_sha256, "CA stored");
+    tracing::info!(ca = name.as_str(), on_token = info.on_token, fingerprint = %info.fingerprint_sha256, "CA stored");
     Ok(info)
 }
 
@@ -165,8 +165,10 @@ pub async fn create(core: &Core, req: v1::CreateCaRequest) -> Result<v1::CaInfo>
 /// Admin.ImportCa: an X.509 CA certificate and its private key.
 pub async fn import(core: &Core, req: v1::ImportCaRequest) -> Result<v1::CaInfo> {
     let name = ObjectName::parse("name", req.name)?;
-    let key_pem = zeroize::Zeroizing::new(req.private_key_pem);
-    keyholder_pki::import_ca(&req.certificate_pem, &key_pem)?;
+    let given = zeroize::Zeroizing::new(req.private_key_pem);
+    keyholder_pki::import_ca(&req.certificate_pem, &given)?;
+    // Stored as PKCS#8, whichever PEM form it came in.
+    let key_pem = keyholder_pki::keys::private_key_pkcs8_pem(&given)?;
     // Refused now rather than at the first issuance.
     SoftKey::from_pkcs8_pem(&key_pem)?;
     let entry = CaEntry {

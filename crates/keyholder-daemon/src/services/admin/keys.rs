@@ -97,7 +97,7 @@ async fn store(core: &Core, name: &ObjectName, entry: KeyEntry) -> Result<v1::Ke
         Ok(())
     })
     .await?;
-    tracing::info!(key = %name, r#type = %info.r#type, on_token = info.on_token, fingerprint = %info.fingerprint, "key stored");
+    tracing::info!(key = name.as_str(), r#type = info.r#type, on_token = info.on_token, fingerprint = %info.fingerprint, "key stored");
     Ok(info)
 }
 
@@ -182,6 +182,6 @@ pub async fn delete(core: &Core, name: String) -> Result<()> {
         Ok(())
     })
     .await?;
-    tracing::info!(key = %name, "key deleted");
+    tracing::info!(key = ?name, "key deleted");
     Ok(())
 }
