@@ -82,12 +82,14 @@ pub enum VaultError {
 }
 
 /// The age file's `p256tag` stanzas, read without any token operation; see
-/// [`tag::addressed_to`].
+/// [`tag::addressed_to`]. A malformed `p256tag` stanza is damage.
 pub fn probe(file: &[u8]) -> Result<Vec<TagStanza>, VaultError> {
     let decryptor = age::Decryptor::new(file).map_err(damaged)?;
     let probe = tag::StanzaProbe::default();
     let _ = decryptor.decrypt(std::iter::once(&probe as &dyn age::Identity));
-    Ok(probe.into_stanzas())
+    probe
+        .into_stanzas()
+        .map_err(|why| VaultError::Damaged(why.to_owned()))
 }
 
 /// Checks that `r` is an X25519 age recipient (`age1...`), as recovery
@@ -476,5 +478,46 @@ mod tests {
         let k = key();
         let err = OpenVault::create(&k, token(&k), vec!["age1nope".into()]).unwrap_err();
         assert!(err.to_string().contains("age1nope"));
+    }
+
+    /// Rewrites the file's `p256tag` stanza line with `edit`.
+    fn with_stanza_line(file: &[u8], edit: impl Fn(&str) -> String) -> Vec<u8> {
+        let text = String::from_utf8_lossy(file);
+        let start = text.find("-> p256tag ").expect("p256tag stanza");
+        let end = start + text[start..].find('\n').expect("line end");
+        let mut out = file[..start].to_vec();
+        out.extend_from_slice(edit(&text[start..end]).as_bytes());
+        out.extend_from_slice(&file[end..]);
+        out
+    }
+
+    #[test]
+    fn a_malformed_p256tag_stanza_is_damage_not_another_token() {
+        let k = key();
+        let (_, bytes) = new_vault(&k, vec![]);
+        assert_eq!(probe(&bytes).unwrap().len(), 1);
+        let edits: [(&str, fn(&str) -> String); 5] = [
+            ("one argument", |l| l.rsplit_once(' ').unwrap().0.to_owned()),
+            ("three arguments", |l| format!("{l} extra")),
+            ("short share", |l| l[..l.len() - 4].to_owned()),
+            ("short tag", |l| {
+                let parts: Vec<&str> = l.split(' ').collect();
+                format!("-> p256tag {} {}", &parts[2][..4], parts[3])
+            }),
+            // Flips the last character: a base64 string whose unused bits
+            // are set, or a share that is no longer a point.
+            ("non-canonical share", |l| {
+                let mut s = l.to_owned();
+                let last = s.pop().unwrap();
+                s.push(if last == 'A' { 'B' } else { 'A' });
+                s
+            }),
+        ];
+        for (what, edit) in edits {
+            let broken = with_stanza_line(&bytes, edit);
+            let err = probe(&broken).unwrap_err();
+            assert!(matches!(err, VaultError::Damaged(_)), "{what}: {err}");
+            assert!(err.to_string().contains("p256tag"), "{what}: {err}");
+        }
     }
 }

@@ -7,9 +7,15 @@
 //! [`FileStorage`] writes atomically and durably: a temp file in the same
 //! directory, fsync, rename over the vault, fsync the directory. A crash at
 //! any point leaves either the previous or the new generation. The last
-//! [`BACKUPS_KEPT`] generations stay beside the vault as hard links named
-//! `<vault>.gen-<N>`. A lock file (`<vault>.lock`, `flock`) held for the
-//! owner's lifetime keeps a second daemon or tool from writing.
+//! [`BACKUPS_KEPT`] generations stay beside the vault as copies named
+//! `<vault>.gen-<N>`, each its own file, so damage to the vault file in place
+//! leaves every backup intact. A lock file (`<vault>.lock`, `flock`) held
+//! for the owner's lifetime keeps a second daemon or tool from writing.
+//!
+//! The vault's directory must belong to the user (or root) and must not be
+//! writable by group or others: whoever can write there can delete or
+//! replace the vault and its backups. [`FileStorage::open`] refuses a loose
+//! directory rather than changing its mode, like `ssh` with a loose key file.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -45,6 +51,26 @@ pub enum StorageError {
         /// The lock file.
         lock: PathBuf,
     },
+    /// The vault's directory is not the user's own, or others can write it.
+    #[error(
+        "the vault directory {path} {problem}; anyone who can write there can replace or delete the vault and its backups. Fix it (for example `chmod 700 {path}`) or choose another --vault"
+    )]
+    LooseDirectory {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The file system is full (or the user's quota is used up).
+    #[error(
+        "the disk holding the vault is full ({what} {path}); the vault is unchanged. Free some space and retry"
+    )]
+    DiskFull {
+        /// What was being done.
+        what: &'static str,
+        /// The path concerned.
+        path: PathBuf,
+    },
     /// The stored version is not the one the caller last saw.
     #[error("the vault {0} changed on disk since it was read; lock and unlock to reload it")]
     Conflict(PathBuf),
@@ -63,7 +89,37 @@ pub enum StorageError {
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StorageError + use<> {
     let path = path.to_owned();
-    move |source| StorageError::Io { what, path, source }
+    move |source| match rustix::io::Errno::from_io_error(&source) {
+        Some(e) if e == rustix::io::Errno::NOSPC || e == rustix::io::Errno::DQUOT => {
+            StorageError::DiskFull { what, path }
+        }
+        _ => StorageError::Io { what, path, source },
+    }
+}
+
+/// Refuses a vault directory that is not the user's (or root's), or that
+/// group or others can write.
+fn check_directory(dir: &Path) -> Result<(), StorageError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(dir).map_err(io_err("cannot stat vault directory", dir))?;
+    let me = rustix::process::geteuid().as_raw();
+    let loose = |problem: String| StorageError::LooseDirectory {
+        path: dir.to_owned(),
+        problem,
+    };
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(loose(format!(
+            "belongs to uid {}, not to you (uid {me})",
+            meta.uid()
+        )));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(loose(format!(
+            "has mode {mode:04o}: group or others can write it"
+        )));
+    }
+    Ok(())
 }
 
 /// Backend for the vault's bytes.
@@ -82,6 +138,16 @@ pub trait Storage: Send + Sync {
     fn exists(&self) -> Result<bool, StorageError>;
     /// Where the vault is, for humans.
     fn location(&self) -> String;
+    /// The kept backups, newest first: their generation and where they are,
+    /// for humans (a path a user can copy back).
+    fn backups(&self) -> Vec<(u64, String)> {
+        Vec::new()
+    }
+    /// The bytes of the backup of `generation`, if it is kept.
+    fn load_backup(&self, generation: u64) -> Result<Option<Vec<u8>>, StorageError> {
+        let _ = generation;
+        Ok(None)
+    }
 }
 
 /// A vault in one local file.
@@ -114,6 +180,7 @@ impl FileStorage {
                 .create(&dir)
                 .map_err(io_err("cannot create vault directory", &dir))?;
         }
+        check_directory(&dir)?;
         let mut lock_name = file_name.to_owned();
         lock_name.push(".lock");
         let lock_path = dir.join(lock_name);
@@ -173,7 +240,7 @@ impl FileStorage {
     }
 
     /// Backup generations present, newest first.
-    pub fn backups(&self) -> Vec<(u64, PathBuf)> {
+    pub fn backup_files(&self) -> Vec<(u64, PathBuf)> {
         let prefix = format!("{}.gen-", self.file_name());
         let mut found: Vec<(u64, PathBuf)> = fs::read_dir(&self.dir)
             .into_iter()
@@ -194,6 +261,26 @@ impl FileStorage {
             .and_then(|d| d.sync_all())
             .map_err(io_err("cannot fsync directory", &self.dir))
     }
+}
+
+/// Creates `path` (mode 0600) holding `bytes`, durably; removes it again if
+/// that fails.
+fn write_new(path: &Path, bytes: &[u8]) -> Result<(), StorageError> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err("cannot create temp file", path))?;
+    let written = f
+        .write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(io_err("cannot write temp file", path));
+    drop(f);
+    if written.is_err() {
+        let _ = fs::remove_file(path);
+    }
+    written
 }
 
 impl Storage for FileStorage {
@@ -226,31 +313,33 @@ impl Storage for FileStorage {
             std::process::id(),
             generation
         ));
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&temp)
-            .map_err(io_err("cannot create temp file", &temp))?;
-        let written = f
-            .write_all(bytes)
-            .and_then(|()| f.sync_all())
-            .map_err(io_err("cannot write temp file", &temp));
-        drop(f);
-        if let Err(e) = written {
-            let _ = fs::remove_file(&temp);
-            return Err(e);
-        }
+        write_new(&temp, bytes)?;
+        // The backup of this generation is a copy of its own, written and
+        // made durable before the vault is replaced: a crash in between
+        // leaves a backup of a generation that was never acknowledged, which
+        // the next write of that generation replaces.
         let backup = self
             .dir
             .join(format!("{}.gen-{generation}", self.file_name()));
-        // A backup of this generation can exist from a write that crashed
-        // before its rename: that one was never acknowledged, replace it.
-        let _ = fs::remove_file(&backup);
-        fs::hard_link(&temp, &backup).map_err(io_err("cannot link backup", &backup))?;
-        fs::rename(&temp, &self.path).map_err(io_err("cannot replace vault", &self.path))?;
+        let backup_temp = self.dir.join(format!(
+            "{}{}-{}.gen",
+            self.temp_prefix(),
+            std::process::id(),
+            generation
+        ));
+        if let Err(e) = write_new(&backup_temp, bytes).and_then(|()| {
+            fs::rename(&backup_temp, &backup).map_err(io_err("cannot name backup", &backup))
+        }) {
+            let _ = fs::remove_file(&backup_temp);
+            let _ = fs::remove_file(&temp);
+            return Err(e);
+        }
+        if let Err(e) = fs::rename(&temp, &self.path) {
+            let _ = fs::remove_file(&temp);
+            return Err(io_err("cannot replace vault", &self.path)(e));
+        }
         self.sync_dir()?;
-        for (_, old) in self.backups().into_iter().skip(BACKUPS_KEPT) {
+        for (_, old) in self.backup_files().into_iter().skip(BACKUPS_KEPT) {
             let _ = fs::remove_file(old);
         }
         // Keep the mode strict even if the directory's umask was loose.
@@ -266,6 +355,24 @@ impl Storage for FileStorage {
 
     fn location(&self) -> String {
         self.path.display().to_string()
+    }
+
+    fn backups(&self) -> Vec<(u64, String)> {
+        self.backup_files()
+            .into_iter()
+            .map(|(generation, path)| (generation, path.display().to_string()))
+            .collect()
+    }
+
+    fn load_backup(&self, generation: u64) -> Result<Option<Vec<u8>>, StorageError> {
+        let path = self
+            .dir
+            .join(format!("{}.gen-{generation}", self.file_name()));
+        match fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("cannot read backup", &path)(e)),
+        }
     }
 }
 
@@ -301,7 +408,14 @@ mod tests {
         assert_eq!(s.load().unwrap().unwrap().0, b"generation 8");
         let kept: Vec<u64> = s.backups().iter().map(|b| b.0).collect();
         assert_eq!(kept, vec![8, 7, 6, 5, 4]);
-        assert_eq!(fs::read(&s.backups()[1].1).unwrap(), b"generation 7");
+        assert_eq!(s.load_backup(7).unwrap().unwrap(), b"generation 7");
+        // Every backup is a file of its own, the newest one too.
+        use std::os::unix::fs::MetadataExt;
+        let vault_inode = fs::metadata(&path).unwrap().ino();
+        for (_, backup) in s.backup_files() {
+            assert_eq!(fs::metadata(&backup).unwrap().nlink(), 1);
+            assert_ne!(fs::metadata(&backup).unwrap().ino(), vault_inode);
+        }
         let stale = Revision::of(b"generation 7");
         assert!(matches!(
             s.compare_and_store(Some(&stale), b"x", 9),
@@ -310,5 +424,20 @@ mod tests {
         assert_eq!(s.load().unwrap().unwrap().0, b"generation 8");
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn a_directory_others_can_write_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let loose = dir.path().join("loose");
+        fs::create_dir(&loose).unwrap();
+        for mode in [0o777, 0o770, 0o1777] {
+            fs::set_permissions(&loose, fs::Permissions::from_mode(mode)).unwrap();
+            let err = FileStorage::open(&loose.join("vault.age")).unwrap_err();
+            assert!(matches!(err, StorageError::LooseDirectory { .. }), "{err}");
+            assert!(err.to_string().contains("chmod 700"), "{err}");
+        }
+        fs::set_permissions(&loose, fs::Permissions::from_mode(0o755)).unwrap();
+        FileStorage::open(&loose.join("vault.age")).unwrap();
     }
 }

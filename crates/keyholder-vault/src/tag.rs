@@ -72,19 +72,38 @@ pub struct TagStanza {
     enc: Vec<u8>,
 }
 
+/// Parses a `p256tag` stanza strictly: two arguments, a 4-byte tag and a
+/// 65-byte uncompressed point on the curve (canonical unpadded base64 both),
+/// and a 32-byte body. Anything else is damage, not "another recipient".
+fn check(stanza: &Stanza) -> Result<TagStanza, &'static str> {
+    let [tag, enc] = stanza.args.as_slice() else {
+        return Err("a p256tag stanza does not have two arguments");
+    };
+    let tag: [u8; 4] = BASE64_STANDARD_NO_PAD
+        .decode(tag)
+        .ok()
+        .and_then(|t| t.try_into().ok())
+        .ok_or("a p256tag stanza's tag is not 4 bytes of canonical base64")?;
+    let enc = BASE64_STANDARD_NO_PAD
+        .decode(enc)
+        .ok()
+        .filter(|e| e.len() == 65)
+        .ok_or("a p256tag stanza's share is not 65 bytes of canonical base64")?;
+    if p256::PublicKey::from_sec1_bytes(&enc).is_err() {
+        return Err("a p256tag stanza's share is not a P-256 point");
+    }
+    if stanza.body.len() != 32 {
+        return Err("a p256tag stanza's body is not 32 bytes");
+    }
+    Ok(TagStanza { tag, enc })
+}
+
 fn parse(stanza: &Stanza) -> Option<Result<TagStanza, age::DecryptError>> {
     if stanza.tag != STANZA_TYPE {
         return None;
     }
-    let parsed = (|| {
-        let [tag, enc] = stanza.args.as_slice() else {
-            return None;
-        };
-        let tag: [u8; 4] = BASE64_STANDARD_NO_PAD.decode(tag).ok()?.try_into().ok()?;
-        let enc = BASE64_STANDARD_NO_PAD.decode(enc).ok()?;
-        (enc.len() == 65).then_some(TagStanza { tag, enc })
-    })();
-    Some(parsed.ok_or(age::DecryptError::InvalidHeader))
+    // age's error type carries no text; `probe` reports the reason.
+    Some(check(stanza).map_err(|_| age::DecryptError::InvalidHeader))
 }
 
 /// Whether any `p256tag` stanza in the file header at the start of `file`
@@ -95,25 +114,43 @@ pub fn addressed_to(stanzas: &[TagStanza], public: &p256::PublicKey) -> bool {
 
 /// An identity that unwraps nothing and records the `p256tag` stanzas it is
 /// shown, so that the daemon can tell which token a vault is addressed to
-/// before logging in.
+/// before logging in. A malformed `p256tag` stanza is recorded as damage.
 #[derive(Default)]
 pub struct StanzaProbe {
     seen: Mutex<Vec<TagStanza>>,
+    malformed: Mutex<Option<&'static str>>,
 }
 
 impl StanzaProbe {
-    /// The stanzas seen.
-    pub fn into_stanzas(self) -> Vec<TagStanza> {
-        self.seen.into_inner().unwrap_or_else(|p| p.into_inner())
+    /// The stanzas seen, or why one of them is malformed.
+    pub fn into_stanzas(self) -> Result<Vec<TagStanza>, &'static str> {
+        let malformed = self
+            .malformed
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner());
+        match malformed {
+            Some(why) => Err(why),
+            None => Ok(self.seen.into_inner().unwrap_or_else(|p| p.into_inner())),
+        }
     }
 }
 
 impl age::Identity for StanzaProbe {
     fn unwrap_stanza(&self, stanza: &Stanza) -> Option<Result<FileKey, age::DecryptError>> {
-        if let Some(Ok(s)) = parse(stanza)
-            && let Ok(mut seen) = self.seen.lock()
-        {
-            seen.push(s);
+        if stanza.tag != STANZA_TYPE {
+            return None;
+        }
+        match check(stanza) {
+            Ok(s) => {
+                if let Ok(mut seen) = self.seen.lock() {
+                    seen.push(s);
+                }
+            }
+            Err(why) => {
+                if let Ok(mut slot) = self.malformed.lock() {
+                    slot.get_or_insert(why);
+                }
+            }
         }
         None
     }
@@ -152,9 +189,6 @@ impl<K: KeyAgreement> age::Identity for TagIdentity<'_, K> {
         };
         if stanza_tag(&parsed.enc, &self.public) != parsed.tag {
             return None;
-        }
-        if stanza.body.len() != 32 {
-            return Some(Err(age::DecryptError::InvalidHeader));
         }
         let Ok(ephemeral) = p256::PublicKey::from_sec1_bytes(&parsed.enc) else {
             return Some(Err(age::DecryptError::InvalidHeader));
@@ -312,7 +346,7 @@ mod tests {
         let probe = StanzaProbe::default();
         let dec = age::Decryptor::new(&file[..]).expect("header");
         let _ = dec.decrypt(std::iter::once(&probe as &dyn age::Identity));
-        let stanzas = probe.into_stanzas();
+        let stanzas = probe.into_stanzas().expect("well-formed");
         assert!(addressed_to(&stanzas, &theirs.public_key()));
         assert!(!addressed_to(&stanzas, &ours.public_key()));
     }
