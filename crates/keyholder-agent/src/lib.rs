@@ -63,9 +63,14 @@ pub trait Backend: Send + Sync + 'static {
         flags: u32,
         peer: Peer,
     ) -> impl Future<Output = Option<Vec<u8>>> + Send;
-    /// LOCK by `peer`: whether it succeeded.
+    /// Whether the backend is locked now. While locked, `session-bind` is
+    /// refused like every request other than UNLOCK.
+    fn is_locked(&self) -> bool;
+    /// LOCK by `peer`: whether it locked. Already locked, it must answer
+    /// `false` (draft-ietf-sshm-ssh-agent §3.7).
     fn lock(&self, peer: Peer) -> impl Future<Output = bool> + Send;
-    /// UNLOCK by `peer` with a passphrase: whether it succeeded.
+    /// UNLOCK by `peer` with a passphrase: whether it unlocked. Already
+    /// unlocked, it must answer `false` without checking the passphrase.
     fn unlock(
         &self,
         passphrase: Zeroizing<String>,
@@ -80,6 +85,12 @@ pub trait Backend: Send + Sync + 'static {
 struct Connection {
     /// Session ids bound on this connection, with their forwarding flag.
     bindings: Vec<(Vec<u8>, bool)>,
+    /// A `session-bind` marked this connection as a forwarded agent. Set by
+    /// any binding with the forwarding flag, even one that is refused (locked,
+    /// or a signature that does not verify): the mark only takes rights away,
+    /// so it needs no proof, and a forwarding ssh must not escape it by
+    /// binding while Keyholder is locked.
+    forwarded: bool,
 }
 
 /// Verifies a session binding; returns the host key's fingerprint.
@@ -158,6 +169,17 @@ async fn handle<B: Backend>(
             Some(sig) => Response::Signature(sig),
             None => Response::Failure,
         },
+        Request::Lock(_) | Request::Unlock(_) if conn.forwarded => {
+            // A host reached with `ssh -A` must not spend PIN tries or lock
+            // the owner's session; it may only ask for signatures.
+            let request = if matches!(request, Request::Lock(_)) {
+                "LOCK"
+            } else {
+                "UNLOCK"
+            };
+            tracing::warn!(uid = peer.uid, pid = ?peer.pid, request, "agent request refused on a forwarded connection");
+            Response::Failure
+        }
         Request::Lock(_passphrase) => {
             if backend.lock(peer).await {
                 Response::Success
@@ -173,7 +195,17 @@ async fn handle<B: Backend>(
             }
         }
         Request::Extension { name, contents } if name == "session-bind@openssh.com" => {
-            let bound = proto::decode_session_bind(&contents)
+            let decoded = proto::decode_session_bind(&contents);
+            if let Ok(b) = &decoded
+                && b.forwarding
+            {
+                conn.forwarded = true;
+            }
+            if backend.is_locked() {
+                tracing::info!(uid = peer.uid, pid = ?peer.pid, forwarding = conn.forwarded, "session-bind refused: locked");
+                return Response::Failure;
+            }
+            let bound = decoded
                 .map_err(|e| format!("{e:?}"))
                 .and_then(|b| conn.bind(&b).map(|fp| (fp, b.forwarding)));
             match bound {
