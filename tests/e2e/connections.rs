@@ -128,7 +128,9 @@ fn connections_idle_and_half_sent_do_not_starve_new_clients_under_1024_files() {
     let (env, daemon) = limited(1024);
     let agent = agent_socket(&env);
     let grpc = env.socket();
-    assert!(ssh_add_l(&env) && secret_get(&env));
+    // The same calls without the load, for comparison.
+    let ssh_quiet_ms = timed(20, || ssh_add_l(&env));
+    let get_quiet_ms = timed(10, || secret_get(&env));
     let (rss_before, fds_before) = (daemon.rss_kib(), daemon.open_fds());
 
     // 1,000 idle and 50 half-sent (two bytes of the length header) agent
@@ -180,6 +182,14 @@ fn connections_idle_and_half_sent_do_not_starve_new_clients_under_1024_files() {
     println!(
         "  keyholderd open fds: before {fds_before}, under load {fds_under}, after the clients \
          {fds_load}, after closing {fds_after}"
+    );
+    println!(
+        "  without the load: ssh-add -l median {:.1} ms, max {:.1} ms; secret get median {:.1} ms, \
+         max {:.1} ms",
+        median(&ssh_quiet_ms),
+        ssh_quiet_ms.last().copied().unwrap_or(f64::NAN),
+        median(&get_quiet_ms),
+        get_quiet_ms.last().copied().unwrap_or(f64::NAN)
     );
     println!(
         "  ssh-add -l under load, {} tries: median {:.1} ms, max {:.1} ms",
