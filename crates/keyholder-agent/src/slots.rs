@@ -1,8 +1,11 @@
 //! A bounded table of connection slots that never turns a new client away
-//! because old ones sit idle: when it is full, the connection that has been
-//! idle longest is evicted to make room. Only a connection being served
-//! (a request in progress) is safe from eviction; a full table of those
-//! refuses the newcomer.
+//! because old ones sit idle: when it is full, one idle connection is
+//! evicted to make room. Connections that never completed a request go
+//! first (a flood of new or half-sent connections pushes out its own kind,
+//! not a client that has been served and waits for its next request), then
+//! the one idle longest. Only a connection being served (a request in
+//! progress) is safe from eviction; a full table of those refuses the
+//! newcomer.
 //!
 //! The agent server uses one table for its socket; keyholderd uses another
 //! for the gRPC socket.
@@ -28,6 +31,8 @@ struct Table {
 struct Entry {
     last_active: Instant,
     busy: bool,
+    /// It has completed a request.
+    proven: bool,
     eviction: Arc<Eviction>,
 }
 
@@ -91,6 +96,7 @@ impl Slots {
             Entry {
                 last_active: Instant::now(),
                 busy: false,
+                proven: false,
                 eviction: eviction.clone(),
             },
         );
@@ -113,7 +119,7 @@ impl Slots {
             .entries
             .iter()
             .filter(|(_, e)| !e.busy)
-            .min_by_key(|(_, e)| e.last_active)
+            .min_by_key(|(_, e)| (e.proven, e.last_active))
             .map(|(id, _)| *id);
         match oldest.and_then(|id| table.entries.remove(&id)) {
             Some(entry) => {
@@ -124,9 +130,10 @@ impl Slots {
         }
     }
 
-    fn update(&self, id: u64, busy: bool) {
+    fn update(&self, id: u64, busy: bool, proven: bool) {
         if let Some(e) = self.table().entries.get_mut(&id) {
             e.busy = busy;
+            e.proven |= proven;
             e.last_active = Instant::now();
         }
     }
@@ -142,12 +149,24 @@ pub struct Slot {
 impl Slot {
     /// A request is being served: not evictable until [`Slot::idle`].
     pub fn busy(&self) {
-        self.slots.update(self.id, true);
+        self.slots.update(self.id, true, false);
     }
 
-    /// The connection did something and is now waiting again.
+    /// A request was completed and answered; the connection waits for the
+    /// next one.
     pub fn idle(&self) {
-        self.slots.update(self.id, false);
+        self.slots.update(self.id, false, true);
+    }
+
+    /// Bytes moved, without a request known to be complete.
+    pub fn touch(&self) {
+        self.slots.update(self.id, false, false);
+    }
+
+    /// A request was completed: the connection is evicted only after those
+    /// that never completed one.
+    pub fn proven(&self) {
+        self.slots.update(self.id, false, true);
     }
 
     /// Whether the connection was evicted.
@@ -300,5 +319,18 @@ mod tests {
         assert!(d.is_evicted());
         drop((a, b, c, d, e));
         assert!(slots.is_empty());
+    }
+
+    #[test]
+    fn connections_that_never_completed_a_request_go_first() {
+        let slots = Slots::new(2);
+        let served = slots.admit().expect("served");
+        served.idle();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let silent = slots.admit().expect("silent");
+        let flood: Vec<Slot> = (0..10).map(|_| slots.admit().expect("flood")).collect();
+        assert!(silent.is_evicted(), "the silent one made room first");
+        assert!(!served.is_evicted(), "the served one outlasts a flood");
+        assert_eq!(flood.iter().filter(|s| !s.is_evicted()).count(), 1);
     }
 }

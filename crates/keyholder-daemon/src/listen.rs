@@ -84,8 +84,8 @@ pub fn grpc_incoming(
                 }
             }
             // gRPC connections have no request boundary visible here, so
-            // none counts as busy: the one that moved no byte for longest
-            // gives way.
+            // none counts as busy: those that never sent a request give way
+            // first, then the one that moved no byte for longest.
             let Some(slot) = slots.admit() else {
                 continue;
             };
@@ -93,6 +93,7 @@ pub fn grpc_incoming(
                 stream,
                 slot,
                 touched: Instant::now(),
+                read: 0,
             };
             if tx.send(Ok(counted)).await.is_err() {
                 return;
@@ -107,14 +108,30 @@ pub struct Counted {
     stream: UnixStream,
     slot: Slot,
     touched: Instant,
+    /// Bytes read, up to [`PROVEN_AFTER`].
+    read: usize,
 }
+
+/// A client that sent more than the HTTP/2 preface (24 bytes) and a frame
+/// header (9) has made a request; it is evicted after those that did not.
+const PROVEN_AFTER: usize = 33;
 
 impl Counted {
     fn touch(&mut self) {
         if self.touched.elapsed() >= TOUCH_EVERY {
             self.touched = Instant::now();
-            self.slot.idle();
+            self.slot.touch();
         }
+    }
+
+    fn count_read(&mut self, n: usize) {
+        if self.read <= PROVEN_AFTER {
+            self.read = self.read.saturating_add(n);
+            if self.read > PROVEN_AFTER {
+                self.slot.proven();
+            }
+        }
+        self.touch();
     }
 }
 
@@ -138,8 +155,9 @@ impl AsyncRead for Counted {
         }
         let before = buf.filled().len();
         let read = Pin::new(&mut this.stream).poll_read(cx, buf);
-        if matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            this.touch();
+        let n = buf.filled().len().saturating_sub(before);
+        if matches!(read, Poll::Ready(Ok(()))) && n > 0 {
+            this.count_read(n);
         }
         read
     }
