@@ -53,6 +53,17 @@ impl Drop for Sshd {
 
 impl Sshd {
     fn start(dir: &Path, authorized_keys: &str, user_ca: &str) -> Self {
+        Self::start_with(dir, authorized_keys, user_ca, "ed25519", "")
+    }
+
+    /// sshd with a host key of `host_key_type` and `extra` config lines.
+    fn start_with(
+        dir: &Path,
+        authorized_keys: &str,
+        user_ca: &str,
+        host_key_type: &str,
+        extra: &str,
+    ) -> Self {
         std::fs::create_dir_all(dir).expect("sshd dir");
         // sshd's privilege separation needs this directory.
         std::fs::create_dir_all("/run/sshd").expect("/run/sshd (run the tests as root)");
@@ -61,7 +72,7 @@ impl Sshd {
             run(Command::new("ssh-keygen").args([
                 "-q",
                 "-t",
-                "ed25519",
+                host_key_type,
                 "-N",
                 "",
                 "-f",
@@ -84,7 +95,7 @@ impl Sshd {
                  AuthorizedKeysFile {d}/authorized_keys\nTrustedUserCAKeys {d}/user_ca.pub\n\
                  StrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
                  PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nUsePAM no\n\
-                 AllowUsers root\nLogLevel VERBOSE\n",
+                 AllowUsers root\nLogLevel VERBOSE\n{extra}",
                 hk = host_key.display(),
                 d = dir.display()
             ),
@@ -1182,4 +1193,48 @@ fn ssh_with_agent_forwarding_cannot_lock_or_unlock_from_the_remote_host() {
         "ssh-add -X",
     );
     assert!(is_unlocked(&env));
+}
+
+#[test]
+fn a_host_signing_with_sha1_rsa_is_not_bound_yet_its_forwarded_agent_is_marked() {
+    assert!(
+        rustix::process::getuid().is_root(),
+        "sshd needs root; CI runs as root"
+    );
+    let (env, daemon) = Env::ready();
+    env.ok(&["key", "generate", "deploy", "--type", "ed25519", "--ssh"]);
+    let authorized = env.ok(&["key", "show", "deploy", "--public"]);
+    // A server that signs its key exchange with SHA-1 `ssh-rsa`, as OpenSSH
+    // before 7.2 did.
+    let sshd = Sshd::start_with(
+        &env.path().join("sshd"),
+        &authorized,
+        "",
+        "rsa",
+        "HostKeyAlgorithms ssh-rsa\n",
+    );
+    let askpass = env.file("askpass.sh", "#!/bin/sh\necho 1234\n");
+    std::fs::set_permissions(
+        &askpass,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let mut c = sshd.ssh_command(&env, &public_file(&env, "deploy"));
+    c.args(["-o", "HostKeyAlgorithms=ssh-rsa", "-A", "root@127.0.0.1"])
+        .arg(format!(
+            "SSH_ASKPASS={} SSH_ASKPASS_REQUIRE=force DISPLAY=:0 ssh-add -x </dev/null; echo lock=$?",
+            askpass.display()
+        ));
+    // Logging in through the agent works without the binding...
+    let said = ok(run(&mut c), "ssh -A to an ssh-rsa host");
+    // ...and the forwarded connection is marked all the same.
+    assert!(said.contains("lock=1"), "{said}");
+    assert!(is_unlocked(&env));
+    let log = daemon.log_text();
+    assert!(log.contains("session-bind refused"), "{log}");
+    assert!(!log.contains("agent session bound"), "{log}");
+    assert!(
+        log.contains("agent request refused on a forwarded connection"),
+        "{log}"
+    );
 }
