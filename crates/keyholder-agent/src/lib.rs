@@ -33,8 +33,9 @@ use zeroize::Zeroizing;
 pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// A connection with no message for this long is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
-/// Most simultaneous agent connections; when all are taken, the one idle
-/// longest is closed to make room for a new one.
+/// Most simultaneous agent connections (fewer under a low open file limit);
+/// when all are taken, an idle one is closed to make room for a new one
+/// ([`slots::Slots::evict_one`]).
 pub const MAX_CONNECTIONS: usize = 256;
 /// Most session bindings one connection may record.
 pub const MAX_BINDINGS: usize = 16;
@@ -312,9 +313,9 @@ async fn serve_connection<B: Backend>(
 
 /// Accepts agent connections on `listener` (peers of another uid are
 /// refused and logged) until `shutdown` resolves. At most
-/// [`MAX_CONNECTIONS`] are held; when all are taken, the one idle longest
-/// is closed to make room. Accept errors (out of file descriptors and the
-/// like) never end the loop.
+/// [`MAX_CONNECTIONS`] are held; when all are taken, an idle one is closed
+/// to make room. Accept errors (out of file descriptors and the like) never
+/// end the loop.
 pub async fn serve<B: Backend>(
     listener: UnixListener,
     backend: Arc<B>,

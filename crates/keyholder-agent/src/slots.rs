@@ -81,7 +81,7 @@ impl Slots {
         self.capacity
     }
 
-    /// A slot for a new connection, evicting the longest-idle connection
+    /// A slot for a new connection, evicting one (see [`Slots::evict_one`])
     /// if the table is full; `None` when every slot is busy serving.
     pub fn admit(self: &Arc<Self>) -> Option<Slot> {
         let mut table = self.table();
@@ -107,10 +107,11 @@ impl Slots {
         })
     }
 
-    /// Evicts the longest-idle connection that is not being served, if
-    /// any: used when the table is full, and when the process runs out of
-    /// file descriptors. Returns whether one was evicted.
-    pub fn evict_longest_idle(&self) -> bool {
+    /// Evicts a connection that is not being served, if any: one that
+    /// never completed a request if there is such, else the one idle
+    /// longest. Used when the table is full, and when the process runs out
+    /// of file descriptors. Returns whether one was evicted.
+    pub fn evict_one(&self) -> bool {
         Self::evict_locked(&mut self.table())
     }
 
@@ -229,8 +230,8 @@ pub fn capacity_within_fd_limit(max: usize, percent: u64) -> usize {
 }
 
 /// What an accept loop does after `accept` fails: it never ends. Out of
-/// file descriptors (EMFILE, ENFILE) or buffers, it evicts the longest-idle
-/// connection of `slots` to free one; it then waits (5 ms, doubling up to
+/// file descriptors (EMFILE, ENFILE) or buffers, it evicts an idle
+/// connection of `slots` ([`Slots::evict_one`]) to free one; it then waits (5 ms, doubling up to
 /// 500 ms while failures go on) and lets the caller try again. Failures are
 /// logged at most once per [`REPORT_EVERY`], with a count.
 pub struct AcceptBackoff {
@@ -271,7 +272,7 @@ impl AcceptBackoff {
                 .iter()
                 .any(|e| e.raw_os_error() == n)
         });
-        let evicted = out_of_resources && slots.evict_longest_idle();
+        let evicted = out_of_resources && slots.evict_one();
         self.unreported = self.unreported.saturating_add(1);
         if self
             .last_report

@@ -1,7 +1,8 @@
 //! Accepting gRPC connections so that no client can stop others from
 //! connecting: peers of another uid are dropped before any byte is read; at
-//! most [`MAX_GRPC_CONNECTIONS`] are held, and when all are taken the one
-//! idle longest is closed; accept errors (out of file descriptors and the
+//! most [`MAX_GRPC_CONNECTIONS`] are held, and when all are taken an idle
+//! one is closed (those that never sent a request first, then the one idle
+//! longest); accept errors (out of file descriptors and the
 //! like) are retried with a backoff and never end the loop. And the open
 //! file limit is raised at start, so the common soft limit of 1,024 does
 //! not bind when the hard limit is higher.
