@@ -296,3 +296,10 @@ fn connections_that_exhaust_the_file_descriptors_are_evicted_and_accepting_goes_
         get_ms.last().copied().unwrap_or(f64::NAN)
     );
 }
+
+#[test]
+fn connections_fit_because_keyholderd_raises_its_soft_file_limit_to_the_hard_limit() {
+    let env = Env::new();
+    let daemon = env.start_daemon_under(&["prlimit", "--nofile=1024:4096"], &[]);
+    assert_eq!(max_open_files(&daemon), "4096 4096");
+}
