@@ -15,7 +15,9 @@ use clap::Parser;
 #[global_allocator]
 static ALLOCATOR: zeroizing_alloc::ZeroAlloc<std::alloc::System> =
     zeroizing_alloc::ZeroAlloc(std::alloc::System);
-use keyholder_daemon::{Config, StartError, bind_socket, config, harden_process, open, run};
+use keyholder_daemon::{
+    Config, StartError, bind_socket, config, harden_process, open, raise_open_file_limit, run,
+};
 
 /// Keyholder daemon: keeps the vault, opens it through a PKCS#11 token
 /// session, and serves the keyholder.v1 gRPC API on a Unix socket.
@@ -150,6 +152,17 @@ fn main() -> ExitCode {
     if let Err(e) = hardened {
         tracing::error!(error = %e, "cannot disable core dumps / make the process non-dumpable");
         return ExitCode::from(1);
+    }
+    // Connections are capped per socket (256 agent, 512 gRPC, less under a
+    // low limit); the common soft limit of 1,024 descriptors is raised to
+    // the hard limit so that they and the token's files fit.
+    let (soft, hard) = raise_open_file_limit();
+    tracing::debug!(soft = ?soft, hard = ?hard, "open file limit");
+    if soft.is_some_and(|s| s < 1024) {
+        tracing::warn!(
+            limit = ?soft,
+            "the open file limit is low; idle connections are closed when descriptors run out"
+        );
     }
     let core = match settings(&args).map_err(StartError::from).and_then(open) {
         Ok(c) => c,

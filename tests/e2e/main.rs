@@ -4,6 +4,7 @@
 mod util;
 
 mod bad_input;
+mod connections;
 mod crash;
 mod faults;
 mod kube;

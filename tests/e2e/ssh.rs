@@ -53,6 +53,17 @@ impl Drop for Sshd {
 
 impl Sshd {
     fn start(dir: &Path, authorized_keys: &str, user_ca: &str) -> Self {
+        Self::start_with(dir, authorized_keys, user_ca, "ed25519", "")
+    }
+
+    /// sshd with a host key of `host_key_type` and `extra` config lines.
+    fn start_with(
+        dir: &Path,
+        authorized_keys: &str,
+        user_ca: &str,
+        host_key_type: &str,
+        extra: &str,
+    ) -> Self {
         std::fs::create_dir_all(dir).expect("sshd dir");
         // sshd's privilege separation needs this directory.
         std::fs::create_dir_all("/run/sshd").expect("/run/sshd (run the tests as root)");
@@ -61,7 +72,7 @@ impl Sshd {
             run(Command::new("ssh-keygen").args([
                 "-q",
                 "-t",
-                "ed25519",
+                host_key_type,
                 "-N",
                 "",
                 "-f",
@@ -84,7 +95,7 @@ impl Sshd {
                  AuthorizedKeysFile {d}/authorized_keys\nTrustedUserCAKeys {d}/user_ca.pub\n\
                  StrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
                  PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nUsePAM no\n\
-                 AllowUsers root\nLogLevel VERBOSE\n",
+                 AllowUsers root\nLogLevel VERBOSE\n{extra}",
                 hk = host_key.display(),
                 d = dir.display()
             ),
@@ -109,6 +120,24 @@ impl Sshd {
     }
 
     fn ssh(&self, env: &Env, identity: &Path, certificate: Option<&Path>) -> Output {
+        let mut c = self.ssh_command(env, identity);
+        if let Some(cert) = certificate {
+            c.arg("-o")
+                .arg(format!("CertificateFile={}", cert.display()));
+        }
+        c.args(["root@127.0.0.1", "echo", "keyholder-ok"]);
+        run(&mut c)
+    }
+
+    /// `ssh -A` running `remote` on the server, whose agent requests come
+    /// back to Keyholder over the forwarded channel.
+    fn ssh_forwarding(&self, env: &Env, identity: &Path, remote: &str) -> Output {
+        let mut c = self.ssh_command(env, identity);
+        c.args(["-A", "root@127.0.0.1", remote]);
+        run(&mut c)
+    }
+
+    fn ssh_command(&self, env: &Env, identity: &Path) -> Command {
         let mut c = Command::new("ssh");
         c.env("HOME", &self.dir)
             .args(["-F", "/dev/null", "-p", &self.port.to_string()])
@@ -132,12 +161,7 @@ impl Sshd {
             ])
             .arg("-o")
             .arg(format!("IdentityFile={}", identity.display()));
-        if let Some(cert) = certificate {
-            c.arg("-o")
-                .arg(format!("CertificateFile={}", cert.display()));
-        }
-        c.args(["root@127.0.0.1", "echo", "keyholder-ok"]);
-        run(&mut c)
+        c
     }
 }
 
@@ -890,5 +914,327 @@ fn a_key_already_on_the_token_is_found_by_uri_and_signs() {
         ]),
         6,
         "module-path",
+    );
+}
+
+fn put_string(m: &mut Vec<u8>, s: &[u8]) {
+    m.extend_from_slice(&u32::try_from(s.len()).expect("short").to_be_bytes());
+    m.extend_from_slice(s);
+}
+
+/// A `session-bind@openssh.com` request, as `ssh` sends it: the host key,
+/// the session id, the host's signature over it, and the forwarding flag.
+fn session_bind(host: &ssh_key::PrivateKey, session_id: &[u8], forwarding: bool) -> Vec<u8> {
+    use ssh_encoding::Encode;
+    let signature: ssh_key::Signature =
+        signature::Signer::try_sign(host, session_id).expect("host signs");
+    let mut key_blob = Vec::new();
+    host.public_key()
+        .key_data()
+        .encode(&mut key_blob)
+        .expect("key blob");
+    let mut signature_blob = Vec::new();
+    signature
+        .encode(&mut signature_blob)
+        .expect("signature blob");
+    let mut m = vec![27u8];
+    put_string(&mut m, b"session-bind@openssh.com");
+    put_string(&mut m, &key_blob);
+    put_string(&mut m, session_id);
+    put_string(&mut m, &signature_blob);
+    m.push(u8::from(forwarding));
+    m
+}
+
+fn passphrase_request(kind: u8, passphrase: &str) -> Vec<u8> {
+    let mut m = vec![kind];
+    put_string(&mut m, passphrase.as_bytes());
+    m
+}
+
+const LOCK: u8 = 22;
+const UNLOCK: u8 = 23;
+const SUCCESS: u8 = 6;
+const FAILURE: u8 = 5;
+
+fn ask(s: &mut UnixStream, body: &[u8]) -> u8 {
+    s.write_all(&frame(body)).expect("write");
+    reply(s).expect("the agent answers")[0]
+}
+
+fn is_unlocked(env: &Env) -> bool {
+    env.ok(&["status"]).contains("state:       unlocked")
+}
+
+#[test]
+fn a_connection_bound_as_forwarded_may_sign_but_never_lock_or_unlock() {
+    let (env, daemon) = Env::ready();
+    env.ok(&["key", "generate", "k", "--type", "ed25519", "--ssh"]);
+    let host_file = env.path().join("host_key");
+    ok(
+        run(Command::new("ssh-keygen").args([
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-f",
+            p(&host_file),
+        ])),
+        "ssh-keygen host key",
+    );
+    let host = ssh_key::PrivateKey::read_openssh_file(&host_file).expect("host key");
+    let sock = agent_socket(&env);
+    let connect = || {
+        let s = UnixStream::connect(&sock).expect("agent socket");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        s
+    };
+
+    // Bound as forwarded: listing and signing work, LOCK and UNLOCK do not,
+    // not even with the right PIN.
+    let mut forwarded = connect();
+    assert_eq!(
+        ask(&mut forwarded, &session_bind(&host, &[7u8; 32], true)),
+        SUCCESS
+    );
+    forwarded.write_all(&frame(&[11])).expect("write");
+    let identities = reply(&mut forwarded).expect("identities");
+    assert_eq!(identities[0], 12);
+    let mut r = &identities[1..];
+    let mut count = [0u8; 4];
+    r.read_exact(&mut count).expect("count");
+    assert_eq!(u32::from_be_bytes(count), 1);
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).expect("blob length");
+    let blob = &r[..u32::from_be_bytes(len) as usize];
+    let mut sign = vec![13u8];
+    put_string(&mut sign, blob);
+    put_string(&mut sign, b"data to sign");
+    sign.extend_from_slice(&0u32.to_be_bytes());
+    forwarded.write_all(&frame(&sign)).expect("write");
+    assert_eq!(reply(&mut forwarded).expect("signature")[0], 14);
+
+    assert_eq!(ask(&mut forwarded, &passphrase_request(LOCK, "x")), FAILURE);
+    assert!(is_unlocked(&env), "a forwarded LOCK locked the session");
+    env.ok(&["lock"]);
+    assert_eq!(
+        ask(
+            &mut forwarded,
+            &passphrase_request(UNLOCK, crate::util::PIN)
+        ),
+        FAILURE
+    );
+    assert!(!is_unlocked(&env), "a forwarded UNLOCK reached the token");
+    let log = daemon.log_text();
+    assert!(
+        log.matches("agent request refused on a forwarded connection")
+            .count()
+            >= 2,
+        "{log}"
+    );
+
+    // A forwarding ssh that binds while Keyholder is locked gets FAILURE
+    // (every request but UNLOCK is refused while locked), yet its connection
+    // is marked all the same: it cannot unlock either.
+    let mut late = connect();
+    assert_eq!(
+        ask(&mut late, &session_bind(&host, &[8u8; 32], true)),
+        FAILURE
+    );
+    assert_eq!(
+        ask(&mut late, &passphrase_request(UNLOCK, crate::util::PIN)),
+        FAILURE
+    );
+    assert!(!is_unlocked(&env));
+    // So is a forwarded binding whose signature does not verify.
+    let mut forged = session_bind(&host, &[9u8; 32], true);
+    let last = forged.len() - 2;
+    forged[last] ^= 1;
+    let mut bad = connect();
+    assert_eq!(ask(&mut bad, &forged), FAILURE);
+    assert_eq!(
+        ask(&mut bad, &passphrase_request(UNLOCK, crate::util::PIN)),
+        FAILURE
+    );
+    assert!(!is_unlocked(&env));
+
+    // A local connection (ssh-add's) follows the protocol's lock rules.
+    let mut local = connect();
+    // session-bind while locked is refused and leaves nothing behind...
+    let local_bind = session_bind(&host, &[10u8; 32], false);
+    assert_eq!(ask(&mut local, &local_bind), FAILURE);
+    // ...LOCK while locked fails, UNLOCK with the PIN works...
+    assert_eq!(ask(&mut local, &passphrase_request(LOCK, "x")), FAILURE);
+    assert_eq!(
+        ask(&mut local, &passphrase_request(UNLOCK, crate::util::PIN)),
+        SUCCESS
+    );
+    assert!(is_unlocked(&env));
+    // ...UNLOCK while unlocked fails whatever the passphrase, without a try
+    // at the token...
+    assert_eq!(
+        ask(&mut local, &passphrase_request(UNLOCK, "wrong")),
+        FAILURE
+    );
+    assert_eq!(
+        ask(&mut local, &passphrase_request(UNLOCK, crate::util::PIN)),
+        FAILURE
+    );
+    assert!(is_unlocked(&env));
+    // ...the same binding now succeeds, and LOCK locks once.
+    assert_eq!(ask(&mut local, &local_bind), SUCCESS);
+    assert_eq!(ask(&mut local, &passphrase_request(LOCK, "x")), SUCCESS);
+    assert_eq!(ask(&mut local, &passphrase_request(LOCK, "x")), FAILURE);
+    assert!(!is_unlocked(&env));
+    let log = daemon.log_text();
+    assert!(!log.contains("did not accept the PIN"), "{log}");
+
+    // Stock ssh-add sees the same: -x while locked and -X while unlocked fail.
+    let askpass = env.file("askpass.sh", "#!/bin/sh\necho 1234\n");
+    std::fs::set_permissions(
+        &askpass,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let with_askpass = |args: &[&str]| {
+        run(Command::new("ssh-add")
+            .env("SSH_AUTH_SOCK", &sock)
+            .env("SSH_ASKPASS", &askpass)
+            .env("SSH_ASKPASS_REQUIRE", "force")
+            .env("DISPLAY", ":0")
+            .stdin(Stdio::null())
+            .args(args))
+    };
+    assert!(!with_askpass(&["-x"]).status.success(), "LOCK while locked");
+    ok(with_askpass(&["-X"]), "ssh-add -X");
+    assert!(is_unlocked(&env));
+    let again = with_askpass(&["-X"]);
+    assert!(!again.status.success(), "UNLOCK while unlocked");
+    assert!(is_unlocked(&env));
+}
+
+#[test]
+fn ssh_with_agent_forwarding_cannot_lock_or_unlock_from_the_remote_host() {
+    assert!(
+        rustix::process::getuid().is_root(),
+        "sshd needs root; CI runs as root"
+    );
+    let (env, daemon) = Env::ready();
+    env.ok(&["key", "generate", "deploy", "--type", "ed25519", "--ssh"]);
+    // Logging in uses a key file, so that it works while Keyholder is locked.
+    let login = env.path().join("id_login");
+    ok(
+        run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f", p(&login)])),
+        "ssh-keygen",
+    );
+    let authorized = std::fs::read_to_string(format!("{}.pub", login.display())).expect("pub");
+    let sshd = Sshd::start(&env.path().join("sshd"), &authorized, "");
+    let askpass = env.file("askpass.sh", "#!/bin/sh\necho 1234\n");
+    std::fs::set_permissions(
+        &askpass,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let deploy_pub = public_file(&env, "deploy");
+    let data = env.file("data.txt", "signed on the remote host\n");
+    let askpass_env = format!(
+        "SSH_ASKPASS={} SSH_ASKPASS_REQUIRE=force DISPLAY=:0",
+        askpass.display()
+    );
+
+    // On the remote host, with the forwarded agent: listing and signing
+    // work, locking does not.
+    let remote = format!(
+        "ssh-add -l >/dev/null; echo list=$?; \
+         ssh-keygen -Y sign -n file -f {pubkey} {data} >/dev/null 2>&1; echo sign=$?; \
+         {askpass_env} ssh-add -x </dev/null; echo lock=$?",
+        pubkey = deploy_pub.display(),
+        data = data.display(),
+    );
+    let said = ok(
+        sshd.ssh_forwarding(&env, &login, &remote),
+        "ssh -A (unlocked)",
+    );
+    assert!(said.contains("list=0"), "{said}");
+    assert!(said.contains("sign=0"), "{said}");
+    assert!(said.contains("lock=1"), "{said}");
+    assert!(is_unlocked(&env), "the remote host locked the session");
+    assert!(
+        std::path::Path::new(&format!("{}.sig", data.display())).exists(),
+        "signed through the forwarded agent"
+    );
+
+    // Locked by its owner, the session cannot be unlocked from there, not
+    // even with the right PIN.
+    env.ok(&["lock"]);
+    let remote = format!("{askpass_env} ssh-add -X </dev/null; echo unlock=$?");
+    let said = ok(
+        sshd.ssh_forwarding(&env, &login, &remote),
+        "ssh -A (locked)",
+    );
+    assert!(said.contains("unlock=1"), "{said}");
+    assert!(!is_unlocked(&env), "the remote host unlocked the session");
+    let log = daemon.log_text();
+    assert!(
+        log.contains("agent request refused on a forwarded connection"),
+        "{log}"
+    );
+    // From the local host the owner still can.
+    ok(
+        run(Command::new("ssh-add")
+            .env("SSH_AUTH_SOCK", agent_socket(&env))
+            .env("SSH_ASKPASS", &askpass)
+            .env("SSH_ASKPASS_REQUIRE", "force")
+            .env("DISPLAY", ":0")
+            .stdin(Stdio::null())
+            .args(["-X"])),
+        "ssh-add -X",
+    );
+    assert!(is_unlocked(&env));
+}
+
+#[test]
+fn a_host_signing_with_sha1_rsa_is_not_bound_yet_its_forwarded_agent_is_marked() {
+    assert!(
+        rustix::process::getuid().is_root(),
+        "sshd needs root; CI runs as root"
+    );
+    let (env, daemon) = Env::ready();
+    env.ok(&["key", "generate", "deploy", "--type", "ed25519", "--ssh"]);
+    let authorized = env.ok(&["key", "show", "deploy", "--public"]);
+    // A server that signs its key exchange with SHA-1 `ssh-rsa`, as OpenSSH
+    // before 7.2 did.
+    let sshd = Sshd::start_with(
+        &env.path().join("sshd"),
+        &authorized,
+        "",
+        "rsa",
+        "HostKeyAlgorithms ssh-rsa\n",
+    );
+    let askpass = env.file("askpass.sh", "#!/bin/sh\necho 1234\n");
+    std::fs::set_permissions(
+        &askpass,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let mut c = sshd.ssh_command(&env, &public_file(&env, "deploy"));
+    c.args(["-o", "HostKeyAlgorithms=ssh-rsa", "-A", "root@127.0.0.1"])
+        .arg(format!(
+            "SSH_ASKPASS={} SSH_ASKPASS_REQUIRE=force DISPLAY=:0 ssh-add -x </dev/null; echo lock=$?",
+            askpass.display()
+        ));
+    // Logging in through the agent works without the binding...
+    let said = ok(run(&mut c), "ssh -A to an ssh-rsa host");
+    // ...and the forwarded connection is marked all the same.
+    assert!(said.contains("lock=1"), "{said}");
+    assert!(is_unlocked(&env));
+    let log = daemon.log_text();
+    assert!(log.contains("session-bind refused"), "{log}");
+    assert!(!log.contains("agent session bound"), "{log}");
+    assert!(
+        log.contains("agent request refused on a forwarded connection"),
+        "{log}"
     );
 }

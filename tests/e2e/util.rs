@@ -153,9 +153,23 @@ impl Env {
 
     /// Starts keyholderd and waits until it answers.
     pub fn start_daemon(&self, extra: &[&str]) -> Daemon {
+        self.start_daemon_under(&[], extra)
+    }
+
+    /// Starts keyholderd through `wrapper` (a program that execs its
+    /// arguments, such as `prlimit --nofile=1024:1024`, so the PID stays
+    /// keyholderd's) and waits until it answers.
+    pub fn start_daemon_under(&self, wrapper: &[&str], extra: &[&str]) -> Daemon {
         let log = self.path().join(format!("keyholderd-{}.log", unique()));
-        let child = self
-            .command(keyholderd_bin())
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = self.command(program);
+                c.args(args).arg(keyholderd_bin());
+                c
+            }
+            None => self.command(keyholderd_bin()),
+        };
+        let child = command
             .arg("--pkcs11-module")
             .arg(&self.module)
             .arg("--vault")
@@ -232,6 +246,17 @@ impl Env {
         child.wait_with_output().expect("keyholder finishes")
     }
 
+    /// Runs the CLI, killing it if it has not finished within `limit`
+    /// (`None` then).
+    pub fn cli_within(&self, args: &[&str], limit: Duration) -> Option<Output> {
+        let mut c = self.command(keyholder_bin());
+        c.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        output_within(c, limit)
+    }
+
     /// Runs the CLI and insists on success.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.cli(args);
@@ -273,6 +298,22 @@ impl Env {
     }
 }
 
+/// Runs `command`, killing it if it has not finished within `limit`
+/// (`None` then). Its output must fit the pipes (a few KiB).
+pub fn output_within(mut command: Command, limit: Duration) -> Option<Output> {
+    let mut child = command.spawn().expect("command starts");
+    let deadline = Instant::now() + limit;
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Some(child.wait_with_output().expect("output"))
+}
+
 /// Prints what ran and what it said, then fails, unless `out` succeeded.
 pub fn assert_ok(out: &Output, args: &[&str]) {
     assert!(
@@ -311,6 +352,13 @@ pub struct Daemon {
 impl Daemon {
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
+    }
+
+    /// Open file descriptors, from /proc (the test runs as root).
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 
     /// Resident set size, from /proc.

@@ -2,8 +2,9 @@
 //! server over a [`Backend`] that knows the keys.
 //!
 //! What the server does itself: framing (messages over 256 KiB close the
-//! connection; a partial message that does not arrive within
-//! [`READ_TIMEOUT`] closes it too), refusing peers of another uid, refusing
+//! connection; a partial message, length header included, that does not
+//! arrive within [`READ_TIMEOUT`] closes it too), bounded connections (idle
+//! ones time out and give way to new ones), refusing peers of another uid, refusing
 //! every request that would add keys or load a provider library, and
 //! verifying `session-bind@openssh.com`. What it leaves to the backend:
 //! which keys exist, signing, and what LOCK/UNLOCK mean.
@@ -15,19 +16,26 @@
 #![forbid(unsafe_code)]
 
 pub mod proto;
+pub mod slots;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use proto::{Request, Response, SessionBind};
+use slots::{AcceptBackoff, Slot, Slots};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use zeroize::Zeroizing;
 
-/// A started message must arrive in full within this time.
+/// A started message, from the first byte of its length header, must
+/// arrive in full within this time (and its answer be taken).
 pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// Most simultaneous agent connections.
+/// A connection with no message for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Most simultaneous agent connections (fewer under a low open file limit);
+/// when all are taken, an idle one is closed to make room for a new one
+/// ([`slots::Slots::evict_one`]).
 pub const MAX_CONNECTIONS: usize = 256;
 /// Most session bindings one connection may record.
 pub const MAX_BINDINGS: usize = 16;
@@ -63,9 +71,14 @@ pub trait Backend: Send + Sync + 'static {
         flags: u32,
         peer: Peer,
     ) -> impl Future<Output = Option<Vec<u8>>> + Send;
-    /// LOCK by `peer`: whether it succeeded.
+    /// Whether the backend is locked now. While locked, `session-bind` is
+    /// refused like every request other than UNLOCK.
+    fn is_locked(&self) -> bool;
+    /// LOCK by `peer`: whether it locked. Already locked, it must answer
+    /// `false` (draft-ietf-sshm-ssh-agent §3.7).
     fn lock(&self, peer: Peer) -> impl Future<Output = bool> + Send;
-    /// UNLOCK by `peer` with a passphrase: whether it succeeded.
+    /// UNLOCK by `peer` with a passphrase: whether it unlocked. Already
+    /// unlocked, it must answer `false` without checking the passphrase.
     fn unlock(
         &self,
         passphrase: Zeroizing<String>,
@@ -80,6 +93,12 @@ pub trait Backend: Send + Sync + 'static {
 struct Connection {
     /// Session ids bound on this connection, with their forwarding flag.
     bindings: Vec<(Vec<u8>, bool)>,
+    /// A `session-bind` marked this connection as a forwarded agent. Set by
+    /// any binding with the forwarding flag, even one that is refused (locked,
+    /// or a signature that does not verify): the mark only takes rights away,
+    /// so it needs no proof, and a forwarding ssh must not escape it by
+    /// binding while Keyholder is locked.
+    forwarded: bool,
 }
 
 /// Verifies a session binding; returns the host key's fingerprint.
@@ -158,6 +177,17 @@ async fn handle<B: Backend>(
             Some(sig) => Response::Signature(sig),
             None => Response::Failure,
         },
+        Request::Lock(_) | Request::Unlock(_) if conn.forwarded => {
+            // A host reached with `ssh -A` must not spend PIN tries or lock
+            // the owner's session; it may only ask for signatures.
+            let request = if matches!(request, Request::Lock(_)) {
+                "LOCK"
+            } else {
+                "UNLOCK"
+            };
+            tracing::warn!(uid = peer.uid, pid = ?peer.pid, request, "agent request refused on a forwarded connection");
+            Response::Failure
+        }
         Request::Lock(_passphrase) => {
             if backend.lock(peer).await {
                 Response::Success
@@ -173,7 +203,17 @@ async fn handle<B: Backend>(
             }
         }
         Request::Extension { name, contents } if name == "session-bind@openssh.com" => {
-            let bound = proto::decode_session_bind(&contents)
+            let decoded = proto::decode_session_bind(&contents);
+            if let Ok(b) = &decoded
+                && b.forwarding
+            {
+                conn.forwarded = true;
+            }
+            if backend.is_locked() {
+                tracing::info!(uid = peer.uid, pid = ?peer.pid, forwarding = conn.forwarded, "session-bind refused: locked");
+                return Response::Failure;
+            }
+            let bound = decoded
                 .map_err(|e| format!("{e:?}"))
                 .and_then(|b| conn.bind(&b).map(|fp| (fp, b.forwarding)));
             match bound {
@@ -203,42 +243,88 @@ async fn handle<B: Backend>(
     }
 }
 
-/// Serves one connection until the peer closes it or breaks the framing.
-async fn serve_connection<B: Backend>(mut stream: UnixStream, backend: Arc<B>, peer: Peer) {
+/// Serves one connection until the peer closes it, breaks the framing,
+/// stays idle for [`IDLE_TIMEOUT`], stalls mid-message for
+/// [`READ_TIMEOUT`], or is evicted to make room for a new one.
+async fn serve_connection<B: Backend>(
+    mut stream: UnixStream,
+    backend: Arc<B>,
+    peer: Peer,
+    slot: Slot,
+) {
     let mut conn = Connection::default();
     loop {
-        let mut len = [0u8; 4];
-        // Waiting for the next message may take forever (an idle ssh); only
-        // a message once started must complete in time.
-        if stream.read_exact(&mut len).await.is_err() {
+        // Between messages a client may wait (an ssh between requests), but
+        // not forever, and an idle connection gives way to a new one.
+        let mut first = [0u8; 1];
+        let waited = tokio::select! {
+            () = slot.evicted() => {
+                tracing::debug!(pid = ?peer.pid, "idle agent connection evicted to make room");
+                return;
+            }
+            r = tokio::time::timeout(IDLE_TIMEOUT, stream.read(&mut first)) => r,
+        };
+        match waited {
+            Ok(Ok(1)) => {}
+            Ok(_) => return,
+            Err(_) => {
+                tracing::debug!(pid = ?peer.pid, "agent connection idle too long; closing it");
+                return;
+            }
+        }
+        // From its first byte on, the rest of the length header and the
+        // message must arrive within READ_TIMEOUT.
+        let deadline = tokio::time::Instant::now() + READ_TIMEOUT;
+        let mut len = [first[0], 0, 0, 0];
+        let header = tokio::select! {
+            () = slot.evicted() => return,
+            r = tokio::time::timeout_at(deadline, stream.read_exact(&mut len[1..])) => r,
+        };
+        if !matches!(header, Ok(Ok(_))) {
             return;
         }
-        let len = u32::from_be_bytes(len) as usize;
-        if len > proto::MAX_MESSAGE {
+        let len = u32::from_be_bytes(len);
+        let Some(len) = usize::try_from(len)
+            .ok()
+            .filter(|l| *l <= proto::MAX_MESSAGE)
+        else {
             tracing::warn!(uid = peer.uid, pid = ?peer.pid, len, "agent message over 256 KiB; closing the connection");
             return;
-        }
+        };
         let mut message = Zeroizing::new(vec![0u8; len]);
-        match tokio::time::timeout(READ_TIMEOUT, stream.read_exact(&mut message)).await {
-            Ok(Ok(_)) => {}
-            _ => return,
-        }
-        let response = handle(&*backend, &mut conn, peer, &message).await;
-        if stream.write_all(&proto::encode(&response)).await.is_err() {
+        let body = tokio::select! {
+            () = slot.evicted() => return,
+            r = tokio::time::timeout_at(deadline, stream.read_exact(&mut message)) => r,
+        };
+        if !matches!(body, Ok(Ok(_))) {
             return;
         }
+        slot.busy();
+        let response = handle(&*backend, &mut conn, peer, &message).await;
+        // A client that does not read its answer must not hold the slot.
+        let written =
+            tokio::time::timeout(READ_TIMEOUT, stream.write_all(&proto::encode(&response))).await;
+        if !matches!(written, Ok(Ok(()))) {
+            return;
+        }
+        slot.idle();
     }
 }
 
 /// Accepts agent connections on `listener` (peers of another uid are
-/// refused and logged) until `shutdown` resolves.
+/// refused and logged) until `shutdown` resolves. At most
+/// [`MAX_CONNECTIONS`] are held; when all are taken, an idle one is closed
+/// to make room. Accept errors (out of file descriptors and the like) never
+/// end the loop.
 pub async fn serve<B: Backend>(
     listener: UnixListener,
     backend: Arc<B>,
     shutdown: impl Future<Output = ()>,
 ) {
     let own_uid = rustix::process::getuid().as_raw();
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let slots = Slots::new(slots::capacity_within_fd_limit(MAX_CONNECTIONS, 33));
+    tracing::debug!(connections = slots.capacity(), "agent connection slots");
+    let mut backoff = AcceptBackoff::new("ssh-agent");
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -246,11 +332,15 @@ pub async fn serve<B: Backend>(
             a = listener.accept() => a,
         };
         let stream = match accepted {
-            Ok((s, _)) => s,
+            Ok((s, _)) => {
+                backoff.accepted();
+                s
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "agent accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+                tokio::select! {
+                    () = &mut shutdown => return,
+                    () = backoff.failed(&e, &slots) => continue,
+                }
             }
         };
         let peer = match stream.peer_cred() {
@@ -267,15 +357,12 @@ pub async fn serve<B: Backend>(
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!("too many agent connections; refusing one");
+        let Some(slot) = slots.admit() else {
+            tracing::warn!("every agent connection is busy serving a request; refusing one");
             continue;
         };
         let backend = backend.clone();
-        tokio::spawn(async move {
-            serve_connection(stream, backend, peer).await;
-            drop(permit);
-        });
+        tokio::spawn(serve_connection(stream, backend, peer, slot));
     }
 }
 

@@ -6,6 +6,9 @@
 //! LOCK and UNLOCK map onto the Keyholder session: `ssh-add -x` locks the
 //! whole session (the passphrase is ignored, as the vault is encrypted
 //! anyway), and `ssh-add -X` unlocks it with the passphrase as the token PIN.
+//! LOCK while locked and UNLOCK while unlocked answer FAILURE, the latter
+//! without looking at the passphrase; on a forwarded connection the agent
+//! server refuses both before they get here.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -195,12 +198,19 @@ impl Backend for AgentBackend {
         }
     }
 
+    fn is_locked(&self) -> bool {
+        !self.core.is_unlocked()
+    }
+
     async fn lock(&self, peer: Peer) -> bool {
         if self.enter(peer, "Agent.Lock", Needs::Nothing).is_err() {
             return false;
         }
-        self.core.lock(LockReason::Request);
-        true
+        let locked = self.core.lock(LockReason::Request);
+        if !locked {
+            tracing::info!(pid = ?peer.pid, "agent LOCK refused: already locked");
+        }
+        locked
     }
 
     async fn unlock(&self, passphrase: Zeroizing<String>, peer: Peer) -> bool {
@@ -208,8 +218,17 @@ impl Backend for AgentBackend {
             return false;
         }
         let pin = SecretString::from(passphrase.to_string());
-        match self.core.unlock(pin, false, None, None, false).await {
-            Ok(_) => true,
+        match self
+            .core
+            .unlock_if_locked(pin, false, None, None, false)
+            .await
+        {
+            Ok(Some(_)) => true,
+            Ok(None) => {
+                // Answering SUCCESS here would confirm any passphrase.
+                tracing::info!(pid = ?peer.pid, "agent UNLOCK refused: already unlocked");
+                false
+            }
             Err(e) => {
                 tracing::info!(error = %crate::escape::Escaped(&e), "agent UNLOCK refused");
                 false

@@ -393,7 +393,7 @@ impl Core {
 
     /// Opens the session: finds the token holding the vault's key, logs in,
     /// decrypts and authenticates the vault. `ttl` and `idle` default to the
-    /// configured ones.
+    /// configured ones. Already unlocked, it reports the open session.
     pub async fn unlock(
         &self,
         pin: SecretString,
@@ -402,6 +402,26 @@ impl Core {
         idle: Option<Duration>,
         accept_older: bool,
     ) -> Result<SessionStatus> {
+        match self
+            .unlock_if_locked(pin, allow_final_try, ttl, idle, accept_older)
+            .await?
+        {
+            Some(status) => Ok(status),
+            None => Ok(self.status()),
+        }
+    }
+
+    /// Like [`Core::unlock`], but `None` when the session was already
+    /// unlocked: then the PIN was not checked, and nothing was done. Decided
+    /// under the writer lock, so a concurrent unlock cannot slip in between.
+    pub async fn unlock_if_locked(
+        &self,
+        pin: SecretString,
+        allow_final_try: bool,
+        ttl: Option<Duration>,
+        idle: Option<Duration>,
+        accept_older: bool,
+    ) -> Result<Option<SessionStatus>> {
         let ttl = ttl.unwrap_or(self.config.session_ttl);
         if ttl > self.config.max_session_ttl {
             return Err(Error::InvalidArgument {
@@ -425,7 +445,7 @@ impl Core {
         let selector = self.selector()?;
         let _writer = self.writer.lock().await;
         if self.is_unlocked() {
-            return Ok(self.status());
+            return Ok(None);
         }
         let started = Instant::now();
         let (session, unlocked) = token_call(|| {
@@ -511,7 +531,7 @@ impl Core {
             self.key_pool.fill();
         }
         self.publish();
-        Ok(self.status())
+        Ok(Some(self.status()))
     }
 
     fn find_vault_token(
@@ -541,8 +561,8 @@ impl Core {
     }
 
     /// Locks: wipes the open vault and everything derived from it, logs out
-    /// and closes the token session.
-    pub fn lock(&self, reason: LockReason) {
+    /// and closes the token session. Returns whether it was unlocked.
+    pub fn lock(&self, reason: LockReason) -> bool {
         let previous = {
             let mut state = self.write_state();
             self.key_pool.drain();
@@ -567,6 +587,7 @@ impl Core {
             tracing::info!(reason = reason.as_str(), "locked");
         }
         self.publish();
+        was_unlocked
     }
 
     /// Applies `change` to a copy of the body and stores it; the in-memory

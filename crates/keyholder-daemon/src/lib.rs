@@ -29,6 +29,7 @@ pub mod error;
 pub mod escape;
 pub mod gate;
 mod keypool;
+pub mod listen;
 pub mod names;
 pub mod open;
 pub mod rollback;
@@ -39,5 +40,6 @@ pub mod status;
 
 pub use crate::core::Core;
 pub use config::Config;
+pub use listen::raise_open_file_limit;
 pub use open::{StartError, open};
 pub use serve::{bind_socket, harden_process, run};

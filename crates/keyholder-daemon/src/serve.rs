@@ -10,8 +10,6 @@ use std::time::Duration;
 
 use keyholder_proto::v1;
 use tokio::net::UnixListener;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::core::Core;
 use crate::{agent, services};
@@ -91,25 +89,9 @@ pub async fn run(
             let _ = stop.wait_for(|s| *s).await;
         }))
     });
-    let own_uid = rustix::process::getuid().as_raw();
-    // Peers of another uid are dropped at accept, before any byte is read.
-    let incoming = UnixListenerStream::new(listener).filter_map(move |conn| match conn {
-        Ok(stream) => match stream.peer_cred() {
-            Ok(cred) if cred.uid() == own_uid => Some(Ok(stream)),
-            Ok(cred) => {
-                tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "refused connection from another uid");
-                None
-            }
-            Err(e) => {
-                tracing::warn!(error = %crate::escape::Escaped(&e), "refused connection without peer credentials");
-                None
-            }
-        },
-        Err(e) => {
-            tracing::warn!(error = %crate::escape::Escaped(&e), "accept failed");
-            None::<std::io::Result<tokio::net::UnixStream>>
-        }
-    });
+    // Peers of another uid are dropped at accept, before any byte is read;
+    // connections are capped and accept errors retried (crate::listen).
+    let incoming = crate::listen::grpc_incoming(listener);
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter

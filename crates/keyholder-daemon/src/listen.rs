@@ -1,0 +1,219 @@
+//! Accepting gRPC connections so that no client can stop others from
+//! connecting: peers of another uid are dropped before any byte is read; at
+//! most [`MAX_GRPC_CONNECTIONS`] are held, and when all are taken an idle
+//! one is closed (those that never sent a request first, then the one idle
+//! longest); accept errors (out of file descriptors and the
+//! like) are retried with a backoff and never end the loop. And the open
+//! file limit is raised at start, so the common soft limit of 1,024 does
+//! not bind when the hard limit is higher.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use keyholder_agent::slots::{AcceptBackoff, Slot, Slots};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{UnixListener, UnixStream};
+use tonic::transport::server::{Connected, UdsConnectInfo};
+
+/// Most simultaneous gRPC connections. With the agent's 256 this stays well
+/// under an open file limit of 1,024; under a lower limit both take less
+/// (`capacity_within_fd_limit`).
+pub const MAX_GRPC_CONNECTIONS: usize = 512;
+
+/// Activity is recorded at most this often per connection.
+const TOUCH_EVERY: Duration = Duration::from_millis(250);
+
+/// Raises the soft open file limit to the hard limit; returns both (soft
+/// after raising, hard).
+pub fn raise_open_file_limit() -> (Option<u64>, Option<u64>) {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(error = %e, "cannot raise the open file limit");
+        }
+    }
+    let now = getrlimit(Resource::Nofile);
+    (now.current, now.maximum)
+}
+
+/// The gRPC connections accepted on `listener`, for
+/// `serve_with_incoming_shutdown`. The accept task ends when the server
+/// drops the stream.
+pub fn grpc_incoming(
+    listener: UnixListener,
+) -> tokio_stream::wrappers::ReceiverStream<io::Result<Counted>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        let own_uid = rustix::process::getuid().as_raw();
+        let slots = Slots::new(keyholder_agent::slots::capacity_within_fd_limit(
+            MAX_GRPC_CONNECTIONS,
+            66,
+        ));
+        tracing::debug!(connections = slots.capacity(), "gRPC connection slots");
+        let mut backoff = AcceptBackoff::new("grpc");
+        loop {
+            let accepted = tokio::select! {
+                () = tx.closed() => return,
+                a = listener.accept() => a,
+            };
+            let stream = match accepted {
+                Ok((s, _)) => {
+                    backoff.accepted();
+                    s
+                }
+                Err(e) => {
+                    backoff.failed(&e, &slots).await;
+                    continue;
+                }
+            };
+            match stream.peer_cred() {
+                Ok(cred) if cred.uid() == own_uid => {}
+                Ok(cred) => {
+                    tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "refused connection from another uid");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %crate::escape::Escaped(&e), "refused connection without peer credentials");
+                    continue;
+                }
+            }
+            // gRPC connections have no request boundary visible here, so
+            // none counts as busy: those that never sent a request give way
+            // first, then the one that moved no byte for longest.
+            let Some(slot) = slots.admit() else {
+                continue;
+            };
+            let counted = Counted {
+                stream,
+                slot,
+                touched: Instant::now(),
+                read: 0,
+            };
+            if tx.send(Ok(counted)).await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// A gRPC connection holding its slot; evicted, it reads as closed.
+pub struct Counted {
+    stream: UnixStream,
+    slot: Slot,
+    touched: Instant,
+    /// Bytes read, up to [`PROVEN_AFTER`].
+    read: usize,
+}
+
+/// A client that sent more than the HTTP/2 preface (24 bytes) and a frame
+/// header (9) has made a request; it is evicted after those that did not.
+const PROVEN_AFTER: usize = 33;
+
+impl Counted {
+    fn touch(&mut self) {
+        if self.touched.elapsed() >= TOUCH_EVERY {
+            self.touched = Instant::now();
+            self.slot.touch();
+        }
+    }
+
+    fn count_read(&mut self, n: usize) {
+        if self.read <= PROVEN_AFTER {
+            self.read = self.read.saturating_add(n);
+            if self.read > PROVEN_AFTER {
+                self.slot.proven();
+            }
+        }
+        self.touch();
+    }
+}
+
+fn evicted() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "connection closed to make room for a new one",
+    )
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.slot.poll_evicted(cx).is_ready() {
+            // End of stream: the server closes the connection.
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        let n = buf.filled().len().saturating_sub(before);
+        if matches!(read, Poll::Ready(Ok(()))) && n > 0 {
+            this.count_read(n);
+        }
+        read
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.slot.is_evicted() {
+            return Poll::Ready(Err(evicted()));
+        }
+        let written = Pin::new(&mut this.stream).poll_write(cx, buf);
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+            this.touch();
+        }
+        written
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.slot.is_evicted() {
+            return Poll::Ready(Err(evicted()));
+        }
+        let written = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+            this.touch();
+        }
+        written
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+impl Connected for Counted {
+    type ConnectInfo = UdsConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
