@@ -11,4 +11,5 @@ mod memory;
 mod peer;
 mod python;
 mod round_trip;
+mod socket_trust;
 mod ssh;

@@ -22,17 +22,25 @@ fn a_client_running_as_another_uid_is_refused_and_the_refusal_logged() {
     // only the peer-credential check stands in the way.
     chmod(env.path(), 0o755);
     chmod(&env.runtime, 0o755);
-    chmod(&env.runtime.join("keyholder"), 0o777);
+    chmod(&env.runtime.join("keyholder"), 0o711);
     chmod(&env.socket(), 0o777);
     let bin = env.path().join("keyholder");
     std::fs::copy(keyholder_bin(), &bin).expect("copy the CLI where nobody can run it");
     chmod(&bin, 0o755);
+    // The CLI only dials a socket in a directory of its own user, so give
+    // nobody one, holding a link to the daemon's socket.
+    let theirs = env.path().join("nobody");
+    std::fs::create_dir(&theirs).expect("mkdir");
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).expect("chown");
+    chmod(&theirs, 0o700);
+    let link = theirs.join("keyholder.sock");
+    std::os::unix::fs::symlink(env.socket(), &link).expect("symlink");
 
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(&bin)
         .arg("--socket")
-        .arg(env.socket())
+        .arg(&link)
         .arg("status")
         .output()
         .expect("setpriv runs");

@@ -31,7 +31,8 @@ Exit status:
   4  not found (NOT_FOUND)
   5  already exists (ALREADY_EXISTS)
   6  invalid argument or over a size limit (INVALID_ARGUMENT, RESOURCE_EXHAUSTED)
-  7  refused: wrong PIN, final PIN try, or another user (PERMISSION_DENIED)
+  7  refused: wrong PIN, final PIN try, another user, or a socket that is not
+     yours (PERMISSION_DENIED)
   8  keyholderd or the token cannot be reached (UNAVAILABLE)
   9  the vault file is damaged or not authentic (DATA_LOSS)";
 
@@ -91,20 +92,23 @@ enum Command {
     SshEnv,
 }
 
-/// A channel to keyholderd, or a failure that says how to start it.
+/// A channel to keyholderd, or a failure that says how to start it. A
+/// socket that is not the user's (its directory, or the process behind it)
+/// is refused before any byte is sent: exit 7, like another refusal.
 async fn connect(socket: &Path) -> CliResult<Channel> {
-    keyholder_proto::socket::connect(socket).await.map_err(|e| {
-        let cause = std::error::Error::source(&e)
-            .map(ToString::to_string)
-            .unwrap_or_else(|| e.to_string());
-        Failure::new(
-            8,
-            format!(
-                "cannot reach keyholderd at {} ({cause}); is it running? Start it with `keyholderd --pkcs11-module <module>`",
-                socket.display()
+    use keyholder_proto::socket::ConnectError;
+    keyholder_proto::socket::connect(socket)
+        .await
+        .map_err(|e| match e {
+            ConnectError::Untrusted(why) => Failure::new(7, why),
+            ConnectError::Unreachable(_) => Failure::new(
+                8,
+                format!(
+                    "cannot reach keyholderd at {} ({e}); is it running? Start it with `keyholderd --pkcs11-module <module>`",
+                    socket.display()
+                ),
             ),
-        )
-    })
+        })
 }
 
 async fn run(cli: Cli) -> CliResult {
