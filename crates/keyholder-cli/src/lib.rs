@@ -92,15 +92,18 @@ enum Command {
     SshEnv,
 }
 
-/// A channel to keyholderd, or a failure that says how to start it. A
-/// socket that is not the user's (its directory, or the process behind it)
-/// is refused before any byte is sent: exit 7, like another refusal.
-async fn connect(socket: &Path) -> CliResult<Channel> {
+/// A channel to keyholderd and the uid it runs as, or a failure that says
+/// how to start it. A socket that is not the user's (its directory, or the
+/// process behind it) is refused before any byte is sent: exit 7, like
+/// another refusal.
+async fn connect(socket: &Path) -> CliResult<(Channel, u32)> {
     use keyholder_proto::socket::ConnectError;
-    keyholder_proto::socket::connect(socket)
+    keyholder_proto::socket::connect_with_peer(socket)
         .await
         .map_err(|e| match e {
-            ConnectError::Untrusted(why) => Failure::new(7, why),
+            ConnectError::Untrusted(_) | ConnectError::OtherUid { .. } => {
+                Failure::new(7, e.to_string())
+            }
             ConnectError::Unreachable(_) => Failure::new(
                 8,
                 format!(
@@ -116,8 +119,8 @@ async fn run(cli: Cli) -> CliResult {
         .socket
         .unwrap_or_else(keyholder_proto::socket::default_socket);
     let json = cli.json;
-    let channel = connect(&socket).await?;
-    match cli.command {
+    let (channel, peer) = connect(&socket).await?;
+    let result = match cli.command {
         Command::Init(args) => session::init(channel, args, json).await,
         Command::Unlock(args) => session::unlock(channel, args, json).await,
         Command::Lock => session::lock(channel, json).await,
@@ -133,7 +136,18 @@ async fn run(cli: Cli) -> CliResult {
         Command::Sign(args) => keys::sign(channel, args).await,
         Command::SshCert(args) => ssh::ssh_cert(channel, args, json).await,
         Command::SshEnv => ssh::ssh_env(channel).await,
-    }
+    };
+    // keyholderd closes the connection of any uid but its own; a root
+    // daemon's socket reached by another user fails that way, whatever the
+    // command was doing.
+    let own = keyholder_proto::socket::own_uid();
+    result.map_err(|f| match f.code {
+        1 | 8 if peer != own => Failure::new(
+            7,
+            keyholder_proto::socket::ConnectError::other_uid_message(&socket, peer, own),
+        ),
+        _ => f,
+    })
 }
 
 /// Runs the `keyholder` command with the process's arguments: parses them,

@@ -26,6 +26,11 @@ pub fn runtime_dir() -> PathBuf {
     }
 }
 
+/// The calling process's real uid.
+pub fn own_uid() -> u32 {
+    rustix::process::getuid().as_raw()
+}
+
 /// The gRPC socket: `runtime_dir()/keyholder.sock`.
 pub fn default_socket() -> PathBuf {
     runtime_dir().join("keyholder.sock")
@@ -42,14 +47,38 @@ pub enum ConnectError {
     /// The socket's directory or the process behind the socket is not the
     /// caller's; nothing was sent. The message names the path and the owner.
     Untrusted(String),
+    /// The process behind the socket runs as another uid (root) and closed
+    /// the connection: keyholderd serves only its own uid.
+    OtherUid {
+        /// The socket dialled.
+        path: PathBuf,
+        /// The uid of the process behind it.
+        peer: u32,
+        /// The caller's uid.
+        own: u32,
+    },
     /// The socket could not be reached (no daemon, no such file, ...).
     Unreachable(tonic::transport::Error),
+}
+
+impl ConnectError {
+    /// The message for a daemon of uid `peer` that refused a client of uid `own`.
+    pub fn other_uid_message(path: &Path, peer: u32, own: u32) -> String {
+        format!(
+            "keyholderd at {} refused the connection: it serves only uid {peer}; you are uid {own} \
+             (run as uid {peer}, or start a keyholderd of your own)",
+            path.display()
+        )
+    }
 }
 
 impl fmt::Display for ConnectError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Untrusted(why) => f.write_str(why),
+            Self::OtherUid { path, peer, own } => {
+                f.write_str(&Self::other_uid_message(path, *peer, *own))
+            }
             Self::Unreachable(e) => match std::error::Error::source(e) {
                 Some(cause) => write!(f, "{cause}"),
                 None => write!(f, "{e}"),
@@ -61,7 +90,7 @@ impl fmt::Display for ConnectError {
 impl std::error::Error for ConnectError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Self::Untrusted(_) => None,
+            Self::Untrusted(_) | Self::OtherUid { .. } => None,
             Self::Unreachable(e) => Some(e),
         }
     }
@@ -107,8 +136,8 @@ pub fn check_socket_dir(path: &Path) -> Result<(), ConnectError> {
 }
 
 /// Refuses a connected socket whose listening process runs as neither the
-/// caller nor root.
-pub fn check_peer(path: &Path, stream: &tokio::net::UnixStream) -> Result<(), String> {
+/// caller nor root; returns the peer's uid.
+pub fn check_peer(path: &Path, stream: &tokio::net::UnixStream) -> Result<u32, String> {
     let uid = rustix::process::getuid().as_raw();
     let cred = stream.peer_cred().map_err(|e| {
         format!(
@@ -124,7 +153,7 @@ pub fn check_peer(path: &Path, stream: &tokio::net::UnixStream) -> Result<(), St
             cred.uid()
         ));
     }
-    Ok(())
+    Ok(cred.uid())
 }
 
 /// A gRPC channel to keyholderd over the Unix socket at `path`. The
@@ -133,35 +162,56 @@ pub fn check_peer(path: &Path, stream: &tokio::net::UnixStream) -> Result<(), St
 /// and the peer are checked first ([`check_socket_dir`], [`check_peer`]),
 /// on every (re)connection, before any byte is written.
 pub async fn connect(path: impl AsRef<Path>) -> Result<Channel, ConnectError> {
+    connect_with_peer(path).await.map(|(channel, _)| channel)
+}
+
+/// Like [`connect`], and also returns the uid of the process behind the
+/// socket (the caller's, or root's), so that a later failure can be
+/// explained: keyholderd closes connections from any uid but its own.
+pub async fn connect_with_peer(path: impl AsRef<Path>) -> Result<(Channel, u32), ConnectError> {
     let path = path.as_ref().to_owned();
     check_socket_dir(&path)?;
     let refused: Arc<Mutex<Option<String>>> = Arc::default();
-    let slot = refused.clone();
+    let peer: Arc<Mutex<Option<u32>>> = Arc::default();
+    let (refused_slot, peer_slot, dial_path) = (refused.clone(), peer.clone(), path.clone());
     // The URI is required by the API but unused: the connector dials the socket.
     let channel = Endpoint::from_static("http://keyholderd.invalid")
         .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            let slot = slot.clone();
+            let path = dial_path.clone();
+            let refused = refused_slot.clone();
+            let peer = peer_slot.clone();
             async move {
                 if let Err(ConnectError::Untrusted(why)) = check_socket_dir(&path) {
-                    return Err(refuse(&slot, why));
+                    return Err(refuse(&refused, why));
                 }
                 let stream = tokio::net::UnixStream::connect(&path).await?;
-                if let Err(why) = check_peer(&path, &stream) {
-                    drop(stream);
-                    return Err(refuse(&slot, why));
+                match check_peer(&path, &stream) {
+                    Ok(uid) => {
+                        if let Ok(mut p) = peer.lock() {
+                            *p = Some(uid);
+                        }
+                    }
+                    Err(why) => {
+                        drop(stream);
+                        return Err(refuse(&refused, why));
+                    }
                 }
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
             }
         }))
         .await;
-    channel.map_err(|e| {
-        let why = refused.lock().ok().and_then(|mut s| s.take());
-        match why {
-            Some(why) => ConnectError::Untrusted(why),
-            None => ConnectError::Unreachable(e),
-        }
-    })
+    let own = rustix::process::getuid().as_raw();
+    let peer = peer.lock().ok().and_then(|p| *p);
+    match channel {
+        Ok(channel) => Ok((channel, peer.unwrap_or(own))),
+        Err(e) => Err(
+            match (refused.lock().ok().and_then(|mut s| s.take()), peer) {
+                (Some(why), _) => ConnectError::Untrusted(why),
+                (None, Some(peer)) if peer != own => ConnectError::OtherUid { path, peer, own },
+                _ => ConnectError::Unreachable(e),
+            },
+        ),
+    }
 }
 
 /// Records why a connection was refused and returns the error the dial fails with.
