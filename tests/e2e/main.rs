@@ -8,6 +8,7 @@ mod crash;
 mod faults;
 mod kube;
 mod memory;
+mod message_size;
 mod peer;
 mod python;
 mod round_trip;

@@ -31,6 +31,7 @@ pub mod gate;
 mod keypool;
 pub mod names;
 pub mod open;
+mod oversize;
 pub mod rollback;
 pub mod serve;
 pub mod services;
