@@ -7,6 +7,7 @@ mod bad_input;
 mod crash;
 mod faults;
 mod kube;
+mod lifetimes;
 mod memory;
 mod message_size;
 mod peer;

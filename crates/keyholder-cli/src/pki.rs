@@ -86,7 +86,7 @@ pub(crate) enum CertCommand {
         /// A DNS name or IP address (repeatable).
         #[arg(long = "san")]
         sans: Vec<String>,
-        /// Lifetime (default 15m for client, 720h for server and peer).
+        /// Lifetime (default 720h for every profile, or the CA's max TTL if shorter).
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,
         /// Certify this CSR (PEM) instead of generating a key.

@@ -20,10 +20,13 @@ use crate::gate::Needs;
 use crate::names::lookup;
 use crate::signers::{X509Ca, off_worker, signing_result};
 
-/// Client certificates and kubeconfigs live 15 minutes unless asked otherwise.
+/// Kubeconfigs and exec credentials (for humans) live 15 minutes unless asked otherwise.
 pub const DEFAULT_CLIENT_TTL: Duration = Duration::from_secs(15 * 60);
-/// Server and peer certificates live 30 days unless asked otherwise.
-pub const DEFAULT_SERVER_TTL: Duration = Duration::from_secs(30 * 86400);
+/// Certificates for cluster components (`IssueCertificate`, every profile)
+/// live 30 days unless asked otherwise, capped by the CA's maximum: a
+/// component certificate that dies before the component is deployed helps
+/// nobody. Humans' kubeconfigs and exec credentials keep the 15 minutes above.
+pub const DEFAULT_COMPONENT_TTL: Duration = Duration::from_secs(30 * 86400);
 /// SSH certificates live an hour unless asked otherwise.
 pub const DEFAULT_SSH_TTL: Duration = Duration::from_secs(3600);
 
@@ -307,11 +310,7 @@ impl v1::credentials_server::Credentials for CredentialsService {
         )?;
         let order = CertificateOrder::try_from(request.into_inner())?;
         let ca = self.core.x509_ca(&order.ca)?;
-        let default_ttl = match order.profile {
-            Profile::Client => DEFAULT_CLIENT_TTL,
-            Profile::Server | Profile::Peer => DEFAULT_SERVER_TTL,
-        };
-        let ttl = order.ttl.unwrap_or(default_ttl);
+        let ttl = order.ttl.unwrap_or(DEFAULT_COMPONENT_TTL.min(ca.max_ttl));
         check_ttl(ttl, ca.max_ttl, "the CA's")?;
         let request = IssueRequest {
             profile: order.profile,
