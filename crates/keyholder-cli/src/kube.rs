@@ -10,7 +10,7 @@ use keyholder_proto::v1;
 use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
-use crate::failure::{CliResult, Failure};
+use crate::failure::{CliResult, Failure, io_failure};
 use crate::input::seconds;
 use crate::output::write_private_file;
 
@@ -32,6 +32,10 @@ pub(crate) enum ClusterCommand {
         /// Longest credential (default 1h).
         #[arg(long, value_parser = humantime::parse_duration)]
         max_ttl: Option<Duration>,
+        /// PEM file of the CA that issued the API server's certificate, when
+        /// it is not --ca: kubeconfigs trust it (certificate-authority-data).
+        #[arg(long, value_name = "FILE")]
+        server_ca: Option<PathBuf>,
         /// Replace an existing profile.
         #[arg(long)]
         force: bool,
@@ -72,9 +76,20 @@ pub(crate) struct KubeconfigArgs {
     /// ExecCredential version for --exec: v1 (kubectl >= 1.22) or v1beta1.
     #[arg(long, default_value = "v1")]
     exec_api_version: String,
+    /// PEM file of the CA that issued the API server's certificate, for this
+    /// kubeconfig's certificate-authority-data (default: the cluster's).
+    #[arg(long, value_name = "FILE")]
+    server_ca: Option<PathBuf>,
     /// Write to this file (mode 0600) instead of stdout.
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+/// The PEM text of a --server-ca file; empty when not given.
+fn read_server_ca(path: Option<&Path>) -> CliResult<String> {
+    path.map(|p| std::fs::read_to_string(p).map_err(|e| io_failure("cannot read", p, e)))
+        .transpose()
+        .map(Option::unwrap_or_default)
 }
 
 /// `keyholder kube-credential` arguments.
@@ -97,7 +112,7 @@ fn default_user(user: Option<String>) -> CliResult<String> {
 
 pub(crate) async fn cluster(channel: Channel, cmd: ClusterCommand, json: bool) -> CliResult {
     let mut admin = v1::admin_client::AdminClient::new(channel);
-    let cluster_json = |c: &v1::ClusterInfo| serde_json::json!({"name": c.name, "server": c.server, "ca": c.ca, "default_groups": c.default_groups, "max_ttl_seconds": c.max_ttl_seconds});
+    let cluster_json = |c: &v1::ClusterInfo| serde_json::json!({"name": c.name, "server": c.server, "ca": c.ca, "default_groups": c.default_groups, "max_ttl_seconds": c.max_ttl_seconds, "server_ca_pem": (!c.server_ca_pem.is_empty()).then_some(&c.server_ca_pem)});
     match cmd {
         ClusterCommand::Add {
             name,
@@ -105,6 +120,7 @@ pub(crate) async fn cluster(channel: Channel, cmd: ClusterCommand, json: bool) -
             ca,
             groups,
             max_ttl,
+            server_ca,
             force,
         } => {
             let c = admin
@@ -115,6 +131,7 @@ pub(crate) async fn cluster(channel: Channel, cmd: ClusterCommand, json: bool) -
                     default_groups: groups,
                     max_ttl_seconds: seconds(max_ttl),
                     overwrite: force,
+                    server_ca_pem: read_server_ca(server_ca.as_deref())?,
                 })
                 .await?
                 .into_inner();
@@ -198,6 +215,7 @@ pub(crate) async fn kubeconfig(channel: Channel, args: KubeconfigArgs, socket: &
             exec_command,
             exec_args,
             exec_api_version: args.exec_api_version,
+            server_ca_pem: read_server_ca(args.server_ca.as_deref())?,
         })
         .await?
         .into_inner();
