@@ -10,6 +10,7 @@ mod kube;
 mod lifetimes;
 mod memory;
 mod message_size;
+mod output_paths;
 mod peer;
 mod python;
 mod round_trip;

@@ -292,7 +292,9 @@ pub(crate) async fn sign(channel: Channel, args: SignArgs) -> CliResult {
         .await?
         .into_inner();
     match args.out {
-        Some(p) => std::fs::write(&p, &r.signature).map_err(|e| io_failure("cannot write", &p, e)),
+        Some(p) => crate::output::create_parents(&p).and_then(|()| {
+            std::fs::write(&p, &r.signature).map_err(|e| io_failure("cannot write", &p, e))
+        }),
         None => std::io::stdout()
             .write_all(&r.signature)
             .map_err(|e| Failure::new(1, format!("cannot write to stdout: {e}"))),

@@ -271,7 +271,7 @@ pub(crate) async fn cert(channel: Channel, cmd: CertCommand, json: bool) -> CliR
         .into_inner();
     let key = Zeroizing::new(resp.private_key_pem);
     if let Some(dir) = out_dir {
-        std::fs::create_dir_all(&dir).map_err(|e| io_failure("cannot create", &dir, e))?;
+        crate::output::create_private_dir(&dir)?;
         let write = |name: &str, text: &str| {
             let p = dir.join(name);
             std::fs::write(&p, text).map_err(|e| io_failure("cannot write", &p, e))
