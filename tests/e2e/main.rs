@@ -6,6 +6,7 @@ mod util;
 mod bad_input;
 mod crash;
 mod faults;
+mod json_everywhere;
 mod kube;
 mod lifetimes;
 mod memory;

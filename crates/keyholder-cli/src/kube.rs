@@ -12,7 +12,7 @@ use zeroize::Zeroizing;
 
 use crate::failure::{CliResult, Failure, io_failure};
 use crate::input::seconds;
-use crate::output::write_private_file;
+use crate::output::{rfc3339, write_private_file};
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum ClusterCommand {
@@ -167,7 +167,9 @@ pub(crate) async fn cluster(channel: Channel, cmd: ClusterCommand, json: bool) -
             admin
                 .remove_cluster(v1::RemoveClusterRequest { name: name.clone() })
                 .await?;
-            if !json {
+            if json {
+                println!("{}", serde_json::json!({"name": name, "removed": true}));
+            } else {
                 println!("removed cluster {name}");
             }
         }
@@ -175,7 +177,12 @@ pub(crate) async fn cluster(channel: Channel, cmd: ClusterCommand, json: bool) -
     Ok(())
 }
 
-pub(crate) async fn kubeconfig(channel: Channel, args: KubeconfigArgs, socket: &Path) -> CliResult {
+pub(crate) async fn kubeconfig(
+    channel: Channel,
+    args: KubeconfigArgs,
+    socket: &Path,
+    json: bool,
+) -> CliResult {
     let user = default_user(args.who.user)?;
     let (exec_command, exec_args) = if args.exec {
         let exe = std::env::current_exe().map_err(|e| {
@@ -205,6 +212,7 @@ pub(crate) async fn kubeconfig(channel: Channel, args: KubeconfigArgs, socket: &
         (String::new(), Vec::new())
     };
     let mut creds = v1::credentials_client::CredentialsClient::new(channel);
+    let (cluster, who) = (args.cluster.clone(), user.clone());
     let resp = creds
         .issue_kubeconfig(v1::IssueKubeconfigRequest {
             cluster: args.cluster,
@@ -220,8 +228,27 @@ pub(crate) async fn kubeconfig(channel: Channel, args: KubeconfigArgs, socket: &
         .await?
         .into_inner();
     let text = Zeroizing::new(resp.kubeconfig);
+    if let Some(path) = &args.out {
+        write_private_file(path, text.as_bytes())?;
+    }
+    if json {
+        // The kubeconfig itself only when it is not written to a file.
+        let value = Zeroizing::new(
+            serde_json::json!({
+                "cluster": cluster,
+                "user": who,
+                "exec": args.exec,
+                "expires_at": rfc3339(resp.expires_at.as_ref()),
+                "out": args.out.as_ref().map(|p| p.display().to_string()),
+                "kubeconfig": args.out.is_none().then_some(text.as_str()),
+            })
+            .to_string(),
+        );
+        println!("{}", value.as_str());
+        return Ok(());
+    }
     match args.out {
-        Some(path) => write_private_file(&path, text.as_bytes())?,
+        Some(_) => {}
         None => std::io::stdout()
             .write_all(text.as_bytes())
             .map_err(|e| Failure::new(1, format!("cannot write to stdout: {e}")))?,

@@ -44,7 +44,9 @@ struct Cli {
     /// The daemon's socket. Default: $XDG_RUNTIME_DIR/keyholder/keyholder.sock.
     #[arg(long, global = true, env = "KEYHOLDER_SOCKET")]
     socket: Option<PathBuf>,
-    /// Print machine-readable JSON instead of text.
+    /// Print machine-readable JSON instead of text: one JSON value per
+    /// command (status --watch: one object per line; kube-credential always
+    /// prints its ExecCredential JSON).
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
@@ -130,12 +132,12 @@ async fn run(cli: Cli) -> CliResult {
         Command::Ca(cmd) => pki::ca(channel, cmd, json).await,
         Command::Cert(cmd) => pki::cert(channel, cmd, json).await,
         Command::Cluster(cmd) => kube::cluster(channel, cmd, json).await,
-        Command::Kubeconfig(args) => kube::kubeconfig(channel, args, &socket).await,
+        Command::Kubeconfig(args) => kube::kubeconfig(channel, args, &socket, json).await,
         Command::KubeCredential(args) => kube::kube_credential(channel, args).await,
         Command::Key(cmd) => keys::key(channel, cmd, json).await,
-        Command::Sign(args) => keys::sign(channel, args).await,
+        Command::Sign(args) => keys::sign(channel, args, json).await,
         Command::SshCert(args) => ssh::ssh_cert(channel, args, json).await,
-        Command::SshEnv => ssh::ssh_env(channel).await,
+        Command::SshEnv => ssh::ssh_env(channel, json).await,
     };
     // keyholderd closes the connection of any uid but its own; a root
     // daemon's socket reached by another user fails that way, whatever the

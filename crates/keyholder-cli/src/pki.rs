@@ -224,7 +224,9 @@ pub(crate) async fn ca(channel: Channel, cmd: CaCommand, json: bool) -> CliResul
         }
         CaCommand::Export { name } => {
             let ca = admin.get_ca(v1::GetCaRequest { name }).await?.into_inner();
-            if ca.kind == "ssh" {
+            if json {
+                println!("{}", ca_json(&ca));
+            } else if ca.kind == "ssh" {
                 println!("{}", ca.public_key_openssh);
             } else {
                 print!("{}", ca.certificate_pem);
