@@ -3,6 +3,7 @@
 
 mod util;
 
+mod api_docs;
 mod bad_input;
 mod crash;
 mod faults;
