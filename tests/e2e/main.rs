@@ -18,3 +18,4 @@ mod python;
 mod round_trip;
 mod socket_trust;
 mod ssh;
+mod stock_grpc;
