@@ -35,7 +35,10 @@ def check_socket(path):
     """
     uid = os.getuid()
     directory = os.path.dirname(os.path.abspath(path))
-    st = os.stat(directory)
+    try:
+        st = os.stat(directory)
+    except OSError as e:
+        sys.exit(f"keyholder: cannot reach keyholderd at {path}: {e}")
     if st.st_uid != uid:
         sys.exit(f"keyholder: refusing to use {path}: its directory {directory} belongs to uid {st.st_uid}, "
                  f"not to you (uid {uid}); nothing was sent")
