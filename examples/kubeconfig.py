@@ -11,6 +11,8 @@ Needs grpcio and stubs generated from Keyholder's proto/ on PYTHONPATH:
 import argparse
 import datetime
 import os
+import socket
+import struct
 import sys
 
 import grpc
@@ -23,6 +25,40 @@ def default_socket():
     return os.path.join(runtime, "keyholder", "keyholder.sock")
 
 
+def check_socket(path):
+    """Refuse a socket that is not ours before sending it a byte.
+
+    Without XDG_RUNTIME_DIR the socket lives under /tmp, where another local
+    user could create the directory first and listen there. The directory must
+    be ours and not writable by group or others (then nobody else can replace
+    the socket), and the process listening on it must run as us or as root.
+    """
+    uid = os.getuid()
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        st = os.stat(directory)
+    except OSError as e:
+        sys.exit(f"keyholder: cannot reach keyholderd at {path}: {e}")
+    if st.st_uid != uid:
+        sys.exit(f"keyholder: refusing to use {path}: its directory {directory} belongs to uid {st.st_uid}, "
+                 f"not to you (uid {uid}); nothing was sent")
+    if st.st_mode & 0o022:
+        sys.exit(f"keyholder: refusing to use {path}: its directory {directory} is writable by group or others "
+                 f"(mode {st.st_mode & 0o7777:04o}); nothing was sent")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError as e:
+        sys.exit(f"keyholder: cannot reach keyholderd at {path}: {e}")
+    finally:
+        probe.close()
+    _pid, peer_uid, _gid = struct.unpack("3i", creds)
+    if peer_uid not in (uid, 0):
+        sys.exit(f"keyholder: refusing to use {path}: the process listening on it runs as uid {peer_uid}, "
+                 f"not as you (uid {uid}) or root; nothing was sent")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--socket", default=os.environ.get("KEYHOLDER_SOCKET") or default_socket())
@@ -33,6 +69,7 @@ def main():
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
+    check_socket(args.socket)
     # grpc-core would send the socket path as the HTTP/2 :authority, which the
     # daemon's HTTP/2 stack rejects; name a plain host instead.
     options = [("grpc.default_authority", "localhost")]

@@ -1346,3 +1346,201 @@ fn kubeadm_and_openssl_ca_keys_import_in_every_pem_form() {
     openssl(&["genrsa", "-traditional", "-out", p(&rsa), "3072"]);
     env.ok(&["key", "import", "rsa-pkcs1", "--file", p(&rsa)]);
 }
+
+#[test]
+fn an_api_server_certificate_from_another_ca_is_trusted_through_server_ca() {
+    let (env, _daemon) = Env::ready();
+    // Client certificates come from one CA; the API server's certificate
+    // from another, as in clusters whose serving CA is not the client CA.
+    env.ok(&["ca", "create", "kube-clients"]);
+    env.ok(&["ca", "create", "apiserver-ca"]);
+    let dir = env.path().join("kube");
+    let server_dir = dir.join("server");
+    env.ok(&[
+        "cert",
+        "issue",
+        "--ca",
+        "apiserver-ca",
+        "--profile",
+        "server",
+        "--cn",
+        "kube-apiserver",
+        "--san",
+        "127.0.0.1",
+        "--out-dir",
+        p(&server_dir),
+    ]);
+    let server_ca = server_dir.join("ca.pem");
+    let client_ca = dir.join("clients-ca.pem");
+    std::fs::write(&client_ca, env.ok(&["ca", "export", "kube-clients"])).expect("client ca");
+    let api = ApiServer::start(
+        &client_ca,
+        &server_dir.join("cert.pem"),
+        &server_dir.join("key.pem"),
+    );
+    let url = format!("https://127.0.0.1:{}", api.port);
+    env.ok(&[
+        "cluster",
+        "add",
+        "prod",
+        "--server",
+        &url,
+        "--ca",
+        "kube-clients",
+    ]);
+
+    // Without --server-ca the kubeconfig trusts the client CA: kubectl refuses the server.
+    let plain = dir.join("plain.kubeconfig");
+    env.ok(&["kubeconfig", "prod", "--user", "alice", "--out", p(&plain)]);
+    let out = kubectl(&plain, &dir).output().expect("kubectl");
+    assert!(
+        !out.status.success(),
+        "kubectl trusted a server from another CA"
+    );
+
+    // With it, the kubeconfig's certificate-authority-data is that CA and kubectl gets through.
+    let with = dir.join("with.kubeconfig");
+    env.ok(&[
+        "kubeconfig",
+        "prod",
+        "--user",
+        "alice",
+        "--server-ca",
+        p(&server_ca),
+        "--out",
+        p(&with),
+    ]);
+    let out = kubectl(&with, &dir).output().expect("kubectl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("v1.30.0-keyholder-test"));
+    let view = Command::new("kubectl")
+        .env("KUBECONFIG", &with)
+        .env("HOME", &dir)
+        .args([
+            "config",
+            "view",
+            "--raw",
+            "-o",
+            "jsonpath={.clusters[0].cluster.certificate-authority-data}",
+        ])
+        .output()
+        .expect("kubectl config view");
+    let data = String::from_utf8_lossy(&view.stdout).trim().to_owned();
+    let decoded = Command::new("base64")
+        .arg("-d")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().expect("stdin").write_all(data.as_bytes())?;
+            c.wait_with_output()
+        })
+        .expect("base64");
+    assert_eq!(
+        String::from_utf8_lossy(&decoded.stdout),
+        std::fs::read_to_string(&server_ca).expect("server ca")
+    );
+
+    // As a cluster setting, it serves exec kubeconfigs too.
+    env.ok(&[
+        "cluster",
+        "add",
+        "prod2",
+        "--server",
+        &url,
+        "--ca",
+        "kube-clients",
+        "--server-ca",
+        p(&server_ca),
+    ]);
+    let listed = json(&env.ok(&["--json", "cluster", "list"]));
+    let prod2 = listed
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == "prod2"))
+        .expect("prod2 listed");
+    assert!(
+        prod2["server_ca_pem"]
+            .as_str()
+            .is_some_and(|s| s.contains("BEGIN CERTIFICATE"))
+    );
+    let exec = dir.join("exec.kubeconfig");
+    env.ok(&[
+        "kubeconfig",
+        "prod2",
+        "--user",
+        "alice",
+        "--exec",
+        "--exec-api-version",
+        "v1beta1",
+        "--out",
+        p(&exec),
+    ]);
+    let out = kubectl(&exec, &dir).output().expect("kubectl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The commands of docs/kubernetes.md, as written (paths made absolute).
+    env.ok(&["ca", "create", "kube-prod"]);
+    let crt = env.path().join("apiserver-ca.crt");
+    std::fs::copy(&server_ca, &crt).expect("copy");
+    env.ok(&[
+        "cluster",
+        "add",
+        "prod-docs",
+        "--server",
+        "https://10.0.0.1:6443",
+        "--ca",
+        "kube-prod",
+        "--server-ca",
+        p(&crt),
+    ]);
+    let docs_out = dir.join("prod");
+    env.ok(&[
+        "kubeconfig",
+        "prod-docs",
+        "--user",
+        "alice",
+        "--server-ca",
+        p(&crt),
+        "--out",
+        p(&docs_out),
+    ]);
+    assert!(
+        std::fs::read_to_string(&docs_out)
+            .expect("kubeconfig")
+            .contains("certificate-authority-data")
+    );
+
+    // Something that is not a certificate is refused, naming the field.
+    let junk = env.file(
+        "junk.pem",
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    );
+    assert_fails(
+        &env.cli(&["kubeconfig", "prod", "--user", "a", "--server-ca", p(&junk)]),
+        6,
+        "server_ca_pem:",
+    );
+    assert_fails(
+        &env.cli(&[
+            "cluster",
+            "add",
+            "bad",
+            "--server",
+            &url,
+            "--ca",
+            "kube-clients",
+            "--server-ca",
+            p(&junk),
+        ]),
+        6,
+        "server_ca_pem:",
+    );
+}

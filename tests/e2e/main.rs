@@ -3,13 +3,20 @@
 
 mod util;
 
+mod api_docs;
 mod bad_input;
 mod connections;
 mod crash;
 mod faults;
+mod json_everywhere;
 mod kube;
+mod lifetimes;
 mod memory;
+mod message_size;
+mod output_paths;
 mod peer;
 mod python;
 mod round_trip;
+mod socket_trust;
 mod ssh;
+mod stock_grpc;

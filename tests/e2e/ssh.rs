@@ -852,14 +852,9 @@ fn a_key_already_on_the_token_is_found_by_uri_and_signs() {
         "--ssh",
         "--sign",
     ]);
-    let shown: serde_json::Value = serde_json::from_str(
-        env.ok(&["--json", "key", "list"])
-            .lines()
-            .next()
-            .expect("a key"),
-    )
-    .expect("json");
-    assert_eq!(shown["on_token"], true);
+    let shown: serde_json::Value =
+        serde_json::from_str(&env.ok(&["--json", "key", "list"])).expect("json");
+    assert_eq!(shown[0]["on_token"], true);
     let data = env.file("data.bin", "signed on the token\n");
     let sig = env.path().join("ext.sig");
     env.ok(&["sign", "--key", "ext", "--in", p(&data), "--out", p(&sig)]);

@@ -107,16 +107,17 @@ fn usages(ssh: bool, sign: bool) -> Vec<String> {
     u
 }
 
+fn key_json(k: &v1::KeyInfo) -> serde_json::Value {
+    serde_json::json!({
+        "name": k.name, "type": k.r#type, "usages": k.usages, "on_token": k.on_token,
+        "public_key": k.public_key_openssh, "fingerprint": k.fingerprint,
+        "created_at": rfc3339(k.created_at.as_ref()),
+    })
+}
+
 fn print_key(k: &v1::KeyInfo, json: bool) {
     if json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "name": k.name, "type": k.r#type, "usages": k.usages, "on_token": k.on_token,
-                "public_key": k.public_key_openssh, "fingerprint": k.fingerprint,
-                "created_at": rfc3339(k.created_at.as_ref()),
-            })
-        );
+        println!("{}", key_json(k));
     } else {
         println!(
             "{}\t{}\t{}\t{}\t{}",
@@ -223,8 +224,15 @@ pub(crate) async fn key(channel: Channel, cmd: KeyCommand, json: bool) -> CliRes
         }
         KeyCommand::List => {
             let list = signer.list_keys(v1::ListKeysRequest {}).await?.into_inner();
-            for k in &list.keys {
-                print_key(k, json);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::Value::Array(list.keys.iter().map(key_json).collect())
+                );
+            } else {
+                for k in &list.keys {
+                    print_key(k, false);
+                }
             }
         }
         KeyCommand::Show {
@@ -233,10 +241,18 @@ pub(crate) async fn key(channel: Channel, cmd: KeyCommand, json: bool) -> CliRes
             format,
         } => {
             let r = signer
-                .get_public_key(v1::GetPublicKeyRequest { name, format })
+                .get_public_key(v1::GetPublicKeyRequest {
+                    name: name.clone(),
+                    format: format.clone(),
+                })
                 .await?
                 .into_inner();
-            if public {
+            if public && json {
+                println!(
+                    "{}",
+                    serde_json::json!({"name": name, "format": if format.is_empty() { "openssh" } else { format.as_str() }, "public_key": r.public_key})
+                );
+            } else if public {
                 let text = r.public_key;
                 if text.ends_with('\n') {
                     print!("{text}")
@@ -251,7 +267,9 @@ pub(crate) async fn key(channel: Channel, cmd: KeyCommand, json: bool) -> CliRes
             admin
                 .delete_key(v1::DeleteKeyRequest { name: name.clone() })
                 .await?;
-            if !json {
+            if json {
+                println!("{}", serde_json::json!({"name": name, "deleted": true}));
+            } else {
                 println!("deleted key {name}");
             }
         }
@@ -265,7 +283,7 @@ fn is_encrypted_openssh(text: &str) -> bool {
     ssh_key::PrivateKey::from_openssh(text).is_ok_and(|k| k.is_encrypted())
 }
 
-pub(crate) async fn sign(channel: Channel, args: SignArgs) -> CliResult {
+pub(crate) async fn sign(channel: Channel, args: SignArgs, json: bool) -> CliResult {
     let data = if args.input.as_os_str() == "-" {
         let mut buf = Vec::new();
         if std::io::stdin().is_terminal() {
@@ -282,6 +300,7 @@ pub(crate) async fn sign(channel: Channel, args: SignArgs) -> CliResult {
         std::fs::read(&args.input).map_err(|e| io_failure("cannot read", &args.input, e))?
     };
     let mut signer = v1::signer_client::SignerClient::new(channel);
+    let key = args.key.clone();
     let r = signer
         .sign(v1::SignRequest {
             key: args.key,
@@ -291,12 +310,29 @@ pub(crate) async fn sign(channel: Channel, args: SignArgs) -> CliResult {
         })
         .await?
         .into_inner();
-    match args.out {
-        Some(p) => std::fs::write(&p, &r.signature).map_err(|e| io_failure("cannot write", &p, e)),
-        None => std::io::stdout()
-            .write_all(&r.signature)
-            .map_err(|e| Failure::new(1, format!("cannot write to stdout: {e}"))),
+    if let Some(p) = &args.out {
+        crate::output::create_parents(p)?;
+        std::fs::write(p, &r.signature).map_err(|e| io_failure("cannot write", p, e))?;
     }
+    if json {
+        use base64::Engine;
+        println!(
+            "{}",
+            serde_json::json!({
+                "key": key,
+                "algorithm": r.algorithm,
+                "signature_base64": base64::engine::general_purpose::STANDARD.encode(&r.signature),
+                "out": args.out.as_ref().map(|p| p.display().to_string()),
+            })
+        );
+        return Ok(());
+    }
+    if args.out.is_some() {
+        return Ok(());
+    }
+    std::io::stdout()
+        .write_all(&r.signature)
+        .map_err(|e| Failure::new(1, format!("cannot write to stdout: {e}")))
 }
 
 #[cfg(test)]

@@ -10,9 +10,9 @@ use keyholder_proto::v1;
 use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
-use crate::failure::{CliResult, Failure};
+use crate::failure::{CliResult, Failure, io_failure};
 use crate::input::seconds;
-use crate::output::write_private_file;
+use crate::output::{rfc3339, write_private_file};
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum ClusterCommand {
@@ -32,6 +32,10 @@ pub(crate) enum ClusterCommand {
         /// Longest credential (default 1h).
         #[arg(long, value_parser = humantime::parse_duration)]
         max_ttl: Option<Duration>,
+        /// PEM file of the CA that issued the API server's certificate, when
+        /// it is not --ca: kubeconfigs trust it (certificate-authority-data).
+        #[arg(long, value_name = "FILE")]
+        server_ca: Option<PathBuf>,
         /// Replace an existing profile.
         #[arg(long)]
         force: bool,
@@ -72,9 +76,20 @@ pub(crate) struct KubeconfigArgs {
     /// ExecCredential version for --exec: v1 (kubectl >= 1.22) or v1beta1.
     #[arg(long, default_value = "v1")]
     exec_api_version: String,
+    /// PEM file of the CA that issued the API server's certificate, for this
+    /// kubeconfig's certificate-authority-data (default: the cluster's).
+    #[arg(long, value_name = "FILE")]
+    server_ca: Option<PathBuf>,
     /// Write to this file (mode 0600) instead of stdout.
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+/// The PEM text of a --server-ca file; empty when not given.
+fn read_server_ca(path: Option<&Path>) -> CliResult<String> {
+    path.map(|p| std::fs::read_to_string(p).map_err(|e| io_failure("cannot read", p, e)))
+        .transpose()
+        .map(Option::unwrap_or_default)
 }
 
 /// `keyholder kube-credential` arguments.
@@ -97,7 +112,7 @@ fn default_user(user: Option<String>) -> CliResult<String> {
 
 pub(crate) async fn cluster(channel: Channel, cmd: ClusterCommand, json: bool) -> CliResult {
     let mut admin = v1::admin_client::AdminClient::new(channel);
-    let cluster_json = |c: &v1::ClusterInfo| serde_json::json!({"name": c.name, "server": c.server, "ca": c.ca, "default_groups": c.default_groups, "max_ttl_seconds": c.max_ttl_seconds});
+    let cluster_json = |c: &v1::ClusterInfo| serde_json::json!({"name": c.name, "server": c.server, "ca": c.ca, "default_groups": c.default_groups, "max_ttl_seconds": c.max_ttl_seconds, "server_ca_pem": (!c.server_ca_pem.is_empty()).then_some(&c.server_ca_pem)});
     match cmd {
         ClusterCommand::Add {
             name,
@@ -105,6 +120,7 @@ pub(crate) async fn cluster(channel: Channel, cmd: ClusterCommand, json: bool) -
             ca,
             groups,
             max_ttl,
+            server_ca,
             force,
         } => {
             let c = admin
@@ -115,6 +131,7 @@ pub(crate) async fn cluster(channel: Channel, cmd: ClusterCommand, json: bool) -
                     default_groups: groups,
                     max_ttl_seconds: seconds(max_ttl),
                     overwrite: force,
+                    server_ca_pem: read_server_ca(server_ca.as_deref())?,
                 })
                 .await?
                 .into_inner();
@@ -150,7 +167,9 @@ pub(crate) async fn cluster(channel: Channel, cmd: ClusterCommand, json: bool) -
             admin
                 .remove_cluster(v1::RemoveClusterRequest { name: name.clone() })
                 .await?;
-            if !json {
+            if json {
+                println!("{}", serde_json::json!({"name": name, "removed": true}));
+            } else {
                 println!("removed cluster {name}");
             }
         }
@@ -158,7 +177,12 @@ pub(crate) async fn cluster(channel: Channel, cmd: ClusterCommand, json: bool) -
     Ok(())
 }
 
-pub(crate) async fn kubeconfig(channel: Channel, args: KubeconfigArgs, socket: &Path) -> CliResult {
+pub(crate) async fn kubeconfig(
+    channel: Channel,
+    args: KubeconfigArgs,
+    socket: &Path,
+    json: bool,
+) -> CliResult {
     let user = default_user(args.who.user)?;
     let (exec_command, exec_args) = if args.exec {
         let exe = std::env::current_exe().map_err(|e| {
@@ -188,6 +212,7 @@ pub(crate) async fn kubeconfig(channel: Channel, args: KubeconfigArgs, socket: &
         (String::new(), Vec::new())
     };
     let mut creds = v1::credentials_client::CredentialsClient::new(channel);
+    let (cluster, who) = (args.cluster.clone(), user.clone());
     let resp = creds
         .issue_kubeconfig(v1::IssueKubeconfigRequest {
             cluster: args.cluster,
@@ -198,12 +223,32 @@ pub(crate) async fn kubeconfig(channel: Channel, args: KubeconfigArgs, socket: &
             exec_command,
             exec_args,
             exec_api_version: args.exec_api_version,
+            server_ca_pem: read_server_ca(args.server_ca.as_deref())?,
         })
         .await?
         .into_inner();
     let text = Zeroizing::new(resp.kubeconfig);
+    if let Some(path) = &args.out {
+        write_private_file(path, text.as_bytes())?;
+    }
+    if json {
+        // The kubeconfig itself only when it is not written to a file.
+        let value = Zeroizing::new(
+            serde_json::json!({
+                "cluster": cluster,
+                "user": who,
+                "exec": args.exec,
+                "expires_at": rfc3339(resp.expires_at.as_ref()),
+                "out": args.out.as_ref().map(|p| p.display().to_string()),
+                "kubeconfig": args.out.is_none().then_some(text.as_str()),
+            })
+            .to_string(),
+        );
+        println!("{}", value.as_str());
+        return Ok(());
+    }
     match args.out {
-        Some(path) => write_private_file(&path, text.as_bytes())?,
+        Some(_) => {}
         None => std::io::stdout()
             .write_all(text.as_bytes())
             .map_err(|e| Failure::new(1, format!("cannot write to stdout: {e}")))?,

@@ -31,7 +31,8 @@ Exit status:
   4  not found (NOT_FOUND)
   5  already exists (ALREADY_EXISTS)
   6  invalid argument or over a size limit (INVALID_ARGUMENT, RESOURCE_EXHAUSTED)
-  7  refused: wrong PIN, final PIN try, or another user (PERMISSION_DENIED)
+  7  refused: wrong PIN, final PIN try, another user, or a socket that is not
+     yours (PERMISSION_DENIED)
   8  keyholderd or the token cannot be reached (UNAVAILABLE)
   9  the vault file is damaged or not authentic (DATA_LOSS)";
 
@@ -43,7 +44,9 @@ struct Cli {
     /// The daemon's socket. Default: $XDG_RUNTIME_DIR/keyholder/keyholder.sock.
     #[arg(long, global = true, env = "KEYHOLDER_SOCKET")]
     socket: Option<PathBuf>,
-    /// Print machine-readable JSON instead of text.
+    /// Print machine-readable JSON instead of text: one JSON value per
+    /// command (status --watch: one object per line; kube-credential always
+    /// prints its ExecCredential JSON).
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
@@ -91,20 +94,26 @@ enum Command {
     SshEnv,
 }
 
-/// A channel to keyholderd, or a failure that says how to start it.
-async fn connect(socket: &Path) -> CliResult<Channel> {
-    keyholder_proto::socket::connect(socket).await.map_err(|e| {
-        let cause = std::error::Error::source(&e)
-            .map(ToString::to_string)
-            .unwrap_or_else(|| e.to_string());
-        Failure::new(
-            8,
-            format!(
-                "cannot reach keyholderd at {} ({cause}); is it running? Start it with `keyholderd --pkcs11-module <module>`",
-                socket.display()
+/// A channel to keyholderd and the uid it runs as, or a failure that says
+/// how to start it. A socket that is not the user's (its directory, or the
+/// process behind it) is refused before any byte is sent: exit 7, like
+/// another refusal.
+async fn connect(socket: &Path) -> CliResult<(Channel, u32)> {
+    use keyholder_proto::socket::ConnectError;
+    keyholder_proto::socket::connect_with_peer(socket)
+        .await
+        .map_err(|e| match e {
+            ConnectError::Untrusted(_) | ConnectError::OtherUid { .. } => {
+                Failure::new(7, e.to_string())
+            }
+            ConnectError::Unreachable(_) => Failure::new(
+                8,
+                format!(
+                    "cannot reach keyholderd at {} ({e}); is it running? Start it with `keyholderd --pkcs11-module <module>`",
+                    socket.display()
+                ),
             ),
-        )
-    })
+        })
 }
 
 async fn run(cli: Cli) -> CliResult {
@@ -112,8 +121,8 @@ async fn run(cli: Cli) -> CliResult {
         .socket
         .unwrap_or_else(keyholder_proto::socket::default_socket);
     let json = cli.json;
-    let channel = connect(&socket).await?;
-    match cli.command {
+    let (channel, peer) = connect(&socket).await?;
+    let result = match cli.command {
         Command::Init(args) => session::init(channel, args, json).await,
         Command::Unlock(args) => session::unlock(channel, args, json).await,
         Command::Lock => session::lock(channel, json).await,
@@ -123,13 +132,24 @@ async fn run(cli: Cli) -> CliResult {
         Command::Ca(cmd) => pki::ca(channel, cmd, json).await,
         Command::Cert(cmd) => pki::cert(channel, cmd, json).await,
         Command::Cluster(cmd) => kube::cluster(channel, cmd, json).await,
-        Command::Kubeconfig(args) => kube::kubeconfig(channel, args, &socket).await,
+        Command::Kubeconfig(args) => kube::kubeconfig(channel, args, &socket, json).await,
         Command::KubeCredential(args) => kube::kube_credential(channel, args).await,
         Command::Key(cmd) => keys::key(channel, cmd, json).await,
-        Command::Sign(args) => keys::sign(channel, args).await,
+        Command::Sign(args) => keys::sign(channel, args, json).await,
         Command::SshCert(args) => ssh::ssh_cert(channel, args, json).await,
-        Command::SshEnv => ssh::ssh_env(channel).await,
-    }
+        Command::SshEnv => ssh::ssh_env(channel, json).await,
+    };
+    // keyholderd closes the connection of any uid but its own; a root
+    // daemon's socket reached by another user fails that way, whatever the
+    // command was doing.
+    let own = keyholder_proto::socket::own_uid();
+    result.map_err(|f| match f.code {
+        1 | 8 if peer != own => Failure::new(
+            7,
+            keyholder_proto::socket::ConnectError::other_uid_message(&socket, peer, own),
+        ),
+        _ => f,
+    })
 }
 
 /// Runs the `keyholder` command with the process's arguments: parses them,

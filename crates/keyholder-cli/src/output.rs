@@ -34,10 +34,34 @@ pub(crate) fn rfc3339(ts: Option<&prost_types::Timestamp>) -> serde_json::Value 
         .unwrap_or(serde_json::Value::Null)
 }
 
+/// Creates `dir` and its missing parents with mode 0700 (what is written
+/// there may be a key); existing directories are left as they are.
+pub(crate) fn create_private_dir(dir: &Path) -> CliResult {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.as_os_str().is_empty() || dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| io_failure("cannot create", dir, e))
+}
+
+/// Creates the missing parents of `path` (mode 0700, see [`create_private_dir`]).
+pub(crate) fn create_parents(path: &Path) -> CliResult {
+    match path.parent() {
+        Some(dir) => create_private_dir(dir),
+        None => Ok(()),
+    }
+}
+
 /// Writes `bytes` to `path`, created with mode 0600 (an existing file is
-/// truncated and keeps its mode).
+/// truncated and keeps its mode); missing parent directories are created
+/// with mode 0700.
 pub(crate) fn write_private_file(path: &Path, bytes: &[u8]) -> CliResult {
     use std::os::unix::fs::OpenOptionsExt;
+    create_parents(path)?;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)

@@ -86,7 +86,7 @@ pub(crate) enum CertCommand {
         /// A DNS name or IP address (repeatable).
         #[arg(long = "san")]
         sans: Vec<String>,
-        /// Lifetime (default 15m for client, 720h for server and peer).
+        /// Lifetime (default 720h for every profile, or the CA's max TTL if shorter).
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,
         /// Certify this CSR (PEM) instead of generating a key.
@@ -224,7 +224,9 @@ pub(crate) async fn ca(channel: Channel, cmd: CaCommand, json: bool) -> CliResul
         }
         CaCommand::Export { name } => {
             let ca = admin.get_ca(v1::GetCaRequest { name }).await?.into_inner();
-            if ca.kind == "ssh" {
+            if json {
+                println!("{}", ca_json(&ca));
+            } else if ca.kind == "ssh" {
                 println!("{}", ca.public_key_openssh);
             } else {
                 print!("{}", ca.certificate_pem);
@@ -271,7 +273,7 @@ pub(crate) async fn cert(channel: Channel, cmd: CertCommand, json: bool) -> CliR
         .into_inner();
     let key = Zeroizing::new(resp.private_key_pem);
     if let Some(dir) = out_dir {
-        std::fs::create_dir_all(&dir).map_err(|e| io_failure("cannot create", &dir, e))?;
+        crate::output::create_private_dir(&dir)?;
         let write = |name: &str, text: &str| {
             let p = dir.join(name);
             std::fs::write(&p, text).map_err(|e| io_failure("cannot write", &p, e))

@@ -114,6 +114,12 @@ pub(crate) async fn secret(channel: Channel, cmd: SecretCommand, json: bool) -> 
             let value = Zeroizing::new(resp.value);
             if let Some(path) = out {
                 write_private_file(&path, &value)?;
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"name": name, "size": value.len(), "out": path.display().to_string()})
+                    );
+                }
             } else if json {
                 println!("{}", value_json(&name, &value));
             } else {

@@ -96,7 +96,7 @@ pub(crate) async fn ssh_cert(channel: Channel, args: SshCertArgs, json: bool) ->
     Ok(())
 }
 
-pub(crate) async fn ssh_env(channel: Channel) -> CliResult {
+pub(crate) async fn ssh_env(channel: Channel, json: bool) -> CliResult {
     let mut session = v1::session_client::SessionClient::new(channel);
     let status = session.status(v1::StatusRequest {}).await?.into_inner();
     if status.ssh_agent_socket.is_empty() {
@@ -104,6 +104,13 @@ pub(crate) async fn ssh_env(channel: Channel) -> CliResult {
             3,
             "keyholderd runs without its ssh-agent (--no-ssh-agent)",
         ));
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"SSH_AUTH_SOCK": status.ssh_agent_socket})
+        );
+        return Ok(());
     }
     // Same shape as `ssh-agent -s`, minus the pid (keyholderd is not
     // stopped through this variable).

@@ -32,6 +32,7 @@ mod keypool;
 pub mod listen;
 pub mod names;
 pub mod open;
+mod oversize;
 pub mod rollback;
 pub mod serve;
 pub mod services;

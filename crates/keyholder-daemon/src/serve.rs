@@ -131,6 +131,10 @@ pub async fn run(
         let _ = stop_tx.send(());
     };
     let server = tonic::transport::Server::builder()
+        .layer(crate::oversize::layer(
+            max_message,
+            core.config.max_secret_bytes,
+        ))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -27,7 +27,8 @@ pub use rcgen;
 pub use rcgen::{PublicKeyData, SigningKey};
 pub use x509::{
     CaIssuer, CertificateInfo, FreshP256, IssueRequest, Issued, Profile, PublicKeySource,
-    certificate_info, certificate_public_key, create_ca_certificate, import_ca, issue, issuer,
+    certificate_bundle, certificate_info, certificate_public_key, create_ca_certificate, import_ca,
+    issue, issuer,
 };
 
 /// Errors from building or parsing certificates. Messages name fields.

@@ -197,6 +197,37 @@ pub fn certificate_info(pem: &str) -> Result<CertificateInfo> {
     })
 }
 
+/// The most certificates a trust bundle may hold.
+pub const MAX_BUNDLE_CERTIFICATES: usize = 32;
+
+/// Checks a PEM bundle of trust anchors (a kubeconfig's
+/// `certificate-authority-data`): one or more CERTIFICATE blocks, every one
+/// of which parses, and nothing else. Returns how many there are.
+pub fn certificate_bundle(pem: &str) -> Result<usize> {
+    let mut count = 0usize;
+    for block in x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes()) {
+        let block = block.map_err(|e| PkiError::Parse(format!("not PEM: {e}")))?;
+        if block.label != "CERTIFICATE" {
+            return Err(PkiError::Parse(format!(
+                "PEM block is {:?}, not CERTIFICATE",
+                block.label
+            )));
+        }
+        x509_parser::parse_x509_certificate(&block.contents)
+            .map_err(|e| PkiError::Parse(format!("certificate does not parse: {e}")))?;
+        count = count.saturating_add(1);
+        if count > MAX_BUNDLE_CERTIFICATES {
+            return Err(PkiError::Parse(format!(
+                "more than {MAX_BUNDLE_CERTIFICATES} certificates"
+            )));
+        }
+    }
+    if count == 0 {
+        return Err(PkiError::Parse("no PEM certificate".into()));
+    }
+    Ok(count)
+}
+
 /// Checks that `key_pem` (PKCS#8) is the private key of `cert_pem` and
 /// returns it as a key pair. Accepts P-256, P-384, Ed25519 and RSA keys.
 /// `key_pem` may be PKCS#8, PKCS#1 (RSA) or SEC1 (P-256); store it as

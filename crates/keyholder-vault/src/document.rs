@@ -260,6 +260,9 @@ pub struct ClusterEntry {
     pub max_ttl_seconds: u64,
     /// RFC 3339, UTC.
     pub created_at: String,
+    /// PEM certificates of the API server's CA, when it is not `ca`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub server_ca_pem: String,
 }
 
 impl fmt::Debug for Body {

@@ -12,6 +12,7 @@ use keyholder_pki::{FreshP256, IssueRequest, Issued, KeyAlgorithm, Profile, Publ
 use keyholder_proto::v1;
 use tonic::{Request, Response, Status};
 
+use super::admin::clusters;
 use super::convert::{CertificateOrder, check_ttl, timestamp, ttl_or, unix_timestamp};
 use super::enter;
 use crate::core::Core;
@@ -20,10 +21,13 @@ use crate::gate::Needs;
 use crate::names::lookup;
 use crate::signers::{X509Ca, off_worker, signing_result};
 
-/// Client certificates and kubeconfigs live 15 minutes unless asked otherwise.
+/// Kubeconfigs and exec credentials (for humans) live 15 minutes unless asked otherwise.
 pub const DEFAULT_CLIENT_TTL: Duration = Duration::from_secs(15 * 60);
-/// Server and peer certificates live 30 days unless asked otherwise.
-pub const DEFAULT_SERVER_TTL: Duration = Duration::from_secs(30 * 86400);
+/// Certificates for cluster components (`IssueCertificate`, every profile)
+/// live 30 days unless asked otherwise, capped by the CA's maximum: a
+/// component certificate that dies before the component is deployed helps
+/// nobody. Humans' kubeconfigs and exec credentials keep the 15 minutes above.
+pub const DEFAULT_COMPONENT_TTL: Duration = Duration::from_secs(30 * 86400);
 /// SSH certificates live an hour unless asked otherwise.
 pub const DEFAULT_SSH_TTL: Duration = Duration::from_secs(3600);
 
@@ -108,9 +112,22 @@ struct ClusterRequest {
     server: String,
     ca_name: String,
     ca: Arc<X509Ca>,
+    /// The cluster's server CA bundle; empty means `ca`'s certificate.
+    server_ca_pem: String,
     user: String,
     groups: Vec<String>,
     ttl: Duration,
+}
+
+impl ClusterRequest {
+    /// What a kubeconfig trusts for the API server: `requested` (from the
+    /// request) if given, else the cluster's server CA, else the client CA.
+    fn server_trust<'a>(&'a self, requested: &'a str) -> &'a str {
+        [requested, self.server_ca_pem.as_str()]
+            .into_iter()
+            .find(|p| !p.is_empty())
+            .unwrap_or(&self.ca.certificate_pem)
+    }
 }
 
 fn api_version(s: &str) -> Result<ExecApiVersion> {
@@ -164,6 +181,7 @@ impl CredentialsService {
             server: c.server,
             ca_name: c.ca,
             ca,
+            server_ca_pem: c.server_ca_pem,
             user: user.to_owned(),
             groups,
             ttl,
@@ -307,11 +325,7 @@ impl v1::credentials_server::Credentials for CredentialsService {
         )?;
         let order = CertificateOrder::try_from(request.into_inner())?;
         let ca = self.core.x509_ca(&order.ca)?;
-        let default_ttl = match order.profile {
-            Profile::Client => DEFAULT_CLIENT_TTL,
-            Profile::Server | Profile::Peer => DEFAULT_SERVER_TTL,
-        };
-        let ttl = order.ttl.unwrap_or(default_ttl);
+        let ttl = order.ttl.unwrap_or(DEFAULT_COMPONENT_TTL.min(ca.max_ttl));
         check_ttl(ttl, ca.max_ttl, "the CA's")?;
         let request = IssueRequest {
             profile: order.profile,
@@ -352,8 +366,10 @@ impl v1::credentials_server::Credentials for CredentialsService {
             "Credentials.IssueKubeconfig",
             Needs::Unlocked,
         )?;
-        let req = request.into_inner();
+        let mut req = request.into_inner();
+        let server_ca_pem = clusters::server_ca(std::mem::take(&mut req.server_ca_pem))?;
         let c = self.resolve(&req.cluster, &req.user, req.groups, req.ttl_seconds)?;
+        let trust = c.server_trust(&server_ca_pem);
         if req.exec {
             if req.exec_command.is_empty() {
                 return Err(Error::InvalidArgument {
@@ -366,7 +382,7 @@ impl v1::credentials_server::Credentials for CredentialsService {
             let kubeconfig = kube::kubeconfig(
                 &c.name,
                 &c.server,
-                &c.ca.certificate_pem,
+                trust,
                 &c.user,
                 &KubeUser::Exec {
                     command: &req.exec_command,
@@ -388,7 +404,7 @@ impl v1::credentials_server::Credentials for CredentialsService {
         let kubeconfig = kube::kubeconfig(
             &c.name,
             &c.server,
-            &c.ca.certificate_pem,
+            trust,
             &c.user,
             &KubeUser::Certificate {
                 certificate_pem: &issued.certificate_pem,

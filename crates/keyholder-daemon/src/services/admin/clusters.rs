@@ -22,7 +22,20 @@ fn cluster_info(name: &str, c: &ClusterEntry) -> v1::ClusterInfo {
         ca: c.ca.clone(),
         default_groups: c.default_groups.clone(),
         max_ttl_seconds: c.max_ttl_seconds,
+        server_ca_pem: c.server_ca_pem.clone(),
     }
+}
+
+/// A server CA bundle from a request: empty, or PEM certificates that parse.
+pub fn server_ca(pem: String) -> Result<String> {
+    if pem.is_empty() {
+        return Ok(pem);
+    }
+    keyholder_pki::certificate_bundle(&pem).map_err(|e| Error::InvalidArgument {
+        field: "server_ca_pem",
+        reason: e.to_string(),
+    })?;
+    Ok(pem)
 }
 
 /// Admin.AddCluster.
@@ -51,6 +64,7 @@ pub async fn add(core: &Core, req: v1::AddClusterRequest) -> Result<v1::ClusterI
         default_groups: req.default_groups,
         max_ttl_seconds: ttl_or(req.max_ttl_seconds, DEFAULT_CLUSTER_MAX_TTL).as_secs(),
         created_at: now_rfc3339(),
+        server_ca_pem: server_ca(req.server_ca_pem)?,
     };
     let info = cluster_info(name.as_str(), &entry);
     core.write(|body| {

@@ -3,7 +3,7 @@
 //! ([`clusters`]) and signing keys ([`keys`]). This file only routes.
 
 mod cas;
-mod clusters;
+pub(crate) mod clusters;
 mod keys;
 mod tokens;
 

@@ -1,0 +1,289 @@
+//! `--json` holds on every command: each prints exactly one JSON value on
+//! stdout (`status --watch` one object per line). The list of commands is
+//! read from `keyholder --help`, so a new command without a case here fails.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use crate::util::{Env, assert_ok, keyholder_bin};
+
+/// A command, its arguments after it, and its stdin.
+type Case<'a> = (&'a str, Vec<String>, Option<&'a [u8]>);
+
+/// The subcommand names listed under "Commands:" in `keyholder ARGS --help`.
+fn subcommands(args: &[&str]) -> Vec<String> {
+    let out = Command::new(keyholder_bin())
+        .args(args)
+        .arg("--help")
+        .output()
+        .expect("keyholder --help");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .filter(|c| c != "help")
+        .collect()
+}
+
+/// Every leaf command, as "group sub" or "cmd".
+fn leaf_commands() -> BTreeSet<String> {
+    let mut leaves = BTreeSet::new();
+    for c in subcommands(&[]) {
+        let subs = subcommands(&[&c]);
+        if subs.is_empty() {
+            leaves.insert(c);
+        } else {
+            for s in subs {
+                leaves.insert(format!("{c} {s}"));
+            }
+        }
+    }
+    leaves
+}
+
+fn openssl(args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn every_command_prints_one_json_value_with_json() {
+    let env = Env::new();
+    let _daemon = env.start_daemon(&[]);
+    let dir = env.path();
+    let s = |p: &std::path::Path| p.to_str().expect("utf8").to_owned();
+    let pin = s(&env.pin_file);
+    let data = s(&env.file("data", "to sign"));
+    let (ca_cert, ca_key) = (dir.join("ca.crt"), dir.join("ca.key"));
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        &s(&ca_key),
+        "-out",
+        &s(&ca_cert),
+        "-subj",
+        "/CN=imported",
+        "-days",
+        "2",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    let ssh_key = dir.join("id_ed25519");
+    let keygen = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&ssh_key)
+        .output()
+        .expect("ssh-keygen");
+    assert!(keygen.status.success());
+
+    // In order: each case is (command, arguments after it, stdin).
+    let cases: Vec<Case> = vec![
+        (
+            "init",
+            vec![
+                "--token-label".into(),
+                "ops".into(),
+                "--pin-file".into(),
+                pin.clone(),
+            ],
+            None,
+        ),
+        ("unlock", vec!["--pin-file".into(), pin.clone()], None),
+        ("status", vec![], None),
+        ("tokens", vec![], None),
+        ("secret put", vec!["db/pw".into()], Some(b"hunter2")),
+        ("secret get", vec!["db/pw".into()], None),
+        (
+            "secret get",
+            vec!["db/pw".into(), "--out".into(), s(&dir.join("pw"))],
+            None,
+        ),
+        ("secret list", vec![], None),
+        ("ca create", vec!["kube".into()], None),
+        (
+            "ca create",
+            vec!["ssh-users".into(), "--kind".into(), "ssh".into()],
+            None,
+        ),
+        (
+            "ca import",
+            vec![
+                "imported".into(),
+                "--cert".into(),
+                s(&ca_cert),
+                "--key".into(),
+                s(&ca_key),
+            ],
+            None,
+        ),
+        ("ca list", vec![], None),
+        ("ca show", vec!["kube".into()], None),
+        ("ca export", vec!["kube".into()], None),
+        ("ca export", vec!["ssh-users".into()], None),
+        (
+            "cluster add",
+            vec![
+                "prod".into(),
+                "--server".into(),
+                "https://127.0.0.1:6443".into(),
+                "--ca".into(),
+                "kube".into(),
+            ],
+            None,
+        ),
+        ("cluster list", vec![], None),
+        (
+            "kubeconfig",
+            vec!["prod".into(), "--user".into(), "alice".into()],
+            None,
+        ),
+        (
+            "kubeconfig",
+            vec![
+                "prod".into(),
+                "--user".into(),
+                "alice".into(),
+                "--out".into(),
+                s(&dir.join("kc")),
+            ],
+            None,
+        ),
+        (
+            "kubeconfig",
+            vec![
+                "prod".into(),
+                "--user".into(),
+                "alice".into(),
+                "--exec".into(),
+            ],
+            None,
+        ),
+        (
+            "kube-credential",
+            vec![
+                "--cluster".into(),
+                "prod".into(),
+                "--user".into(),
+                "alice".into(),
+            ],
+            None,
+        ),
+        (
+            "cert issue",
+            vec!["--ca".into(), "kube".into(), "--cn".into(), "a".into()],
+            None,
+        ),
+        (
+            "key generate",
+            vec!["k".into(), "--ssh".into(), "--sign".into()],
+            None,
+        ),
+        (
+            "key import",
+            vec!["imp".into(), "--file".into(), s(&ssh_key)],
+            None,
+        ),
+        ("key list", vec![], None),
+        ("key show", vec!["k".into()], None),
+        ("key show", vec!["k".into(), "--public".into()], None),
+        (
+            "sign",
+            vec!["--key".into(), "k".into(), "--in".into(), data.clone()],
+            None,
+        ),
+        (
+            "sign",
+            vec![
+                "--key".into(),
+                "k".into(),
+                "--in".into(),
+                data,
+                "--out".into(),
+                s(&dir.join("sig")),
+            ],
+            None,
+        ),
+        (
+            "ssh-cert",
+            vec![
+                "--ca".into(),
+                "ssh-users".into(),
+                "--key".into(),
+                "k".into(),
+                "--principal".into(),
+                "root".into(),
+            ],
+            None,
+        ),
+        ("ssh-env", vec![], None),
+        ("key rm", vec!["imp".into()], None),
+        ("cluster rm", vec!["prod".into()], None),
+        ("secret rm", vec!["db/pw".into()], None),
+        ("lock", vec![], None),
+    ];
+    let mut covered = BTreeSet::new();
+    for (command, rest, stdin) in &cases {
+        let mut args: Vec<&str> = vec!["--json"];
+        args.extend(command.split(' '));
+        args.extend(rest.iter().map(String::as_str));
+        let out = env.cli_with_stdin(&args, *stdin);
+        assert_ok(&out, &args);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let value: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+            panic!("keyholder {args:?} printed no single JSON value ({e}):\n{stdout}")
+        });
+        assert!(value.is_object() || value.is_array(), "{args:?}: {value}");
+        covered.insert(command.to_string());
+    }
+    covered.insert("status".into());
+
+    // status --watch: one JSON object per line.
+    let mut watch = Command::new(keyholder_bin())
+        .args(["--json", "status", "--watch"])
+        .env("XDG_RUNTIME_DIR", &env.runtime)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("status --watch");
+    let stdout = watch.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(Duration::from_secs(10));
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let line = line.expect("status --watch printed a line");
+    let first: serde_json::Value = serde_json::from_str(line.trim()).expect("a JSON line");
+    assert_eq!(first["state"], "locked", "{first}");
+
+    let leaves = leaf_commands();
+    assert!(leaves.len() > 25, "--help lists only {leaves:?}");
+    let missing: Vec<_> = leaves.difference(&covered).cloned().collect();
+    assert!(
+        missing.is_empty(),
+        "commands without a --json case here: {missing:?}"
+    );
+}
