@@ -65,7 +65,9 @@ fn fill(env: &Env, n: usize) {
     let mut vault = OpenVault::open(&bytes, &agreement).expect("open");
     let mut body = vault.body.clone();
     let now = "2026-11-21T00:00:00Z";
-    for i in 0..n {
+    // Room for the new names the Put phase adds, so the vault holds `n`
+    // secrets at its end (100,000 is the daemon's default maximum).
+    for i in 0..n.saturating_sub(PUTS / 2) {
         let value = format!("secret-value-{i:08}-{}", "x".repeat(24));
         body.secrets
             .insert(secret_name(i), SecretEntry::new(value.as_bytes(), now));
@@ -156,7 +158,7 @@ fn one_size(n: usize) {
             let name = if i % 2 == 0 {
                 format!("bench/new-{i:04}")
             } else {
-                secret_name((i * 7919) % n)
+                secret_name((i * 7919) % n.saturating_sub(PUTS / 2).max(1))
             };
             let t = Instant::now();
             secrets

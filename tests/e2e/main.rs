@@ -20,3 +20,4 @@ mod round_trip;
 mod socket_trust;
 mod ssh;
 mod stock_grpc;
+mod vault_files;

@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::Config;
+use crate::damage;
 use crate::error::{Error, Result};
 use crate::gate::{GateHook, GateHooks};
 use crate::keypool::KeyPool;
@@ -197,11 +198,22 @@ impl Core {
         self.last_activity().checked_add(u.idle_timeout)
     }
 
-    /// Runs `f` on the open vault, or fails with [`Error::Locked`].
+    /// Runs `f` on the open vault, or fails with [`Core::locked`].
     pub fn with_unlocked<T>(&self, f: impl FnOnce(&Unlocked) -> Result<T>) -> Result<T> {
         match &*self.read_state() {
             State::Unlocked(u) => f(u),
-            State::Locked(_) => Err(Error::Locked),
+            State::Locked(_) => Err(self.locked()),
+        }
+    }
+
+    /// Why a request that needs the open vault cannot be served while
+    /// locked: [`Error::NotInitialized`] when there is no vault yet (so the
+    /// user is sent to `keyholder init`, not to `unlock`), else
+    /// [`Error::Locked`].
+    pub fn locked(&self) -> Error {
+        match self.storage.exists() {
+            Ok(false) => Error::NotInitialized(self.storage.location()),
+            _ => Error::Locked,
         }
     }
 
@@ -252,7 +264,7 @@ impl Core {
     pub fn with_token<T>(&self, f: impl FnOnce(&dyn Session) -> Result<T>) -> Result<T> {
         token_call(|| match &*self.token_slot() {
             Some(session) => f(session.as_ref()),
-            None => Err(Error::Locked),
+            None => Err(self.locked()),
         })
     }
 
@@ -453,19 +465,31 @@ impl Core {
                 .storage
                 .load()?
                 .ok_or_else(|| Error::NotInitialized(self.storage.location()))?;
-            let stanzas = keyholder_vault::probe(&bytes)?;
+            let (stanzas, header_damage) = damage::probe(self.storage.as_ref(), &bytes)?;
             let (mut session, token, key) = self.find_vault_token(&stanzas, selector.as_ref())?;
             if let Err(e) = session.login(&pin, allow_final_try) {
                 session.close();
                 return Err(e.into());
             }
-            let opened = OpenVault::open(
-                &bytes,
-                &TokenAgreement {
-                    session: session.as_ref(),
-                    key: &key,
-                },
-            );
+            let opened = match header_damage {
+                Some(reason) => Err(VaultError::Damaged(reason)),
+                None => OpenVault::open(
+                    &bytes,
+                    &TokenAgreement {
+                        session: session.as_ref(),
+                        key: &key,
+                    },
+                ),
+            };
+            let opened = match opened {
+                Err(VaultError::Damaged(reason)) => {
+                    let storage = self.storage.as_ref();
+                    let restore = damage::newest_intact(storage, session.as_ref(), &key, &bytes);
+                    session.close();
+                    return Err(damage::damaged(storage, reason, restore));
+                }
+                other => other,
+            };
             let checked = opened.map_err(Error::from).and_then(|mut v| {
                 if let Some(recorded) = rollback::check(session.as_ref(), &v, accept_older)? {
                     // An older file accepted on purpose is written back
@@ -598,7 +622,7 @@ impl Core {
         let (body_new, out, bytes, expected, vault_id) = {
             let state = self.read_state();
             let State::Unlocked(u) = &*state else {
-                return Err(Error::Locked);
+                return Err(self.locked());
             };
             let mut body = u.vault.body.clone();
             let out = change(&mut body)?;

@@ -67,6 +67,17 @@ pub enum Error {
     /// The vault could not be read or written.
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// The vault file is damaged; `advice` names the newest backup that
+    /// opens and the command that restores it.
+    #[error("the vault file {vault} is damaged: {reason}. {advice}")]
+    Damaged {
+        /// Where the vault is.
+        vault: String,
+        /// What is wrong with it.
+        reason: String,
+        /// What to do.
+        advice: String,
+    },
     /// A certificate request or CA material was refused.
     #[error(transparent)]
     Pki(#[from] keyholder_pki::PkiError),
@@ -125,8 +136,11 @@ impl From<Error> for Status {
                 VaultError::Token(_) => Code::Unavailable,
                 _ => Code::Internal,
             },
+            Error::Damaged { .. } => Code::DataLoss,
             Error::Storage(s) => match s {
                 StorageError::Busy { .. } => Code::Unavailable,
+                StorageError::DiskFull { .. } => Code::ResourceExhausted,
+                StorageError::LooseDirectory { .. } => Code::FailedPrecondition,
                 StorageError::Conflict(_) => Code::Aborted,
                 _ => Code::Internal,
             },

@@ -81,10 +81,10 @@ impl Core {
         Ok(())
     }
 
-    /// Fails with [`Error::Locked`] unless unlocked; counts as activity.
+    /// Fails with [`Core::locked`] unless unlocked; counts as activity.
     pub fn require_unlocked(&self) -> Result<()> {
         if !self.is_unlocked() {
-            return Err(Error::Locked);
+            return Err(self.locked());
         }
         self.touch();
         Ok(())

@@ -6,7 +6,8 @@
 //! - [`signers`]: every key that signs, the keyring that caches them, and
 //!   where slow signatures run.
 //! - [`status`]: what the session shows of itself (domain types).
-//! - [`rollback`]: the vault generation record on the token.
+//! - [`rollback`]: the vault generation record on the token; `damage`: a
+//!   damaged vault file and the backup that restores it.
 //! - [`names`]: names from requests, checked once.
 //! - [`services`]: the gRPC services, with the proto boundary in
 //!   [`services::convert`].
@@ -25,6 +26,7 @@
 pub mod agent;
 pub mod config;
 pub mod core;
+mod damage;
 pub mod error;
 pub mod escape;
 pub mod gate;

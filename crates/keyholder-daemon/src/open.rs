@@ -28,11 +28,15 @@ pub enum StartError {
 }
 
 impl StartError {
-    /// The process's exit status: 2 for the configuration or the module, 3
-    /// when another keyholderd holds the vault, 1 for anything else.
+    /// The process's exit status: 2 for the configuration or the module
+    /// (a vault directory others can write included), 3 when another
+    /// keyholderd holds the vault, 1 for anything else.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Config(_) | Self::NoModule | Self::Module(_) => 2,
+            Self::Config(_)
+            | Self::NoModule
+            | Self::Module(_)
+            | Self::Storage(StorageError::LooseDirectory { .. }) => 2,
             Self::Storage(StorageError::Busy { .. }) => 3,
             Self::Storage(_) => 1,
         }

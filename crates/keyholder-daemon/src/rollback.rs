@@ -50,6 +50,12 @@ pub fn check(session: &dyn Session, vault: &OpenVault, accept_older: bool) -> Re
     }
 }
 
+/// The generation the token recorded for the vault `vault_id`, if it can be
+/// read.
+pub fn recorded(session: &dyn Session, vault_id: &str) -> Option<u64> {
+    session.read_generation(&label(vault_id)).ok().flatten()
+}
+
 /// Records `generation` on the token; a token that cannot store it still
 /// works, without rollback detection, and says so in the log.
 pub fn record(session: &dyn Session, vault_id: &str, generation: u64) {

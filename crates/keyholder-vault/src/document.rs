@@ -39,14 +39,123 @@ pub(crate) struct EnvelopeIn<'a> {
     pub auth: Vec<AuthTag>,
 }
 
-/// The outer document, as written.
-#[derive(Serialize)]
-pub(crate) struct EnvelopeOut<'a> {
-    pub format: &'a str,
-    pub version: u32,
-    pub vault_id: &'a str,
-    pub body: &'a serde_json::value::RawValue,
-    pub auth: Vec<AuthTag>,
+/// Writes the document's head, up to and including the body, into `out`;
+/// returns where the body's bytes are (what the MAC covers). Finish it
+/// with [`write_tail`].
+pub(crate) fn write_head(
+    out: &mut Vec<u8>,
+    vault_id: &str,
+    body: &Body,
+) -> serde_json::Result<std::ops::Range<usize>> {
+    out.extend_from_slice(b"{\n  \"format\": ");
+    serde_json::to_writer(&mut *out, FORMAT)?;
+    out.extend_from_slice(format!(",\n  \"version\": {VERSION},\n  \"vault_id\": ").as_bytes());
+    serde_json::to_writer(&mut *out, vault_id)?;
+    out.extend_from_slice(b",\n  \"body\": ");
+    let start = out.len();
+    body.serialize(&mut serde_json::Serializer::with_formatter(
+        &mut *out,
+        Indented::at(1),
+    ))?;
+    Ok(start..out.len())
+}
+
+/// Writes the MACs and closes the document.
+pub(crate) fn write_tail(out: &mut Vec<u8>, auth: &[AuthTag]) -> serde_json::Result<()> {
+    out.extend_from_slice(b",\n  \"auth\": ");
+    auth.serialize(&mut serde_json::Serializer::with_formatter(
+        &mut *out,
+        Indented::at(1),
+    ))?;
+    out.extend_from_slice(b"\n}\n");
+    Ok(())
+}
+
+/// serde_json's pretty layout (two spaces per level), starting `level`
+/// levels deep: the body is written in place inside the envelope, indented
+/// as the envelope's member it is, without a second pass over its bytes.
+/// (`serde_json::ser::PrettyFormatter` always starts at level 0.)
+struct Indented {
+    level: usize,
+    has_value: bool,
+}
+
+impl Indented {
+    fn at(level: usize) -> Self {
+        Self {
+            level,
+            has_value: false,
+        }
+    }
+
+    fn newline<W: ?Sized + std::io::Write>(&self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b"\n")?;
+        for _ in 0..self.level {
+            w.write_all(b"  ")?;
+        }
+        Ok(())
+    }
+
+    fn open<W: ?Sized + std::io::Write>(&mut self, w: &mut W, c: &[u8]) -> std::io::Result<()> {
+        self.level += 1;
+        self.has_value = false;
+        w.write_all(c)
+    }
+
+    fn close<W: ?Sized + std::io::Write>(&mut self, w: &mut W, c: &[u8]) -> std::io::Result<()> {
+        self.level = self.level.saturating_sub(1);
+        if self.has_value {
+            self.newline(w)?;
+        }
+        w.write_all(c)
+    }
+
+    fn item<W: ?Sized + std::io::Write>(&self, w: &mut W, first: bool) -> std::io::Result<()> {
+        if !first {
+            w.write_all(b",")?;
+        }
+        self.newline(w)
+    }
+}
+
+impl serde_json::ser::Formatter for Indented {
+    fn begin_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.open(w, b"[")
+    }
+    fn end_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.close(w, b"]")
+    }
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        self.item(w, first)
+    }
+    fn end_array_value<W: ?Sized + std::io::Write>(&mut self, _: &mut W) -> std::io::Result<()> {
+        self.has_value = true;
+        Ok(())
+    }
+    fn begin_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.open(w, b"{")
+    }
+    fn end_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.close(w, b"}")
+    }
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        self.item(w, first)
+    }
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b": ")
+    }
+    fn end_object_value<W: ?Sized + std::io::Write>(&mut self, _: &mut W) -> std::io::Result<()> {
+        self.has_value = true;
+        Ok(())
+    }
 }
 
 /// One MAC over the body, keyed by a secret that only one token can derive.

@@ -131,13 +131,13 @@ fn mac_key<K: KeyAgreement>(key: &K, vault_id: &str) -> Result<Zeroizing<[u8; 32
     Ok(out)
 }
 
-fn mac(key: &[u8; 32], vault_id: &str, body: &str) -> Hmac<Sha256> {
+fn mac(key: &[u8; 32], vault_id: &str, body: &[u8]) -> Hmac<Sha256> {
     // HMAC accepts keys of any length; a 32-byte key cannot be refused.
     let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
     m.update(MAC_CONTEXT);
     m.update(vault_id.as_bytes());
     m.update(b"\n");
-    m.update(body.as_bytes());
+    m.update(body);
     m
 }
 
@@ -151,6 +151,10 @@ pub struct OpenVault {
     /// The body's recipients, parsed once when the vault is opened or
     /// created; `None` if one did not parse (reported at the next write).
     parsed: Option<ParsedRecipients>,
+    /// The plaintext's size at the last read or write: the next write's
+    /// buffer is sized from it, so it is rarely reallocated (which would
+    /// leave a copy of the plaintext in freed memory).
+    size_hint: std::sync::atomic::AtomicUsize,
 }
 
 /// Recipients parsed for encryption, with the list they were parsed from.
@@ -229,6 +233,7 @@ impl OpenVault {
             token_recipient,
             mac_key,
             parsed,
+            size_hint: Default::default(),
         })
     }
 
@@ -275,7 +280,7 @@ impl OpenVault {
             .decode(&tag.mac)
             .map_err(|_| VaultError::NotAuthentic)?;
         let mac_key = mac_key(key, &envelope.vault_id)?;
-        mac(&mac_key, &envelope.vault_id, envelope.body.get())
+        mac(&mac_key, &envelope.vault_id, envelope.body.get().as_bytes())
             .verify_slice(&expected)
             .map_err(|_| VaultError::NotAuthentic)?;
         let body: Body = serde_json::from_str(envelope.body.get())
@@ -287,6 +292,7 @@ impl OpenVault {
             token_recipient,
             mac_key,
             parsed,
+            size_hint: plain.len().into(),
         })
     }
 
@@ -309,37 +315,27 @@ impl OpenVault {
     }
 
     /// Encrypts `body` as-is.
+    ///
+    /// The document is written once, straight into one buffer sized from the
+    /// last write, with the body indented one level so the whole file reads
+    /// naturally after `age -d`; the MAC covers the body's bytes exactly as
+    /// they stand there.
     pub fn seal(&self, body: &Body) -> Result<Vec<u8>, VaultError> {
-        let pretty = Zeroizing::new(
-            serde_json::to_string_pretty(body).map_err(|e| VaultError::Encrypt(e.to_string()))?,
-        );
-        // Indent the body one level so the whole document reads naturally
-        // after `age -d`. JSON strings cannot hold a raw newline, so this only
-        // touches whitespace; the MAC covers these exact bytes.
-        let body_text = Zeroizing::new(pretty.replace('\n', "\n  "));
-        let tag = mac(&self.mac_key, &self.vault_id, &body_text)
+        let hint = self.size_hint.load(std::sync::atomic::Ordering::Relaxed);
+        let mut plain = Zeroizing::new(Vec::with_capacity(hint.saturating_add(hint / 8) + 4096));
+        let body_range = document::write_head(&mut plain, &self.vault_id, body)
+            .map_err(|e| VaultError::Encrypt(e.to_string()))?;
+        let tag = mac(&self.mac_key, &self.vault_id, &plain[body_range])
             .finalize()
             .into_bytes();
-        let raw = serde_json::value::RawValue::from_string(body_text.to_string())
-            .map_err(|e| VaultError::Encrypt(e.to_string()))?;
-        let envelope = document::EnvelopeOut {
-            format: document::FORMAT,
-            version: document::VERSION,
-            vault_id: &self.vault_id,
-            body: &raw,
-            auth: vec![document::AuthTag {
-                recipient: self.token_recipient.clone(),
-                alg: MAC_ALG.into(),
-                mac: BASE64_STANDARD.encode(tag),
-            }],
-        };
-        // Sized up front so serde_json does not leave reallocated copies of
-        // the plaintext behind in freed memory.
-        let mut plain = Zeroizing::new(Vec::with_capacity(body_text.len() + 1024));
-        serde_json::to_writer_pretty(&mut *plain, &envelope)
-            .map_err(|e| VaultError::Encrypt(e.to_string()))?;
-        plain.push(b'\n');
-        let _wipe_raw = Zeroizing::new(Box::<str>::from(raw).into_string());
+        let auth = [document::AuthTag {
+            recipient: self.token_recipient.clone(),
+            alg: MAC_ALG.into(),
+            mac: BASE64_STANDARD.encode(tag),
+        }];
+        document::write_tail(&mut plain, &auth).map_err(|e| VaultError::Encrypt(e.to_string()))?;
+        self.size_hint
+            .store(plain.len(), std::sync::atomic::Ordering::Relaxed);
         match &self.parsed {
             Some(p) if p.from == body.recipients => encrypt(&p.list, &plain),
             // The body names other recipients than the vault was opened
@@ -357,7 +353,9 @@ fn encrypt(
         recipients.iter().map(|b| b.as_ref() as &dyn age::Recipient),
     )
     .map_err(|e| VaultError::Encrypt(e.to_string()))?;
-    let mut out = Vec::with_capacity(plain.len() + 512);
+    // age adds a 16-byte tag per 64 KiB chunk and a header: sized so the
+    // output is never reallocated.
+    let mut out = Vec::with_capacity(plain.len() + plain.len() / 1024 + 4096);
     let mut writer = encryptor
         .wrap_output(&mut out)
         .map_err(|e| VaultError::Encrypt(e.to_string()))?;
@@ -431,6 +429,7 @@ mod tests {
             // Without the token the attacker can only guess the MAC key.
             mac_key: mac_key(&attacker_key, &genuine.vault_id).unwrap(),
             parsed: None,
+            size_hint: Default::default(),
         };
         let mut body = genuine.body.clone();
         body.secrets.insert(
@@ -480,6 +479,24 @@ mod tests {
         assert!(err.to_string().contains("age1nope"));
     }
 
+    #[test]
+    fn the_document_keeps_serde_json_s_pretty_layout() {
+        let k = key();
+        let recovery = age::x25519::Identity::generate();
+        let (v, bytes) = new_vault(&k, vec![recovery.to_public().to_string()]);
+        let opened = OpenVault::open(&bytes, &k).unwrap();
+        let plain = String::from_utf8(age::decrypt(&recovery, &bytes).unwrap()).unwrap();
+        let body = serde_json::to_string_pretty(&opened.body)
+            .unwrap()
+            .replace('\n', "\n  ");
+        let expected_head = format!(
+            "{{\n  \"format\": \"keyholder-vault\",\n  \"version\": 1,\n  \"vault_id\": \"{}\",\n  \"body\": {body},\n  \"auth\": [\n    {{\n      \"recipient\": ",
+            v.vault_id()
+        );
+        assert!(plain.starts_with(&expected_head), "{plain}");
+        assert!(plain.ends_with("\"\n    }\n  ]\n}\n"), "{plain}");
+    }
+
     /// Rewrites the file's `p256tag` stanza line with `edit`.
     fn with_stanza_line(file: &[u8], edit: impl Fn(&str) -> String) -> Vec<u8> {
         let text = String::from_utf8_lossy(file);
@@ -496,7 +513,8 @@ mod tests {
         let k = key();
         let (_, bytes) = new_vault(&k, vec![]);
         assert_eq!(probe(&bytes).unwrap().len(), 1);
-        let edits: [(&str, fn(&str) -> String); 5] = [
+        type Edit = fn(&str) -> String;
+        let edits: [(&str, Edit); 5] = [
             ("one argument", |l| l.rsplit_once(' ').unwrap().0.to_owned()),
             ("three arguments", |l| format!("{l} extra")),
             ("short share", |l| l[..l.len() - 4].to_owned()),

@@ -19,7 +19,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -32,8 +32,31 @@ pub const BACKUPS_KEPT: usize = 5;
 pub struct Revision(pub [u8; 32]);
 
 impl Revision {
+    #[cfg(test)]
     fn of(bytes: &[u8]) -> Self {
         Self(Sha256::digest(bytes).into())
+    }
+
+    /// A file's revision from its metadata: device, inode, size, and the
+    /// modification and change times to the nanosecond. Every write puts a
+    /// new inode in place and any edit in place moves the change time
+    /// (which no user can set), so this tells versions apart without
+    /// reading and hashing the whole file on every write.
+    fn of_file(meta: &fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        let mut h = Sha256::new();
+        for v in [meta.dev(), meta.ino(), meta.size()] {
+            h.update(v.to_le_bytes());
+        }
+        for v in [
+            meta.mtime(),
+            meta.mtime_nsec(),
+            meta.ctime(),
+            meta.ctime_nsec(),
+        ] {
+            h.update(v.to_le_bytes());
+        }
+        Self(h.finalize().into())
     }
 }
 
@@ -263,9 +286,9 @@ impl FileStorage {
     }
 }
 
-/// Creates `path` (mode 0600) holding `bytes`, durably; removes it again if
-/// that fails.
-fn write_new(path: &Path, bytes: &[u8]) -> Result<(), StorageError> {
+/// Creates `path` (mode 0600) holding `bytes`, durably if `sync`; removes it
+/// again if that fails.
+fn write_new(path: &Path, bytes: &[u8], sync: bool) -> Result<(), StorageError> {
     let mut f = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -274,7 +297,7 @@ fn write_new(path: &Path, bytes: &[u8]) -> Result<(), StorageError> {
         .map_err(io_err("cannot create temp file", path))?;
     let written = f
         .write_all(bytes)
-        .and_then(|()| f.sync_all())
+        .and_then(|()| if sync { f.sync_data() } else { Ok(()) })
         .map_err(io_err("cannot write temp file", path));
     drop(f);
     if written.is_err() {
@@ -285,14 +308,18 @@ fn write_new(path: &Path, bytes: &[u8]) -> Result<(), StorageError> {
 
 impl Storage for FileStorage {
     fn load(&self) -> Result<Option<(Vec<u8>, Revision)>, StorageError> {
-        match fs::read(&self.path) {
-            Ok(bytes) => {
-                let rev = Revision::of(&bytes);
-                Ok(Some((bytes, rev)))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_err("cannot read vault", &self.path)(e)),
-        }
+        let mut file = match File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("cannot read vault", &self.path)(e)),
+        };
+        let meta = file
+            .metadata()
+            .map_err(io_err("cannot stat vault", &self.path))?;
+        let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+        io::Read::read_to_end(&mut file, &mut bytes)
+            .map_err(io_err("cannot read vault", &self.path))?;
+        Ok(Some((bytes, Revision::of_file(&meta))))
     }
 
     fn compare_and_store(
@@ -303,7 +330,11 @@ impl Storage for FileStorage {
     ) -> Result<Revision, StorageError> {
         // We hold the lock, so only a hand edit or a restored backup can
         // have changed the file; refuse to overwrite such a change.
-        let current = self.load()?.map(|(_, rev)| rev);
+        let current = match fs::metadata(&self.path) {
+            Ok(meta) => Some(Revision::of_file(&meta)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err("cannot stat vault", &self.path)(e)),
+        };
         if current.as_ref() != expected {
             return Err(StorageError::Conflict(self.path.clone()));
         }
@@ -313,11 +344,15 @@ impl Storage for FileStorage {
             std::process::id(),
             generation
         ));
-        write_new(&temp, bytes)?;
-        // The backup of this generation is a copy of its own, written and
-        // made durable before the vault is replaced: a crash in between
-        // leaves a backup of a generation that was never acknowledged, which
-        // the next write of that generation replaces.
+        write_new(&temp, bytes, true)?;
+        // The backup of this generation is a copy of its own, named before
+        // the vault is replaced: a crash in between leaves a backup of a
+        // generation that was never acknowledged, which the next write of
+        // that generation replaces. Only the vault file is synced before the
+        // write is acknowledged; the kernel writes the backup out within its
+        // writeback interval, so a crash just after a write can leave the
+        // newest backup short, which a damage report skips (it names the
+        // newest backup that opens).
         let backup = self
             .dir
             .join(format!("{}.gen-{generation}", self.file_name()));
@@ -327,7 +362,7 @@ impl Storage for FileStorage {
             std::process::id(),
             generation
         ));
-        if let Err(e) = write_new(&backup_temp, bytes).and_then(|()| {
+        if let Err(e) = write_new(&backup_temp, bytes, false).and_then(|()| {
             fs::rename(&backup_temp, &backup).map_err(io_err("cannot name backup", &backup))
         }) {
             let _ = fs::remove_file(&backup_temp);
@@ -342,9 +377,8 @@ impl Storage for FileStorage {
         for (_, old) in self.backup_files().into_iter().skip(BACKUPS_KEPT) {
             let _ = fs::remove_file(old);
         }
-        // Keep the mode strict even if the directory's umask was loose.
-        let _ = fs::set_permissions(&self.path, fs::Permissions::from_mode(0o600));
-        Ok(Revision::of(bytes))
+        let meta = fs::metadata(&self.path).map_err(io_err("cannot stat vault", &self.path))?;
+        Ok(Revision::of_file(&meta))
     }
 
     fn exists(&self) -> Result<bool, StorageError> {
@@ -379,6 +413,7 @@ impl Storage for FileStorage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn second_owner_is_refused_until_the_first_goes() {
@@ -424,6 +459,25 @@ mod tests {
         assert_eq!(s.load().unwrap().unwrap().0, b"generation 8");
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn an_edit_in_place_is_a_conflict_even_of_the_same_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vault.age");
+        let s = FileStorage::open(&path).unwrap();
+        let rev = s.compare_and_store(None, b"generation 1", 1).unwrap();
+        assert_eq!(s.load().unwrap().unwrap().1, rev);
+        // Same length, same inode, written in place.
+        let mut f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all(b"generation X").unwrap();
+        drop(f);
+        assert!(matches!(
+            s.compare_and_store(Some(&rev), b"generation 2", 2),
+            Err(StorageError::Conflict(_))
+        ));
+        assert_eq!(fs::read(&path).unwrap(), b"generation X");
+        assert_eq!(s.load_backup(1).unwrap().unwrap(), b"generation 1");
     }
 
     #[test]
