@@ -652,11 +652,19 @@ impl Core {
             }
             Ok::<_, Error>(revision)
         })?;
-        if let State::Unlocked(u) = &mut *self.write_state() {
-            u.vault.body = body_new;
-            u.revision = revision;
-            // Signers are loaded from the new body on next use.
-            u.keyring.clear();
+        let replaced = match &mut *self.write_state() {
+            State::Unlocked(u) => {
+                u.revision = revision;
+                // Signers are loaded from the new body on next use.
+                u.keyring.clear();
+                Some(std::mem::replace(&mut u.vault.body, body_new))
+            }
+            State::Locked(_) => None,
+        };
+        // Freeing a large body (every entry wiped as it goes) takes a while:
+        // not under the state lock, and not before the answer.
+        if let Some(old) = replaced {
+            tokio::task::spawn_blocking(move || drop(old));
         }
         self.publish();
         Ok((out, generation))

@@ -357,6 +357,7 @@ impl Module {
             session,
             token: token.clone(),
             logged_in: false,
+            last_record: std::sync::Mutex::new(None),
         })
     }
 }
@@ -385,6 +386,10 @@ pub struct TokenSession {
     session: CkSession,
     token: TokenDescription,
     logged_in: bool,
+    /// The record this session wrote last (label and handle), so the next
+    /// write replaces it without searching the token first: a search makes
+    /// some modules (SoftHSM2) re-read every object file.
+    last_record: std::sync::Mutex<Option<(String, ObjectHandle)>>,
 }
 
 impl fmt::Debug for TokenSession {
@@ -503,7 +508,17 @@ impl TokenSession {
     /// object is created first and the old ones destroyed after, and a crash
     /// in between leaves two records, of which the reader takes the higher.
     pub fn store_generation(&self, label: &str, generation: u64) -> Result<()> {
-        let old = self.generation_objects(label)?;
+        let mut last = self
+            .last_record
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // The record this session wrote last is the only one, unless a
+        // crash or another process left more: those are found (and removed)
+        // by the search on a session's first write.
+        let old = match last.take() {
+            Some((l, handle)) if l == label => vec![handle],
+            _ => self.generation_objects(label)?,
+        };
         let new = self
             .session
             .create_object(&[
@@ -517,9 +532,25 @@ impl TokenSession {
             .map_err(map_err)?;
         for handle in old {
             if handle != new {
-                self.session.destroy_object(handle).map_err(map_err)?;
+                match self.session.destroy_object(handle) {
+                    Ok(()) => {}
+                    // Gone already (removed outside this session): search
+                    // once more and remove what is left.
+                    Err(cryptoki::error::Error::Pkcs11(
+                        cryptoki::error::RvError::ObjectHandleInvalid,
+                        _,
+                    )) => {
+                        for other in self.generation_objects(label)? {
+                            if other != new {
+                                self.session.destroy_object(other).map_err(map_err)?;
+                            }
+                        }
+                    }
+                    Err(e) => return Err(map_err(e)),
+                }
             }
         }
+        *last = Some((label.to_owned(), new));
         Ok(())
     }
 

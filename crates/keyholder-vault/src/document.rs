@@ -15,6 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use base64::Engine;
@@ -39,36 +40,39 @@ pub(crate) struct EnvelopeIn<'a> {
     pub auth: Vec<AuthTag>,
 }
 
-/// Writes the document's head, up to and including the body, into `out`;
-/// returns where the body's bytes are (what the MAC covers). Finish it
-/// with [`write_tail`].
-pub(crate) fn write_head(
-    out: &mut Vec<u8>,
-    vault_id: &str,
-    body: &Body,
-) -> serde_json::Result<std::ops::Range<usize>> {
-    out.extend_from_slice(b"{\n  \"format\": ");
+/// Writes the document's head, up to the body.
+pub(crate) fn write_head(out: &mut impl std::io::Write, vault_id: &str) -> serde_json::Result<()> {
+    out.write_all(b"{\n  \"format\": ")
+        .map_err(serde_json::Error::io)?;
     serde_json::to_writer(&mut *out, FORMAT)?;
-    out.extend_from_slice(format!(",\n  \"version\": {VERSION},\n  \"vault_id\": ").as_bytes());
+    out.write_all(format!(",\n  \"version\": {VERSION},\n  \"vault_id\": ").as_bytes())
+        .map_err(serde_json::Error::io)?;
     serde_json::to_writer(&mut *out, vault_id)?;
-    out.extend_from_slice(b",\n  \"body\": ");
-    let start = out.len();
+    out.write_all(b",\n  \"body\": ")
+        .map_err(serde_json::Error::io)
+}
+
+/// Writes the body, indented as the envelope's member: exactly the bytes the
+/// MAC covers.
+pub(crate) fn write_body(out: &mut impl std::io::Write, body: &Body) -> serde_json::Result<()> {
     body.serialize(&mut serde_json::Serializer::with_formatter(
-        &mut *out,
+        out,
         Indented::at(1),
-    ))?;
-    Ok(start..out.len())
+    ))
 }
 
 /// Writes the MACs and closes the document.
-pub(crate) fn write_tail(out: &mut Vec<u8>, auth: &[AuthTag]) -> serde_json::Result<()> {
-    out.extend_from_slice(b",\n  \"auth\": ");
+pub(crate) fn write_tail(
+    out: &mut impl std::io::Write,
+    auth: &[AuthTag],
+) -> serde_json::Result<()> {
+    out.write_all(b",\n  \"auth\": ")
+        .map_err(serde_json::Error::io)?;
     auth.serialize(&mut serde_json::Serializer::with_formatter(
         &mut *out,
         Indented::at(1),
     ))?;
-    out.extend_from_slice(b"\n}\n");
-    Ok(())
+    out.write_all(b"\n}\n").map_err(serde_json::Error::io)
 }
 
 /// serde_json's pretty layout (two spaces per level), starting `level`
@@ -89,11 +93,18 @@ impl Indented {
     }
 
     fn newline<W: ?Sized + std::io::Write>(&self, w: &mut W) -> std::io::Result<()> {
-        w.write_all(b"\n")?;
-        for _ in 0..self.level {
-            w.write_all(b"  ")?;
+        // A newline and the indentation in one write, for the usual depths.
+        const LINE: &[u8; 33] = b"\n                                ";
+        match LINE.get(..self.level.saturating_mul(2).saturating_add(1)) {
+            Some(line) => w.write_all(line),
+            None => {
+                w.write_all(b"\n")?;
+                for _ in 0..self.level {
+                    w.write_all(b"  ")?;
+                }
+                Ok(())
+            }
         }
-        Ok(())
     }
 
     fn open<W: ?Sized + std::io::Write>(&mut self, w: &mut W, c: &[u8]) -> std::io::Result<()> {
@@ -397,25 +408,30 @@ pub enum Encoding {
     Base64,
 }
 
-/// One secret.
+/// One secret. Shared, not copied, between the body a write starts from
+/// and the new one (a write copies the map, not every value in it).
 #[derive(Clone, Serialize, Deserialize)]
-pub struct SecretEntry {
+#[serde(transparent)]
+pub struct SecretEntry(Arc<SecretData>);
+
+#[derive(Serialize, Deserialize)]
+struct SecretData {
     #[serde(serialize_with = "ser_secret", deserialize_with = "de_secret")]
     value: Zeroizing<String>,
     encoding: Encoding,
     /// Decoded length in bytes.
-    pub size: u64,
+    size: u64,
     /// RFC 3339, UTC.
-    pub created_at: String,
+    created_at: String,
     /// RFC 3339, UTC.
-    pub updated_at: String,
+    updated_at: String,
 }
 
 impl fmt::Debug for SecretEntry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SecretEntry")
             .field("value", &"<redacted>")
-            .field("size", &self.size)
+            .field("size", &self.0.size)
             .finish()
     }
 }
@@ -429,9 +445,15 @@ fn de_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Zeroizing<String>, D::Er
 }
 
 impl SecretEntry {
-    /// A new entry holding `value`; text stays readable in the JSON, other
-    /// bytes are base64.
+    /// A new entry holding `value`, created and updated `now`; text stays
+    /// readable in the JSON, other bytes are base64.
     pub fn new(value: &[u8], now: &str) -> Self {
+        Self::replacing(value, now, now)
+    }
+
+    /// An entry holding `value`, updated `now`, first created `created_at`
+    /// (the entry it replaces).
+    pub fn replacing(value: &[u8], created_at: &str, now: &str) -> Self {
         let (text, encoding) = match std::str::from_utf8(value) {
             Ok(t) => (Zeroizing::new(t.to_owned()), Encoding::Utf8),
             Err(_) => (
@@ -439,22 +461,37 @@ impl SecretEntry {
                 Encoding::Base64,
             ),
         };
-        Self {
+        Self(Arc::new(SecretData {
             value: text,
             encoding,
             size: value.len() as u64,
-            created_at: now.to_owned(),
+            created_at: created_at.to_owned(),
             updated_at: now.to_owned(),
-        }
+        }))
+    }
+
+    /// Decoded length in bytes.
+    pub fn size(&self) -> u64 {
+        self.0.size
+    }
+
+    /// When the secret was first stored, RFC 3339 UTC.
+    pub fn created_at(&self) -> &str {
+        &self.0.created_at
+    }
+
+    /// When the value was last replaced, RFC 3339 UTC.
+    pub fn updated_at(&self) -> &str {
+        &self.0.updated_at
     }
 
     /// The value's bytes. `None` when a base64 value does not decode (a
     /// hand-edited vault), which callers report as damage.
     pub fn value(&self) -> Option<Zeroizing<Vec<u8>>> {
-        match self.encoding {
-            Encoding::Utf8 => Some(Zeroizing::new(self.value.as_bytes().to_vec())),
+        match self.0.encoding {
+            Encoding::Utf8 => Some(Zeroizing::new(self.0.value.as_bytes().to_vec())),
             Encoding::Base64 => BASE64_STANDARD
-                .decode(self.value.as_bytes())
+                .decode(self.0.value.as_bytes())
                 .ok()
                 .map(Zeroizing::new),
         }
@@ -473,10 +510,10 @@ mod tests {
     #[test]
     fn text_stays_text_and_bytes_round_trip() {
         let t = SecretEntry::new(b"p@ss word", "2026-01-01T00:00:00Z");
-        assert_eq!(t.encoding, Encoding::Utf8);
+        assert_eq!(t.0.encoding, Encoding::Utf8);
         assert_eq!(t.value().unwrap().as_slice(), b"p@ss word");
         let b = SecretEntry::new(&[0xff, 0, 1], "2026-01-01T00:00:00Z");
-        assert_eq!(b.encoding, Encoding::Base64);
+        assert_eq!(b.0.encoding, Encoding::Base64);
         assert_eq!(b.value().unwrap().as_slice(), &[0xff, 0, 1]);
         assert!(!format!("{t:?}").contains("word"));
     }

@@ -23,6 +23,7 @@ pub mod storage;
 pub mod tag;
 
 use std::io::{Read, Write};
+use std::sync::atomic::Ordering;
 
 use base64::Engine;
 use base64::prelude::BASE64_STANDARD;
@@ -131,12 +132,18 @@ fn mac_key<K: KeyAgreement>(key: &K, vault_id: &str) -> Result<Zeroizing<[u8; 32
     Ok(out)
 }
 
-fn mac(key: &[u8; 32], vault_id: &str, body: &[u8]) -> Hmac<Sha256> {
+/// The MAC over a body still to be fed in.
+fn mac_init(key: &[u8; 32], vault_id: &str) -> Hmac<Sha256> {
     // HMAC accepts keys of any length; a 32-byte key cannot be refused.
     let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
     m.update(MAC_CONTEXT);
     m.update(vault_id.as_bytes());
     m.update(b"\n");
+    m
+}
+
+fn mac(key: &[u8; 32], vault_id: &str, body: &[u8]) -> Hmac<Sha256> {
+    let mut m = mac_init(key, vault_id);
     m.update(body);
     m
 }
@@ -316,54 +323,207 @@ impl OpenVault {
 
     /// Encrypts `body` as-is.
     ///
-    /// The document is written once, straight into one buffer sized from the
-    /// last write, with the body indented one level so the whole file reads
-    /// naturally after `age -d`; the MAC covers the body's bytes exactly as
-    /// they stand there.
+    /// One pass, and the whole plaintext never sits in one buffer: the
+    /// document is serialized into a small staging buffer that is flushed,
+    /// 64 KiB at a time, into the MAC (while the body is being written) and
+    /// into age's encryptor. The body is indented one level so the whole
+    /// file reads naturally after `age -d`; the MAC covers the body's bytes
+    /// exactly as they stand there.
     pub fn seal(&self, body: &Body) -> Result<Vec<u8>, VaultError> {
-        let hint = self.size_hint.load(std::sync::atomic::Ordering::Relaxed);
-        let mut plain = Zeroizing::new(Vec::with_capacity(hint.saturating_add(hint / 8) + 4096));
-        let body_range = document::write_head(&mut plain, &self.vault_id, body)
-            .map_err(|e| VaultError::Encrypt(e.to_string()))?;
-        let tag = mac(&self.mac_key, &self.vault_id, &plain[body_range])
-            .finalize()
-            .into_bytes();
+        let parsed;
+        let recipients = match &self.parsed {
+            Some(p) if p.from == body.recipients => &p.list,
+            // The body names other recipients than the vault was opened
+            // with (or one did not parse): parse them for this write.
+            _ => {
+                parsed = ParsedRecipients::parse(&body.recipients)?;
+                &parsed.list
+            }
+        };
+        let encryptor = age::Encryptor::with_recipients(
+            recipients.iter().map(|b| b.as_ref() as &dyn age::Recipient),
+        )
+        .map_err(encrypt_err)?;
+        // age adds a 16-byte tag per 64 KiB chunk and a header: sized from
+        // the last write so the output is rarely reallocated.
+        let hint = self.size_hint.load(Ordering::Relaxed);
+        let mut out = Vec::with_capacity(hint.saturating_add(hint / 64) + 4096);
+        let mut age_writer = encryptor.wrap_output(&mut out).map_err(encrypt_err)?;
+        let plain_len = if hint < PIPELINE_FROM {
+            let mut doc = Staged::new(&mut age_writer);
+            self.write_document(&mut doc, body)?;
+            doc.finish().map_err(encrypt_err)?.1
+        } else {
+            // Serializing and MACing on this thread, encrypting on another:
+            // the two halves of a large write's CPU work overlap.
+            std::thread::scope(|scope| {
+                let (tx, rx) = std::sync::mpsc::sync_channel::<Zeroizing<Vec<u8>>>(4);
+                let encrypting = scope.spawn(|| {
+                    for block in rx {
+                        age_writer.write_all(&block)?;
+                    }
+                    Ok::<_, std::io::Error>(())
+                });
+                let mut doc = Staged::new(Blocks(tx));
+                let written = self
+                    .write_document(&mut doc, body)
+                    .and_then(|()| doc.finish().map_err(encrypt_err))
+                    // Dropping the sender closes the channel, which ends
+                    // the encrypting loop.
+                    .map(|(sender, total)| {
+                        drop(sender);
+                        total
+                    });
+                let encrypted = encrypting
+                    .join()
+                    .map_err(|_| VaultError::Encrypt("the encrypting thread panicked".into()))?;
+                // The encryptor's own error explains a closed channel.
+                encrypted.map_err(encrypt_err)?;
+                written
+            })?
+        };
+        age_writer.finish().map_err(encrypt_err)?;
+        self.size_hint.store(plain_len, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// Writes the document (head, MACed body, MAC, tail) into `doc`.
+    fn write_document<W: Write>(&self, doc: &mut Staged<W>, body: &Body) -> Result<(), VaultError> {
+        document::write_head(doc, &self.vault_id).map_err(encrypt_err)?;
+        doc.start_mac(mac_init(&self.mac_key, &self.vault_id))
+            .map_err(encrypt_err)?;
+        document::write_body(doc, body).map_err(encrypt_err)?;
+        let tag = doc.take_mac().map_err(encrypt_err)?.finalize().into_bytes();
         let auth = [document::AuthTag {
             recipient: self.token_recipient.clone(),
             alg: MAC_ALG.into(),
             mac: BASE64_STANDARD.encode(tag),
         }];
-        document::write_tail(&mut plain, &auth).map_err(|e| VaultError::Encrypt(e.to_string()))?;
-        self.size_hint
-            .store(plain.len(), std::sync::atomic::Ordering::Relaxed);
-        match &self.parsed {
-            Some(p) if p.from == body.recipients => encrypt(&p.list, &plain),
-            // The body names other recipients than the vault was opened
-            // with (or one did not parse): parse them for this write.
-            _ => encrypt(&ParsedRecipients::parse(&body.recipients)?.list, &plain),
-        }
+        document::write_tail(doc, &auth).map_err(encrypt_err)
     }
 }
 
-fn encrypt(
-    recipients: &[Box<dyn age::Recipient + Send + Sync>],
-    plain: &[u8],
-) -> Result<Vec<u8>, VaultError> {
-    let encryptor = age::Encryptor::with_recipients(
-        recipients.iter().map(|b| b.as_ref() as &dyn age::Recipient),
-    )
-    .map_err(|e| VaultError::Encrypt(e.to_string()))?;
-    // age adds a 16-byte tag per 64 KiB chunk and a header: sized so the
-    // output is never reallocated.
-    let mut out = Vec::with_capacity(plain.len() + plain.len() / 1024 + 4096);
-    let mut writer = encryptor
-        .wrap_output(&mut out)
-        .map_err(|e| VaultError::Encrypt(e.to_string()))?;
-    writer
-        .write_all(plain)
-        .and_then(|()| writer.finish().map(|_| ()))
-        .map_err(|e| VaultError::Encrypt(e.to_string()))?;
-    Ok(out)
+/// From this plaintext size on (as of the last write), encryption runs on a
+/// thread of its own, beside serialization.
+const PIPELINE_FROM: usize = 512 * 1024;
+
+/// Passes each block written to it over a channel, as a wiped buffer.
+struct Blocks(std::sync::mpsc::SyncSender<Zeroizing<Vec<u8>>>);
+
+impl Write for Blocks {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .send(Zeroizing::new(data.to_vec()))
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn encrypt_err(e: impl std::fmt::Display) -> VaultError {
+    VaultError::Encrypt(e.to_string())
+}
+
+/// How much plaintext [`Staged`] holds before passing it on.
+const STAGE: usize = 64 * 1024;
+
+/// A writer that gathers serde_json's many small writes into one wiped
+/// buffer and passes it on in large blocks: to the MAC while one runs, and
+/// always to the encryptor.
+struct Staged<W: Write> {
+    out: W,
+    buf: Zeroizing<Vec<u8>>,
+    mac: Option<Hmac<Sha256>>,
+    total: usize,
+}
+
+impl<W: Write> Staged<W> {
+    fn new(out: W) -> Self {
+        Self {
+            out,
+            buf: Zeroizing::new(Vec::with_capacity(STAGE)),
+            mac: None,
+            total: 0,
+        }
+    }
+
+    fn pass_on(&mut self) -> std::io::Result<()> {
+        if let Some(m) = &mut self.mac {
+            m.update(&self.buf);
+        }
+        self.out.write_all(&self.buf)?;
+        self.total = self.total.saturating_add(self.buf.len());
+        // `clear` keeps the capacity: the buffer is never reallocated, so
+        // no copy of it is left behind; it is wiped when dropped.
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Everything written from now on is also MACed.
+    fn start_mac(&mut self, mac: Hmac<Sha256>) -> std::io::Result<()> {
+        self.pass_on()?;
+        self.mac = Some(mac);
+        Ok(())
+    }
+
+    /// The MAC over what was written since [`Staged::start_mac`].
+    fn take_mac(&mut self) -> std::io::Result<Hmac<Sha256>> {
+        self.pass_on()?;
+        self.mac
+            .take()
+            .ok_or_else(|| std::io::Error::other("no MAC was started"))
+    }
+
+    /// The inner writer, and how many bytes went through.
+    fn finish(mut self) -> std::io::Result<(W, usize)> {
+        self.pass_on()?;
+        Ok((self.out, self.total))
+    }
+}
+
+impl<W: Write> Staged<W> {
+    /// A write that does not fit the stage: pass the stage on, then keep
+    /// `data` or, if it is larger than the stage, pass it straight on.
+    #[cold]
+    fn write_slow(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.pass_on()?;
+        if data.len() < STAGE {
+            self.buf.extend_from_slice(data);
+            return Ok(());
+        }
+        if let Some(m) = &mut self.mac {
+            m.update(data);
+        }
+        self.out.write_all(data)?;
+        self.total = self.total.saturating_add(data.len());
+        Ok(())
+    }
+}
+
+impl<W: Write> Write for Staged<W> {
+    #[inline]
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.write_all(data)?;
+        Ok(data.len())
+    }
+
+    #[inline]
+    fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        // serde_json writes many small pieces: the common case is a copy.
+        if data.len() <= STAGE - self.buf.len() {
+            self.buf.extend_from_slice(data);
+            Ok(())
+        } else {
+            self.write_slow(data)
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -404,6 +564,43 @@ mod tests {
             opened.body.secrets["db/pw"].value().unwrap().as_slice(),
             b"hunter2"
         );
+    }
+
+    #[test]
+    fn a_large_vault_sealed_on_two_threads_opens_and_reads_with_age() {
+        let k = key();
+        let recovery = age::x25519::Identity::generate();
+        let (v, _) = new_vault(&k, vec![recovery.to_public().to_string()]);
+        let mut body = v.body.clone();
+        body.secrets.insert(
+            "db/pw".into(),
+            SecretEntry::new(b"hunter2", "2026-01-01T00:00:00Z"),
+        );
+        for i in 0..8_000 {
+            let value = format!("value-{i:06}-{}", "y".repeat(100));
+            body.secrets.insert(
+                format!("bulk/{i:06}"),
+                SecretEntry::new(value.as_bytes(), "2026-01-01T00:00:00Z"),
+            );
+        }
+        // The first seal sizes the next one (past the pipeline threshold).
+        let first = v.next(&mut body).unwrap();
+        assert!(first.len() > PIPELINE_FROM);
+        let second = v.next(&mut body).unwrap();
+        for bytes in [&first, &second] {
+            let opened = OpenVault::open(bytes, &k).unwrap();
+            assert_eq!(opened.body.secrets.len(), 8_001);
+            assert_eq!(
+                opened.body.secrets["bulk/004242"]
+                    .value()
+                    .unwrap()
+                    .as_slice(),
+                format!("value-004242-{}", "y".repeat(100)).as_bytes()
+            );
+            let plain = age::decrypt(&recovery, bytes).unwrap();
+            let doc: serde_json::Value = serde_json::from_slice(&plain).unwrap();
+            assert_eq!(doc["body"]["secrets"]["db/pw"]["value"], "hunter2");
+        }
     }
 
     #[test]

@@ -21,9 +21,9 @@ pub struct SecretsService(pub Arc<Core>);
 fn metadata(name: &str, e: &SecretEntry) -> v1::SecretMetadata {
     v1::SecretMetadata {
         name: name.to_owned(),
-        size: e.size,
-        created_at: rfc3339_timestamp(&e.created_at),
-        updated_at: rfc3339_timestamp(&e.updated_at),
+        size: e.size(),
+        created_at: rfc3339_timestamp(e.created_at()),
+        updated_at: rfc3339_timestamp(e.updated_at()),
     }
 }
 
@@ -75,7 +75,7 @@ impl v1::secrets_server::Secrets for SecretsService {
                             name: name.to_owned(),
                         });
                     }
-                    Some(old) => entry.created_at = old.created_at.clone(),
+                    Some(old) => entry = SecretEntry::replacing(&put.value, old.created_at(), &now),
                     None if body.secrets.len() >= max_secrets => {
                         return Err(Error::LimitReached(format!(
                             "the vault holds {max_secrets} secrets, the configured maximum"
