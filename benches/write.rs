@@ -35,6 +35,11 @@ fn summary(name: &str, samples: Vec<Duration>) {
     );
 }
 
+/// How many secrets the vault is filled with before the measured writes.
+fn filled(n: usize) -> usize {
+    n.saturating_sub(PUTS / 2 + IN_PROCESS_ROUNDS)
+}
+
 fn secret_name(i: usize) -> String {
     format!("team/service-{:03}/secret-{i:06}", i % 500)
 }
@@ -65,9 +70,10 @@ fn fill(env: &Env, n: usize) {
     let mut vault = OpenVault::open(&bytes, &agreement).expect("open");
     let mut body = vault.body.clone();
     let now = "2026-11-21T00:00:00Z";
-    // Room for the new names the Put phase adds, so the vault holds `n`
-    // secrets at its end (100,000 is the daemon's default maximum).
-    for i in 0..n.saturating_sub(PUTS / 2) {
+    // Room for the names the in-process rounds and the Put phase add, so
+    // the vault holds `n` secrets at its end (100,000 is the daemon's
+    // default maximum).
+    for i in 0..filled(n) {
         let value = format!("secret-value-{i:08}-{}", "x".repeat(24));
         body.secrets
             .insert(secret_name(i), SecretEntry::new(value.as_bytes(), now));
@@ -158,7 +164,7 @@ fn one_size(n: usize) {
             let name = if i % 2 == 0 {
                 format!("bench/new-{i:04}")
             } else {
-                secret_name((i * 7919) % n.saturating_sub(PUTS / 2).max(1))
+                secret_name((i * 7919) % filled(n).max(1))
             };
             let t = Instant::now();
             secrets

@@ -15,8 +15,14 @@ pub fn keyholder_bin() -> &'static str {
     env!("CARGO_BIN_EXE_keyholder")
 }
 
+/// The daemon under test; `BENCH_KEYHOLDERD` names another build of it, for
+/// a benchmark that compares two builds in one run (`docs/benchmarks.md`).
 pub fn keyholderd_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_keyholderd")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("BENCH_KEYHOLDERD")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_keyholderd").to_owned())
+    })
 }
 
 /// One test's world: temp dir, SoftHSM2 config and token, runtime dir.
