@@ -12,7 +12,7 @@ mod util;
 use std::cell::Cell;
 use std::time::{Duration, Instant};
 
-use common::{Run, connect};
+use common::{Run, connect, timed_unlocks};
 use keyholder_proto::v1;
 use keyholder_vault::{KeyAgreement, OpenVault, SecretEntry, Storage};
 use secrecy::SecretString;
@@ -150,27 +150,8 @@ fn main() {
         let channel = connect(env.socket()).await;
         let mut session = v1::session_client::SessionClient::new(channel.clone());
         let mut secrets = v1::secrets_client::SecretsClient::new(channel);
-        let mut unlocks = Vec::new();
-        for _ in 0..UNLOCK_ROUNDS {
-            let t = Instant::now();
-            session
-                .unlock(v1::UnlockRequest {
-                    pin: PIN.into(),
-                    ..Default::default()
-                })
-                .await
-                .expect("unlock");
-            unlocks.push(t.elapsed());
-            session.lock(v1::LockRequest {}).await.expect("lock");
-        }
+        let unlocks = timed_unlocks(&mut session, PIN, UNLOCK_ROUNDS).await;
         summary("gRPC Unlock of 10k vault (login + 2 ECDH)", unlocks);
-        session
-            .unlock(v1::UnlockRequest {
-                pin: PIN.into(),
-                ..Default::default()
-            })
-            .await
-            .expect("unlock");
         let mut gets = Vec::with_capacity(GRPC_GETS);
         for i in 0..GRPC_GETS {
             let name = format!(

@@ -13,7 +13,7 @@ mod util;
 
 use std::time::{Duration, Instant};
 
-use common::{Run, connect};
+use common::{Run, connect, timed_unlocks};
 use keyholder_proto::v1;
 use keyholder_vault::{OpenVault, SecretEntry, Storage};
 use secrecy::SecretString;
@@ -133,27 +133,8 @@ fn one_size(n: usize) {
         let channel = connect(env.socket()).await;
         let mut session = v1::session_client::SessionClient::new(channel.clone());
         let mut secrets = v1::secrets_client::SecretsClient::new(channel);
-        let mut unlocks = Vec::new();
-        for _ in 0..UNLOCK_ROUNDS {
-            let t = Instant::now();
-            session
-                .unlock(v1::UnlockRequest {
-                    pin: PIN.into(),
-                    ..Default::default()
-                })
-                .await
-                .expect("unlock");
-            unlocks.push(t.elapsed());
-            session.lock(v1::LockRequest {}).await.expect("lock");
-        }
+        let unlocks = timed_unlocks(&mut session, PIN, UNLOCK_ROUNDS).await;
         summary("gRPC Unlock (login, 2 ECDH, decrypt, parse)", unlocks);
-        session
-            .unlock(v1::UnlockRequest {
-                pin: PIN.into(),
-                ..Default::default()
-            })
-            .await
-            .expect("unlock");
         let mut puts = Vec::with_capacity(PUTS);
         let begin = Instant::now();
         for i in 0..PUTS {

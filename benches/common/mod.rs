@@ -28,6 +28,29 @@ pub async fn connect(socket: PathBuf) -> tonic::transport::Channel {
         .expect("connect")
 }
 
+/// Unlocks and locks `rounds` times, timing each unlock, and leaves the
+/// session unlocked.
+pub async fn timed_unlocks(
+    session: &mut keyholder_proto::v1::session_client::SessionClient<tonic::transport::Channel>,
+    pin: &str,
+    rounds: usize,
+) -> Vec<Duration> {
+    use keyholder_proto::v1::{LockRequest, UnlockRequest};
+    let unlock = || UnlockRequest {
+        pin: pin.into(),
+        ..Default::default()
+    };
+    let mut times = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let t = std::time::Instant::now();
+        session.unlock(unlock()).await.expect("unlock");
+        times.push(t.elapsed());
+        session.lock(LockRequest {}).await.expect("lock");
+    }
+    session.unlock(unlock()).await.expect("unlock");
+    times
+}
+
 /// Runs `concurrency` threads, each with its own connection from `connect`,
 /// calling `op` on it until the thread has done its share of `max_ops` or
 /// `max_time` has passed, and times every call.

@@ -36,6 +36,17 @@ fn restore_command(message: &str) -> String {
         .to_owned()
 }
 
+/// Runs the restore command the message gives, as written, in a shell.
+fn run_restore_command(message: &str) {
+    let command = restore_command(message);
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(&command)
+        .status()
+        .expect("sh runs");
+    assert!(status.success(), "{command}");
+}
+
 fn overwrite_in_place(path: &Path, offset: u64, bytes: &[u8]) {
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -94,13 +105,7 @@ fn a_vault_damaged_in_place_names_its_newest_intact_backup_and_the_restore_works
     assert!(env.ok(&["status"]).contains("locked"));
 
     // The command in the message, run as written, restores the vault.
-    let command = restore_command(&message);
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg(&command)
-        .status()
-        .expect("sh runs");
-    assert!(status.success(), "{command}");
+    run_restore_command(&message);
     env.unlock();
     assert_eq!(env.ok(&["secret", "get", "db/pw"]), "hunter2");
     assert_eq!(env.ok(&["secret", "get", "db/user"]), "admin");
@@ -128,13 +133,7 @@ fn a_vault_damaged_in_place_names_its_newest_intact_backup_and_the_restore_works
     let out = unlock_output(&env);
     assert_fails(&out, 9, "p256tag");
     let message = String::from_utf8_lossy(&out.stderr).into_owned();
-    let command = restore_command(&message);
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg(&command)
-        .status()
-        .expect("sh runs");
-    assert!(status.success(), "{command}");
+    run_restore_command(&message);
     env.unlock();
     assert_eq!(env.ok(&["secret", "get", "db/after"]), "restored");
     drop(daemon);
