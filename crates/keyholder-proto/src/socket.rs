@@ -185,6 +185,20 @@ pub async fn connect_with_peer(path: impl AsRef<Path>) -> Result<(Channel, u32),
                     return Err(refuse(&refused, why));
                 }
                 let stream = tokio::net::UnixStream::connect(&path).await?;
+                // Again now that the socket is connected and before any byte
+                // is sent: a directory that did not exist at the first check
+                // may have been made by someone else in between.
+                let dir_now = match std::fs::metadata(socket_dir(&path)) {
+                    Ok(_) => check_socket_dir(&path),
+                    Err(_) => Err(ConnectError::Untrusted(format!(
+                        "refusing to use {}: its directory changed while connecting; nothing was sent",
+                        path.display()
+                    ))),
+                };
+                if let Err(ConnectError::Untrusted(why)) = dir_now {
+                    drop(stream);
+                    return Err(refuse(&refused, why));
+                }
                 match check_peer(&path, &stream) {
                     Ok(uid) => {
                         if let Ok(mut p) = peer.lock() {

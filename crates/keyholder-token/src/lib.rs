@@ -516,7 +516,12 @@ impl TokenSession {
         // crash or another process left more: those are found (and removed)
         // by the search on a session's first write.
         let old = match last.take() {
-            Some((l, handle)) if l == label => vec![handle],
+            // Handles can be reused once an object is gone (removed outside
+            // this session): destroy the remembered one only while it is
+            // still this record.
+            Some((l, handle)) if l == label && self.is_generation_record(handle, label) => {
+                vec![handle]
+            }
             _ => self.generation_objects(label)?,
         };
         let new = self
@@ -564,6 +569,36 @@ impl TokenSession {
             Attribute::Value(v) => v.as_slice().try_into().ok().map(u64::from_be_bytes),
             _ => None,
         }))
+    }
+
+    /// Whether `handle` is (still) Keyholder's generation record `label`.
+    fn is_generation_record(&self, handle: ObjectHandle, label: &str) -> bool {
+        let Ok(attrs) = self.session.get_attributes(
+            handle,
+            &[
+                AttributeType::Class,
+                AttributeType::Private,
+                AttributeType::Application,
+                AttributeType::Label,
+            ],
+        ) else {
+            return false;
+        };
+        let mut matched = 0;
+        for a in attrs {
+            let ok = match a {
+                Attribute::Class(c) => c == ObjectClass::DATA,
+                Attribute::Private(p) => p,
+                Attribute::Application(app) => app == GENERATION_APPLICATION,
+                Attribute::Label(l) => l == label.as_bytes(),
+                _ => false,
+            };
+            if !ok {
+                return false;
+            }
+            matched += 1;
+        }
+        matched == 4
     }
 
     /// Keyholder's records only: private (so made by the PIN holder) and

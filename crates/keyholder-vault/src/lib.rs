@@ -364,16 +364,15 @@ impl OpenVault {
                     }
                     Ok::<_, std::io::Error>(())
                 });
-                let mut doc = Staged::new(Blocks(tx));
-                let written = self
-                    .write_document(&mut doc, body)
-                    .and_then(|()| doc.finish().map_err(encrypt_err))
-                    // Dropping the sender closes the channel, which ends
-                    // the encrypting loop.
-                    .map(|(sender, total)| {
-                        drop(sender);
-                        total
-                    });
+                // The sender is dropped at the end of this block whatever
+                // happened, which closes the channel and ends the encrypting
+                // loop: the join below cannot wait forever.
+                let written = {
+                    let mut doc = Staged::new(Blocks(tx));
+                    self.write_document(&mut doc, body)
+                        .and_then(|()| doc.finish().map_err(encrypt_err))
+                        .map(|(_, total)| total)
+                };
                 let encrypted = encrypting
                     .join()
                     .map_err(|_| VaultError::Encrypt("the encrypting thread panicked".into()))?;

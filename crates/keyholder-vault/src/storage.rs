@@ -37,12 +37,15 @@ impl Revision {
         Self(Sha256::digest(bytes).into())
     }
 
-    /// A file's revision from its metadata: device, inode, size, and the
-    /// modification and change times to the nanosecond. Every write puts a
-    /// new inode in place and any edit in place moves the change time
-    /// (which no user can set), so this tells versions apart without
-    /// reading and hashing the whole file on every write.
-    fn of_file(meta: &fs::Metadata) -> Self {
+    /// A file's revision from its metadata (device, inode, size, and the
+    /// modification and change times to the nanosecond) and its first
+    /// [`HEAD_BYTES`] bytes (the age header, whose ephemeral share is new
+    /// for every encryption). Every write puts a new inode in place, any
+    /// change in place moves the change time (which no user can set), and a
+    /// copied-in backup has another header even within one timestamp tick;
+    /// so versions are told apart without reading and hashing the whole
+    /// file on every write.
+    fn of_file(meta: &fs::Metadata, head: &[u8]) -> Self {
         use std::os::unix::fs::MetadataExt;
         let mut h = Sha256::new();
         for v in [meta.dev(), meta.ino(), meta.size()] {
@@ -56,8 +59,26 @@ impl Revision {
         ] {
             h.update(v.to_le_bytes());
         }
+        h.update(head);
         Self(h.finalize().into())
     }
+}
+
+/// How much of the file's start goes into its revision.
+const HEAD_BYTES: usize = 1024;
+
+/// The revision of the file at `path` now, `None` if there is none.
+fn current_revision(path: &Path) -> Result<Option<Revision>, StorageError> {
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err("cannot read vault", path)(e)),
+    };
+    let meta = file.metadata().map_err(io_err("cannot stat vault", path))?;
+    let mut head = Vec::with_capacity(HEAD_BYTES);
+    io::Read::read_to_end(&mut io::Read::take(&mut file, HEAD_BYTES as u64), &mut head)
+        .map_err(io_err("cannot read vault", path))?;
+    Ok(Some(Revision::of_file(&meta, &head)))
 }
 
 /// Storage failures.
@@ -319,7 +340,9 @@ impl Storage for FileStorage {
         let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
         io::Read::read_to_end(&mut file, &mut bytes)
             .map_err(io_err("cannot read vault", &self.path))?;
-        Ok(Some((bytes, Revision::of_file(&meta))))
+        let head = &bytes[..bytes.len().min(HEAD_BYTES)];
+        let revision = Revision::of_file(&meta, head);
+        Ok(Some((bytes, revision)))
     }
 
     fn compare_and_store(
@@ -330,11 +353,7 @@ impl Storage for FileStorage {
     ) -> Result<Revision, StorageError> {
         // We hold the lock, so only a hand edit or a restored backup can
         // have changed the file; refuse to overwrite such a change.
-        let current = match fs::metadata(&self.path) {
-            Ok(meta) => Some(Revision::of_file(&meta)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => return Err(io_err("cannot stat vault", &self.path)(e)),
-        };
+        let current = current_revision(&self.path)?;
         if current.as_ref() != expected {
             return Err(StorageError::Conflict(self.path.clone()));
         }
@@ -377,8 +396,9 @@ impl Storage for FileStorage {
         for (_, old) in self.backup_files().into_iter().skip(BACKUPS_KEPT) {
             let _ = fs::remove_file(old);
         }
-        let meta = fs::metadata(&self.path).map_err(io_err("cannot stat vault", &self.path))?;
-        Ok(Revision::of_file(&meta))
+        current_revision(&self.path)?.ok_or_else(|| {
+            io_err("vault vanished after its rename", &self.path)(io::ErrorKind::NotFound.into())
+        })
     }
 
     fn exists(&self) -> Result<bool, StorageError> {
