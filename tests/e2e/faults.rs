@@ -131,3 +131,49 @@ fn a_key_the_token_cannot_make_is_named_with_its_return_value() {
     env.ok(&["ca", "create", "kube", "--on-token"]);
     drop(daemon);
 }
+
+/// A token that refuses data objects (as NSS softokn does; the fault module
+/// stands in for it until Keyholder can pass NSS its init arguments) cannot
+/// hold the generation record: init refuses unless asked explicitly, and
+/// then status says rollback detection is off.
+#[test]
+fn a_token_that_cannot_store_the_rollback_record_gets_a_vault_only_on_request() {
+    let env = Env::with_fault_module();
+    let daemon = env.start_daemon(&[]);
+    env.fault("no-data-objects");
+    let pin = env.pin_file.to_str().expect("utf8").to_owned();
+    let init = ["init", "--token-label", "ops", "--pin-file", &pin];
+    let out = env.cli(&init);
+    assert_fails(&out, 3, "cannot store Keyholder's rollback record");
+    assert_fails(&out, 3, "CKR_TEMPLATE_INCONSISTENT");
+    assert_fails(&out, 3, "--without-rollback-protection");
+    assert!(!env.vault.exists(), "no vault was created");
+    let tokens = env.ok(&["--json", "tokens"]);
+    assert!(!tokens.contains("age1tag1"), "no key was made: {tokens}");
+
+    let mut opted_out = init.to_vec();
+    opted_out.push("--without-rollback-protection");
+    env.ok(&opted_out);
+    env.unlock();
+    assert_eq!(status(&env)["rollback_protection"], false);
+    assert!(env.ok(&["status"]).contains("rollback:    OFF"));
+    env.put("db/pw", b"one");
+    let older = std::fs::read(&env.vault).expect("vault");
+    let args = ["secret", "put", "--force", "db/pw"];
+    crate::util::assert_ok(&env.cli_with_stdin(&args, Some(b"two")), &args);
+    assert_eq!(env.ok(&["secret", "get", "db/pw"]), "two");
+    env.ok(&["lock"]);
+    // What "off" means, as the status line says: an older copy opens.
+    std::fs::write(&env.vault, &older).expect("put the older copy back");
+    env.unlock();
+    assert_eq!(env.ok(&["secret", "get", "db/pw"]), "one");
+    drop(daemon);
+
+    // A token that can hold the record is protected, and says so.
+    let env = Env::new();
+    let _daemon = env.start_daemon(&[]);
+    env.init();
+    env.unlock();
+    assert_eq!(status(&env)["rollback_protection"], true);
+    assert!(env.ok(&["status"]).contains("rollback:    on"));
+}

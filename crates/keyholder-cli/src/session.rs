@@ -43,6 +43,11 @@ pub(crate) struct InitArgs {
     /// keep its identity offline.
     #[arg(long)]
     recovery_recipient: Option<String>,
+    /// Create the vault even if the token cannot store its generation
+    /// record: then an older copy of the vault file opens without notice
+    /// (no rollback detection), and `status` says so.
+    #[arg(long)]
+    without_rollback_protection: bool,
     #[command(flatten)]
     pin: PinSource,
 }
@@ -122,6 +127,10 @@ fn token_json(t: &v1::TokenInfo) -> serde_json::Value {
     })
 }
 
+fn unlocked(s: &v1::StatusResponse) -> bool {
+    s.state == v1::SessionState::Unlocked as i32
+}
+
 fn status_json(s: &v1::StatusResponse) -> serde_json::Value {
     serde_json::json!({
         "state": state_name(s),
@@ -132,6 +141,7 @@ fn status_json(s: &v1::StatusResponse) -> serde_json::Value {
         "vault_path": s.vault_path,
         "generation": s.generation,
         "secret_count": s.secret_count,
+        "rollback_protection": unlocked(s).then_some(s.rollback_protection),
         "lock_reason": s.lock_reason,
     })
 }
@@ -154,6 +164,13 @@ fn print_status(s: &v1::StatusResponse, json: bool) {
         println!("idle lock:   {}", when(s.idle_deadline.as_ref()));
         println!("generation:  {}", s.generation);
         println!("secrets:     {}", s.secret_count);
+        if s.rollback_protection {
+            println!("rollback:    on (the token records the vault's generation)");
+        } else {
+            println!(
+                "rollback:    OFF (the token cannot store the record: an older copy of the vault file would open)"
+            );
+        }
     } else if !s.lock_reason.is_empty() {
         println!("locked by:   {}", s.lock_reason);
     }
@@ -176,6 +193,7 @@ pub(crate) async fn init(channel: Channel, args: InitArgs, json: bool) -> CliRes
             pin: pin.expose_secret().to_owned(),
             allow_final_pin_try: args.pin.allow_final_pin_try,
             recovery_recipient: args.recovery_recipient.unwrap_or_default(),
+            without_rollback_protection: args.without_rollback_protection,
         })
         .await?
         .into_inner();

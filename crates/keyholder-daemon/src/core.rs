@@ -285,7 +285,7 @@ impl Core {
                 let idle_at = self
                     .idle_deadline(u)
                     .map_or(u.expires_at, |at| at.min(u.expires_at));
-                SessionState::Unlocked(UnlockedStatus {
+                SessionState::Unlocked(Box::new(UnlockedStatus {
                     token: u.token.clone(),
                     recipient: u.vault.token_recipient().to_owned(),
                     unlocked_at: u.unlocked_at,
@@ -293,7 +293,8 @@ impl Core {
                     idle_deadline: wall(idle_at),
                     generation: u.vault.body.generation,
                     secret_count: u64::try_from(u.vault.body.secrets.len()).unwrap_or(u64::MAX),
-                })
+                    rollback_protection: u.vault.body.rollback_protection,
+                }))
             }
         };
         SessionStatus {
@@ -357,6 +358,7 @@ impl Core {
         pin: SecretString,
         allow_final_try: bool,
         recovery: Vec<String>,
+        without_rollback_protection: bool,
     ) -> Result<Initialized> {
         let _writer = self.writer.lock().await;
         for r in &recovery {
@@ -370,6 +372,21 @@ impl Core {
             let mut session = self.tokens.open(&token)?;
             session.login(&pin, allow_final_try)?;
             let result = (|| {
+                // Before the key is made: a token that cannot hold the
+                // generation record gets a vault only on explicit request.
+                let protected = match rollback::token_can_record(session.as_ref()) {
+                    Ok(()) => true,
+                    Err(e) if without_rollback_protection => {
+                        tracing::warn!(token = ?token.label, error = %crate::escape::Escaped(&e), "vault created without rollback detection, as requested: the token cannot store the record");
+                        false
+                    }
+                    Err(e) => {
+                        return Err(Error::NoRollbackRecord {
+                            token: token.label.clone(),
+                            reason: e.to_string(),
+                        });
+                    }
+                };
                 let key = session.generate_p256(KEY_LABEL, KeyPurpose::Derive)?;
                 let agreement = TokenAgreement {
                     session: session.as_ref(),
@@ -387,9 +404,12 @@ impl Core {
                     recovery,
                 )?;
                 let mut body = vault.body.clone();
+                body.rollback_protection = protected;
                 let bytes = vault.next(&mut body)?;
                 self.storage.compare_and_store(None, &bytes, body.generation)?;
-                rollback::record(session.as_ref(), vault.vault_id(), body.generation);
+                if protected {
+                    rollback::record(session.as_ref(), vault.vault_id(), body.generation);
+                }
                 tracing::info!(token = ?token.label, %recipient, vault = %self.storage.location(), "vault created");
                 Ok(Initialized {
                     vault_path: self.storage.location(),
@@ -636,6 +656,7 @@ impl Core {
             )
         };
         let generation = body_new.generation;
+        let protected = body_new.rollback_protection;
         let revision = token_call(|| {
             let revision = self
                 .storage
@@ -643,6 +664,7 @@ impl Core {
             // After the file: a crash in between leaves the file ahead of the
             // record, which the next unlock accepts and catches up.
             match &*self.token_slot() {
+                Some(_) if !protected => {}
                 Some(session) => rollback::record(session.as_ref(), &vault_id, generation),
                 // Locked in between: the next unlock moves the record up.
                 None => tracing::warn!(

@@ -93,6 +93,18 @@ pub enum Error {
         /// The token's record.
         recorded: u64,
     },
+    /// The token cannot store the vault's generation record.
+    #[error(
+        "the token {token:?} cannot store Keyholder's rollback record ({reason}): without it an \
+         older copy of the vault file would open without notice. To create the vault anyway, \
+         without rollback detection, run init again with --without-rollback-protection"
+    )]
+    NoRollbackRecord {
+        /// The token's label.
+        token: String,
+        /// What the token answered.
+        reason: String,
+    },
     /// A bug or an unexpected runtime failure; details go to the log only.
     #[error("internal error: {0}")]
     Internal(String),
@@ -104,9 +116,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         let code = match &e {
-            Error::Locked | Error::NotInitialized(_) | Error::Rollback { .. } => {
-                Code::FailedPrecondition
-            }
+            Error::Locked
+            | Error::NotInitialized(_)
+            | Error::Rollback { .. }
+            | Error::NoRollbackRecord { .. } => Code::FailedPrecondition,
             Error::VaultExists(_) | Error::AlreadyExists { .. } => Code::AlreadyExists,
             Error::NotFound { .. } => Code::NotFound,
             Error::InvalidArgument { .. } => Code::InvalidArgument,

@@ -18,6 +18,14 @@ fn label(vault_id: &str) -> String {
 /// it; a newer one (a crash after the file was written, or a token without
 /// a record yet) moves the record up.
 pub fn check(session: &dyn Session, vault: &OpenVault, accept_older: bool) -> Result<Option<u64>> {
+    if !vault.body.rollback_protection {
+        // Created so on purpose, on a token that cannot hold the record;
+        // Status shows it.
+        tracing::info!(
+            "rollback detection is off for this vault (the token cannot store the record)"
+        );
+        return Ok(None);
+    }
     let label = label(vault.vault_id());
     let file = vault.body.generation;
     let recorded = match session.read_generation(&label) {
@@ -48,6 +56,14 @@ pub fn check(session: &dyn Session, vault: &OpenVault, accept_older: bool) -> Re
             Ok(None)
         }
     }
+}
+
+/// Whether the token can hold a generation record: one is written and
+/// removed under a label no vault uses.
+pub fn token_can_record(session: &dyn Session) -> std::result::Result<(), keyholder_token::Error> {
+    let probe = "keyholder-generation:capability-check";
+    session.store_generation(probe, 0)?;
+    session.delete_generation(probe)
 }
 
 /// The generation the token recorded for the vault `vault_id`, if it can be

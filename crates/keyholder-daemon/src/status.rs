@@ -49,7 +49,7 @@ pub enum SessionState {
     /// Locked, and why.
     Locked(LockReason),
     /// Unlocked.
-    Unlocked(UnlockedStatus),
+    Unlocked(Box<UnlockedStatus>),
 }
 
 /// What is shown of an open session.
@@ -69,6 +69,8 @@ pub struct UnlockedStatus {
     pub generation: u64,
     /// How many secrets it holds.
     pub secret_count: u64,
+    /// Whether the token records the vault's generation.
+    pub rollback_protection: bool,
 }
 
 /// The session status.

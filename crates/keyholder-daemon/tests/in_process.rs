@@ -77,7 +77,7 @@ fn config(dir: &Path) -> Config {
 async fn initialised(dir: &Path) -> (Arc<Core>, SoftwareToken) {
     let token = SoftwareToken::new("soft", PIN);
     let core = Core::new(config(dir), token.clone(), MemoryStorage::default());
-    core.init(Selector::label("soft"), pin(), false, Vec::new())
+    core.init(Selector::label("soft"), pin(), false, Vec::new(), false)
         .await
         .expect("init");
     (core, token)

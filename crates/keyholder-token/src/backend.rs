@@ -42,6 +42,8 @@ pub trait Session: Send + fmt::Debug {
     fn read_generation(&self, label: &str) -> Result<Option<u64>>;
     /// Records `generation` under `label`.
     fn store_generation(&self, label: &str, generation: u64) -> Result<()>;
+    /// Removes the records under `label`.
+    fn delete_generation(&self, label: &str) -> Result<()>;
     /// Fails when the token or this session is gone.
     fn check_present(&self) -> Result<()>;
     /// Logs out and closes the session.
@@ -97,6 +99,10 @@ impl Session for crate::TokenSession {
 
     fn store_generation(&self, label: &str, generation: u64) -> Result<()> {
         crate::TokenSession::store_generation(self, label, generation)
+    }
+
+    fn delete_generation(&self, label: &str) -> Result<()> {
+        crate::TokenSession::delete_generation(self, label)
     }
 
     fn check_present(&self) -> Result<()> {

@@ -571,6 +571,21 @@ impl TokenSession {
         }))
     }
 
+    /// Removes every record under `label`.
+    pub fn delete_generation(&self, label: &str) -> Result<()> {
+        let mut last = self
+            .last_record
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if last.as_ref().is_some_and(|(l, _)| l == label) {
+            *last = None;
+        }
+        for handle in self.generation_objects(label)? {
+            self.session.destroy_object(handle).map_err(map_err)?;
+        }
+        Ok(())
+    }
+
     /// Whether `handle` is (still) Keyholder's generation record `label`.
     fn is_generation_record(&self, handle: ObjectHandle, label: &str) -> bool {
         let Ok(attrs) = self.session.get_attributes(

@@ -270,6 +270,11 @@ impl Session for SoftwareSession {
         Ok(())
     }
 
+    fn delete_generation(&self, label: &str) -> Result<()> {
+        self.user()?.records.remove(label);
+        Ok(())
+    }
+
     fn check_present(&self) -> Result<()> {
         self.state().map(drop)
     }

@@ -204,6 +204,14 @@ pub struct TokenRecipient {
     pub key_id: String,
 }
 
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
 /// The authenticated content.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct Body {
@@ -230,6 +238,11 @@ pub struct Body {
     /// SSH certificates the agent serves, until they expire.
     #[serde(default)]
     pub ssh_certificates: Vec<SshCertificateEntry>,
+    /// Whether the token records the vault's generation (rollback
+    /// detection). `false` only for a vault created, on the user's explicit
+    /// request, on a token that cannot store the record; written only then.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub rollback_protection: bool,
 }
 
 /// What a signing key may be used for.

@@ -235,6 +235,7 @@ impl OpenVault {
                 clusters: Default::default(),
                 keys: Default::default(),
                 ssh_certificates: Default::default(),
+                rollback_protection: true,
             },
             vault_id,
             token_recipient,

@@ -114,6 +114,7 @@ impl From<&SessionStatus> for v1::StatusResponse {
                 out.idle_deadline = timestamp(u.idle_deadline);
                 out.generation = u.generation;
                 out.secret_count = u.secret_count;
+                out.rollback_protection = u.rollback_protection;
             }
         }
         out

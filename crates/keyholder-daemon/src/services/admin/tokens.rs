@@ -43,7 +43,13 @@ pub async fn init(core: &Core, mut req: v1::InitRequest) -> Result<v1::InitRespo
         .into_iter()
         .collect();
     Ok(core
-        .init(selector, pin, req.allow_final_pin_try, recovery)
+        .init(
+            selector,
+            pin,
+            req.allow_final_pin_try,
+            recovery,
+            req.without_rollback_protection,
+        )
         .await?
         .into())
 }
