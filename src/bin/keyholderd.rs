@@ -39,6 +39,11 @@ struct Args {
     /// Only this file is ever loaded; no request can name another.
     #[arg(long)]
     pkcs11_module: Option<PathBuf>,
+    /// Arguments for the module's C_Initialize, for modules that need them:
+    /// NSS softokn takes "configdir='sql:DIR' certPrefix='' keyPrefix=''
+    /// secmod='secmod.db' flags=".
+    #[arg(long)]
+    pkcs11_init_args: Option<String>,
     /// Restrict unlock to one token: a label, serial:<serial>, or a pkcs11: URI.
     #[arg(long)]
     token: Option<String>,
@@ -84,6 +89,9 @@ fn settings(args: &Args) -> Result<Config, config::ConfigError> {
     };
     if let Some(v) = &args.pkcs11_module {
         cfg.pkcs11_module = Some(v.clone());
+    }
+    if let Some(v) = &args.pkcs11_init_args {
+        cfg.pkcs11_init_args = Some(v.clone());
     }
     if let Some(v) = &args.token {
         cfg.token = Some(v.clone());

@@ -13,6 +13,7 @@ mod kube;
 mod lifetimes;
 mod memory;
 mod message_size;
+mod nss;
 mod output_paths;
 mod peer;
 mod python;

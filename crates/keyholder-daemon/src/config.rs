@@ -20,6 +20,9 @@ pub const MAX_TOKEN_POLL_INTERVAL: Duration = Duration::from_secs(3600);
 pub struct Config {
     /// Path of the PKCS#11 module. Required; only this file is ever loaded.
     pub pkcs11_module: Option<PathBuf>,
+    /// Arguments for the module's `C_Initialize` (NSS softokn reads its
+    /// database from them); none for most modules.
+    pub pkcs11_init_args: Option<String>,
     /// Restricts which token `unlock` may use: a label, `serial:<serial>`,
     /// or a `pkcs11:` URI. Empty: whichever token holds the vault's key.
     pub token: Option<String>,
@@ -87,6 +90,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             pkcs11_module: None,
+            pkcs11_init_args: None,
             token: None,
             vault: xdg("XDG_DATA_HOME", ".local/share").join("keyholder/vault.age"),
             socket: default_socket(),

@@ -50,7 +50,7 @@ pub fn open(config: Config) -> Result<Arc<Core>, StartError> {
         .pkcs11_module
         .as_deref()
         .ok_or(StartError::NoModule)?;
-    let module = Module::load(path)?;
+    let module = Module::load_with_args(path, config.pkcs11_init_args.as_deref())?;
     let storage = FileStorage::open(&config.vault)?;
     Ok(Core::new(config, module, storage))
 }

@@ -16,7 +16,9 @@
 //! share one put it behind a mutex and call it from a blocking thread, since
 //! token calls can block on a PIN pad or a touch.
 
-#![forbid(unsafe_code)]
+// One call has no safe form: passing a module its init arguments
+// (`Module::load_with_args`).
+#![deny(unsafe_code)]
 
 mod backend;
 #[cfg(feature = "software")]
@@ -255,6 +257,9 @@ pub struct PinStatus {
 pub struct Module {
     ctx: Pkcs11,
     path: PathBuf,
+    /// The init arguments handed to `C_Initialize`, kept alive as long as
+    /// the module is loaded (a module may keep the pointer).
+    _init_args: Option<std::sync::Arc<std::ffi::CString>>,
 }
 
 impl fmt::Debug for Module {
@@ -268,6 +273,15 @@ impl Module {
     /// configuration may name this path: loading a library chosen by a
     /// client is how an agent gets turned into a code-execution service.
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_with_args(path, None)
+    }
+
+    /// Like [`Module::load`], passing `init_args` to `C_Initialize` as its
+    /// reserved argument: a NUL-terminated string, the form NSS softokn
+    /// reads its database configuration from (`configdir='sql:DIR'
+    /// certPrefix='' keyPrefix='' secmod='secmod.db' flags=`). Modules that
+    /// take no arguments must be loaded without.
+    pub fn load_with_args(path: &Path, init_args: Option<&str>) -> Result<Self> {
         let fail = |reason: String| Error::ModuleLoad {
             path: path.to_owned(),
             reason,
@@ -277,15 +291,48 @@ impl Module {
             Ok(_) => return Err(fail("not a regular file".into())),
             Err(e) => return Err(fail(e.to_string())),
         }
+        let init_args = init_args
+            .map(|a| {
+                std::ffi::CString::new(a)
+                    .map(std::sync::Arc::new)
+                    .map_err(|_| fail("the init arguments contain a NUL byte".into()))
+            })
+            .transpose()?;
         let ctx = Pkcs11::new(path).map_err(|e| fail(e.to_string()))?;
-        match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        let flags = CInitializeFlags::OS_LOCKING_OK;
+        let args = match &init_args {
+            None => CInitializeArgs::new(flags),
+            Some(text) => {
+                let reserved = std::ptr::NonNull::new(text.as_ptr().cast_mut().cast())
+                    .ok_or_else(|| fail("the init arguments have no address".into()))?;
+                // SAFETY: `pReserved` is handed to the module as is; the
+                // modules this is for (NSS softokn) read it as a
+                // NUL-terminated string, which a CString is. The string is
+                // kept in the returned `Module` (shared by its clones), so it
+                // outlives every use the module can make of it.
+                #[allow(unsafe_code)]
+                unsafe {
+                    CInitializeArgs::new_with_reserved(flags, reserved)
+                }
+            }
+        };
+        match ctx.initialize(args) {
             Ok(()) => {}
             Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+            Err(CkError::Pkcs11(RvError::ArgumentsBad, _)) if init_args.is_none() => {
+                return Err(fail(
+                    "C_Initialize returned CKR_ARGUMENTS_BAD: this module needs init arguments \
+                     (--pkcs11-init-args, or pkcs11_init_args in the config; NSS softokn takes \
+                     \"configdir='sql:DIR' certPrefix='' keyPrefix='' secmod='secmod.db' flags=\")"
+                        .into(),
+                ));
+            }
             Err(e) => return Err(fail(e.to_string())),
         }
         Ok(Self {
             ctx,
             path: path.to_owned(),
+            _init_args: init_args,
         })
     }
 
