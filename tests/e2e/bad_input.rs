@@ -513,3 +513,23 @@ fn request_strings_cannot_forge_log_lines() {
         );
     }
 }
+
+#[test]
+fn the_vault_key_on_the_token_derives_and_never_signs_or_leaves() {
+    let (env, _daemon) = Env::ready();
+    let out = pkcs11_tool(&env, &["--list-objects", "--type", "privkey"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let vault_key = text
+        .split("Private Key Object")
+        .find(|block| block.contains("label:      keyholder-vault"))
+        .unwrap_or_else(|| panic!("no vault key in: {text}"));
+    let usage = vault_key
+        .lines()
+        .find(|l| l.trim_start().starts_with("Usage:"))
+        .unwrap_or_else(|| panic!("no usage line in: {vault_key}"));
+    assert!(usage.contains("derive"), "{usage}");
+    assert!(!usage.contains("sign"), "{usage}");
+    assert!(vault_key.contains("never extractable"), "{vault_key}");
+    assert!(vault_key.contains("sensitive"), "{vault_key}");
+}

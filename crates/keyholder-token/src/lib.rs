@@ -508,7 +508,12 @@ impl TokenSession {
             Attribute::Label(label.as_bytes().to_vec()),
             Attribute::Id(id.clone()),
             Attribute::Derive(derive),
-            Attribute::Verify(!derive),
+            // True even for the ECDH-only vault key: tpm2-pkcs11 maps the
+            // public CKA_VERIFY to the TPM key's usage and ignores
+            // CKA_DERIVE, so `false` there leaves a key with no usage (key
+            // generation fails, CKR_GENERAL_ERROR). Verifying with a public
+            // key grants nothing; the private half still cannot sign.
+            Attribute::Verify(true),
         ];
         let private_template = [
             Attribute::Token(true),
