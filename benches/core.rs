@@ -66,7 +66,7 @@ fn fill_and_time_open(env: &Env) {
     let pin = SecretString::from(PIN.to_owned());
     session.login(&pin, false).expect("login");
     let key = session
-        .find_p256_keys("keyholder-vault")
+        .find_p256_keys(Some("keyholder-vault"))
         .expect("keys")
         .pop()
         .expect("a Keyholder key");

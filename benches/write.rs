@@ -57,7 +57,7 @@ fn fill(env: &Env, n: usize) {
         .login(&SecretString::from(PIN.to_owned()), false)
         .expect("login");
     let key = session
-        .find_p256_keys("keyholder-vault")
+        .find_p256_keys(Some("keyholder-vault"))
         .expect("keys")
         .pop()
         .expect("a Keyholder key");

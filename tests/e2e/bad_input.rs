@@ -533,3 +533,55 @@ fn the_vault_key_on_the_token_derives_and_never_signs_or_leaves() {
     assert!(vault_key.contains("never extractable"), "{vault_key}");
     assert!(vault_key.contains("sensitive"), "{vault_key}");
 }
+
+#[test]
+fn a_key_made_by_another_tool_is_adopted_as_the_vault_key_by_its_uri() {
+    let env = Env::new();
+    let daemon = env.start_daemon(&[]);
+    for (id, usage) in [("03", "--usage-derive"), ("04", "--usage-sign")] {
+        let out = pkcs11_tool(
+            &env,
+            &[
+                "--keypairgen",
+                "--key-type",
+                "EC:prime256v1",
+                "--label",
+                "made-elsewhere",
+                "--id",
+                id,
+                usage,
+            ],
+        );
+        assert!(out.status.success(), "{out:?}");
+    }
+    let pin = env.pin_file.to_str().expect("utf8").to_owned();
+    // A key that may not do ECDH is refused by name, and nothing is created.
+    let out = env.cli(&[
+        "init",
+        "--token-uri",
+        "pkcs11:token=ops;id=%04",
+        "--pin-file",
+        &pin,
+    ]);
+    assert_fails(&out, 3, "CKA_DERIVE is false");
+    assert!(!env.vault.exists());
+
+    env.ok(&[
+        "init",
+        "--token-uri",
+        "pkcs11:token=ops;id=%03",
+        "--pin-file",
+        &pin,
+    ]);
+    // No key was generated: the token still holds the two keys it had.
+    let listed = pkcs11_tool(&env, &["--list-objects", "--type", "privkey"]);
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert_eq!(text.matches("Private Key Object").count(), 2, "{text}");
+    env.unlock();
+    env.put("db/pw", b"adopted");
+    env.ok(&["lock"]);
+    drop(daemon);
+    let _daemon = env.start_daemon(&[]);
+    env.unlock();
+    assert_eq!(env.ok(&["secret", "get", "db/pw"]), "adopted");
+}

@@ -36,7 +36,9 @@ pub(crate) struct InitArgs {
     /// The token's serial number.
     #[arg(long, group = "token")]
     token_serial: Option<String>,
-    /// An RFC 7512 URI, e.g. "pkcs11:token=ops".
+    /// An RFC 7512 URI, e.g. "pkcs11:token=ops". A URI that also names a
+    /// key ("pkcs11:token=ops;id=%03", or object=LABEL) adopts that P-256
+    /// key, which must allow ECDH (CKA_DERIVE), instead of generating one.
     #[arg(long, group = "token")]
     token_uri: Option<String>,
     /// An X25519 age recipient (age1...) that can also decrypt the vault;

@@ -16,7 +16,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
-use keyholder_token::{Backend, KeyPurpose, Selector, Session, TokenDescription, TokenKey};
+use keyholder_token::{
+    Backend, KeyPurpose, ObjectSelector, Selector, Session, TokenDescription, TokenKey,
+};
 use keyholder_vault::{
     Body, OpenVault, Revision, Storage, TokenAgreement, TokenRecipient, VaultError,
 };
@@ -336,7 +338,7 @@ impl Core {
             for token in self.tokens.tokens()? {
                 let mut recipients = Vec::new();
                 if let Ok(session) = self.tokens.open(&token) {
-                    if let Ok(keys) = session.find_p256_keys(KEY_LABEL) {
+                    if let Ok(keys) = session.find_p256_keys(Some(KEY_LABEL)) {
                         recipients = keys
                             .iter()
                             .map(|k| keyholder_vault::recipient_string(&k.public))
@@ -359,6 +361,7 @@ impl Core {
         allow_final_try: bool,
         recovery: Vec<String>,
         without_rollback_protection: bool,
+        adopt: Option<ObjectSelector>,
     ) -> Result<Initialized> {
         let _writer = self.writer.lock().await;
         for r in &recovery {
@@ -387,7 +390,10 @@ impl Core {
                         });
                     }
                 };
-                let key = session.generate_p256(KEY_LABEL, KeyPurpose::Derive)?;
+                let key = match &adopt {
+                    Some(object) => session.find_p256_derive_key(object)?,
+                    None => session.generate_p256(KEY_LABEL, KeyPurpose::Derive)?,
+                };
                 let agreement = TokenAgreement {
                     session: session.as_ref(),
                     key: &key,
@@ -591,11 +597,18 @@ impl Core {
         for token in tokens {
             looked_at.push(format!("{:?}", token.label));
             let session = self.tokens.open(&token)?;
-            let keys = session.find_p256_keys(KEY_LABEL)?;
-            if let Some(key) = keys
-                .into_iter()
-                .find(|k| keyholder_vault::addressed_to(stanzas, &k.public))
-            {
+            let keys = session.find_p256_keys(Some(KEY_LABEL))?;
+            let addressed = |keys: Vec<TokenKey>| {
+                keys.into_iter()
+                    .find(|k| keyholder_vault::addressed_to(stanzas, &k.public))
+            };
+            // Keyholder's own keys first; then any P-256 key, for a vault
+            // key adopted at init (made by another tool, with its label).
+            let found = match addressed(keys) {
+                Some(key) => Some(key),
+                None => addressed(session.find_p256_keys(None)?),
+            };
+            if let Some(key) = found {
                 return Ok((session, token, key));
             }
             session.close();

@@ -77,9 +77,16 @@ fn config(dir: &Path) -> Config {
 async fn initialised(dir: &Path) -> (Arc<Core>, SoftwareToken) {
     let token = SoftwareToken::new("soft", PIN);
     let core = Core::new(config(dir), token.clone(), MemoryStorage::default());
-    core.init(Selector::label("soft"), pin(), false, Vec::new(), false)
-        .await
-        .expect("init");
+    core.init(
+        Selector::label("soft"),
+        pin(),
+        false,
+        Vec::new(),
+        false,
+        None,
+    )
+    .await
+    .expect("init");
     (core, token)
 }
 

@@ -30,10 +30,13 @@ pub trait Session: Send + fmt::Debug {
     fn login(&mut self, pin: &SecretString, allow_final_try: bool) -> Result<()>;
     /// Generates a P-256 key pair, sensitive and not extractable, for `purpose`.
     fn generate_p256(&self, label: &str, purpose: KeyPurpose) -> Result<TokenKey>;
-    /// The P-256 key-agreement keys labelled `label`.
-    fn find_p256_keys(&self, label: &str) -> Result<Vec<TokenKey>>;
+    /// The P-256 key-agreement keys labelled `label` (any label: `None`).
+    fn find_p256_keys(&self, label: Option<&str>) -> Result<Vec<TokenKey>>;
     /// The one P-256 signing key `object` names.
     fn find_p256_signing_key(&self, object: &ObjectSelector) -> Result<TokenKey>;
+    /// The one P-256 key-agreement key `object` names (a key made outside
+    /// Keyholder, adopted as a vault key).
+    fn find_p256_derive_key(&self, object: &ObjectSelector) -> Result<TokenKey>;
     /// ECDH: the raw X coordinate of `private * peer`.
     fn ecdh(&self, key: &TokenKey, peer: &p256::PublicKey) -> Result<Zeroizing<[u8; 32]>>;
     /// An ECDSA signature (r||s) over a SHA-256 digest.
@@ -77,12 +80,16 @@ impl Session for crate::TokenSession {
         self.generate_p256_for(label, purpose)
     }
 
-    fn find_p256_keys(&self, label: &str) -> Result<Vec<TokenKey>> {
+    fn find_p256_keys(&self, label: Option<&str>) -> Result<Vec<TokenKey>> {
         crate::TokenSession::find_p256_keys(self, label)
     }
 
     fn find_p256_signing_key(&self, object: &ObjectSelector) -> Result<TokenKey> {
         crate::TokenSession::find_p256_signing_key(self, object)
+    }
+
+    fn find_p256_derive_key(&self, object: &ObjectSelector) -> Result<TokenKey> {
+        crate::TokenSession::find_p256_key(self, object, KeyPurpose::Derive)
     }
 
     fn ecdh(&self, key: &TokenKey, peer: &p256::PublicKey) -> Result<Zeroizing<[u8; 32]>> {

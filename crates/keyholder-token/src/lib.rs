@@ -698,15 +698,15 @@ impl TokenSession {
 
     /// The P-256 public keys with this label (found without logging in,
     /// since public key objects are public).
-    pub fn find_p256_keys(&self, label: &str) -> Result<Vec<TokenKey>> {
-        let handles = self
-            .session
-            .find_objects(&[
-                Attribute::Class(ObjectClass::PUBLIC_KEY),
-                Attribute::KeyType(KeyType::EC),
-                Attribute::Label(label.as_bytes().to_vec()),
-            ])
-            .map_err(map_err)?;
+    pub fn find_p256_keys(&self, label: Option<&str>) -> Result<Vec<TokenKey>> {
+        let mut template = vec![
+            Attribute::Class(ObjectClass::PUBLIC_KEY),
+            Attribute::KeyType(KeyType::EC),
+        ];
+        if let Some(label) = label {
+            template.push(Attribute::Label(label.as_bytes().to_vec()));
+        }
+        let handles = self.session.find_objects(&template).map_err(map_err)?;
         let mut keys = Vec::new();
         for handle in handles {
             let attrs = self
@@ -730,6 +730,12 @@ impl TokenSession {
     /// The one P-256 key pair on this token that `object` names, usable for
     /// signing (needs a logged-in session to see the private key).
     pub fn find_p256_signing_key(&self, object: &ObjectSelector) -> Result<TokenKey> {
+        self.find_p256_key(object, KeyPurpose::Sign)
+    }
+
+    /// The one P-256 key pair on this token that `object` names, whose
+    /// private half may do `purpose` (CKA_SIGN or CKA_DERIVE).
+    pub fn find_p256_key(&self, object: &ObjectSelector, purpose: KeyPurpose) -> Result<TokenKey> {
         let mut template = vec![
             Attribute::Class(ObjectClass::PRIVATE_KEY),
             Attribute::KeyType(KeyType::EC),
@@ -757,22 +763,38 @@ impl TokenSession {
         };
         let attrs = self
             .session
-            .get_attributes(private, &[AttributeType::Id, AttributeType::Sign])
+            .get_attributes(
+                private,
+                &[
+                    AttributeType::Id,
+                    AttributeType::Sign,
+                    AttributeType::Derive,
+                ],
+            )
             .map_err(map_err)?;
         let mut id = None;
-        let mut can_sign = false;
+        let (mut can_sign, mut can_derive) = (false, false);
         for a in attrs {
             match a {
                 Attribute::Id(v) => id = Some(v),
                 Attribute::Sign(b) => can_sign = b,
+                Attribute::Derive(b) => can_derive = b,
                 _ => {}
             }
         }
         let id = id.ok_or_else(|| Error::KeyNotFound("the private key has no CKA_ID".into()))?;
-        if !can_sign {
-            return Err(Error::KeyNotFound(
-                "the private key may not sign (CKA_SIGN is false)".into(),
-            ));
+        match purpose {
+            KeyPurpose::Sign if !can_sign => {
+                return Err(Error::KeyNotFound(
+                    "the private key may not sign (CKA_SIGN is false)".into(),
+                ));
+            }
+            KeyPurpose::Derive if !can_derive => {
+                return Err(Error::KeyNotFound(
+                    "the private key may not do ECDH (CKA_DERIVE is false)".into(),
+                ));
+            }
+            _ => {}
         }
         let public = self
             .session

@@ -150,6 +150,23 @@ impl SoftwareSession {
         }
         Ok(state)
     }
+
+    /// The one key `object` names, made for `purpose`.
+    fn find_key(&self, object: &ObjectSelector, purpose: KeyPurpose) -> Result<TokenKey> {
+        let state = self.user()?;
+        let mut found = state.keys.iter().filter(|k| {
+            k.purpose == purpose
+                && object.label.as_deref().is_none_or(|l| l == k.label)
+                && object.id.as_deref().is_none_or(|id| id == k.public.id)
+        });
+        match (found.next(), found.next()) {
+            (Some(k), None) => Ok(k.public.clone()),
+            (None, _) => Err(Error::KeyNotFound(format!("nothing matches {object:?}"))),
+            (Some(_), Some(_)) => Err(Error::KeyNotFound(format!(
+                "more than one key matches {object:?}"
+            ))),
+        }
+    }
 }
 
 fn key_by_id<'a>(state: &'a State, key: &TokenKey) -> Result<&'a Key> {
@@ -208,30 +225,22 @@ impl Session for SoftwareSession {
         Ok(public)
     }
 
-    fn find_p256_keys(&self, label: &str) -> Result<Vec<TokenKey>> {
+    fn find_p256_keys(&self, label: Option<&str>) -> Result<Vec<TokenKey>> {
         let state = self.state()?;
         Ok(state
             .keys
             .iter()
-            .filter(|k| k.label == label && k.purpose == KeyPurpose::Derive)
+            .filter(|k| label.is_none_or(|l| k.label == l) && k.purpose == KeyPurpose::Derive)
             .map(|k| k.public.clone())
             .collect())
     }
 
     fn find_p256_signing_key(&self, object: &ObjectSelector) -> Result<TokenKey> {
-        let state = self.user()?;
-        let mut found = state.keys.iter().filter(|k| {
-            k.purpose == KeyPurpose::Sign
-                && object.label.as_deref().is_none_or(|l| l == k.label)
-                && object.id.as_deref().is_none_or(|id| id == k.public.id)
-        });
-        match (found.next(), found.next()) {
-            (Some(k), None) => Ok(k.public.clone()),
-            (None, _) => Err(Error::KeyNotFound(format!("nothing matches {object:?}"))),
-            (Some(_), Some(_)) => Err(Error::KeyNotFound(format!(
-                "more than one key matches {object:?}"
-            ))),
-        }
+        self.find_key(object, KeyPurpose::Sign)
+    }
+
+    fn find_p256_derive_key(&self, object: &ObjectSelector) -> Result<TokenKey> {
+        self.find_key(object, KeyPurpose::Derive)
     }
 
     fn ecdh(&self, key: &TokenKey, peer: &p256::PublicKey) -> Result<Zeroizing<[u8; 32]>> {

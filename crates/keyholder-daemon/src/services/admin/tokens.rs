@@ -1,7 +1,7 @@
 //! Admin: the tokens the daemon sees, and creating the vault on one.
 
 use keyholder_proto::v1;
-use keyholder_token::Selector;
+use keyholder_token::{ObjectSelector, Selector};
 use secrecy::SecretString;
 
 use crate::core::Core;
@@ -36,6 +36,22 @@ fn selector(s: Option<v1::TokenSelector>) -> Result<Selector> {
 
 /// Admin.Init.
 pub async fn init(core: &Core, mut req: v1::InitRequest) -> Result<v1::InitResponse> {
+    // A URI that names a key (object= or id=) adopts that key as the vault
+    // key instead of generating one.
+    let uri = req
+        .token
+        .as_ref()
+        .map(|t| t.uri.clone())
+        .unwrap_or_default();
+    let adopt = if uri.is_empty() {
+        None
+    } else {
+        let object = ObjectSelector::from_uri(&uri).map_err(|e| Error::InvalidArgument {
+            field: "token.uri",
+            reason: e.to_string(),
+        })?;
+        (object.label.is_some() || object.id.is_some()).then_some(object)
+    };
     let selector = selector(req.token.take())?;
     let pin = SecretString::from(std::mem::take(&mut req.pin));
     let recovery: Vec<String> = Some(req.recovery_recipient)
@@ -49,6 +65,7 @@ pub async fn init(core: &Core, mut req: v1::InitRequest) -> Result<v1::InitRespo
             req.allow_final_pin_try,
             recovery,
             req.without_rollback_protection,
+            adopt,
         )
         .await?
         .into())
