@@ -7,9 +7,7 @@
 //! `pin-locked`, `removed`, or a key generation the token refuses:
 //! `keygen-unsupported` (CKR_FUNCTION_NOT_SUPPORTED, as OpenSC's PIV driver
 //! answers) or `keygen-general-error` (CKR_GENERAL_ERROR, as tpm2-pkcs11
-//! answers a template it cannot make), or `no-data-objects` (every
-//! C_CreateObject refused with CKR_TEMPLATE_INCONSISTENT, as NSS softokn
-//! answers a token data object). `KEYHOLDER_FAULT_MODULE` names the real module
+//! answers a template it cannot make). `KEYHOLDER_FAULT_MODULE` names the real module
 //! (default `/usr/lib/softhsm/libsofthsm2.so`).
 //!
 //! FFI needs `unsafe`; it is confined to this test crate, which Keyholder
@@ -22,7 +20,7 @@ use cryptoki_sys::{
     CK_OBJECT_HANDLE_PTR, CK_RV, CK_SESSION_HANDLE, CK_SESSION_INFO_PTR, CK_SLOT_ID,
     CK_TOKEN_INFO_PTR, CK_ULONG, CK_USER_TYPE, CKF_USER_PIN_COUNT_LOW, CKF_USER_PIN_FINAL_TRY,
     CKF_USER_PIN_LOCKED, CKR_DEVICE_REMOVED, CKR_FUNCTION_NOT_SUPPORTED, CKR_GENERAL_ERROR, CKR_OK,
-    CKR_PIN_LOCKED, CKR_TEMPLATE_INCONSISTENT, CKR_TOKEN_NOT_PRESENT,
+    CKR_PIN_LOCKED, CKR_TOKEN_NOT_PRESENT,
 };
 
 struct Forward {
@@ -44,7 +42,6 @@ enum Fault {
     Removed,
     KeygenUnsupported,
     KeygenGeneralError,
-    NoDataObjects,
 }
 
 fn fault() -> Fault {
@@ -57,7 +54,6 @@ fn fault() -> Fault {
         "removed" => Fault::Removed,
         "keygen-unsupported" => Fault::KeygenUnsupported,
         "keygen-general-error" => Fault::KeygenGeneralError,
-        "no-data-objects" => Fault::NoDataObjects,
         _ => Fault::None,
     }
 }
@@ -85,7 +81,6 @@ fn load() -> Result<Forward, String> {
     patched.C_GetSessionInfo = Some(get_session_info);
     patched.C_Login = Some(login);
     patched.C_GenerateKeyPair = Some(generate_key_pair);
-    patched.C_CreateObject = Some(create_object);
     Ok(Forward {
         _library: library,
         real,
@@ -201,22 +196,4 @@ unsafe extern "C" fn generate_key_pair(
             private_key,
         )
     }
-}
-
-unsafe extern "C" fn create_object(
-    session: CK_SESSION_HANDLE,
-    template: CK_ATTRIBUTE_PTR,
-    count: CK_ULONG,
-    object: CK_OBJECT_HANDLE_PTR,
-) -> CK_RV {
-    match fault() {
-        Fault::Removed => return CKR_DEVICE_REMOVED,
-        Fault::NoDataObjects => return CKR_TEMPLATE_INCONSISTENT,
-        _ => {}
-    }
-    let Some(real) = forward().and_then(|f| f.real.C_CreateObject) else {
-        return CKR_GENERAL_ERROR;
-    };
-    // SAFETY: forwarding the caller's arguments unchanged.
-    unsafe { real(session, template, count, object) }
 }
