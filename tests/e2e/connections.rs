@@ -303,3 +303,64 @@ fn connections_fit_because_keyholderd_raises_its_soft_file_limit_to_the_hard_lim
     let daemon = env.start_daemon_under(&["prlimit", "--nofile=1024:4096"], &[]);
     assert_eq!(max_open_files(&daemon), "4096 4096");
 }
+
+/// The HTTP/2 preface, an empty SETTINGS frame and a PING: enough bytes for
+/// a connection to count as one that has made requests, then silence.
+const CLIENT_THAT_TALKED: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\
+\x00\x00\x00\x04\x00\x00\x00\x00\x00\
+\x00\x00\x08\x06\x00\x00\x00\x00\x00\x01\x02\x03\x04\x05\x06\x07\x08";
+
+#[test]
+fn connections_a_watch_in_progress_is_never_closed_to_make_room() {
+    // 128 descriptors: the gRPC table holds a few dozen connections.
+    let (env, daemon) = limited(128);
+    let mut watch = env
+        .command(crate::util::keyholder_bin())
+        .args(["status", "--watch"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("status --watch starts");
+    let mut stdout = watch.stdout.take().expect("stdout");
+    // Read on a thread, so every wait below is bounded.
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0
+                || tx
+                    .send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                    .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let wait_for = |seen: &mut String, needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !seen.contains(needle) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(chunk) => seen.push_str(&chunk),
+                Err(_) => break,
+            }
+        }
+        seen.contains(needle)
+    };
+    assert!(wait_for(&mut seen, "state:"), "first block: {seen:?}");
+    // Many connections that talked and went quiet: more than the table
+    // holds, each newer (and so less idle) than the watch's.
+    let held = open(&env.socket(), 200, CLIENT_THAT_TALKED);
+    std::thread::sleep(Duration::from_millis(500));
+    env.ok(&["lock"]);
+    // The watch is still there and reports the change.
+    let saw_lock = wait_for(&mut seen, "locked by:   request");
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let _ = reader.join();
+    assert!(saw_lock, "the watch saw the lock: {seen:?}");
+    drop(held);
+    drop(daemon);
+}

@@ -142,7 +142,7 @@ impl Env {
         p
     }
 
-    fn command(&self, program: &str) -> Command {
+    pub fn command(&self, program: &str) -> Command {
         let mut c = Command::new(program);
         c.env("SOFTHSM2_CONF", &self.softhsm_conf)
             .env("XDG_RUNTIME_DIR", &self.runtime)

@@ -31,6 +31,8 @@ struct Table {
 struct Entry {
     last_active: Instant,
     busy: bool,
+    /// Requests in flight on the connection ([`SlotHandle::begin`]).
+    in_flight: usize,
     /// It has completed a request.
     proven: bool,
     eviction: Arc<Eviction>,
@@ -96,6 +98,7 @@ impl Slots {
             Entry {
                 last_active: Instant::now(),
                 busy: false,
+                in_flight: 0,
                 proven: false,
                 eviction: eviction.clone(),
             },
@@ -119,7 +122,7 @@ impl Slots {
         let oldest = table
             .entries
             .iter()
-            .filter(|(_, e)| !e.busy)
+            .filter(|(_, e)| !e.busy && e.in_flight == 0)
             .min_by_key(|(_, e)| (e.proven, e.last_active))
             .map(|(id, _)| *id);
         match oldest.and_then(|id| table.entries.remove(&id)) {
@@ -128,6 +131,18 @@ impl Slots {
                 true
             }
             None => false,
+        }
+    }
+
+    fn in_flight(&self, id: u64, start: bool) {
+        if let Some(e) = self.table().entries.get_mut(&id) {
+            e.in_flight = if start {
+                e.in_flight.saturating_add(1)
+            } else {
+                e.in_flight.saturating_sub(1)
+            };
+            e.proven |= !start;
+            e.last_active = Instant::now();
         }
     }
 
@@ -198,6 +213,44 @@ impl Slot {
     /// Resolves once the connection has been evicted.
     pub async fn evicted(&self) {
         std::future::poll_fn(|cx| self.poll_evicted(cx)).await
+    }
+
+    /// A handle that marks requests in flight on this connection, for a
+    /// protocol (HTTP/2) that runs several at once.
+    pub fn handle(&self) -> SlotHandle {
+        SlotHandle {
+            slots: Arc::downgrade(&self.slots),
+            id: self.id,
+        }
+    }
+}
+
+/// Marks requests in flight on one connection; see [`Slot::handle`].
+#[derive(Clone)]
+pub struct SlotHandle {
+    slots: std::sync::Weak<Slots>,
+    id: u64,
+}
+
+impl SlotHandle {
+    /// A request starts: the connection is not evicted until every
+    /// [`InFlight`] it got is dropped.
+    pub fn begin(&self) -> InFlight {
+        if let Some(slots) = self.slots.upgrade() {
+            slots.in_flight(self.id, true);
+        }
+        InFlight(self.clone())
+    }
+}
+
+/// One request in flight; dropping it ends it.
+pub struct InFlight(SlotHandle);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(slots) = self.0.slots.upgrade() {
+            slots.in_flight(self.0.id, false);
+        }
     }
 }
 

@@ -12,9 +12,10 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use keyholder_agent::slots::{AcceptBackoff, Slot, Slots};
+use keyholder_agent::slots::{AcceptBackoff, InFlight, Slot, SlotHandle, Slots};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
+use tonic::codegen::http;
 use tonic::transport::server::{Connected, UdsConnectInfo};
 
 /// Most simultaneous gRPC connections. With the agent's 256 this stays well
@@ -84,9 +85,9 @@ pub fn grpc_incoming(
                     continue;
                 }
             }
-            // gRPC connections have no request boundary visible here, so
-            // none counts as busy: those that never sent a request give way
-            // first, then the one that moved no byte for longest.
+            // Requests in flight are marked per connection by
+            // `InFlightLayer`; of the others, those that never sent a
+            // request give way first, then the one idle longest.
             let Some(slot) = slots.admit() else {
                 continue;
             };
@@ -210,10 +211,105 @@ impl AsyncWrite for Counted {
     }
 }
 
+/// What a gRPC request knows of its connection: the peer's credentials,
+/// and the slot that marks requests in flight.
+#[derive(Clone)]
+pub struct GrpcConnectInfo {
+    /// Peer credentials and address.
+    pub uds: UdsConnectInfo,
+    /// The connection's slot.
+    pub slot: SlotHandle,
+}
+
 impl Connected for Counted {
-    type ConnectInfo = UdsConnectInfo;
+    type ConnectInfo = GrpcConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+        GrpcConnectInfo {
+            uds: self.stream.connect_info(),
+            slot: self.slot.handle(),
+        }
+    }
+}
+
+/// Keeps a connection with a request in flight (a call being served, or a
+/// response still streaming, `Status.Watch` for one) from being evicted:
+/// only connections with nothing in flight make room for new ones.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InFlightLayer;
+
+impl<S> tower::Layer<S> for InFlightLayer {
+    type Service = InFlightService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        InFlightService(inner)
+    }
+}
+
+/// See [`InFlightLayer`].
+#[derive(Clone, Debug)]
+pub struct InFlightService<S>(S);
+
+type Answer = http::Response<tonic::body::Body>;
+
+impl<S, B> tower::Service<http::Request<B>> for InFlightService<S>
+where
+    S: tower::Service<http::Request<B>, Response = Answer>,
+    S::Future: Send + 'static,
+{
+    type Response = Answer;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<Answer, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let in_flight = request
+            .extensions()
+            .get::<GrpcConnectInfo>()
+            .map(|info| info.slot.begin());
+        let answer = self.0.call(request);
+        Box::pin(async move {
+            let response = answer.await?;
+            // The request stays in flight until its response body is done
+            // (or dropped): a stream counts for as long as it runs.
+            Ok(match in_flight {
+                Some(in_flight) => response.map(|body| {
+                    tonic::body::Body::new(UntilDone {
+                        body,
+                        _in_flight: in_flight,
+                    })
+                }),
+                None => response,
+            })
+        })
+    }
+}
+
+/// A response body that holds its request's [`InFlight`] mark.
+struct UntilDone {
+    body: tonic::body::Body,
+    _in_flight: InFlight,
+}
+
+impl tonic::codegen::Body for UntilDone {
+    type Data = tonic::codegen::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        tonic::codegen::Body::is_end_stream(&self.body)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        tonic::codegen::Body::size_hint(&self.body)
     }
 }

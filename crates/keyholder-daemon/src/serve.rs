@@ -131,6 +131,7 @@ pub async fn run(
         let _ = stop_tx.send(());
     };
     let server = tonic::transport::Server::builder()
+        .layer(crate::listen::InFlightLayer)
         .layer(crate::oversize::layer(
             max_message,
             core.config.max_secret_bytes,

@@ -10,7 +10,6 @@ pub mod session;
 pub mod signer;
 
 use tonic::Request;
-use tonic::transport::server::UdsConnectInfo;
 
 use crate::core::Core;
 use crate::error::{Error, Result};
@@ -25,8 +24,8 @@ pub fn enter<T>(
 ) -> Result<Caller> {
     let cred = request
         .extensions()
-        .get::<UdsConnectInfo>()
-        .and_then(|info| info.peer_cred);
+        .get::<crate::listen::GrpcConnectInfo>()
+        .and_then(|info| info.uds.peer_cred);
     let Some(cred) = cred else {
         // Every listener Keyholder runs is a Unix socket; a request
         // without peer credentials did not come through one.
