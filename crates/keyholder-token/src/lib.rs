@@ -48,6 +48,19 @@ const P256_EC_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03
 /// `CKA_APPLICATION` of the generation records Keyholder keeps on a token.
 const GENERATION_APPLICATION: &[u8] = b"keyholder";
 
+/// What a generation record is made and found with (its value aside): a
+/// private token data object, so only the PIN holder makes one, marked with
+/// Keyholder's application name and labelled for its vault.
+fn record_template(label: &str) -> [Attribute; 5] {
+    [
+        Attribute::Class(ObjectClass::DATA),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Application(GENERATION_APPLICATION.to_vec()),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ]
+}
+
 /// Errors from the token. Messages name tokens and functions, never PINs.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -578,14 +591,13 @@ impl TokenSession {
         };
         let new = self
             .session
-            .create_object(&[
-                Attribute::Class(ObjectClass::DATA),
-                Attribute::Token(true),
-                Attribute::Private(true),
-                Attribute::Label(label.as_bytes().to_vec()),
-                Attribute::Application(GENERATION_APPLICATION.to_vec()),
-                Attribute::Value(generation.to_be_bytes().to_vec()),
-            ])
+            .create_object(
+                &[
+                    record_template(label).as_slice(),
+                    &[Attribute::Value(generation.to_be_bytes().to_vec())],
+                ]
+                .concat(),
+            )
             .map_err(map_err)?;
         for handle in old {
             if handle != new {
@@ -638,47 +650,21 @@ impl TokenSession {
         Ok(())
     }
 
-    /// Whether `handle` is (still) Keyholder's generation record `label`.
+    /// Whether `handle` is (still) Keyholder's generation record `label`:
+    /// it has every attribute a record is made and found with.
     fn is_generation_record(&self, handle: ObjectHandle, label: &str) -> bool {
-        let Ok(attrs) = self.session.get_attributes(
-            handle,
-            &[
-                AttributeType::Class,
-                AttributeType::Private,
-                AttributeType::Application,
-                AttributeType::Label,
-            ],
-        ) else {
-            return false;
-        };
-        let mut matched = 0;
-        for a in attrs {
-            let ok = match a {
-                Attribute::Class(c) => c == ObjectClass::DATA,
-                Attribute::Private(p) => p,
-                Attribute::Application(app) => app == GENERATION_APPLICATION,
-                Attribute::Label(l) => l == label.as_bytes(),
-                _ => false,
-            };
-            if !ok {
-                return false;
-            }
-            matched += 1;
-        }
-        matched == 4
+        let template = record_template(label);
+        let types: Vec<AttributeType> = template.iter().map(Attribute::attribute_type).collect();
+        self.session
+            .get_attributes(handle, &types)
+            .is_ok_and(|found| template.iter().all(|a| found.contains(a)))
     }
 
     /// Keyholder's records only: private (so made by the PIN holder) and
     /// marked with Keyholder's application name.
     fn generation_objects(&self, label: &str) -> Result<Vec<ObjectHandle>> {
         self.session
-            .find_objects(&[
-                Attribute::Class(ObjectClass::DATA),
-                Attribute::Token(true),
-                Attribute::Private(true),
-                Attribute::Application(GENERATION_APPLICATION.to_vec()),
-                Attribute::Label(label.as_bytes().to_vec()),
-            ])
+            .find_objects(&record_template(label))
             .map_err(map_err)
     }
 
@@ -916,6 +902,52 @@ impl TokenSession {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// On a real token (SoftHSM2, installed by scripts/install-deps): the
+    /// record a session wrote is recognised as such for the next write,
+    /// replaced there, and found, read and removed by its label.
+    #[test]
+    #[allow(unsafe_code)]
+    fn generation_records_are_replaced_in_place_on_softhsm() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conf = dir.path().join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                dir.path().display()
+            ),
+        )
+        .expect("conf");
+        // SAFETY: the only test in this crate that reads the environment,
+        // and no other thread of it touches SOFTHSM2_CONF.
+        unsafe { std::env::set_var("SOFTHSM2_CONF", &conf) };
+        let init = std::process::Command::new("softhsm2-util")
+            .env("SOFTHSM2_CONF", &conf)
+            .args(["--init-token", "--free", "--label", "records"])
+            .args(["--pin", "1234", "--so-pin", "5678"])
+            .output()
+            .expect("softhsm2-util runs");
+        assert!(init.status.success(), "{init:?}");
+        let module = Module::load(Path::new("/usr/lib/softhsm/libsofthsm2.so")).expect("module");
+        let token = module.select(&Selector::label("records")).expect("token");
+        let mut session = module.open(&token).expect("session");
+        session
+            .login(&SecretString::from("1234".to_owned()), false)
+            .expect("login");
+        session.store_generation("g", 1).expect("store 1");
+        let first = session.generation_objects("g").expect("find");
+        assert_eq!(first.len(), 1);
+        assert!(session.is_generation_record(first[0], "g"));
+        assert!(!session.is_generation_record(first[0], "other"));
+        session.store_generation("g", 2).expect("store 2");
+        session.store_generation("g", 3).expect("store 3");
+        assert_eq!(session.generation_objects("g").expect("find").len(), 1);
+        assert_eq!(session.read_generation("g").expect("read"), Some(3));
+        session.delete_generation("g").expect("delete");
+        assert_eq!(session.read_generation("g").expect("read"), None);
+        session.close();
+    }
 
     #[test]
     fn return_values_are_named_and_mapped_by_meaning() {
