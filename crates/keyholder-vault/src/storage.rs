@@ -67,18 +67,29 @@ impl Revision {
 /// How much of the file's start goes into its revision.
 const HEAD_BYTES: usize = 1024;
 
-/// The revision of the file at `path` now, `None` if there is none.
-fn current_revision(path: &Path) -> Result<Option<Revision>, StorageError> {
-    let mut file = match File::open(path) {
+/// The file at `path` (all of it, or its first `at_most` bytes) and its
+/// revision, from one open file; `None` if there is none.
+fn read_with_revision(
+    path: &Path,
+    at_most: Option<u64>,
+) -> Result<Option<(Vec<u8>, Revision)>, StorageError> {
+    let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err("cannot read vault", path)(e)),
     };
     let meta = file.metadata().map_err(io_err("cannot stat vault", path))?;
-    let mut head = Vec::with_capacity(HEAD_BYTES);
-    io::Read::read_to_end(&mut io::Read::take(&mut file, HEAD_BYTES as u64), &mut head)
+    let len = at_most.map_or(meta.len(), |n| n.min(meta.len()));
+    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    io::Read::read_to_end(&mut io::Read::take(file, len), &mut bytes)
         .map_err(io_err("cannot read vault", path))?;
-    Ok(Some(Revision::of_file(&meta, &head)))
+    let revision = Revision::of_file(&meta, &bytes[..bytes.len().min(HEAD_BYTES)]);
+    Ok(Some((bytes, revision)))
+}
+
+/// The revision of the file at `path` now, `None` if there is none.
+fn current_revision(path: &Path) -> Result<Option<Revision>, StorageError> {
+    Ok(read_with_revision(path, Some(HEAD_BYTES as u64))?.map(|(_, revision)| revision))
 }
 
 /// Storage failures.
@@ -329,20 +340,7 @@ fn write_new(path: &Path, bytes: &[u8], sync: bool) -> Result<(), StorageError> 
 
 impl Storage for FileStorage {
     fn load(&self) -> Result<Option<(Vec<u8>, Revision)>, StorageError> {
-        let mut file = match File::open(&self.path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err("cannot read vault", &self.path)(e)),
-        };
-        let meta = file
-            .metadata()
-            .map_err(io_err("cannot stat vault", &self.path))?;
-        let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
-        io::Read::read_to_end(&mut file, &mut bytes)
-            .map_err(io_err("cannot read vault", &self.path))?;
-        let head = &bytes[..bytes.len().min(HEAD_BYTES)];
-        let revision = Revision::of_file(&meta, head);
-        Ok(Some((bytes, revision)))
+        read_with_revision(&self.path, None)
     }
 
     fn compare_and_store(
