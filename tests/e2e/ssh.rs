@@ -742,17 +742,19 @@ fn reply(s: &mut UnixStream) -> Option<Vec<u8>> {
     Some(body)
 }
 
+/// A connection to the agent socket whose reads give up after `timeout`.
+fn agent_stream(sock: &std::path::Path, timeout: Duration) -> UnixStream {
+    let s = UnixStream::connect(sock).expect("agent socket");
+    s.set_read_timeout(Some(timeout)).expect("timeout");
+    s
+}
+
 #[test]
 fn malformed_agent_traffic_gets_failure_or_a_closed_connection_and_others_are_served() {
     let (env, daemon) = Env::ready();
     env.ok(&["key", "generate", "k", "--type", "ed25519", "--ssh"]);
     let sock = agent_socket(&env);
-    let connect = || {
-        let s = UnixStream::connect(&sock).expect("agent socket");
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        s
-    };
+    let connect = || agent_stream(&sock, Duration::from_secs(10));
     // A well-behaved client kept open throughout.
     let mut good = connect();
     good.write_all(&frame(&[11])).expect("write");
@@ -980,12 +982,7 @@ fn a_connection_bound_as_forwarded_may_sign_but_never_lock_or_unlock() {
     );
     let host = ssh_key::PrivateKey::read_openssh_file(&host_file).expect("host key");
     let sock = agent_socket(&env);
-    let connect = || {
-        let s = UnixStream::connect(&sock).expect("agent socket");
-        s.set_read_timeout(Some(Duration::from_secs(20)))
-            .expect("timeout");
-        s
-    };
+    let connect = || agent_stream(&sock, Duration::from_secs(20));
 
     // Bound as forwarded: listing and signing work, LOCK and UNLOCK do not,
     // not even with the right PIN.
