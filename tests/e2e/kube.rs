@@ -205,7 +205,7 @@ fn free_port() -> u16 {
 }
 
 /// A process stopped by PID when dropped.
-struct Running(Child);
+pub(crate) struct Running(Child);
 
 impl Drop for Running {
     fn drop(&mut self) {
@@ -214,7 +214,12 @@ impl Drop for Running {
     }
 }
 
-fn etcdctl(endpoint: &str, dir: &Path, client: &Path, args: &[&str]) -> std::process::Output {
+pub(crate) fn etcdctl(
+    endpoint: &str,
+    dir: &Path,
+    client: &Path,
+    args: &[&str],
+) -> std::process::Output {
     Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
         .args([
@@ -238,7 +243,7 @@ fn etcdctl(endpoint: &str, dir: &Path, client: &Path, args: &[&str]) -> std::pro
 
 /// etcd on loopback serving `server`'s cert.pem/key.pem and requiring
 /// client certificates from its ca.pem; data and log under `dir`.
-fn start_etcd(dir: &Path, server: &Path) -> (Running, String) {
+pub(crate) fn start_etcd(dir: &Path, server: &Path) -> (Running, String) {
     let (client_port, peer_port) = (free_port(), free_port());
     let endpoint = format!("https://127.0.0.1:{client_port}");
     let peer = format!("http://127.0.0.1:{peer_port}");
@@ -266,7 +271,7 @@ fn start_etcd(dir: &Path, server: &Path) -> (Running, String) {
 
 /// `etcdctl put keyholder works` with `client`'s certificate, retried
 /// (bounded) until etcd is up.
-fn put_when_up(endpoint: &str, dir: &Path, client: &Path) {
+pub(crate) fn put_when_up(endpoint: &str, dir: &Path, client: &Path) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let out = etcdctl(endpoint, dir, client, &["put", "keyholder", "works"]);

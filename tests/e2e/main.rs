@@ -11,6 +11,7 @@ mod faults;
 mod json_everywhere;
 mod kube;
 mod lifetimes;
+mod matrix;
 mod memory;
 mod message_size;
 mod nss;

@@ -8,12 +8,12 @@ use std::path::PathBuf;
 
 use crate::util::{Env, assert_fails, assert_ok};
 
-const SOFTOKN: &str = "/usr/lib/x86_64-linux-gnu/libsoftokn3.so";
-const LABEL: &str = "NSS Certificate DB";
+pub(crate) const SOFTOKN: &str = "/usr/lib/x86_64-linux-gnu/libsoftokn3.so";
+pub(crate) const LABEL: &str = "NSS Certificate DB";
 
 /// A fresh NSS database whose password is the test PIN, and the init
 /// arguments that open it.
-fn nss_db(env: &Env) -> String {
+pub(crate) fn nss_db(env: &Env) -> String {
     let db: PathBuf = env.path().join("nssdb");
     std::fs::create_dir(&db).expect("db dir");
     let out = std::process::Command::new("certutil")

@@ -38,7 +38,7 @@ fn ssh_add(env: &Env, args: &[&str]) -> Output {
 }
 
 /// sshd on 127.0.0.1 and a free port, stopped by PID when dropped.
-struct Sshd {
+pub(crate) struct Sshd {
     child: Child,
     port: u16,
     dir: PathBuf,
@@ -52,7 +52,7 @@ impl Drop for Sshd {
 }
 
 impl Sshd {
-    fn start(dir: &Path, authorized_keys: &str, user_ca: &str) -> Self {
+    pub(crate) fn start(dir: &Path, authorized_keys: &str, user_ca: &str) -> Self {
         Self::start_with(dir, authorized_keys, user_ca, "ed25519", "")
     }
 
@@ -119,7 +119,7 @@ impl Sshd {
         }
     }
 
-    fn ssh(&self, env: &Env, identity: &Path, certificate: Option<&Path>) -> Output {
+    pub(crate) fn ssh(&self, env: &Env, identity: &Path, certificate: Option<&Path>) -> Output {
         let mut c = self.ssh_command(env, identity);
         if let Some(cert) = certificate {
             c.arg("-o")
@@ -165,7 +165,7 @@ impl Sshd {
     }
 }
 
-fn public_file(env: &Env, key: &str) -> PathBuf {
+pub(crate) fn public_file(env: &Env, key: &str) -> PathBuf {
     let path = env.path().join(format!("{key}.pub"));
     std::fs::write(&path, env.ok(&["key", "show", key, "--public"])).expect("pub");
     path

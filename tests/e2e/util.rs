@@ -36,6 +36,15 @@ pub struct Env {
     pub module: PathBuf,
     /// Set when `module` is the fault-injecting test module.
     pub fault_file: Option<PathBuf>,
+    /// The label of the token `init` uses.
+    pub label: String,
+    /// Environment every process started here gets (a token stack's
+    /// module settings, say).
+    pub token_env: Vec<(String, String)>,
+    /// Arguments every keyholderd started here gets before the test's own.
+    pub daemon_args: Vec<String>,
+    /// Arguments `init` gets after the label and PIN.
+    pub init_args: Vec<String>,
 }
 
 impl Env {
@@ -66,6 +75,10 @@ impl Env {
             pin_file,
             module: PathBuf::from(MODULE),
             fault_file: None,
+            label: "ops".to_owned(),
+            token_env: Vec::new(),
+            daemon_args: Vec::new(),
+            init_args: Vec::new(),
         };
         env.add_token("ops");
         env
@@ -154,6 +167,7 @@ impl Env {
         if let Some(f) = &self.fault_file {
             c.env("KEYHOLDER_FAULT_FILE", f);
         }
+        c.envs(self.token_env.iter().map(|(k, v)| (k, v)));
         c
     }
 
@@ -180,6 +194,7 @@ impl Env {
             .arg(&self.module)
             .arg("--vault")
             .arg(&self.vault)
+            .args(&self.daemon_args)
             .args(extra)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
@@ -280,13 +295,15 @@ impl Env {
     }
 
     pub fn init(&self) {
-        self.ok(&[
+        let mut args = vec![
             "init",
             "--token-label",
-            "ops",
+            &self.label,
             "--pin-file",
             self.pin_file.to_str().expect("utf8"),
-        ]);
+        ];
+        args.extend(self.init_args.iter().map(String::as_str));
+        self.ok(&args);
     }
 
     pub fn unlock(&self) {
