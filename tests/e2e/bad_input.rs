@@ -258,7 +258,7 @@ fn a_second_daemon_on_the_same_vault_is_refused() {
 }
 
 /// `pkcs11-tool` (OpenSC) on the test's SoftHSM2 token, logged in.
-fn pkcs11_tool(env: &Env, args: &[&str]) -> std::process::Output {
+pub(crate) fn pkcs11_tool(env: &Env, args: &[&str]) -> std::process::Output {
     Command::new("pkcs11-tool")
         .env("SOFTHSM2_CONF", &env.softhsm_conf)
         .arg("--module")
@@ -584,4 +584,39 @@ fn a_key_made_by_another_tool_is_adopted_as_the_vault_key_by_its_uri() {
     let _daemon = env.start_daemon(&[]);
     env.unlock();
     assert_eq!(env.ok(&["secret", "get", "db/pw"]), "adopted");
+}
+
+#[test]
+fn piv_slot_flags_are_checked_and_a_wrong_management_key_creates_nothing() {
+    let env = Env::new();
+    let _daemon = env.start_daemon(&[]);
+    let pin = env.pin_file.to_str().expect("utf8").to_owned();
+    let key_file = env.file("mgmt", "000000000000000000000000000000000000000000000000\n");
+    let key = key_file.to_str().expect("utf8");
+    let init = |extra: &[&str]| {
+        let mut args = vec!["init", "--token-label", "ops", "--pin-file", &pin];
+        args.extend_from_slice(extra);
+        env.cli(&args)
+    };
+    let out = init(&["--piv-slot", "9b", "--management-key-file", key]);
+    assert_fails(&out, 6, "\"9b\" is not a PIV key slot");
+    // Without a terminal and without the file, the CLI says how to give it.
+    assert_fails(&init(&["--piv-slot", "9d"]), 1, "--management-key-file");
+    assert_fails(&init(&["--management-key-file", key]), 2, "--piv-slot");
+    let out = env.cli(&[
+        "init",
+        "--token-uri",
+        "pkcs11:token=ops;id=%03",
+        "--piv-slot",
+        "9d",
+        "--pin-file",
+        &pin,
+    ]);
+    assert_fails(&out, 2, "--piv-slot");
+    // SoftHSM2 takes the management key as its SO PIN and refuses it.
+    let out = init(&["--piv-slot", "9d", "--management-key-file", key]);
+    assert_fails(&out, 7, "did not accept the management key");
+    assert!(!env.vault.exists(), "no vault after a refused init");
+    // The session went back to the user: a plain init works.
+    env.init();
 }

@@ -1549,3 +1549,73 @@ fn an_api_server_certificate_from_another_ca_is_trusted_through_server_ca() {
         "server_ca_pem:",
     );
 }
+
+#[test]
+fn a_ca_adopts_a_key_the_tokens_own_tools_made() {
+    let (env, _daemon) = Env::ready();
+    let made = crate::bad_input::pkcs11_tool(
+        &env,
+        &[
+            "--keypairgen",
+            "--key-type",
+            "EC:prime256v1",
+            "--label",
+            "hsm-ca",
+            "--id",
+            "c0",
+            "--usage-sign",
+        ],
+    );
+    assert!(made.status.success(), "pkcs11-tool: {made:?}");
+    // Adopting is for a CA on the token, and the URI must name a key that
+    // is there.
+    assert_fails(
+        &env.cli(&["ca", "create", "x", "--pkcs11-uri", "pkcs11:id=%c0"]),
+        2,
+        "--on-token",
+    );
+    let missing = [
+        "ca",
+        "create",
+        "x",
+        "--on-token",
+        "--pkcs11-uri",
+        "pkcs11:id=%c1",
+    ];
+    assert_fails(&env.cli(&missing), 3, "no EC private key matches");
+    env.ok(&[
+        "ca",
+        "create",
+        "hsm",
+        "--on-token",
+        "--pkcs11-uri",
+        "pkcs11:token=ops;id=%c0",
+    ]);
+    let shown = json(&env.ok(&["--json", "ca", "show", "hsm"]));
+    assert_eq!(shown["on_token"], true);
+    let ca = env.path().join("hsm-ca.pem");
+    std::fs::write(&ca, env.ok(&["ca", "export", "hsm"])).expect("ca");
+    // The CA certificate carries the adopted key.
+    let listed =
+        crate::bad_input::pkcs11_tool(&env, &["--read-object", "--type", "pubkey", "--id", "c0"]);
+    assert!(listed.status.success(), "pkcs11-tool: {listed:?}");
+    let token_pub = env.path().join("token-pub.der");
+    std::fs::write(&token_pub, &listed.stdout).expect("pub");
+    let token_pem = openssl(&["pkey", "-pubin", "-inform", "DER", "-in", p(&token_pub)]);
+    let ca_pub = openssl(&["x509", "-in", p(&ca), "-noout", "-pubkey"]);
+    assert_eq!(token_pem, ca_pub);
+    let dir = env.path().join("issued");
+    env.ok(&[
+        "cert",
+        "issue",
+        "--ca",
+        "hsm",
+        "--profile",
+        "client",
+        "--cn",
+        "ops-admin",
+        "--out-dir",
+        p(&dir),
+    ]);
+    assert!(openssl(&["verify", "-CAfile", p(&ca), p(&dir.join("cert.pem"))]).contains(": OK"));
+}

@@ -29,6 +29,11 @@ pub(crate) enum CaCommand {
         /// Generate the key on the token; every signature is then a token operation.
         #[arg(long)]
         on_token: bool,
+        /// With --on-token: adopt the P-256 key this pkcs11: URI names
+        /// (made by the token's own tools, e.g. in a PIV slot:
+        /// "pkcs11:id=%02") instead of generating one.
+        #[arg(long, requires = "on_token")]
+        pkcs11_uri: Option<String>,
         /// Subject CN (default: the name).
         #[arg(long)]
         cn: Option<String>,
@@ -161,6 +166,7 @@ pub(crate) async fn ca(channel: Channel, cmd: CaCommand, json: bool) -> CliResul
             kind,
             key_algorithm,
             on_token,
+            pkcs11_uri,
             cn,
             validity,
             max_ttl,
@@ -171,6 +177,7 @@ pub(crate) async fn ca(channel: Channel, cmd: CaCommand, json: bool) -> CliResul
                     kind,
                     key_algorithm: key_algorithm.unwrap_or_default(),
                     on_token,
+                    pkcs11_uri: pkcs11_uri.unwrap_or_default(),
                     common_name: cn.unwrap_or_default(),
                     validity_seconds: seconds(validity),
                     max_ttl_seconds: seconds(max_ttl),

@@ -50,6 +50,16 @@ pub(crate) struct InitArgs {
     /// (no rollback detection), and `status` says so.
     #[arg(long)]
     without_rollback_protection: bool,
+    /// For a PIV card through its PKCS#11 module (a YubiKey through
+    /// ykcs11): generate the vault key in this empty slot, 9d (key
+    /// management) or a retired slot 82 to 95. Needs the card's management
+    /// key, asked for at the terminal unless --management-key-file is given.
+    #[arg(long, conflicts_with = "token_uri")]
+    piv_slot: Option<String>,
+    /// Read the PIV management key (hex, the PKCS#11 SO PIN) from this file
+    /// (first line); used for the key generation only, never stored.
+    #[arg(long, requires = "piv_slot")]
+    management_key_file: Option<PathBuf>,
     #[command(flatten)]
     pin: PinSource,
 }
@@ -79,8 +89,9 @@ pub(crate) struct StatusArgs {
     watch: bool,
 }
 
-fn first_line(bytes: &[u8]) -> CliResult<SecretString> {
-    let text = std::str::from_utf8(bytes).map_err(|_| Failure::new(6, "the PIN is not UTF-8"))?;
+fn first_line(bytes: &[u8], what: &str) -> CliResult<SecretString> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| Failure::new(6, format!("the {what} is not UTF-8")))?;
     let line = text.lines().next().unwrap_or("");
     Ok(SecretString::from(line.to_owned()))
 }
@@ -96,7 +107,7 @@ fn read_pin(src: &PinSource) -> CliResult<SecretString> {
         let bytes = Zeroizing::new(
             std::fs::read(&path).map_err(|e| io_failure("cannot read PIN from", &path, e))?,
         );
-        return first_line(&bytes);
+        return first_line(&bytes, "PIN");
     }
     let pin = rpassword::prompt_password("Token PIN: ").map_err(|e| {
         Failure::new(
@@ -182,7 +193,32 @@ fn print_status(s: &v1::StatusResponse, json: bool) {
     }
 }
 
+/// The PIV management key for `init --piv-slot`: from its file, or asked
+/// for without echo.
+fn read_management_key(args: &InitArgs) -> CliResult<SecretString> {
+    if args.piv_slot.is_none() {
+        return Ok(SecretString::from(String::new()));
+    }
+    if let Some(path) = &args.management_key_file {
+        let bytes = Zeroizing::new(
+            std::fs::read(path)
+                .map_err(|e| io_failure("cannot read the management key from", path, e))?,
+        );
+        return first_line(&bytes, "management key");
+    }
+    let key = rpassword::prompt_password("PIV management key (hex): ").map_err(|e| {
+        Failure::new(
+            1,
+            format!(
+                "cannot ask for the management key ({e}); without a terminal use --management-key-file"
+            ),
+        )
+    })?;
+    Ok(SecretString::from(key))
+}
+
 pub(crate) async fn init(channel: Channel, args: InitArgs, json: bool) -> CliResult {
+    let management_key = read_management_key(&args)?;
     let pin = read_pin(&args.pin)?;
     let mut admin = v1::admin_client::AdminClient::new(channel);
     let resp = admin
@@ -196,6 +232,8 @@ pub(crate) async fn init(channel: Channel, args: InitArgs, json: bool) -> CliRes
             allow_final_pin_try: args.pin.allow_final_pin_try,
             recovery_recipient: args.recovery_recipient.unwrap_or_default(),
             without_rollback_protection: args.without_rollback_protection,
+            piv_slot: args.piv_slot.unwrap_or_default(),
+            management_key: management_key.expose_secret().to_owned(),
         })
         .await?
         .into_inner();
@@ -290,10 +328,13 @@ mod tests {
 
     #[test]
     fn a_pin_is_the_first_line_of_its_file() {
-        assert_eq!(first_line(b"1234\nrest\n").unwrap().expose_secret(), "1234");
-        assert_eq!(first_line(b"1234").unwrap().expose_secret(), "1234");
-        assert_eq!(first_line(b"").unwrap().expose_secret(), "");
-        let err = first_line(b"\xff\xfe").unwrap_err();
+        assert_eq!(
+            first_line(b"1234\nrest\n", "PIN").unwrap().expose_secret(),
+            "1234"
+        );
+        assert_eq!(first_line(b"1234", "PIN").unwrap().expose_secret(), "1234");
+        assert_eq!(first_line(b"", "PIN").unwrap().expose_secret(), "");
+        let err = first_line(b"\xff\xfe", "PIN").unwrap_err();
         assert_eq!(err.code, 6);
     }
 

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use keyholder_token::{
-    Backend, KeyPurpose, ObjectSelector, Selector, Session, TokenDescription, TokenKey,
+    Backend, KeyPurpose, ObjectSelector, PivSlot, Selector, Session, TokenDescription, TokenKey,
 };
 use keyholder_vault::{
     Body, OpenVault, Revision, Storage, TokenAgreement, TokenRecipient, VaultError,
@@ -361,7 +361,7 @@ impl Core {
         allow_final_try: bool,
         recovery: Vec<String>,
         without_rollback_protection: bool,
-        adopt: Option<ObjectSelector>,
+        vault_key: NewVaultKey,
     ) -> Result<Initialized> {
         let _writer = self.writer.lock().await;
         for r in &recovery {
@@ -390,9 +390,21 @@ impl Core {
                         });
                     }
                 };
-                let key = match &adopt {
-                    Some(object) => session.find_p256_derive_key(object)?,
-                    None => session.generate_p256(KEY_LABEL, KeyPurpose::Derive)?,
+                let key = match &vault_key {
+                    NewVaultKey::Adopt(object) => session.find_p256_derive_key(object)?,
+                    NewVaultKey::Generate => session
+                        .generate_p256(KEY_LABEL, KeyPurpose::Derive)
+                        .map_err(|e| piv_hint(&token, e))?,
+                    NewVaultKey::PivSlot {
+                        slot,
+                        management_key,
+                    } => session.generate_p256_in_piv_slot(
+                        KEY_LABEL,
+                        KeyPurpose::Derive,
+                        *slot,
+                        management_key,
+                        &pin,
+                    )?,
                 };
                 let agreement = TokenAgreement {
                     session: session.as_ref(),
@@ -754,5 +766,35 @@ pub fn parse_selector(s: &str) -> Result<Selector> {
         Ok(Selector::serial(serial))
     } else {
         Ok(Selector::label(s.strip_prefix("label:").unwrap_or(s)))
+    }
+}
+
+/// Where `init` gets the vault key.
+pub enum NewVaultKey {
+    /// Generated on the token, with an id Keyholder chooses.
+    Generate,
+    /// A key already on the token, made by its own tools.
+    Adopt(ObjectSelector),
+    /// Generated in a PIV card's slot, with its management key as SO PIN.
+    PivSlot {
+        /// The slot; it must be empty.
+        slot: PivSlot,
+        /// The card's management key (hex), used for this call only.
+        management_key: SecretString,
+    },
+}
+
+/// A token that refused key generation and looks like a PIV card gets an
+/// error that says what to do instead.
+fn piv_hint(token: &TokenDescription, e: keyholder_token::Error) -> Error {
+    let piv = token.manufacturer.starts_with("Yubico")
+        || token.manufacturer.to_ascii_lowercase().contains("piv")
+        || token.model.to_ascii_lowercase().contains("piv");
+    match e {
+        keyholder_token::Error::Unsupported { function, code } if piv => Error::PivNeedsSlot {
+            token: token.label.clone(),
+            reason: format!("{function} returned {code}"),
+        },
+        e => e.into(),
     }
 }

@@ -105,6 +105,20 @@ pub enum Error {
         /// What the token answered.
         reason: String,
     },
+    /// A PIV card refused to generate a key where Keyholder chose its id:
+    /// it needs a slot and the management key.
+    #[error(
+        "token {token:?} is a PIV card ({reason}): its keys live in fixed slots and only the \
+         management key may make one. Pass --piv-slot 9d (or an empty retired slot 82 to 95) \
+         and --management-key-file, or adopt a key already in a slot with \
+         --token-uri 'pkcs11:token=...;id=%03' (see docs/tokens.md)"
+    )]
+    PivNeedsSlot {
+        /// The token's label.
+        token: String,
+        /// What the token answered.
+        reason: String,
+    },
     /// A bug or an unexpected runtime failure; details go to the log only.
     #[error("internal error: {0}")]
     Internal(String),
@@ -119,7 +133,8 @@ impl From<Error> for Status {
             Error::Locked
             | Error::NotInitialized(_)
             | Error::Rollback { .. }
-            | Error::NoRollbackRecord { .. } => Code::FailedPrecondition,
+            | Error::NoRollbackRecord { .. }
+            | Error::PivNeedsSlot { .. } => Code::FailedPrecondition,
             Error::VaultExists(_) | Error::AlreadyExists { .. } => Code::AlreadyExists,
             Error::NotFound { .. } => Code::NotFound,
             Error::InvalidArgument { .. } => Code::InvalidArgument,
@@ -127,9 +142,11 @@ impl From<Error> for Status {
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Token(t) => match t {
                 TokenError::PinIncorrect { .. }
+                | TokenError::ManagementKeyIncorrect { .. }
                 | TokenError::PinFinalTry { .. }
                 | TokenError::PinLocked { .. } => Code::PermissionDenied,
                 TokenError::TokenNotFound { .. } => Code::NotFound,
+                TokenError::SlotInUse { .. } => Code::AlreadyExists,
                 TokenError::TokenAmbiguous { .. } | TokenError::InvalidSelector(_) => {
                     Code::InvalidArgument
                 }

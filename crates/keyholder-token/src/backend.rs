@@ -8,7 +8,7 @@ use std::fmt;
 use secrecy::SecretString;
 use zeroize::Zeroizing;
 
-use crate::{KeyPurpose, ObjectSelector, Result, Selector, TokenDescription, TokenKey};
+use crate::{KeyPurpose, ObjectSelector, PivSlot, Result, Selector, TokenDescription, TokenKey};
 
 /// A family of tokens: lists them and opens sessions on them.
 pub trait Backend: Send + Sync {
@@ -30,6 +30,17 @@ pub trait Session: Send + fmt::Debug {
     fn login(&mut self, pin: &SecretString, allow_final_try: bool) -> Result<()>;
     /// Generates a P-256 key pair, sensitive and not extractable, for `purpose`.
     fn generate_p256(&self, label: &str, purpose: KeyPurpose) -> Result<TokenKey>;
+    /// Generates a P-256 key pair in a PIV card's `slot`, logged in as the
+    /// security officer with the card's management key for that call only,
+    /// then as the user again with `pin`. A slot that holds a key is refused.
+    fn generate_p256_in_piv_slot(
+        &mut self,
+        label: &str,
+        purpose: KeyPurpose,
+        slot: PivSlot,
+        management_key: &SecretString,
+        pin: &SecretString,
+    ) -> Result<TokenKey>;
     /// The P-256 key-agreement keys labelled `label` (any label: `None`).
     fn find_p256_keys(&self, label: Option<&str>) -> Result<Vec<TokenKey>>;
     /// The one P-256 signing key `object` names.
@@ -78,6 +89,24 @@ impl Session for crate::TokenSession {
 
     fn generate_p256(&self, label: &str, purpose: KeyPurpose) -> Result<TokenKey> {
         self.generate_p256_for(label, purpose)
+    }
+
+    fn generate_p256_in_piv_slot(
+        &mut self,
+        label: &str,
+        purpose: KeyPurpose,
+        slot: PivSlot,
+        management_key: &SecretString,
+        pin: &SecretString,
+    ) -> Result<TokenKey> {
+        crate::TokenSession::generate_p256_in_piv_slot(
+            self,
+            label,
+            purpose,
+            slot,
+            management_key,
+            pin,
+        )
     }
 
     fn find_p256_keys(&self, label: Option<&str>) -> Result<Vec<TokenKey>> {

@@ -21,6 +21,7 @@
 #![deny(unsafe_code)]
 
 mod backend;
+mod piv;
 #[cfg(feature = "software")]
 pub mod software;
 mod uri;
@@ -40,6 +41,7 @@ use secrecy::{ExposeSecret, SecretString};
 use zeroize::Zeroizing;
 
 pub use backend::{Backend, Session};
+pub use piv::PivSlot;
 pub use uri::{ObjectSelector, Selector};
 
 /// DER encoding of the P-256 curve OID (1.2.840.10045.3.1.7), as `CKA_EC_PARAMS`.
@@ -141,6 +143,23 @@ pub enum Error {
         function: String,
         /// The `CKR_*` return value.
         code: String,
+    },
+    /// A PIV slot already holds a key: Keyholder never overwrites one.
+    #[error(
+        "PIV slot {slot} already holds a key, which Keyholder will not overwrite: \
+         adopt it with a URI naming it (id={id}), or choose an empty slot"
+    )]
+    SlotInUse {
+        /// The slot, as PIV names it (9d).
+        slot: String,
+        /// Its `CKA_ID`, URI-encoded (%03).
+        id: String,
+    },
+    /// The card refused the management key given as the SO PIN.
+    #[error("token {label:?} did not accept the management key")]
+    ManagementKeyIncorrect {
+        /// The token's label.
+        label: String,
     },
     /// Any other failure talking to the token.
     #[error("PKCS#11 call failed: {0}")]
@@ -513,6 +532,66 @@ impl TokenSession {
     pub fn generate_p256_for(&self, label: &str, purpose: KeyPurpose) -> Result<TokenKey> {
         let mut id = vec![0u8; 16];
         rand::Rng::fill(&mut rand::rngs::OsRng, id.as_mut_slice());
+        self.generate_p256_with_id(label, purpose, id)
+    }
+
+    /// Generates a P-256 key pair in a PIV card's `slot`, through a PIV
+    /// module (ykcs11): there only the security officer, whose PIN is the
+    /// card's management key, may generate, and the key's `CKA_ID` is the
+    /// slot's. A slot that already holds a key is refused, never
+    /// overwritten. The session is logged in as the user again (with `pin`)
+    /// afterwards, whatever happened.
+    pub fn generate_p256_in_piv_slot(
+        &mut self,
+        label: &str,
+        purpose: KeyPurpose,
+        slot: PivSlot,
+        management_key: &SecretString,
+        pin: &SecretString,
+    ) -> Result<TokenKey> {
+        let id = vec![slot.pkcs11_id()];
+        let occupied = self
+            .session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::PRIVATE_KEY),
+                Attribute::Id(id.clone()),
+            ])
+            .map_err(map_err)?;
+        if !occupied.is_empty() {
+            return Err(Error::SlotInUse {
+                slot: slot.to_string(),
+                id: format!("%{:02x}", slot.pkcs11_id()),
+            });
+        }
+        if self.logged_in {
+            self.session.logout().map_err(map_err)?;
+            self.logged_in = false;
+        }
+        let auth = cryptoki::types::AuthPin::new(management_key.expose_secret().into());
+        let label_now = self.token.label.clone();
+        let generated = match self.session.login(UserType::So, Some(&auth)) {
+            Ok(()) => {
+                let key = self.generate_p256_with_id(label, purpose, id);
+                if let Err(e) = self.session.logout() {
+                    tracing::debug!(error = %e, "logout after generating in a PIV slot failed");
+                }
+                key
+            }
+            Err(CkError::Pkcs11(RvError::PinIncorrect | RvError::PinLenRange, _)) => {
+                Err(Error::ManagementKeyIncorrect { label: label_now })
+            }
+            Err(e) => Err(map_err(e)),
+        };
+        self.login(pin, true)?;
+        generated
+    }
+
+    fn generate_p256_with_id(
+        &self,
+        label: &str,
+        purpose: KeyPurpose,
+        id: Vec<u8>,
+    ) -> Result<TokenKey> {
         let derive = purpose == KeyPurpose::Derive;
         let public_template = [
             Attribute::Token(true),

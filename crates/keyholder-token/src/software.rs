@@ -225,6 +225,21 @@ impl Session for SoftwareSession {
         Ok(public)
     }
 
+    /// The software token has no PIV slots.
+    fn generate_p256_in_piv_slot(
+        &mut self,
+        _label: &str,
+        _purpose: KeyPurpose,
+        _slot: crate::PivSlot,
+        _management_key: &SecretString,
+        _pin: &SecretString,
+    ) -> Result<TokenKey> {
+        Err(Error::Unsupported {
+            function: "C_GenerateKeyPair".into(),
+            code: "CKR_FUNCTION_NOT_SUPPORTED".into(),
+        })
+    }
+
     fn find_p256_keys(&self, label: Option<&str>) -> Result<Vec<TokenKey>> {
         let state = self.state()?;
         Ok(state

@@ -85,6 +85,12 @@ pub async fn create(core: &Core, req: v1::CreateCaRequest) -> Result<v1::CaInfo>
             name: name.to_string(),
         });
     }
+    if !req.pkcs11_uri.is_empty() && (!req.on_token || req.kind == "ssh") {
+        return Err(Error::InvalidArgument {
+            field: "pkcs11_uri",
+            reason: "adopting a token key is for X.509 CAs on the token (on_token)".into(),
+        });
+    }
     match req.kind.as_str() {
         "" | "x509" => {}
         "ssh" => {
@@ -132,9 +138,14 @@ pub async fn create(core: &Core, req: v1::CreateCaRequest) -> Result<v1::CaInfo>
                 reason: "keys on the token are P-256".into(),
             });
         }
-        let label = format!("keyholder-ca:{name}");
-        let key =
-            core.with_token(|session| Ok(session.generate_p256(&label, KeyPurpose::Sign)?))?;
+        let (key, label) = if req.pkcs11_uri.is_empty() {
+            let label = format!("keyholder-ca:{name}");
+            let key =
+                core.with_token(|session| Ok(session.generate_p256(&label, KeyPurpose::Sign)?))?;
+            (key, label)
+        } else {
+            super::keys::adopt_signing_key(core, &req.pkcs11_uri)?
+        };
         let stored = CaKey::Token {
             key_id: hex(&key.id),
             label,

@@ -42,6 +42,33 @@ fn token_openssh(public: &p256::PublicKey, name: &str) -> Result<String> {
     Ok(keyholder_pki::keys::openssh_public(&data, name)?)
 }
 
+/// The P-256 signing key on the session's token that `uri` names, made by
+/// another tool, and the label to store with it.
+pub(super) fn adopt_signing_key(
+    core: &Core,
+    uri: &str,
+) -> Result<(keyholder_token::TokenKey, String)> {
+    let object =
+        keyholder_token::ObjectSelector::from_uri(uri).map_err(|e| Error::InvalidArgument {
+            field: "pkcs11_uri",
+            reason: e.to_string(),
+        })?;
+    let selector = keyholder_token::Selector::from_uri(uri)?;
+    let key = core.with_token(|session| {
+        if !selector.matches(session.token()) {
+            return Err(Error::InvalidArgument {
+                field: "pkcs11_uri",
+                reason: format!(
+                    "names {selector}, but the session runs on token {:?}",
+                    session.token().label
+                ),
+            });
+        }
+        Ok(session.find_p256_signing_key(&object)?)
+    })?;
+    Ok((key, object.label.unwrap_or_default()))
+}
+
 /// A new key: on the token (P-256, sign only) or in memory. Returns the
 /// stored form and the OpenSSH public key line.
 pub(super) async fn new_key(
@@ -128,31 +155,13 @@ pub async fn import(core: &Core, req: v1::ImportKeyRequest) -> Result<v1::KeyInf
     let name = ObjectName::parse("name", req.name)?;
     let usages = usages(req.usages)?;
     if !req.pkcs11_uri.is_empty() {
-        let object = keyholder_token::ObjectSelector::from_uri(&req.pkcs11_uri).map_err(|e| {
-            Error::InvalidArgument {
-                field: "pkcs11_uri",
-                reason: e.to_string(),
-            }
-        })?;
-        let selector = keyholder_token::Selector::from_uri(&req.pkcs11_uri)?;
-        let key = core.with_token(|session| {
-            if !selector.matches(session.token()) {
-                return Err(Error::InvalidArgument {
-                    field: "pkcs11_uri",
-                    reason: format!(
-                        "names {selector}, but the session runs on token {:?}",
-                        session.token().label
-                    ),
-                });
-            }
-            Ok(session.find_p256_signing_key(&object)?)
-        })?;
+        let (key, label) = adopt_signing_key(core, &req.pkcs11_uri)?;
         let entry = KeyEntry {
             key_type: KeyAlgorithm::EcdsaP256,
             usages,
             key: CaKey::Token {
                 key_id: hex(&key.id),
-                label: object.label.unwrap_or_default(),
+                label,
             },
             public_openssh: token_openssh(&key.public, name.as_str())?,
             created_at: now_rfc3339(),

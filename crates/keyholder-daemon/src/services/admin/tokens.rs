@@ -2,9 +2,9 @@
 
 use keyholder_proto::v1;
 use keyholder_token::{ObjectSelector, Selector};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
-use crate::core::Core;
+use crate::core::{Core, NewVaultKey};
 use crate::error::{Error, Result};
 
 /// The token a request names: by one of label, serial or URI, or any.
@@ -52,6 +52,34 @@ pub async fn init(core: &Core, mut req: v1::InitRequest) -> Result<v1::InitRespo
         })?;
         (object.label.is_some() || object.id.is_some()).then_some(object)
     };
+    let management_key = SecretString::from(std::mem::take(&mut req.management_key));
+    let vault_key = match (adopt, req.piv_slot.as_str()) {
+        (None, "") => NewVaultKey::Generate,
+        (Some(object), "") => NewVaultKey::Adopt(object),
+        (Some(_), _) => {
+            return Err(Error::InvalidArgument {
+                field: "piv_slot",
+                reason: "give a slot to generate in, or a URI naming a key to adopt, not both"
+                    .into(),
+            });
+        }
+        (None, slot) => {
+            let slot = slot.parse().map_err(|reason| Error::InvalidArgument {
+                field: "piv_slot",
+                reason,
+            })?;
+            if management_key.expose_secret().is_empty() {
+                return Err(Error::InvalidArgument {
+                    field: "management_key",
+                    reason: "generating in a PIV slot needs the card's management key".into(),
+                });
+            }
+            NewVaultKey::PivSlot {
+                slot,
+                management_key,
+            }
+        }
+    };
     let selector = selector(req.token.take())?;
     let pin = SecretString::from(std::mem::take(&mut req.pin));
     let recovery: Vec<String> = Some(req.recovery_recipient)
@@ -65,7 +93,7 @@ pub async fn init(core: &Core, mut req: v1::InitRequest) -> Result<v1::InitRespo
             req.allow_final_pin_try,
             recovery,
             req.without_rollback_protection,
-            adopt,
+            vault_key,
         )
         .await?
         .into())
