@@ -145,6 +145,18 @@ fn nss_softokn() -> Token {
     }
 }
 
+fn tpm2_pkcs11() -> Token {
+    let mut env = Env::new();
+    let stack = Stack::up("tpm2", &env.path().join("tpm2"));
+    stack.configure(&mut env);
+    Token {
+        env,
+        holds_record: true,
+        adopt: None,
+        _stack: Some(stack),
+    }
+}
+
 /// The main flows on `token`; `name` is for messages.
 fn flows(name: &str, token: Token) {
     let env = &token.env;
@@ -328,4 +340,9 @@ fn matrix_softhsm2() {
 #[test]
 fn matrix_nss_softokn() {
     flows("NSS softokn", nss_softokn());
+}
+
+#[test]
+fn matrix_tpm2_pkcs11() {
+    flows("tpm2-pkcs11", tpm2_pkcs11());
 }
