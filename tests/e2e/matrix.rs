@@ -12,95 +12,13 @@
 //! the agent signing for `ssh`, and clear errors for what no PKCS#11 token
 //! key can be here (EdDSA, RSA).
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
-use crate::util::{Env, assert_fails, assert_ok, output_within};
+use crate::util::{Env, Stack, assert_fails, assert_ok};
 
 fn p(path: &Path) -> &str {
     path.to_str().expect("utf8 path")
-}
-
-/// A token stack started by `testing/NAME/up DIR`: stopped with
-/// `testing/NAME/down DIR`, and every PID it wrote killed, when dropped.
-pub(crate) struct Stack {
-    name: &'static str,
-    dir: PathBuf,
-    /// What `up` wrote to `DIR/token.env`.
-    pub settings: HashMap<String, String>,
-}
-
-fn script(name: &str, verb: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("testing")
-        .join(name)
-        .join(verb)
-}
-
-impl Stack {
-    pub(crate) fn up(name: &'static str, dir: &Path) -> Self {
-        std::fs::create_dir_all(dir).expect("stack dir");
-        let mut up = Command::new(script(name, "up"));
-        up.arg(dir);
-        // Made before `up` runs, so that a failing `up` is cleaned up too.
-        let mut stack = Self {
-            name,
-            dir: dir.to_owned(),
-            settings: HashMap::new(),
-        };
-        let out = output_within(up, Duration::from_secs(180))
-            .unwrap_or_else(|| panic!("testing/{name}/up did not finish in 180 s"));
-        assert!(
-            out.status.success(),
-            "testing/{name}/up failed (testing/{name}/install, which scripts/test runs, \
-             installs what it needs): {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = std::fs::read_to_string(dir.join("token.env")).expect("token.env");
-        stack.settings = text
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-            .collect();
-        stack
-    }
-
-    fn get(&self, key: &str) -> &str {
-        self.settings
-            .get(key)
-            .unwrap_or_else(|| panic!("testing/{}/up wrote no {key}", self.name))
-    }
-
-    /// Points `env` at this stack's token: module, label, PIN and the
-    /// environment the module needs.
-    pub(crate) fn configure(&self, env: &mut Env) {
-        env.module = PathBuf::from(self.get("MODULE"));
-        env.label = self.get("LABEL").to_owned();
-        std::fs::write(&env.pin_file, format!("{}\n", self.get("PIN"))).expect("pin file");
-        env.token_env = self
-            .settings
-            .iter()
-            .filter_map(|(k, v)| Some((k.strip_prefix("ENV_")?.to_owned(), v.clone())))
-            .collect();
-    }
-}
-
-impl Drop for Stack {
-    fn drop(&mut self) {
-        let mut down = Command::new(script(self.name, "down"));
-        down.arg(&self.dir);
-        let _ = output_within(down, Duration::from_secs(60));
-        // Whatever `down` left running is killed by PID all the same.
-        let pids = std::fs::read_to_string(self.dir.join("pids")).unwrap_or_default();
-        for pid in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-            if let Some(pid) = rustix::process::Pid::from_raw(pid) {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-            }
-        }
-    }
 }
 
 /// One token of the matrix and what it can do.
