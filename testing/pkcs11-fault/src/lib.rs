@@ -8,19 +8,26 @@
 //! `keygen-unsupported` (CKR_FUNCTION_NOT_SUPPORTED, as OpenSC's PIV driver
 //! answers) or `keygen-general-error` (CKR_GENERAL_ERROR, as tpm2-pkcs11
 //! answers a template it cannot make). `KEYHOLDER_FAULT_MODULE` names the real module
-//! (default `/usr/lib/softhsm/libsofthsm2.so`).
+//! (default `/usr/lib/softhsm/libsofthsm2.so`); everything not patched here,
+//! `C_Initialize` and its arguments included, goes to it unchanged.
+//!
+//! When `KEYHOLDER_COUNT_FILE` is set, each call of the functions in
+//! [`COUNTED`] appends one line with the function's name to that file
+//! (forwarded unchanged otherwise), so a benchmark can count the token
+//! operations a daemon request makes (`benches/unlock.rs`).
 //!
 //! FFI needs `unsafe`; it is confined to this test crate, which Keyholder
 //! itself never links.
 
+use std::io::Write;
 use std::sync::OnceLock;
 
 use cryptoki_sys::{
-    CK_ATTRIBUTE_PTR, CK_FUNCTION_LIST, CK_FUNCTION_LIST_PTR_PTR, CK_MECHANISM_PTR,
-    CK_OBJECT_HANDLE_PTR, CK_RV, CK_SESSION_HANDLE, CK_SESSION_INFO_PTR, CK_SLOT_ID,
-    CK_TOKEN_INFO_PTR, CK_ULONG, CK_USER_TYPE, CKF_USER_PIN_COUNT_LOW, CKF_USER_PIN_FINAL_TRY,
-    CKF_USER_PIN_LOCKED, CKR_DEVICE_REMOVED, CKR_FUNCTION_NOT_SUPPORTED, CKR_GENERAL_ERROR, CKR_OK,
-    CKR_PIN_LOCKED, CKR_TOKEN_NOT_PRESENT,
+    CK_ATTRIBUTE_PTR, CK_BBOOL, CK_BYTE_PTR, CK_FLAGS, CK_FUNCTION_LIST, CK_FUNCTION_LIST_PTR_PTR,
+    CK_MECHANISM_PTR, CK_NOTIFY, CK_OBJECT_HANDLE, CK_OBJECT_HANDLE_PTR, CK_RV, CK_SESSION_HANDLE,
+    CK_SESSION_INFO_PTR, CK_SLOT_ID, CK_SLOT_ID_PTR, CK_TOKEN_INFO_PTR, CK_ULONG, CK_USER_TYPE,
+    CKF_USER_PIN_COUNT_LOW, CKF_USER_PIN_FINAL_TRY, CKF_USER_PIN_LOCKED, CKR_DEVICE_REMOVED,
+    CKR_FUNCTION_NOT_SUPPORTED, CKR_GENERAL_ERROR, CKR_OK, CKR_PIN_LOCKED, CKR_TOKEN_NOT_PRESENT,
 };
 
 struct Forward {
@@ -81,6 +88,22 @@ fn load() -> Result<Forward, String> {
     patched.C_GetSessionInfo = Some(get_session_info);
     patched.C_Login = Some(login);
     patched.C_GenerateKeyPair = Some(generate_key_pair);
+    if count_file().is_some() {
+        patched.C_GetSlotList = Some(get_slot_list);
+        patched.C_OpenSession = Some(open_session);
+        patched.C_CloseSession = Some(close_session);
+        patched.C_Logout = Some(logout);
+        patched.C_FindObjectsInit = Some(find_objects_init);
+        patched.C_FindObjects = Some(find_objects);
+        patched.C_FindObjectsFinal = Some(find_objects_final);
+        patched.C_GetAttributeValue = Some(get_attribute_value);
+        patched.C_SetAttributeValue = Some(set_attribute_value);
+        patched.C_CreateObject = Some(create_object);
+        patched.C_DestroyObject = Some(destroy_object);
+        patched.C_DeriveKey = Some(derive_key);
+        patched.C_SignInit = Some(sign_init);
+        patched.C_Sign = Some(sign);
+    }
     Ok(Forward {
         _library: library,
         real,
@@ -109,7 +132,79 @@ pub unsafe extern "C" fn C_GetFunctionList(list: CK_FUNCTION_LIST_PTR_PTR) -> CK
     CKR_OK
 }
 
+/// The functions counted when `KEYHOLDER_COUNT_FILE` is set.
+pub const COUNTED: [&str; 18] = [
+    "C_GetSlotList",
+    "C_GetTokenInfo",
+    "C_OpenSession",
+    "C_CloseSession",
+    "C_GetSessionInfo",
+    "C_Login",
+    "C_Logout",
+    "C_FindObjectsInit",
+    "C_FindObjects",
+    "C_FindObjectsFinal",
+    "C_GetAttributeValue",
+    "C_SetAttributeValue",
+    "C_CreateObject",
+    "C_DestroyObject",
+    "C_DeriveKey",
+    "C_SignInit",
+    "C_Sign",
+    "C_GenerateKeyPair",
+];
+
+fn count_file() -> Option<std::ffi::OsString> {
+    std::env::var_os("KEYHOLDER_COUNT_FILE")
+}
+
+/// Appends `name` as one line to the count file, if there is one. One
+/// `write` of the whole line on an `O_APPEND` file, so lines from
+/// concurrent calls do not interleave.
+fn count(name: &str) {
+    let Some(path) = count_file() else {
+        return;
+    };
+    if let Ok(mut file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = file.write_all(format!("{name}\n").as_bytes());
+    }
+}
+
+/// A wrapper that counts a call and forwards it to the real module.
+macro_rules! counted {
+    ($wrapper:ident, $field:ident, ($($arg:ident: $ty:ty),*)) => {
+        unsafe extern "C" fn $wrapper($($arg: $ty),*) -> CK_RV {
+            count(stringify!($field));
+            let Some(real) = forward().and_then(|f| f.real.$field) else {
+                return CKR_GENERAL_ERROR;
+            };
+            // SAFETY: forwarding the caller's arguments unchanged.
+            unsafe { real($($arg),*) }
+        }
+    };
+}
+
+counted!(get_slot_list, C_GetSlotList, (present: CK_BBOOL, slots: CK_SLOT_ID_PTR, count: *mut CK_ULONG));
+counted!(open_session, C_OpenSession, (slot: CK_SLOT_ID, flags: CK_FLAGS, app: *mut std::ffi::c_void, notify: CK_NOTIFY, session: *mut CK_SESSION_HANDLE));
+counted!(close_session, C_CloseSession, (session: CK_SESSION_HANDLE));
+counted!(logout, C_Logout, (session: CK_SESSION_HANDLE));
+counted!(find_objects_init, C_FindObjectsInit, (session: CK_SESSION_HANDLE, template: CK_ATTRIBUTE_PTR, count: CK_ULONG));
+counted!(find_objects, C_FindObjects, (session: CK_SESSION_HANDLE, objects: CK_OBJECT_HANDLE_PTR, max: CK_ULONG, count: *mut CK_ULONG));
+counted!(find_objects_final, C_FindObjectsFinal, (session: CK_SESSION_HANDLE));
+counted!(get_attribute_value, C_GetAttributeValue, (session: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE, template: CK_ATTRIBUTE_PTR, count: CK_ULONG));
+counted!(set_attribute_value, C_SetAttributeValue, (session: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE, template: CK_ATTRIBUTE_PTR, count: CK_ULONG));
+counted!(create_object, C_CreateObject, (session: CK_SESSION_HANDLE, template: CK_ATTRIBUTE_PTR, count: CK_ULONG, object: CK_OBJECT_HANDLE_PTR));
+counted!(destroy_object, C_DestroyObject, (session: CK_SESSION_HANDLE, object: CK_OBJECT_HANDLE));
+counted!(derive_key, C_DeriveKey, (session: CK_SESSION_HANDLE, mechanism: CK_MECHANISM_PTR, base: CK_OBJECT_HANDLE, template: CK_ATTRIBUTE_PTR, count: CK_ULONG, key: CK_OBJECT_HANDLE_PTR));
+counted!(sign_init, C_SignInit, (session: CK_SESSION_HANDLE, mechanism: CK_MECHANISM_PTR, key: CK_OBJECT_HANDLE));
+counted!(sign, C_Sign, (session: CK_SESSION_HANDLE, data: CK_BYTE_PTR, data_len: CK_ULONG, signature: CK_BYTE_PTR, signature_len: *mut CK_ULONG));
+
 unsafe extern "C" fn get_token_info(slot: CK_SLOT_ID, info: CK_TOKEN_INFO_PTR) -> CK_RV {
+    count("C_GetTokenInfo");
     let fault = fault();
     if fault == Fault::Removed {
         return CKR_TOKEN_NOT_PRESENT;
@@ -135,6 +230,7 @@ unsafe extern "C" fn get_session_info(
     session: CK_SESSION_HANDLE,
     info: CK_SESSION_INFO_PTR,
 ) -> CK_RV {
+    count("C_GetSessionInfo");
     if fault() == Fault::Removed {
         return CKR_DEVICE_REMOVED;
     }
@@ -151,6 +247,7 @@ unsafe extern "C" fn login(
     pin: *mut u8,
     pin_len: CK_ULONG,
 ) -> CK_RV {
+    count("C_Login");
     match fault() {
         Fault::Removed => return CKR_DEVICE_REMOVED,
         Fault::PinLocked => return CKR_PIN_LOCKED,
@@ -174,6 +271,7 @@ unsafe extern "C" fn generate_key_pair(
     public_key: CK_OBJECT_HANDLE_PTR,
     private_key: CK_OBJECT_HANDLE_PTR,
 ) -> CK_RV {
+    count("C_GenerateKeyPair");
     match fault() {
         Fault::Removed => return CKR_DEVICE_REMOVED,
         Fault::KeygenUnsupported => return CKR_FUNCTION_NOT_SUPPORTED,
