@@ -1,6 +1,7 @@
 //! Faults SoftHSM2 cannot produce, injected by the test PKCS#11 module in
 //! testing/pkcs11-fault (it forwards to SoftHSM2): a PIN on its final try, a
-//! locked PIN, a token that goes away.
+//! locked PIN, a token that goes away; and, in its counting mode, what an
+//! unlock asks of the token.
 
 use std::time::{Duration, Instant};
 
@@ -130,4 +131,44 @@ fn a_key_the_token_cannot_make_is_named_with_its_return_value() {
     assert_eq!(status(&env)["state"], "unlocked");
     env.ok(&["ca", "create", "kube", "--on-token"]);
     drop(daemon);
+}
+
+/// An unlock spends one PIN try and asks the token for the two ECDH
+/// operations the design needs (docs/vault-format.md), and makes or signs
+/// nothing on it, counted by the test module's counting mode
+/// (`KEYHOLDER_COUNT_FILE`; benches/unlock.rs counts every call per token).
+#[test]
+fn an_unlock_logs_in_once_and_asks_the_token_for_two_ecdh() {
+    let mut env = Env::with_fault_module();
+    let count_file = env.path().join("pkcs11-calls");
+    env.token_env.push((
+        "KEYHOLDER_COUNT_FILE".to_owned(),
+        count_file.to_str().expect("utf8").to_owned(),
+    ));
+    let _daemon = env.start_daemon(&[]);
+    env.init();
+    let calls = || -> Vec<String> {
+        std::fs::read_to_string(&count_file)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    assert!(
+        calls().iter().any(|c| c == "C_GenerateKeyPair"),
+        "init made the vault key: {:?}",
+        calls()
+    );
+    for _ in 0..2 {
+        let before = calls().len();
+        env.unlock();
+        let unlock = calls().split_off(before);
+        env.ok(&["lock"]);
+        let n = |name: &str| unlock.iter().filter(|c| *c == name).count();
+        assert_eq!(n("C_Login"), 1, "{unlock:?}");
+        assert_eq!(n("C_DeriveKey"), 2, "{unlock:?}");
+        for none in ["C_GenerateKeyPair", "C_CreateObject", "C_Sign", "C_Logout"] {
+            assert_eq!(n(none), 0, "{none}: {unlock:?}");
+        }
+    }
 }
