@@ -122,6 +122,13 @@ fn flows(name: &str, token: Token) {
         "rollback:    OFF"
     };
     assert!(env.ok(&["status"]).contains(rollback_line), "{name}");
+    let listed = env.ok(&["tokens"]);
+    let tokens_line = if token.holds_record {
+        "rollback protection: on"
+    } else {
+        "rollback protection: OFF"
+    };
+    assert!(listed.contains(tokens_line), "{name}: {listed}");
 
     // Secrets, lock, restart.
     env.put("db/password", b"first");

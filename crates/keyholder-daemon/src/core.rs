@@ -103,6 +103,10 @@ pub struct Core {
     gate_hooks: RwLock<GateHooks>,
     /// Run on every lock, to wipe what other parts derived from the session.
     lock_hooks: Mutex<Vec<LockHook>>,
+    /// The token of the vault (label, serial) and whether the vault has
+    /// rollback detection, as last seen at init or unlock: for `tokens`,
+    /// which is answered while locked too.
+    vault_token: Mutex<Option<(String, String, bool)>>,
 }
 
 impl Drop for Core {
@@ -139,6 +143,7 @@ impl Core {
             key_pool,
             gate_hooks: RwLock::new(Vec::new()),
             lock_hooks: Mutex::new(Vec::new()),
+            vault_token: Mutex::new(None),
         });
         core.publish();
         core
@@ -346,10 +351,32 @@ impl Core {
                     }
                     session.close();
                 }
-                out.push(TokenListing { token, recipients });
+                let rollback_protection = self
+                    .vault_token
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .as_ref()
+                    .filter(|(label, serial, _)| *label == token.label && *serial == token.serial)
+                    .map(|(_, _, on)| *on);
+                out.push(TokenListing {
+                    token,
+                    recipients,
+                    rollback_protection,
+                });
             }
             Ok(out)
         })
+    }
+
+    fn remember_vault_token(&self, token: &TokenDescription, rollback_protection: bool) {
+        *self
+            .vault_token
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((
+            token.label.clone(),
+            token.serial.clone(),
+            rollback_protection,
+        ));
     }
 
     /// Creates the vault: a new key on the chosen token, an empty vault
@@ -428,6 +455,7 @@ impl Core {
                 if protected {
                     rollback::record(session.as_ref(), vault.vault_id(), body.generation);
                 }
+                self.remember_vault_token(&token, protected);
                 tracing::info!(token = ?token.label, %recipient, vault = %self.storage.location(), "vault created");
                 Ok(Initialized {
                     vault_path: self.storage.location(),
@@ -583,6 +611,7 @@ impl Core {
             elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
             "unlocked"
         );
+        self.remember_vault_token(&unlocked.token, unlocked.vault.body.rollback_protection);
         *self.token_slot() = Some(session);
         self.touch();
         {

@@ -128,7 +128,7 @@ pub enum Error {
     /// The token refused an operation it cannot do: a mechanism, an
     /// attribute or a template it does not support.
     #[error(
-        "the token cannot do this: {function} returned {code}; see docs/configuration.md for what each token supports"
+        "the token cannot do this: {function} returned {code}; see docs/tokens.md for what each token supports"
     )]
     Unsupported {
         /// The PKCS#11 function.
