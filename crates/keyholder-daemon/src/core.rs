@@ -431,6 +431,12 @@ impl Core {
                         *slot,
                         management_key,
                         &pin,
+                        &|public| {
+                            use p256::elliptic_curve::sec1::ToEncodedPoint;
+                            let point = public.to_encoded_point(false);
+                            keyholder_pki::x509::slot_certificate(point.as_bytes(), KEY_LABEL)
+                                .map_err(|e| e.to_string())
+                        },
                     )?,
                 };
                 let agreement = TokenAgreement {
