@@ -5,8 +5,9 @@
 //! then either a one-byte control message or an APDU) and makes the card look enough like a
 //! YubiKey 5 for Yubico's ykcs11, yubico-piv-tool and the `yubikey` crate:
 //!
-//! - a command without Le is answered in full; a longer answer than a short Le allows is
-//!   chained with 61xx / GET RESPONSE;
+//! - an answer is sent whole when it fits 256 bytes, whatever the Le (clients send
+//!   commands without Le and expect the data); longer answers to short commands are
+//!   chained with 61xx / GET RESPONSE, extended commands get them whole;
 //! - command chaining (CLA bit 0x10) is assembled here;
 //! - a SELECT by any prefix of the PIV AID of at least the 5-byte RID selects PIV;
 //! - GET VERSION (0xFD) and GET SERIAL (0xF8) give the configured version and serial.
@@ -56,6 +57,7 @@ const INS_GET_RESPONSE: u8 = 0xC0;
 const INS_SELECT: u8 = 0xA4;
 const INS_GET_SERIAL: u8 = 0xF8;
 const INS_GET_VERSION: u8 = 0xFD;
+const INS_GET_METADATA: u8 = 0xF7;
 
 // ---------------------------------------------------------------------------------------
 // trussed: the core backend plus the two backends piv-authenticator's client needs.
@@ -273,13 +275,34 @@ fn parse_args() -> Result<Args, String> {
 // ---------------------------------------------------------------------------------------
 // vpcd framing.
 
+/// vpcd writes the length and the message of a frame in two writes, so with Nagle on its
+/// side the message waits for our ACK of the length, which Linux delays by up to 40 ms:
+/// ask for immediate ACKs (the kernel drops the flag again after a while, so before every
+/// read).
+fn quick_ack(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt on a socket this process owns, with a c_int option value.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_QUICKACK,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
 fn read_frame(stream: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
+    quick_ack(stream);
     let mut len = [0u8; 2];
     match stream.read_exact(&mut len) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e),
     }
+    quick_ack(stream);
     let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
     stream.read_exact(&mut buf)?;
     Ok(Some(buf))
@@ -294,16 +317,10 @@ fn write_frame(stream: &mut TcpStream, data: &[u8]) -> std::io::Result<()> {
     stream.write_all(&out)
 }
 
-/// Whether a command APDU carries a short (one-byte) Le. Extended commands and commands
-/// without Le are answered in full.
-fn has_short_le(apdu: &[u8]) -> bool {
-    let body = apdu.get(4..).unwrap_or(&[]);
-    match body {
-        [] => false,
-        [_le] => true,
-        [0, _, ..] => false, // extended lengths
-        [lc, rest @ ..] => rest.len() == usize::from(*lc).saturating_add(1),
-    }
+/// Whether a command APDU uses extended lengths (answered in full, up to 64 KiB); answers
+/// to short commands longer than 256 bytes are chained with 61xx / GET RESPONSE.
+fn is_extended(apdu: &[u8]) -> bool {
+    matches!(apdu.get(4..), Some([0, _, _, ..]))
 }
 
 fn status_bytes(status: Status) -> [u8; 2] {
@@ -352,16 +369,16 @@ impl<T: piv_authenticator::Client> Card<T> {
             return self.finish(data, true);
         }
         self.pending.clear();
-        let short_le = has_short_le(apdu);
+        let short = !is_extended(apdu);
         match self.process(apdu) {
-            Ok(data) => self.finish(data, short_le),
+            Ok(data) => self.finish(data, short),
             Err(status) => status_bytes(status).to_vec(),
         }
     }
 
-    /// Append the status word; chain with 61xx what does not fit a short Le.
-    fn finish(&mut self, mut data: Vec<u8>, short_le: bool) -> Vec<u8> {
-        if short_le && data.len() > 256 {
+    /// Append the status word; chain with 61xx what does not fit a short answer.
+    fn finish(&mut self, mut data: Vec<u8>, short: bool) -> Vec<u8> {
+        if short && data.len() > 256 {
             let mut rest = data.split_off(256);
             rest.append(&mut self.pending);
             self.pending = rest;
@@ -422,6 +439,10 @@ impl<T: piv_authenticator::Client> Card<T> {
             _ if !self.selected => Err(Status::ConditionsOfUseNotSatisfied),
             INS_GET_VERSION => Ok(self.version.to_vec()),
             INS_GET_SERIAL => Ok(self.serial.to_be_bytes().to_vec()),
+            // piv-authenticator answers GET METADATA with nothing for most slots, which
+            // ykcs11 takes as an empty slot: say the instruction is not supported, as
+            // firmware before 5.3 does, so clients fall back to the certificates.
+            INS_GET_METADATA => Err(Status::InstructionNotSupportedOrInvalid),
             _ => self.call(view),
         }
     }
