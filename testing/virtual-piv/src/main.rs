@@ -10,10 +10,12 @@
 //!   chained with 61xx / GET RESPONSE, extended commands get them whole;
 //! - command chaining (CLA bit 0x10) is assembled here;
 //! - a SELECT by any prefix of the PIV AID of at least the 5-byte RID selects PIV;
-//! - GET VERSION (0xFD) and GET SERIAL (0xF8) give the configured version and serial.
+//! - SELECT clears the PIN's verification, as on a YubiKey (clients re-select to read the
+//!   retry counter);
+//! - GET VERSION (0xFD) and GET SERIAL (0xF8) give the configured version and serial;
+//!   GET METADATA (0xF7) is not supported, as before firmware 5.3.
 //!
-//! FOR TESTS ONLY: trussed's virtual platform seeds its random number generator with a
-//! constant, so every key this card generates is predictable.
+//! FOR TESTS ONLY: the card's storage (and so its keys) is plain files or memory.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -25,7 +27,10 @@ use heapless::Vec as HVec;
 use iso7816::command::{Command, CommandView};
 use iso7816::Status;
 use piv_authenticator::{Authenticator, Options};
+use rand_chacha::rand_core::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use trussed::backend::BackendId;
+use trussed::pipe::TrussedChannel;
 use trussed::serde_extensions::{ExtensionDispatch, ExtensionId, ExtensionImpl};
 use trussed::service::ServiceResources;
 use trussed::types::Context;
@@ -349,14 +354,20 @@ impl<T: piv_authenticator::Client> Card<T> {
         self.chain = None;
         self.pending.clear();
         if self.selected {
-            // VERIFY with P1=FF: reset the PIN's security status.
-            let logout = [0x00, 0x20, 0xFF, 0x80];
-            if let Ok(view) = CommandView::try_from(&logout[..]) {
-                let mut reply: HVec<u8, MAX_MSG> = HVec::new();
-                let _ = self.piv.respond(view, reply.as_mut_view());
-            }
+            self.forget_pin();
         }
         self.selected = false;
+    }
+
+    /// Clear the PIN's verification (VERIFY with P1=FF), as a YubiKey does on power-up and
+    /// on every SELECT; piv-authenticator keeps it across SELECTs. (The management key's
+    /// authentication is not cleared: piv-authenticator offers no command for that.)
+    fn forget_pin(&mut self) {
+        let logout = [0x00, 0x20, 0xFF, 0x80];
+        if let Ok(view) = CommandView::try_from(&logout[..]) {
+            let mut reply: HVec<u8, MAX_MSG> = HVec::new();
+            let _ = self.piv.respond(view, reply.as_mut_view());
+        }
     }
 
     fn answer(&mut self, apdu: &[u8]) -> Vec<u8> {
@@ -430,6 +441,7 @@ impl<T: piv_authenticator::Client> Card<T> {
                         CommandView::try_from(&select[..]).map_err(|_| Status::WrongLength)?;
                     let data = self.call(sview)?;
                     self.selected = true;
+                    self.forget_pin();
                     Ok(data)
                 } else {
                     self.selected = false;
@@ -507,6 +519,36 @@ fn run<T: piv_authenticator::Client>(
     }
 }
 
+/// trussed's virtual platform, but with a random number generator seeded from the OS
+/// (`virt::with_platform` seeds it with a constant, so every card would make the same keys).
+struct RandomPlatform<'a> {
+    rng: ChaCha8Rng,
+    store: virt::Store<'a>,
+    ui: virt::UserInterface,
+}
+
+impl<'a> Platform for RandomPlatform<'a> {
+    type R = ChaCha8Rng;
+    type S = virt::Store<'a>;
+    type UI = virt::UserInterface;
+
+    fn rng(&mut self) -> &mut ChaCha8Rng {
+        &mut self.rng
+    }
+    fn store(&self) -> virt::Store<'a> {
+        self.store
+    }
+    fn user_interface(&mut self) -> &mut virt::UserInterface {
+        &mut self.ui
+    }
+}
+
+fn os_seed() -> std::io::Result<[u8; 32]> {
+    let mut seed = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut seed)?;
+    Ok(seed)
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -533,6 +575,13 @@ fn main() -> ExitCode {
         }
         None => StoreConfig::ram(),
     };
+    let seed = match os_seed() {
+        Ok(seed) => seed,
+        Err(e) => {
+            eprintln!("virtual-piv: reading /dev/urandom: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let stream = match connect(&format!("{}:{}", args.host, args.port)) {
         Ok(s) => s,
         Err(e) => {
@@ -541,8 +590,22 @@ fn main() -> ExitCode {
         }
     };
     let _ = stream.set_nodelay(true);
-    let result = virt::with_platform(store, |platform| {
-        platform.run_client_with_backends("piv", Dispatcher::default(), BACKENDS, |client| {
+    let mut store = store;
+    let result = store.with_store(|store| {
+        let platform = RandomPlatform {
+            rng: ChaCha8Rng::from_seed(seed),
+            store,
+            ui: virt::UserInterface::new(),
+        };
+        let channel = TrussedChannel::new();
+        let Some((requester, responder)) = channel.split() else {
+            return Err("trussed channel already split".to_string());
+        };
+        let mut runner = virt::Runner::new();
+        runner.add_endpoint(responder, "piv", BACKENDS);
+        let client: virt::Client<'_, Dispatcher> =
+            virt::Client::new(requester, runner.syscall(), None);
+        runner.run(platform, Dispatcher::default(), || {
             run(client, &args, stream)
         })
     });
