@@ -5,14 +5,17 @@
 //! then either a one-byte control message or an APDU) and makes the card look enough like a
 //! YubiKey 5 for Yubico's ykcs11, yubico-piv-tool and the `yubikey` crate:
 //!
-//! - a command without Le is answered in full; a longer answer than a short Le allows is
-//!   chained with 61xx / GET RESPONSE;
+//! - an answer is sent whole when it fits 256 bytes, whatever the Le (clients send
+//!   commands without Le and expect the data); longer answers to short commands are
+//!   chained with 61xx / GET RESPONSE, extended commands get them whole;
 //! - command chaining (CLA bit 0x10) is assembled here;
 //! - a SELECT by any prefix of the PIV AID of at least the 5-byte RID selects PIV;
-//! - GET VERSION (0xFD) and GET SERIAL (0xF8) give the configured version and serial.
+//! - SELECT clears the PIN's verification, as on a YubiKey (clients re-select to read the
+//!   retry counter);
+//! - GET VERSION (0xFD) and GET SERIAL (0xF8) give the configured version and serial;
+//!   GET METADATA (0xF7) is not supported, as before firmware 5.3.
 //!
-//! FOR TESTS ONLY: trussed's virtual platform seeds its random number generator with a
-//! constant, so every key this card generates is predictable.
+//! FOR TESTS ONLY: the card's storage (and so its keys) is plain files or memory.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -24,7 +27,10 @@ use heapless::Vec as HVec;
 use iso7816::command::{Command, CommandView};
 use iso7816::Status;
 use piv_authenticator::{Authenticator, Options};
+use rand_chacha::rand_core::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use trussed::backend::BackendId;
+use trussed::pipe::TrussedChannel;
 use trussed::serde_extensions::{ExtensionDispatch, ExtensionId, ExtensionImpl};
 use trussed::service::ServiceResources;
 use trussed::types::Context;
@@ -56,6 +62,7 @@ const INS_GET_RESPONSE: u8 = 0xC0;
 const INS_SELECT: u8 = 0xA4;
 const INS_GET_SERIAL: u8 = 0xF8;
 const INS_GET_VERSION: u8 = 0xFD;
+const INS_GET_METADATA: u8 = 0xF7;
 
 // ---------------------------------------------------------------------------------------
 // trussed: the core backend plus the two backends piv-authenticator's client needs.
@@ -273,13 +280,34 @@ fn parse_args() -> Result<Args, String> {
 // ---------------------------------------------------------------------------------------
 // vpcd framing.
 
+/// vpcd writes the length and the message of a frame in two writes, so with Nagle on its
+/// side the message waits for our ACK of the length, which Linux delays by up to 40 ms:
+/// ask for immediate ACKs (the kernel drops the flag again after a while, so before every
+/// read).
+fn quick_ack(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt on a socket this process owns, with a c_int option value.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_QUICKACK,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
 fn read_frame(stream: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
+    quick_ack(stream);
     let mut len = [0u8; 2];
     match stream.read_exact(&mut len) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e),
     }
+    quick_ack(stream);
     let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
     stream.read_exact(&mut buf)?;
     Ok(Some(buf))
@@ -294,16 +322,10 @@ fn write_frame(stream: &mut TcpStream, data: &[u8]) -> std::io::Result<()> {
     stream.write_all(&out)
 }
 
-/// Whether a command APDU carries a short (one-byte) Le. Extended commands and commands
-/// without Le are answered in full.
-fn has_short_le(apdu: &[u8]) -> bool {
-    let body = apdu.get(4..).unwrap_or(&[]);
-    match body {
-        [] => false,
-        [_le] => true,
-        [0, _, ..] => false, // extended lengths
-        [lc, rest @ ..] => rest.len() == usize::from(*lc).saturating_add(1),
-    }
+/// Whether a command APDU uses extended lengths (answered in full, up to 64 KiB); answers
+/// to short commands longer than 256 bytes are chained with 61xx / GET RESPONSE.
+fn is_extended(apdu: &[u8]) -> bool {
+    matches!(apdu.get(4..), Some([0, _, _, ..]))
 }
 
 fn status_bytes(status: Status) -> [u8; 2] {
@@ -332,14 +354,20 @@ impl<T: piv_authenticator::Client> Card<T> {
         self.chain = None;
         self.pending.clear();
         if self.selected {
-            // VERIFY with P1=FF: reset the PIN's security status.
-            let logout = [0x00, 0x20, 0xFF, 0x80];
-            if let Ok(view) = CommandView::try_from(&logout[..]) {
-                let mut reply: HVec<u8, MAX_MSG> = HVec::new();
-                let _ = self.piv.respond(view, reply.as_mut_view());
-            }
+            self.forget_pin();
         }
         self.selected = false;
+    }
+
+    /// Clear the PIN's verification (VERIFY with P1=FF), as a YubiKey does on power-up and
+    /// on every SELECT; piv-authenticator keeps it across SELECTs. (The management key's
+    /// authentication is not cleared: piv-authenticator offers no command for that.)
+    fn forget_pin(&mut self) {
+        let logout = [0x00, 0x20, 0xFF, 0x80];
+        if let Ok(view) = CommandView::try_from(&logout[..]) {
+            let mut reply: HVec<u8, MAX_MSG> = HVec::new();
+            let _ = self.piv.respond(view, reply.as_mut_view());
+        }
     }
 
     fn answer(&mut self, apdu: &[u8]) -> Vec<u8> {
@@ -352,16 +380,16 @@ impl<T: piv_authenticator::Client> Card<T> {
             return self.finish(data, true);
         }
         self.pending.clear();
-        let short_le = has_short_le(apdu);
+        let short = !is_extended(apdu);
         match self.process(apdu) {
-            Ok(data) => self.finish(data, short_le),
+            Ok(data) => self.finish(data, short),
             Err(status) => status_bytes(status).to_vec(),
         }
     }
 
-    /// Append the status word; chain with 61xx what does not fit a short Le.
-    fn finish(&mut self, mut data: Vec<u8>, short_le: bool) -> Vec<u8> {
-        if short_le && data.len() > 256 {
+    /// Append the status word; chain with 61xx what does not fit a short answer.
+    fn finish(&mut self, mut data: Vec<u8>, short: bool) -> Vec<u8> {
+        if short && data.len() > 256 {
             let mut rest = data.split_off(256);
             rest.append(&mut self.pending);
             self.pending = rest;
@@ -413,6 +441,7 @@ impl<T: piv_authenticator::Client> Card<T> {
                         CommandView::try_from(&select[..]).map_err(|_| Status::WrongLength)?;
                     let data = self.call(sview)?;
                     self.selected = true;
+                    self.forget_pin();
                     Ok(data)
                 } else {
                     self.selected = false;
@@ -422,6 +451,10 @@ impl<T: piv_authenticator::Client> Card<T> {
             _ if !self.selected => Err(Status::ConditionsOfUseNotSatisfied),
             INS_GET_VERSION => Ok(self.version.to_vec()),
             INS_GET_SERIAL => Ok(self.serial.to_be_bytes().to_vec()),
+            // piv-authenticator answers GET METADATA with nothing for most slots, which
+            // ykcs11 takes as an empty slot: say the instruction is not supported, as
+            // firmware before 5.3 does, so clients fall back to the certificates.
+            INS_GET_METADATA => Err(Status::InstructionNotSupportedOrInvalid),
             _ => self.call(view),
         }
     }
@@ -486,6 +519,36 @@ fn run<T: piv_authenticator::Client>(
     }
 }
 
+/// trussed's virtual platform, but with a random number generator seeded from the OS
+/// (`virt::with_platform` seeds it with a constant, so every card would make the same keys).
+struct RandomPlatform<'a> {
+    rng: ChaCha8Rng,
+    store: virt::Store<'a>,
+    ui: virt::UserInterface,
+}
+
+impl<'a> Platform for RandomPlatform<'a> {
+    type R = ChaCha8Rng;
+    type S = virt::Store<'a>;
+    type UI = virt::UserInterface;
+
+    fn rng(&mut self) -> &mut ChaCha8Rng {
+        &mut self.rng
+    }
+    fn store(&self) -> virt::Store<'a> {
+        self.store
+    }
+    fn user_interface(&mut self) -> &mut virt::UserInterface {
+        &mut self.ui
+    }
+}
+
+fn os_seed() -> std::io::Result<[u8; 32]> {
+    let mut seed = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut seed)?;
+    Ok(seed)
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -512,6 +575,13 @@ fn main() -> ExitCode {
         }
         None => StoreConfig::ram(),
     };
+    let seed = match os_seed() {
+        Ok(seed) => seed,
+        Err(e) => {
+            eprintln!("virtual-piv: reading /dev/urandom: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let stream = match connect(&format!("{}:{}", args.host, args.port)) {
         Ok(s) => s,
         Err(e) => {
@@ -520,8 +590,22 @@ fn main() -> ExitCode {
         }
     };
     let _ = stream.set_nodelay(true);
-    let result = virt::with_platform(store, |platform| {
-        platform.run_client_with_backends("piv", Dispatcher::default(), BACKENDS, |client| {
+    let mut store = store;
+    let result = store.with_store(|store| {
+        let platform = RandomPlatform {
+            rng: ChaCha8Rng::from_seed(seed),
+            store,
+            ui: virt::UserInterface::new(),
+        };
+        let channel = TrussedChannel::new();
+        let Some((requester, responder)) = channel.split() else {
+            return Err("trussed channel already split".to_string());
+        };
+        let mut runner = virt::Runner::new();
+        runner.add_endpoint(responder, "piv", BACKENDS);
+        let client: virt::Client<'_, Dispatcher> =
+            virt::Client::new(requester, runner.syscall(), None);
+        runner.run(platform, Dispatcher::default(), || {
             run(client, &args, stream)
         })
     });
