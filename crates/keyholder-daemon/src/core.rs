@@ -421,7 +421,7 @@ impl Core {
                     NewVaultKey::Adopt(object) => session.find_p256_derive_key(object)?,
                     NewVaultKey::Generate => session
                         .generate_p256(KEY_LABEL, KeyPurpose::Derive)
-                        .map_err(|e| piv_hint(&token, e))?,
+                        .map_err(|e| piv_hint(&token, e, PIV_INIT_ADVICE))?,
                     NewVaultKey::PivSlot {
                         slot,
                         management_key,
@@ -819,17 +819,40 @@ pub enum NewVaultKey {
     },
 }
 
+/// What to do instead of generating the vault key with a chosen id on a
+/// PIV card.
+const PIV_INIT_ADVICE: &str = "Pass --piv-slot 9d (or an empty retired slot 82 to 95) and \
+     --management-key-file, or adopt a key already in a slot with \
+     --token-uri 'pkcs11:token=...;id=%03'";
+
+/// What to do instead of generating a signing key on a PIV card.
+pub(crate) const PIV_KEY_ADVICE: &str = "Make the key in a slot with the card's own tools \
+     (yubico-piv-tool or ykman, with a certificate in the slot) and adopt it with \
+     --pkcs11-uri 'pkcs11:id=%01'";
+
+/// Whether `token` looks like a PIV card behind its PKCS#11 module: Yubico's
+/// ykcs11 ("Yubico (www.yubico.com)") or OpenSC's PIV driver ("piv_II").
+pub(crate) fn is_piv(token: &TokenDescription) -> bool {
+    token.manufacturer.starts_with("Yubico")
+        || token.manufacturer.to_ascii_lowercase().contains("piv")
+        || token.model.to_ascii_lowercase().contains("piv")
+}
+
 /// A token that refused key generation and looks like a PIV card gets an
 /// error that says what to do instead.
-fn piv_hint(token: &TokenDescription, e: keyholder_token::Error) -> Error {
-    let piv = token.manufacturer.starts_with("Yubico")
-        || token.manufacturer.to_ascii_lowercase().contains("piv")
-        || token.model.to_ascii_lowercase().contains("piv");
+pub(crate) fn piv_hint(
+    token: &TokenDescription,
+    e: keyholder_token::Error,
+    advice: &'static str,
+) -> Error {
     match e {
-        keyholder_token::Error::Unsupported { function, code } if piv => Error::PivNeedsSlot {
-            token: token.label.clone(),
-            reason: format!("{function} returned {code}"),
-        },
+        keyholder_token::Error::Unsupported { function, code } if is_piv(token) => {
+            Error::PivNeedsSlot {
+                token: token.label.clone(),
+                reason: format!("{function} returned {code}"),
+                advice,
+            }
+        }
         e => e.into(),
     }
 }

@@ -869,20 +869,32 @@ impl TokenSession {
                     AttributeType::Id,
                     AttributeType::Sign,
                     AttributeType::Derive,
+                    AttributeType::AlwaysAuthenticate,
                 ],
             )
             .map_err(map_err)?;
         let mut id = None;
-        let (mut can_sign, mut can_derive) = (false, false);
+        let (mut can_sign, mut can_derive, mut pin_each_time) = (false, false, false);
         for a in attrs {
             match a {
                 Attribute::Id(v) => id = Some(v),
                 Attribute::Sign(b) => can_sign = b,
                 Attribute::Derive(b) => can_derive = b,
+                Attribute::AlwaysAuthenticate(b) => pin_each_time = b,
                 _ => {}
             }
         }
         let id = id.ok_or_else(|| Error::KeyNotFound("the private key has no CKA_ID".into()))?;
+        if pin_each_time {
+            // Keyholder does not keep the PIN, so it could not give it again.
+            return Err(Error::KeyNotFound(
+                "the private key needs the PIN again before every use \
+                 (CKA_ALWAYS_AUTHENTICATE, as PIV slot 9c does), and Keyholder does not keep \
+                 the PIN: use a key whose PIN policy is once per session (PIV slot 9a or a \
+                 retired slot 82 to 95)"
+                    .into(),
+            ));
+        }
         match purpose {
             KeyPurpose::Sign if !can_sign => {
                 return Err(Error::KeyNotFound(
