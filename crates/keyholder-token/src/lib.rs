@@ -114,7 +114,11 @@ pub enum Error {
         label: String,
     },
     /// The user PIN is locked.
-    #[error("token {label:?} has its user PIN locked; reset it with the token's SO PIN tools")]
+    #[error(
+        "token {label:?} has its user PIN locked; unlock it with the token's own tools (the SO \
+         PIN, or a PIV card's PUK; a TPM unlocks after its lockout interval or with \
+         tpm2_dictionarylockout --clear-lockout)"
+    )]
     PinLocked {
         /// The token's label.
         label: String,
