@@ -224,6 +224,7 @@ const USAGE: &str = "usage: virtual-piv --port N [--host ADDR] [--state DIR] [--
 Connects to vsmartcard's vpcd listening at ADDR:N (default 127.0.0.1; vpcd's reader.conf
 DEVICENAME /dev/null:N) and runs a PIV card until the reader closes the connection.
 With --state, the card's storage lives in DIR (kept across runs); without it, in memory.
+--verbose logs every command and answer to stderr, PINs and keys included.
 Defaults: --serial 10000001, --version 5.2.7.";
 
 fn parse_args() -> Result<Args, String> {
@@ -409,12 +410,15 @@ impl<T: piv_authenticator::Client> Card<T> {
 
         // Command chaining: collect until the last command of the chain.
         if view.class().chain().not_the_last() {
-            match &mut self.chain {
-                None => self.chain = Some(view.to_owned().map_err(|_| Status::WrongLength)?),
-                Some(chain) => chain
+            let grown: Result<Command<MAX_MSG>, Status> = match self.chain.take() {
+                None => view.to_owned().map_err(|_| Status::WrongLength),
+                Some(mut chain) => chain
                     .extend_from_command_view(view)
-                    .map_err(|_| Status::WrongLength)?,
-            }
+                    .map(|()| chain)
+                    .map_err(|_| Status::WrongLength),
+            };
+            // A chain that grows too long is dropped whole.
+            self.chain = Some(grown?);
             return Ok(Vec::new());
         }
         let full: Option<Command<MAX_MSG>> = match self.chain.take() {
