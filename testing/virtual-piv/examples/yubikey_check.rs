@@ -45,10 +45,17 @@ fn main() -> Result<(), Box<dyn Error>> {
     println!("generated P-256 key in {slot:?}");
 
     match piv::metadata(&mut yk, slot) {
-        Ok(m) => println!("metadata: {m:?}"),
-        Err(e) => {
-            println!("metadata: {e} (not offered: the card answers like firmware before 5.3)")
+        Ok(m) => {
+            let public = m.public.ok_or("metadata without the public key")?;
+            if public.subject_public_key.as_bytes() != Some(point) {
+                return Err("metadata gives another public key".into());
+            }
+            println!(
+                "metadata: {:?}, policy {:?}, origin {:?}, same public key",
+                m.algorithm, m.policy, m.origin
+            );
         }
+        Err(e) => println!("metadata: {e} (the card runs without --metadata)"),
     }
 
     let digest = [0x42u8; 32];

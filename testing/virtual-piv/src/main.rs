@@ -17,6 +17,8 @@
 //!
 //! FOR TESTS ONLY: the card's storage (and so its keys) is plain files or memory.
 
+mod metadata;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -63,6 +65,9 @@ const INS_SELECT: u8 = 0xA4;
 const INS_GET_SERIAL: u8 = 0xF8;
 const INS_GET_VERSION: u8 = 0xFD;
 const INS_GET_METADATA: u8 = 0xF7;
+const INS_GENERATE: u8 = 0x47;
+const INS_IMPORT: u8 = 0xFE;
+const INS_RESET: u8 = 0xFB;
 
 // ---------------------------------------------------------------------------------------
 // trussed: the core backend plus the two backends piv-authenticator's client needs.
@@ -213,6 +218,7 @@ struct Args {
     host: String,
     port: u16,
     state: Option<PathBuf>,
+    metadata: bool,
     serial: u32,
     version: [u8; 3],
     verbose: bool,
@@ -224,6 +230,9 @@ const USAGE: &str = "usage: virtual-piv --port N [--host ADDR] [--state DIR] [--
 Connects to vsmartcard's vpcd listening at ADDR:N (default 127.0.0.1; vpcd's reader.conf
 DEVICENAME /dev/null:N) and runs a PIV card until the reader closes the connection.
 With --state, the card's storage lives in DIR (kept across runs); without it, in memory.
+--verbose logs every command and answer to stderr, PINs and keys included.
+--metadata answers GET METADATA for keys generated on the card (as firmware 5.2.3+ does);
+  without it GET METADATA is not supported and clients read the slots' certificates.
 Defaults: --serial 10000001, --version 5.2.7.";
 
 fn parse_args() -> Result<Args, String> {
@@ -233,6 +242,7 @@ fn parse_args() -> Result<Args, String> {
     let mut serial = 10_000_001u32;
     let mut version = [5u8, 2, 7];
     let mut verbose = false;
+    let mut metadata = false;
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
@@ -259,6 +269,7 @@ fn parse_args() -> Result<Args, String> {
                     .map_err(|_| format!("bad version {v:?}: want MAJOR.MINOR.PATCH"))?;
             }
             "--verbose" | "-v" => verbose = true,
+            "--metadata" => metadata = true,
             "--help" | "-h" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -274,6 +285,7 @@ fn parse_args() -> Result<Args, String> {
         serial,
         version,
         verbose,
+        metadata,
     })
 }
 
@@ -345,6 +357,8 @@ struct Card<T: piv_authenticator::Client> {
     /// Rest of an answer that did not fit the short Le (for GET RESPONSE).
     pending: Vec<u8>,
     selected: bool,
+    /// GET METADATA's records, when it is offered.
+    metadata: Option<metadata::Metadata>,
 }
 
 impl<T: piv_authenticator::Client> Card<T> {
@@ -409,12 +423,15 @@ impl<T: piv_authenticator::Client> Card<T> {
 
         // Command chaining: collect until the last command of the chain.
         if view.class().chain().not_the_last() {
-            match &mut self.chain {
-                None => self.chain = Some(view.to_owned().map_err(|_| Status::WrongLength)?),
-                Some(chain) => chain
+            let grown: Result<Command<MAX_MSG>, Status> = match self.chain.take() {
+                None => view.to_owned().map_err(|_| Status::WrongLength),
+                Some(mut chain) => chain
                     .extend_from_command_view(view)
-                    .map_err(|_| Status::WrongLength)?,
-            }
+                    .map(|()| chain)
+                    .map_err(|_| Status::WrongLength),
+            };
+            // A chain that grows too long is dropped whole.
+            self.chain = Some(grown?);
             return Ok(Vec::new());
         }
         let full: Option<Command<MAX_MSG>> = match self.chain.take() {
@@ -452,9 +469,39 @@ impl<T: piv_authenticator::Client> Card<T> {
             INS_GET_VERSION => Ok(self.version.to_vec()),
             INS_GET_SERIAL => Ok(self.serial.to_be_bytes().to_vec()),
             // piv-authenticator answers GET METADATA with nothing for most slots, which
-            // ykcs11 takes as an empty slot: say the instruction is not supported, as
-            // firmware before 5.3 does, so clients fall back to the certificates.
-            INS_GET_METADATA => Err(Status::InstructionNotSupportedOrInvalid),
+            // ykcs11 takes as an empty slot: answer it here for the key slots, or say the
+            // instruction is not supported, so clients fall back to the certificates.
+            INS_GET_METADATA => match &self.metadata {
+                None => Err(Status::InstructionNotSupportedOrInvalid),
+                Some(m) => match m.answer(view.p2) {
+                    Some(answer) => Ok(answer),
+                    None if is_key_slot(view.p2) => Err(Status::KeyReferenceNotFound),
+                    None => Err(Status::InstructionNotSupportedOrInvalid),
+                },
+            },
+            INS_GENERATE => {
+                let data = self.call(view)?;
+                if let Some(m) = &mut self.metadata {
+                    if let Err(e) = m.generated(view.p2, view.data(), &data) {
+                        eprintln!("virtual-piv: metadata of slot {:02x}: {e}", view.p2);
+                    }
+                }
+                Ok(data)
+            }
+            INS_IMPORT | INS_RESET => {
+                let data = self.call(view)?;
+                if let Some(m) = &mut self.metadata {
+                    let kept = if ins == INS_RESET {
+                        m.clear()
+                    } else {
+                        m.forget(view.p2)
+                    };
+                    if let Err(e) = kept {
+                        eprintln!("virtual-piv: metadata: {e}");
+                    }
+                }
+                Ok(data)
+            }
             _ => self.call(view),
         }
     }
@@ -464,6 +511,11 @@ impl<T: piv_authenticator::Client> Card<T> {
         self.piv.respond(view, reply.as_mut_view())?;
         Ok(reply.to_vec())
     }
+}
+
+/// The PIV slots that hold asymmetric keys: 9A, 9C, 9D, 9E and the retired 82–95.
+fn is_key_slot(slot: u8) -> bool {
+    matches!(slot, 0x9A | 0x9C | 0x9D | 0x9E | 0x82..=0x95)
 }
 
 fn connect(addr: &str) -> Result<TcpStream, String> {
@@ -485,6 +537,12 @@ fn run<T: piv_authenticator::Client>(
     args: &Args,
     mut stream: TcpStream,
 ) -> Result<(), String> {
+    let metadata = if args.metadata {
+        let file = args.state.as_ref().map(|d| d.join("metadata.txt"));
+        Some(metadata::Metadata::load(file.as_deref())?)
+    } else {
+        None
+    };
     let options = Options::new().label(b"virtual-piv").url(b"");
     let mut card = Card {
         piv: Authenticator::new(client, options),
@@ -494,6 +552,7 @@ fn run<T: piv_authenticator::Client>(
         chain: None,
         pending: Vec::new(),
         selected: false,
+        metadata,
     };
     loop {
         let frame = match read_frame(&mut stream) {
