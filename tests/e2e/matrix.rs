@@ -199,7 +199,16 @@ fn flows(name: &str, token: Token) {
         assert!(!env.vault.exists(), "{name}: no vault after a refused init");
     }
     init.extend(env.init_args.iter().map(String::as_str));
-    env.ok(&init);
+    let created = env.ok(&init);
+    let recipient = created
+        .split_whitespace()
+        .find(|w| w.starts_with("age1tag1"))
+        .unwrap_or_else(|| panic!("{name}: no recipient in {created}"))
+        .to_owned();
+    // The token's listing shows the key the vault is encrypted to, whatever
+    // label the module gave it.
+    let listed = env.ok(&["tokens"]);
+    assert!(listed.contains(&recipient), "{name}: {listed}");
 
     // A wrong PIN is refused as such and the vault stays locked.
     let wrong = env.file("wrong-pin", "7777777\n");

@@ -338,17 +338,38 @@ impl Core {
 
     /// The tokens the backend sees, with the Keyholder keys found on each.
     pub fn list_tokens(&self) -> Result<Vec<TokenListing>> {
+        // The vault's stanzas (no token operation): a key the vault is
+        // encrypted to is listed whatever its label (an adopted key, or a
+        // PIV slot's key, whose label the module chooses).
+        let stanzas = self
+            .storage
+            .load()
+            .ok()
+            .flatten()
+            .and_then(|(bytes, _)| keyholder_vault::probe(&bytes).ok())
+            .unwrap_or_default();
         token_call(|| {
             let mut out = Vec::new();
             for token in self.tokens.tokens()? {
                 let mut recipients = Vec::new();
                 if let Ok(session) = self.tokens.open(&token) {
-                    if let Ok(keys) = session.find_p256_keys(Some(KEY_LABEL)) {
-                        recipients = keys
-                            .iter()
-                            .map(|k| keyholder_vault::recipient_string(&k.public))
+                    let mut keys = session.find_p256_keys(Some(KEY_LABEL)).unwrap_or_default();
+                    if !stanzas.is_empty() {
+                        let others: Vec<TokenKey> = session
+                            .find_p256_keys(None)
+                            .unwrap_or_default()
+                            .into_iter()
+                            .filter(|k| {
+                                keyholder_vault::addressed_to(&stanzas, &k.public)
+                                    && !keys.contains(k)
+                            })
                             .collect();
+                        keys.extend(others);
                     }
+                    recipients = keys
+                        .iter()
+                        .map(|k| keyholder_vault::recipient_string(&k.public))
+                        .collect();
                     session.close();
                 }
                 let rollback_protection = self
