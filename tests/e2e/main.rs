@@ -22,4 +22,5 @@ mod round_trip;
 mod socket_trust;
 mod ssh;
 mod stock_grpc;
+mod token_docs;
 mod vault_files;

@@ -23,21 +23,21 @@ fn p(path: &Path) -> &str {
 
 /// One token of the matrix and what it can do.
 struct Token {
+    /// First, so it is dropped first: the stack's `down` needs its
+    /// directory, which goes with `env`.
+    _stack: Option<Stack>,
     env: Env,
     /// Whether the token can hold Keyholder's rollback record.
     holds_record: bool,
     /// How a signing key gets onto the token: `None` when `key generate
-    /// --on-token` works; otherwise the argument of `key import
-    /// --pkcs11-uri` for a key another tool made (see `adopt`).
+    /// --on-token` and `ca create --on-token` work; otherwise keys made by
+    /// the token's own tools are adopted by URI.
     adopt: Option<Adopt>,
-    _stack: Option<Stack>,
 }
 
-/// A signing key made on the token by the token's own tools, adopted by URI.
-struct Adopt {
-    make: fn(&Env, &str),
-    uri: fn(&str) -> String,
-}
+/// Makes a signing key on the token with the token's own tools, under the
+/// `CKA_ID` given in hex; Keyholder then adopts it by URI (`pkcs11:id=%..`).
+type Adopt = fn(&Env, &str);
 
 fn softhsm2() -> Token {
     Token {
@@ -75,6 +75,102 @@ fn tpm2_pkcs11() -> Token {
     }
 }
 
+/// A virtual PIV card through Yubico's ykcs11: the vault key is generated
+/// in slot 9d with the card's management key; signing keys are made in
+/// slots 9a and 9c with pkcs11-tool (as `ykman` or `yubico-piv-tool` would)
+/// and adopted.
+fn ykcs11_piv() -> Token {
+    let mut env = Env::new();
+    let stack = Stack::up("piv", &env.path().join("piv"));
+    stack.configure(&mut env);
+    let key_file = env.file("management-key", &format!("{}\n", stack.settings["SO_PIN"]));
+    env.init_args = vec![
+        "--piv-slot".to_owned(),
+        "9d".to_owned(),
+        "--management-key-file".to_owned(),
+        p(&key_file).to_owned(),
+        "--without-rollback-protection".to_owned(),
+    ];
+    Token {
+        env,
+        holds_record: false,
+        adopt: Some(piv_keypairgen),
+        _stack: Some(stack),
+    }
+}
+
+/// A P-256 key in the PIV slot whose ykcs11 id is `id` (01 = 9a, 02 = 9c,
+/// 05 = 82),
+/// made as docs/tokens.md shows: `yubico-piv-tool` generates it, and a
+/// certificate carrying its public key (signed by a throwaway key) goes into
+/// the slot, so that ykcs11 shows the key.
+fn piv_keypairgen(env: &Env, id: &str) {
+    let slot = match id {
+        "01" => "9a",
+        "02" => "9c",
+        "05" => "82",
+        other => panic!("no PIV slot for id {other}"),
+    };
+    let key = std::fs::read_to_string(env.path().join("management-key")).expect("key");
+    let key = format!("-k{}", key.trim());
+    let public = env.path().join(format!("{slot}.pub"));
+    let cert = env.path().join(format!("{slot}.crt"));
+    let throwaway = env.path().join(format!("{slot}-throwaway.key"));
+    let steps: [(&str, Vec<&str>); 4] = [
+        (
+            "openssl",
+            vec![
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-out",
+                p(&throwaway),
+            ],
+        ),
+        (
+            "yubico-piv-tool",
+            vec![
+                "-a",
+                "generate",
+                "-s",
+                slot,
+                "-A",
+                "ECCP256",
+                &key,
+                "-o",
+                p(&public),
+            ],
+        ),
+        (
+            "openssl",
+            vec![
+                "x509",
+                "-new",
+                "-subj",
+                "/CN=keyholder-test",
+                "-key",
+                p(&throwaway),
+                "-force_pubkey",
+                p(&public),
+                "-days",
+                "3650",
+                "-out",
+                p(&cert),
+            ],
+        ),
+        (
+            "yubico-piv-tool",
+            vec!["-a", "import-certificate", "-s", slot, &key, "-i", p(&cert)],
+        ),
+    ];
+    for (program, args) in steps {
+        let out = env.command(program).args(&args).output().expect("runs");
+        assert!(out.status.success(), "{program} {args:?}: {out:?}");
+    }
+}
+
 /// The main flows on `token`; `name` is for messages.
 fn flows(name: &str, token: Token) {
     let env = &token.env;
@@ -103,7 +199,16 @@ fn flows(name: &str, token: Token) {
         assert!(!env.vault.exists(), "{name}: no vault after a refused init");
     }
     init.extend(env.init_args.iter().map(String::as_str));
-    env.ok(&init);
+    let created = env.ok(&init);
+    let recipient = created
+        .split_whitespace()
+        .find(|w| w.starts_with("age1tag1"))
+        .unwrap_or_else(|| panic!("{name}: no recipient in {created}"))
+        .to_owned();
+    // The token's listing shows the key the vault is encrypted to, whatever
+    // label the module gave it.
+    let listed = env.ok(&["tokens"]);
+    assert!(listed.contains(&recipient), "{name}: {listed}");
 
     // A wrong PIN is refused as such and the vault stays locked.
     let wrong = env.file("wrong-pin", "7777777\n");
@@ -122,6 +227,13 @@ fn flows(name: &str, token: Token) {
         "rollback:    OFF"
     };
     assert!(env.ok(&["status"]).contains(rollback_line), "{name}");
+    let listed = env.ok(&["tokens"]);
+    let tokens_line = if token.holds_record {
+        "rollback protection: on"
+    } else {
+        "rollback protection: OFF"
+    };
+    assert!(listed.contains(tokens_line), "{name}: {listed}");
 
     // Secrets, lock, restart.
     env.put("db/password", b"first");
@@ -175,16 +287,43 @@ fn on_token_keys(name: &str, token: &Token) {
             ]);
         }
         Some(adopt) => {
-            (adopt.make)(env, "tok");
-            env.ok(&[
+            // Generating is refused with a message that says what to do.
+            let out = env.cli(&["key", "generate", "x", "--type", "ecdsa-p256", "--on-token"]);
+            assert_fails(&out, 3, "PIV card");
+            assert_fails(&out, 3, "--pkcs11-uri");
+            adopt(env, "01");
+            adopt(env, "02");
+            adopt(env, "05");
+            // ykcs11 reads the card when a session opens: keys made by
+            // another program since are not seen, and the error says so.
+            let args = [
                 "key",
                 "import",
                 "tok",
                 "--pkcs11-uri",
-                &(adopt.uri)("tok"),
+                "pkcs11:id=%01",
                 "--ssh",
                 "--sign",
-            ]);
+            ];
+            assert_fails(
+                &env.cli(&args),
+                3,
+                "`keyholder lock` and `keyholder unlock`",
+            );
+            env.ok(&["lock"]);
+            env.unlock();
+            env.ok(&args);
+            // Slot 9c wants the PIN before every signature, which Keyholder
+            // cannot give: refused at adoption, not at the first signature.
+            let args = [
+                "key",
+                "import",
+                "sig",
+                "--pkcs11-uri",
+                "pkcs11:id=%02",
+                "--sign",
+            ];
+            assert_fails(&env.cli(&args), 3, "CKA_ALWAYS_AUTHENTICATE");
         }
     }
     for kind in ["ed25519", "rsa-3072"] {
@@ -222,7 +361,13 @@ fn on_token_keys(name: &str, token: &Token) {
 
     // A CA whose key is on the token issues an etcd server and client
     // certificate; etcd accepts the client.
-    env.ok(&["ca", "create", "etcd", "--on-token"]);
+    match &token.adopt {
+        None => env.ok(&["ca", "create", "etcd", "--on-token"]),
+        Some(_) => {
+            let uri = "pkcs11:id=%05";
+            env.ok(&["ca", "create", "etcd", "--on-token", "--pkcs11-uri", uri])
+        }
+    };
     let dir = env.path().join("etcd");
     for (profile, cn, extra) in [
         ("server", "etcd-1", &["--san", "127.0.0.1"][..]),
@@ -263,4 +408,9 @@ fn matrix_nss_softokn() {
 #[test]
 fn matrix_tpm2_pkcs11() {
     flows("tpm2-pkcs11", tpm2_pkcs11());
+}
+
+#[test]
+fn matrix_ykcs11_virtual_piv() {
+    flows("ykcs11", ykcs11_piv());
 }

@@ -455,9 +455,14 @@ fn script(name: &str, verb: &str) -> PathBuf {
 
 impl Stack {
     pub(crate) fn up(name: &'static str, dir: &Path) -> Self {
+        Self::up_with(name, dir, &[])
+    }
+
+    /// [`Stack::up`] with extra environment for the `up` script.
+    pub(crate) fn up_with(name: &'static str, dir: &Path, vars: &[(&str, &str)]) -> Self {
         std::fs::create_dir_all(dir).expect("stack dir");
         let mut up = Command::new(script(name, "up"));
-        up.arg(dir);
+        up.arg(dir).envs(vars.iter().copied());
         // Made before `up` runs, so that a failing `up` is cleaned up too.
         let mut stack = Self {
             name,

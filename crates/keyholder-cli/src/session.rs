@@ -137,6 +137,11 @@ fn token_json(t: &v1::TokenInfo) -> serde_json::Value {
         "pin_final_try": t.pin_final_try,
         "pin_locked": t.pin_locked,
         "recipients": t.recipients,
+        "rollback_protection": match t.rollback_protection.as_str() {
+            "on" => serde_json::Value::Bool(true),
+            "off" => serde_json::Value::Bool(false),
+            _ => serde_json::Value::Null,
+        },
     })
 }
 
@@ -316,6 +321,15 @@ pub(crate) async fn tokens(channel: Channel, json: bool) -> CliResult {
             );
             for r in &t.recipients {
                 println!("  keyholder key: {r}");
+            }
+            match t.rollback_protection.as_str() {
+                "on" => {
+                    println!("  rollback protection: on (the token records the vault's generation)")
+                }
+                "off" => println!(
+                    "  rollback protection: OFF (the token cannot store the record: an older copy of the vault file would open)"
+                ),
+                _ => {}
             }
         }
     }

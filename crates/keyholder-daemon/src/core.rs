@@ -103,6 +103,10 @@ pub struct Core {
     gate_hooks: RwLock<GateHooks>,
     /// Run on every lock, to wipe what other parts derived from the session.
     lock_hooks: Mutex<Vec<LockHook>>,
+    /// The token of the vault (label, serial) and whether the vault has
+    /// rollback detection, as last seen at init or unlock: for `tokens`,
+    /// which is answered while locked too.
+    vault_token: Mutex<Option<(String, String, bool)>>,
 }
 
 impl Drop for Core {
@@ -139,6 +143,7 @@ impl Core {
             key_pool,
             gate_hooks: RwLock::new(Vec::new()),
             lock_hooks: Mutex::new(Vec::new()),
+            vault_token: Mutex::new(None),
         });
         core.publish();
         core
@@ -333,23 +338,66 @@ impl Core {
 
     /// The tokens the backend sees, with the Keyholder keys found on each.
     pub fn list_tokens(&self) -> Result<Vec<TokenListing>> {
+        // The vault's stanzas (no token operation): a key the vault is
+        // encrypted to is listed whatever its label (an adopted key, or a
+        // PIV slot's key, whose label the module chooses).
+        let stanzas = self
+            .storage
+            .load()
+            .ok()
+            .flatten()
+            .and_then(|(bytes, _)| keyholder_vault::probe(&bytes).ok())
+            .unwrap_or_default();
         token_call(|| {
             let mut out = Vec::new();
             for token in self.tokens.tokens()? {
                 let mut recipients = Vec::new();
                 if let Ok(session) = self.tokens.open(&token) {
-                    if let Ok(keys) = session.find_p256_keys(Some(KEY_LABEL)) {
-                        recipients = keys
-                            .iter()
-                            .map(|k| keyholder_vault::recipient_string(&k.public))
+                    let mut keys = session.find_p256_keys(Some(KEY_LABEL)).unwrap_or_default();
+                    if !stanzas.is_empty() {
+                        let others: Vec<TokenKey> = session
+                            .find_p256_keys(None)
+                            .unwrap_or_default()
+                            .into_iter()
+                            .filter(|k| {
+                                keyholder_vault::addressed_to(&stanzas, &k.public)
+                                    && !keys.contains(k)
+                            })
                             .collect();
+                        keys.extend(others);
                     }
+                    recipients = keys
+                        .iter()
+                        .map(|k| keyholder_vault::recipient_string(&k.public))
+                        .collect();
                     session.close();
                 }
-                out.push(TokenListing { token, recipients });
+                let rollback_protection = self
+                    .vault_token
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .as_ref()
+                    .filter(|(label, serial, _)| *label == token.label && *serial == token.serial)
+                    .map(|(_, _, on)| *on);
+                out.push(TokenListing {
+                    token,
+                    recipients,
+                    rollback_protection,
+                });
             }
             Ok(out)
         })
+    }
+
+    fn remember_vault_token(&self, token: &TokenDescription, rollback_protection: bool) {
+        *self
+            .vault_token
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((
+            token.label.clone(),
+            token.serial.clone(),
+            rollback_protection,
+        ));
     }
 
     /// Creates the vault: a new key on the chosen token, an empty vault
@@ -394,7 +442,7 @@ impl Core {
                     NewVaultKey::Adopt(object) => session.find_p256_derive_key(object)?,
                     NewVaultKey::Generate => session
                         .generate_p256(KEY_LABEL, KeyPurpose::Derive)
-                        .map_err(|e| piv_hint(&token, e))?,
+                        .map_err(|e| piv_hint(&token, e, PIV_INIT_ADVICE))?,
                     NewVaultKey::PivSlot {
                         slot,
                         management_key,
@@ -404,6 +452,12 @@ impl Core {
                         *slot,
                         management_key,
                         &pin,
+                        &|public| {
+                            use p256::elliptic_curve::sec1::ToEncodedPoint;
+                            let point = public.to_encoded_point(false);
+                            keyholder_pki::x509::slot_certificate(point.as_bytes(), KEY_LABEL)
+                                .map_err(|e| e.to_string())
+                        },
                     )?,
                 };
                 let agreement = TokenAgreement {
@@ -428,6 +482,7 @@ impl Core {
                 if protected {
                     rollback::record(session.as_ref(), vault.vault_id(), body.generation);
                 }
+                self.remember_vault_token(&token, protected);
                 tracing::info!(token = ?token.label, %recipient, vault = %self.storage.location(), "vault created");
                 Ok(Initialized {
                     vault_path: self.storage.location(),
@@ -583,6 +638,7 @@ impl Core {
             elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
             "unlocked"
         );
+        self.remember_vault_token(&unlocked.token, unlocked.vault.body.rollback_protection);
         *self.token_slot() = Some(session);
         self.touch();
         {
@@ -784,17 +840,40 @@ pub enum NewVaultKey {
     },
 }
 
+/// What to do instead of generating the vault key with a chosen id on a
+/// PIV card.
+const PIV_INIT_ADVICE: &str = "Pass --piv-slot 9d (or an empty retired slot 82 to 95) and \
+     --management-key-file, or adopt a key already in a slot with \
+     --token-uri 'pkcs11:token=...;id=%03'";
+
+/// What to do instead of generating a signing key on a PIV card.
+pub(crate) const PIV_KEY_ADVICE: &str = "Make the key in a slot with the card's own tools \
+     (yubico-piv-tool or ykman, with a certificate in the slot) and adopt it with \
+     --pkcs11-uri 'pkcs11:id=%01'";
+
+/// Whether `token` looks like a PIV card behind its PKCS#11 module: Yubico's
+/// ykcs11 ("Yubico (www.yubico.com)") or OpenSC's PIV driver ("piv_II").
+pub(crate) fn is_piv(token: &TokenDescription) -> bool {
+    token.manufacturer.starts_with("Yubico")
+        || token.manufacturer.to_ascii_lowercase().contains("piv")
+        || token.model.to_ascii_lowercase().contains("piv")
+}
+
 /// A token that refused key generation and looks like a PIV card gets an
 /// error that says what to do instead.
-fn piv_hint(token: &TokenDescription, e: keyholder_token::Error) -> Error {
-    let piv = token.manufacturer.starts_with("Yubico")
-        || token.manufacturer.to_ascii_lowercase().contains("piv")
-        || token.model.to_ascii_lowercase().contains("piv");
+pub(crate) fn piv_hint(
+    token: &TokenDescription,
+    e: keyholder_token::Error,
+    advice: &'static str,
+) -> Error {
     match e {
-        keyholder_token::Error::Unsupported { function, code } if piv => Error::PivNeedsSlot {
-            token: token.label.clone(),
-            reason: format!("{function} returned {code}"),
-        },
+        keyholder_token::Error::Unsupported { function, code } if is_piv(token) => {
+            Error::PivNeedsSlot {
+                token: token.label.clone(),
+                reason: format!("{function} returned {code}"),
+                advice,
+            }
+        }
         e => e.into(),
     }
 }

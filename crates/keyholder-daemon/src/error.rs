@@ -106,18 +106,18 @@ pub enum Error {
         reason: String,
     },
     /// A PIV card refused to generate a key where Keyholder chose its id:
-    /// it needs a slot and the management key.
+    /// it makes keys only in its slots, with the management key.
     #[error(
         "token {token:?} is a PIV card ({reason}): its keys live in fixed slots and only the \
-         management key may make one. Pass --piv-slot 9d (or an empty retired slot 82 to 95) \
-         and --management-key-file, or adopt a key already in a slot with \
-         --token-uri 'pkcs11:token=...;id=%03' (see docs/tokens.md)"
+         management key may make one. {advice} (see docs/tokens.md)"
     )]
     PivNeedsSlot {
         /// The token's label.
         token: String,
         /// What the token answered.
         reason: String,
+        /// What to do instead.
+        advice: &'static str,
     },
     /// A bug or an unexpected runtime failure; details go to the log only.
     #[error("internal error: {0}")]

@@ -91,6 +91,9 @@ pub struct TokenListing {
     pub token: TokenDescription,
     /// The `age1tag1...` recipients of its Keyholder keys.
     pub recipients: Vec<String>,
+    /// Whether the vault on this token has rollback detection, when this
+    /// daemon has seen the vault open (or created it) on this token.
+    pub rollback_protection: Option<bool>,
 }
 
 /// A vault just created.

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keyholder_daemon::config::Config;
-use keyholder_daemon::core::{LockReason, SessionState};
+use keyholder_daemon::core::{LockReason, NewVaultKey, SessionState};
 use keyholder_daemon::error::Result as DaemonResult;
 use keyholder_daemon::gate::{Caller, Channel, GateHook};
 use keyholder_daemon::{Core, bind_socket, run};
@@ -83,7 +83,7 @@ async fn initialised(dir: &Path) -> (Arc<Core>, SoftwareToken) {
         false,
         Vec::new(),
         false,
-        None,
+        NewVaultKey::Generate,
     )
     .await
     .expect("init");

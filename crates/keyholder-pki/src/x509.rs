@@ -537,6 +537,51 @@ pub fn certificate_public_key(pem: &str) -> Result<Vec<u8>> {
     Ok(cert.public_key().subject_public_key.data.to_vec())
 }
 
+/// A P-256 public key given as an uncompressed SEC1 point.
+struct P256Point<'a>(&'a [u8]);
+
+impl PublicKeyData for P256Point<'_> {
+    fn der_bytes(&self) -> &[u8] {
+        self.0
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+/// A certificate (DER) that only carries `point`, a P-256 public key, for
+/// a PIV card's slot: PIV modules (ykcs11) show a slot's key objects only
+/// when the slot holds a certificate, and the card's key may not be able to
+/// sign its own. It is signed by a throwaway key that is dropped at once,
+/// so it vouches for nothing and is not meant to be verified.
+pub fn slot_certificate(point: &[u8], common_name: &str) -> Result<Vec<u8>> {
+    if point.len() != 65 || point.first() != Some(&0x04) {
+        return Err(invalid("point", "not an uncompressed P-256 point"));
+    }
+    let throwaway = FreshP256::generate()?;
+    let signer =
+        rcgen::KeyPair::from_pem(&throwaway.pem()).map_err(|e| PkiError::Build(e.to_string()))?;
+    let mut issuer_params = CertificateParams::default();
+    let mut issuer_dn = DistinguishedName::new();
+    issuer_dn.push(DnType::CommonName, "Keyholder slot certificate (not a CA)");
+    issuer_params.distinguished_name = issuer_dn;
+    let issuer = Issuer::new(issuer_params, signer);
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::ExplicitNoCa;
+    let now = SystemTime::now();
+    params.not_before = offset(backdated(now, Duration::from_secs(300)));
+    params.not_after = offset(deadline(now, MAX_VALIDITY, "validity")?);
+    params.serial_number = Some(serial());
+    let cert = params
+        .signed_by(&P256Point(point), &issuer)
+        .map_err(|e| PkiError::Build(e.to_string()))?;
+    Ok(cert.der().to_vec())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -699,5 +744,25 @@ mod tests {
         import_ca(&ca_pem, &ca_key.serialize_pem()).unwrap();
         let other = KeyAlgorithm::EcdsaP256.generate().unwrap();
         assert!(import_ca(&ca_pem, &other.serialize_pem()).is_err());
+    }
+
+    #[test]
+    fn a_slot_certificate_carries_the_given_key_and_nothing_else_is_accepted() {
+        let key = FreshP256::generate().expect("key");
+        let der = slot_certificate(key.public_point(), "keyholder-vault").expect("cert");
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).expect("parses");
+        assert_eq!(
+            cert.public_key().subject_public_key.data.as_ref(),
+            key.public_point()
+        );
+        assert!(cert.subject().to_string().contains("keyholder-vault"));
+        assert_ne!(
+            cert.subject(),
+            cert.issuer(),
+            "not self-signed: it vouches for nothing"
+        );
+        for bad in [&[][..], &[4u8; 64][..], &[2u8; 65][..]] {
+            assert!(slot_certificate(bad, "x").is_err());
+        }
     }
 }

@@ -8,7 +8,10 @@ use std::fmt;
 use secrecy::SecretString;
 use zeroize::Zeroizing;
 
-use crate::{KeyPurpose, ObjectSelector, PivSlot, Result, Selector, TokenDescription, TokenKey};
+use crate::{
+    KeyPurpose, ObjectSelector, PivSlot, Result, Selector, SlotCertifier, TokenDescription,
+    TokenKey,
+};
 
 /// A family of tokens: lists them and opens sessions on them.
 pub trait Backend: Send + Sync {
@@ -33,6 +36,8 @@ pub trait Session: Send + fmt::Debug {
     /// Generates a P-256 key pair in a PIV card's `slot`, logged in as the
     /// security officer with the card's management key for that call only,
     /// then as the user again with `pin`. A slot that holds a key is refused.
+    /// `certify` makes the certificate (DER) stored in the slot with the
+    /// key, without which PIV modules do not show the key again.
     fn generate_p256_in_piv_slot(
         &mut self,
         label: &str,
@@ -40,6 +45,7 @@ pub trait Session: Send + fmt::Debug {
         slot: PivSlot,
         management_key: &SecretString,
         pin: &SecretString,
+        certify: &SlotCertifier<'_>,
     ) -> Result<TokenKey>;
     /// The P-256 key-agreement keys labelled `label` (any label: `None`).
     fn find_p256_keys(&self, label: Option<&str>) -> Result<Vec<TokenKey>>;
@@ -98,6 +104,7 @@ impl Session for crate::TokenSession {
         slot: PivSlot,
         management_key: &SecretString,
         pin: &SecretString,
+        certify: &SlotCertifier<'_>,
     ) -> Result<TokenKey> {
         crate::TokenSession::generate_p256_in_piv_slot(
             self,
@@ -106,6 +113,7 @@ impl Session for crate::TokenSession {
             slot,
             management_key,
             pin,
+            certify,
         )
     }
 

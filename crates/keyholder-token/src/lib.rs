@@ -114,7 +114,11 @@ pub enum Error {
         label: String,
     },
     /// The user PIN is locked.
-    #[error("token {label:?} has its user PIN locked; reset it with the token's SO PIN tools")]
+    #[error(
+        "token {label:?} has its user PIN locked; unlock it with the token's own tools (the SO \
+         PIN, or a PIV card's PUK; a TPM unlocks after its lockout interval or with \
+         tpm2_dictionarylockout --clear-lockout)"
+    )]
     PinLocked {
         /// The token's label.
         label: String,
@@ -128,7 +132,7 @@ pub enum Error {
     /// The token refused an operation it cannot do: a mechanism, an
     /// attribute or a template it does not support.
     #[error(
-        "the token cannot do this: {function} returned {code}; see docs/configuration.md for what each token supports"
+        "the token cannot do this: {function} returned {code}; see docs/tokens.md for what each token supports"
     )]
     Unsupported {
         /// The PKCS#11 function.
@@ -441,6 +445,9 @@ impl Module {
     }
 }
 
+/// Makes the certificate (DER) a PIV slot holds for its new key.
+pub type SlotCertifier<'a> = dyn Fn(&p256::PublicKey) -> std::result::Result<Vec<u8>, String> + 'a;
+
 /// What a key generated on the token may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeyPurpose {
@@ -532,7 +539,7 @@ impl TokenSession {
     pub fn generate_p256_for(&self, label: &str, purpose: KeyPurpose) -> Result<TokenKey> {
         let mut id = vec![0u8; 16];
         rand::Rng::fill(&mut rand::rngs::OsRng, id.as_mut_slice());
-        self.generate_p256_with_id(label, purpose, id)
+        self.generate_p256_with_id(label, purpose, id, false)
     }
 
     /// Generates a P-256 key pair in a PIV card's `slot`, through a PIV
@@ -548,6 +555,7 @@ impl TokenSession {
         slot: PivSlot,
         management_key: &SecretString,
         pin: &SecretString,
+        certify: &SlotCertifier<'_>,
     ) -> Result<TokenKey> {
         let id = vec![slot.pkcs11_id()];
         let occupied = self
@@ -571,7 +579,12 @@ impl TokenSession {
         let label_now = self.token.label.clone();
         let generated = match self.session.login(UserType::So, Some(&auth)) {
             Ok(()) => {
-                let key = self.generate_p256_with_id(label, purpose, id);
+                let key = self
+                    .generate_p256_with_id(label, purpose, id.clone(), true)
+                    .and_then(|key| {
+                        self.store_slot_certificate(&key, id, certify)?;
+                        Ok(key)
+                    });
                 if let Err(e) = self.session.logout() {
                     tracing::debug!(error = %e, "logout after generating in a PIV slot failed");
                 }
@@ -586,11 +599,35 @@ impl TokenSession {
         generated
     }
 
+    /// Stores the certificate `certify` makes for `key` in its PIV slot.
+    fn store_slot_certificate(
+        &self,
+        key: &TokenKey,
+        id: Vec<u8>,
+        certify: &SlotCertifier<'_>,
+    ) -> Result<()> {
+        let der = certify(&key.public).map_err(Error::Pkcs11)?;
+        self.session
+            .create_object(&[
+                Attribute::Class(ObjectClass::CERTIFICATE),
+                Attribute::CertificateType(cryptoki::object::CertificateType::X_509),
+                Attribute::Token(true),
+                Attribute::Id(id),
+                Attribute::Value(der),
+            ])
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    /// `piv`: the module is a PIV card's, which refuses `CKA_EXTRACTABLE`
+    /// in the template (ykcs11: CKR_ATTRIBUTE_TYPE_INVALID); a PIV card
+    /// never lets a private key out anyway.
     fn generate_p256_with_id(
         &self,
         label: &str,
         purpose: KeyPurpose,
         id: Vec<u8>,
+        piv: bool,
     ) -> Result<TokenKey> {
         let derive = purpose == KeyPurpose::Derive;
         let public_template = [
@@ -607,16 +644,18 @@ impl TokenSession {
             // key grants nothing; the private half still cannot sign.
             Attribute::Verify(true),
         ];
-        let private_template = [
+        let mut private_template = vec![
             Attribute::Token(true),
             Attribute::Private(true),
             Attribute::Sensitive(true),
-            Attribute::Extractable(false),
             Attribute::Derive(derive),
             Attribute::Sign(!derive),
             Attribute::Label(label.as_bytes().to_vec()),
             Attribute::Id(id.clone()),
         ];
+        if !piv {
+            private_template.push(Attribute::Extractable(false));
+        }
         let (public, _private) = self
             .session
             .generate_key_pair(
@@ -834,20 +873,32 @@ impl TokenSession {
                     AttributeType::Id,
                     AttributeType::Sign,
                     AttributeType::Derive,
+                    AttributeType::AlwaysAuthenticate,
                 ],
             )
             .map_err(map_err)?;
         let mut id = None;
-        let (mut can_sign, mut can_derive) = (false, false);
+        let (mut can_sign, mut can_derive, mut pin_each_time) = (false, false, false);
         for a in attrs {
             match a {
                 Attribute::Id(v) => id = Some(v),
                 Attribute::Sign(b) => can_sign = b,
                 Attribute::Derive(b) => can_derive = b,
+                Attribute::AlwaysAuthenticate(b) => pin_each_time = b,
                 _ => {}
             }
         }
         let id = id.ok_or_else(|| Error::KeyNotFound("the private key has no CKA_ID".into()))?;
+        if pin_each_time {
+            // Keyholder does not keep the PIN, so it could not give it again.
+            return Err(Error::KeyNotFound(
+                "the private key needs the PIN again before every use \
+                 (CKA_ALWAYS_AUTHENTICATE, as PIV slot 9c does), and Keyholder does not keep \
+                 the PIN: use a key whose PIN policy is once per session (PIV slot 9a or a \
+                 retired slot 82 to 95)"
+                    .into(),
+            ));
+        }
         match purpose {
             KeyPurpose::Sign if !can_sign => {
                 return Err(Error::KeyNotFound(

@@ -233,6 +233,7 @@ impl Session for SoftwareSession {
         _slot: crate::PivSlot,
         _management_key: &SecretString,
         _pin: &SecretString,
+        _certify: &crate::SlotCertifier<'_>,
     ) -> Result<TokenKey> {
         Err(Error::Unsupported {
             function: "C_GenerateKeyPair".into(),

@@ -67,12 +67,19 @@ pub fn token_info(t: &TokenDescription, recipients: Vec<String>) -> v1::TokenInf
         pin_final_try: t.pin.final_try,
         pin_locked: t.pin.locked,
         recipients,
+        rollback_protection: String::new(),
     }
 }
 
 impl From<&TokenListing> for v1::TokenInfo {
     fn from(t: &TokenListing) -> Self {
-        token_info(&t.token, t.recipients.clone())
+        let mut info = token_info(&t.token, t.recipients.clone());
+        info.rollback_protection = match t.rollback_protection {
+            None => String::new(),
+            Some(true) => "on".into(),
+            Some(false) => "off".into(),
+        };
+        info
     }
 }
 

@@ -140,8 +140,13 @@ pub async fn create(core: &Core, req: v1::CreateCaRequest) -> Result<v1::CaInfo>
         }
         let (key, label) = if req.pkcs11_uri.is_empty() {
             let label = format!("keyholder-ca:{name}");
-            let key =
-                core.with_token(|session| Ok(session.generate_p256(&label, KeyPurpose::Sign)?))?;
+            let key = core.with_token(|session| {
+                session
+                    .generate_p256(&label, KeyPurpose::Sign)
+                    .map_err(|e| {
+                        crate::core::piv_hint(session.token(), e, crate::core::PIV_KEY_ADVICE)
+                    })
+            })?;
             (key, label)
         } else {
             super::keys::adopt_signing_key(core, &req.pkcs11_uri)?

@@ -64,7 +64,17 @@ pub(super) fn adopt_signing_key(
                 ),
             });
         }
-        Ok(session.find_p256_signing_key(&object)?)
+        session.find_p256_signing_key(&object).map_err(|e| match e {
+            keyholder_token::Error::KeyNotFound(m) if crate::core::is_piv(session.token()) => {
+                keyholder_token::Error::KeyNotFound(format!(
+                    "{m}. A PIV card's module shows a slot's key only when the slot holds a \
+                     certificate, and reads the card when the session opens: a key made since \
+                     is seen after `keyholder lock` and `keyholder unlock`"
+                ))
+                .into()
+            }
+            e => e.into(),
+        })
     })?;
     Ok((key, object.label.unwrap_or_default()))
 }
@@ -86,8 +96,11 @@ pub(super) async fn new_key(
             });
         }
         let label = format!("{label_prefix}:{name}");
-        let key =
-            core.with_token(|session| Ok(session.generate_p256(&label, KeyPurpose::Sign)?))?;
+        let key = core.with_token(|session| {
+            session
+                .generate_p256(&label, KeyPurpose::Sign)
+                .map_err(|e| crate::core::piv_hint(session.token(), e, crate::core::PIV_KEY_ADVICE))
+        })?;
         let openssh = token_openssh(&key.public, name.as_str())?;
         return Ok((
             CaKey::Token {
