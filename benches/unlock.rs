@@ -95,12 +95,15 @@ const FUNCTIONS: [&str; 18] = [
 
 /// One token of the matrix, set up for the benchmark.
 struct Token {
+    /// First, so that it is dropped first: `testing/<name>/down` and the
+    /// PIDs it kills live in the stack's directory inside `env`'s temp dir,
+    /// which goes when `env` drops.
+    _stack: Option<Stack>,
     name: &'static str,
     env: Env,
     /// `--pkcs11-init-args`, for the in-process fill.
     init_args: Option<String>,
     rollback: bool,
-    _stack: Option<Stack>,
 }
 
 fn softhsm2() -> Token {
