@@ -665,17 +665,13 @@ impl Core {
         for token in tokens {
             looked_at.push(format!("{:?}", token.label));
             let session = self.tokens.open(&token)?;
-            let keys = session.find_p256_keys(Some(KEY_LABEL))?;
-            let addressed = |keys: Vec<TokenKey>| {
-                keys.into_iter()
-                    .find(|k| keyholder_vault::addressed_to(stanzas, &k.public))
-            };
-            // Keyholder's own keys first; then any P-256 key, for a vault
-            // key adopted at init (made by another tool, with its label).
-            let found = match addressed(keys) {
-                Some(key) => Some(key),
-                None => addressed(session.find_p256_keys(None)?),
-            };
+            // One search over every P-256 public key, whatever its label: a
+            // key adopted at init, or a PIV slot's, has the module's label.
+            // The stanza's tag names the key.
+            let found = session
+                .find_p256_keys(None)?
+                .into_iter()
+                .find(|k| keyholder_vault::addressed_to(stanzas, &k.public));
             if let Some(key) = found {
                 return Ok((session, token, key));
             }

@@ -379,13 +379,16 @@ impl Module {
 
     /// Every initialised token present now.
     pub fn tokens(&self) -> Result<Vec<TokenDescription>> {
-        let slots = self
-            .ctx
-            .get_slots_with_initialized_token()
-            .map_err(map_err)?;
+        // Slots with a token, each read once: cryptoki's
+        // `get_slots_with_initialized_token` reads every token's info, and
+        // describing it would read it again.
+        let slots = self.ctx.get_slots_with_token().map_err(map_err)?;
         let mut out = Vec::with_capacity(slots.len());
         for slot in slots {
-            out.push(self.describe(slot)?);
+            let info = self.ctx.get_token_info(slot).map_err(map_err)?;
+            if info.token_initialized() {
+                out.push(describe_info(slot, &info));
+            }
         }
         Ok(out)
     }
@@ -393,20 +396,37 @@ impl Module {
     /// Reads the token in `slot`.
     pub fn describe(&self, slot: Slot) -> Result<TokenDescription> {
         let info = self.ctx.get_token_info(slot).map_err(map_err)?;
-        Ok(TokenDescription {
-            slot,
-            label: info.label().trim().to_owned(),
-            serial: info.serial_number().trim().to_owned(),
-            manufacturer: info.manufacturer_id().trim().to_owned(),
-            model: info.model().trim().to_owned(),
-            pin: PinStatus {
-                count_low: info.user_pin_count_low(),
-                final_try: info.user_pin_final_try(),
-                locked: info.user_pin_locked(),
-            },
-        })
+        Ok(describe_info(slot, &info))
     }
+}
 
+/// A P-256 public key from `CKA_EC_POINT`: a DER OCTET STRING around the
+/// SEC1 point (04 41 04 ...), or the bare point, as some modules return it.
+fn parse_ec_point(raw: &[u8]) -> Result<p256::PublicKey> {
+    let sec1 = match raw {
+        [0x04, 0x41, rest @ ..] if rest.len() == 0x41 => rest,
+        bare => bare,
+    };
+    p256::PublicKey::from_sec1_bytes(sec1)
+        .map_err(|_| Error::KeyNotFound("CKA_EC_POINT is not a P-256 point".into()))
+}
+
+fn describe_info(slot: Slot, info: &cryptoki::slot::TokenInfo) -> TokenDescription {
+    TokenDescription {
+        slot,
+        label: info.label().trim().to_owned(),
+        serial: info.serial_number().trim().to_owned(),
+        manufacturer: info.manufacturer_id().trim().to_owned(),
+        model: info.model().trim().to_owned(),
+        pin: PinStatus {
+            count_low: info.user_pin_count_low(),
+            final_try: info.user_pin_final_try(),
+            locked: info.user_pin_locked(),
+        },
+    }
+}
+
+impl Module {
     /// The one token `selector` names.
     pub fn select(&self, selector: &Selector) -> Result<TokenDescription> {
         let all = self.tokens()?;
@@ -441,6 +461,7 @@ impl Module {
             token: token.clone(),
             logged_in: false,
             last_record: std::sync::Mutex::new(None),
+            private_handles: std::sync::Mutex::new(Vec::new()),
         })
     }
 }
@@ -476,6 +497,8 @@ pub struct TokenSession {
     /// write replaces it without searching the token first: a search makes
     /// some modules (SoftHSM2) re-read every object file.
     last_record: std::sync::Mutex<Option<(String, ObjectHandle)>>,
+    /// Private key handles found in this session, by `CKA_ID`.
+    private_handles: std::sync::Mutex<Vec<(Vec<u8>, ObjectHandle)>>,
 }
 
 impl fmt::Debug for TokenSession {
@@ -497,7 +520,9 @@ impl TokenSession {
     /// reported without trying, and the final try is spent only when
     /// `allow_final_try` is set. A refused PIN is never retried here.
     pub fn login(&mut self, pin: &SecretString, allow_final_try: bool) -> Result<()> {
-        let now = self.module.describe(self.token.slot)?;
+        // The PIN flags were read when the token was listed, just before
+        // this session opened; reading them again would cost a call.
+        let now = &self.token;
         let label = now.label.clone();
         if now.pin.locked {
             return Err(Error::PinLocked { label });
@@ -790,11 +815,9 @@ impl TokenSession {
     /// the pre-computed hash, since not every token has `CKM_ECDSA_SHA256`).
     /// Returns the 64-byte r||s form.
     pub fn sign_p256_digest(&self, key: &TokenKey, digest: &[u8; 32]) -> Result<[u8; 64]> {
-        let private = self.private_handle(key)?;
-        let sig = self
-            .session
-            .sign(&Mechanism::Ecdsa, private, digest)
-            .map_err(map_err)?;
+        let sig = self.with_private(key, |private| {
+            self.session.sign(&Mechanism::Ecdsa, private, digest)
+        })?;
         sig.as_slice()
             .try_into()
             .map_err(|_| Error::Pkcs11(format!("ECDSA signature is {} bytes, not 64", sig.len())))
@@ -813,18 +836,22 @@ impl TokenSession {
         let handles = self.session.find_objects(&template).map_err(map_err)?;
         let mut keys = Vec::new();
         for handle in handles {
+            // Id and point in one read.
             let attrs = self
                 .session
-                .get_attributes(handle, &[AttributeType::Id])
+                .get_attributes(handle, &[AttributeType::Id, AttributeType::EcPoint])
                 .map_err(map_err)?;
-            let Some(id) = attrs.into_iter().find_map(|a| match a {
-                Attribute::Id(id) => Some(id),
-                _ => None,
-            }) else {
-                continue;
-            };
-            // A key on another curve, or a malformed point, is not ours: skip it.
-            if let Ok(public) = self.ec_point(handle) {
+            let (mut id, mut point) = (None, None);
+            for a in attrs {
+                match a {
+                    Attribute::Id(v) => id = Some(v),
+                    Attribute::EcPoint(v) => point = Some(v),
+                    _ => {}
+                }
+            }
+            // A key without an id, on another curve, or with a malformed
+            // point is not ours: skip it.
+            if let (Some(id), Some(Ok(public))) = (id, point.as_deref().map(parse_ec_point)) {
                 keys.push(TokenKey { id, public });
             }
         }
@@ -942,17 +969,31 @@ impl TokenSession {
                 _ => None,
             })
             .ok_or_else(|| Error::KeyNotFound("public key has no CKA_EC_POINT".into()))?;
-        // CKA_EC_POINT is a DER OCTET STRING around the SEC1 point (04 41 04 ...);
-        // some modules return the bare point instead.
-        let sec1 = match raw.as_slice() {
-            [0x04, 0x41, rest @ ..] if rest.len() == 0x41 => rest,
-            bare => bare,
-        };
-        p256::PublicKey::from_sec1_bytes(sec1)
-            .map_err(|_| Error::KeyNotFound("CKA_EC_POINT is not a P-256 point".into()))
+        parse_ec_point(&raw)
     }
 
+    /// The private key object with `key`'s id. Handles are remembered for
+    /// the session (an unlock derives twice, a token key signs many times):
+    /// a remembered one is used after reading back its `CKA_ID` (one call
+    /// instead of a search's three), since a module may give a destroyed
+    /// object's handle to a new object; one the token no longer knows is
+    /// searched for again through [`Self::with_private`].
     fn private_handle(&self, key: &TokenKey) -> Result<ObjectHandle> {
+        let mut known = self
+            .private_handles
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(i) = known.iter().position(|(id, _)| *id == key.id) {
+            let handle = known[i].1;
+            let still = self
+                .session
+                .get_attributes(handle, &[AttributeType::Id])
+                .is_ok_and(|attrs| attrs.contains(&Attribute::Id(key.id.clone())));
+            if still {
+                return Ok(handle);
+            }
+            known.swap_remove(i);
+        }
         let found = self
             .session
             .find_objects(&[
@@ -960,19 +1001,47 @@ impl TokenSession {
                 Attribute::Id(key.id.clone()),
             ])
             .map_err(map_err)?;
-        found
+        let handle = found
             .into_iter()
             .next()
-            .ok_or_else(|| Error::KeyNotFound("no private key with the expected CKA_ID".into()))
+            .ok_or_else(|| Error::KeyNotFound("no private key with the expected CKA_ID".into()))?;
+        // A session uses a handful of keys; the bound only keeps a
+        // misbehaving caller from growing the list.
+        if known.len() >= 64 {
+            known.clear();
+        }
+        known.push((key.id.clone(), handle));
+        Ok(handle)
+    }
+
+    /// Runs `op` with the private key's handle; if the token says the
+    /// remembered handle is not valid (the key was deleted and perhaps made
+    /// again by another program), forgets it and tries once more with a
+    /// fresh search.
+    fn with_private<T>(
+        &self,
+        key: &TokenKey,
+        op: impl Fn(ObjectHandle) -> Result<T, CkError>,
+    ) -> Result<T> {
+        let handle = self.private_handle(key)?;
+        match op(handle) {
+            Err(CkError::Pkcs11(RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid, _)) => {
+                self.private_handles
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .retain(|(id, _)| *id != key.id);
+                let handle = self.private_handle(key)?;
+                op(handle).map_err(map_err)
+            }
+            other => other.map_err(map_err),
+        }
     }
 
     /// ECDH between the token's private key and `peer`: the raw X
     /// coordinate of the shared point. The peer point is sent uncompressed
     /// (65 bytes), the one form every token accepts.
     pub fn ecdh(&self, key: &TokenKey, peer: &p256::PublicKey) -> Result<Zeroizing<[u8; 32]>> {
-        let private = self.private_handle(key)?;
         let peer_point = peer.to_encoded_point(false);
-        let params = Ecdh1DeriveParams::new(EcKdf::null(), peer_point.as_bytes());
         let template = [
             Attribute::Class(ObjectClass::SECRET_KEY),
             Attribute::KeyType(KeyType::GENERIC_SECRET),
@@ -981,10 +1050,11 @@ impl TokenSession {
             Attribute::Extractable(true),
             Attribute::ValueLen(32.into()),
         ];
-        let derived = self
-            .session
-            .derive_key(&Mechanism::Ecdh1Derive(params), private, &template)
-            .map_err(map_err)?;
+        let derived = self.with_private(key, |private| {
+            let params = Ecdh1DeriveParams::new(EcKdf::null(), peer_point.as_bytes());
+            self.session
+                .derive_key(&Mechanism::Ecdh1Derive(params), private, &template)
+        })?;
         let value = self
             .session
             .get_attributes(derived, &[AttributeType::Value])
