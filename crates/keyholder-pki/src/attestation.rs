@@ -463,7 +463,7 @@ pub fn verify_piv_attestation(
 
 fn parse(der: &[u8], role: CertRole) -> Result<X509Certificate<'_>> {
     match X509Certificate::from_der(der) {
-        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        Ok(([], cert)) => Ok(cert),
         Ok((rest, _)) => Err(AttestationError::Parse {
             role,
             reason: format!("{} trailing bytes", rest.len()),
@@ -562,10 +562,7 @@ fn verify_signed_by(
         ));
     };
     rs::UnparsedPublicKey::new(verifier, &issuer_key.subject_public_key.data)
-        .verify(
-            cert.tbs_certificate.as_ref(),
-            &cert.signature_value.data,
-        )
+        .verify(cert.tbs_certificate.as_ref(), &cert.signature_value.data)
         .map_err(|_| "the signature does not verify".to_owned())
 }
 
@@ -575,15 +572,16 @@ fn same_key(spki: &SubjectPublicKeyInfo<'_>, enrolled: &[u8]) -> bool {
         return true;
     }
     // A P-256 point may be given compressed on one side and not the other.
-    if ec_curve(spki).as_ref() == Some(&OID_EC_P256) {
-        if let (Ok(a), Ok(b)) = (
-            p256::PublicKey::from_sec1_bytes(attested),
-            p256::PublicKey::from_sec1_bytes(enrolled),
-        ) {
-            return a == b;
-        }
+    if ec_curve(spki).as_ref() != Some(&OID_EC_P256) {
+        return false;
     }
-    false
+    match (
+        p256::PublicKey::from_sec1_bytes(attested),
+        p256::PublicKey::from_sec1_bytes(enrolled),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
 }
 
 struct Extensions {
@@ -603,10 +601,7 @@ fn malformed(name: &'static str, oid: &[u64], reason: impl Into<String>) -> Atte
 }
 
 fn oid_text(oid: &[u64]) -> String {
-    oid.iter()
-        .map(u64::to_string)
-        .collect::<Vec<_>>()
-        .join(".")
+    oid.iter().map(u64::to_string).collect::<Vec<_>>().join(".")
 }
 
 /// The raw bytes of a Yubico byte-string extension. The documented layout is
@@ -669,7 +664,7 @@ fn read_extensions(cert: &X509Certificate<'_>) -> Result<Extensions> {
 
     let serial_der = serial.ok_or_else(|| missing("serial number", OID_SERIAL))?;
     let serial = match u64::from_der(serial_der) {
-        Ok((rest, v)) if rest.is_empty() => v,
+        Ok(([], v)) => v,
         Ok(_) => {
             return Err(malformed(
                 "serial number",
