@@ -482,3 +482,59 @@ fn hostile_input_is_an_error_not_a_panic() {
         assert!(verify_piv_attestation(g, g, &[g], &roots, g).is_err());
     }
 }
+
+/// A real YubiKey attestation (serial 25599865, slot 9c, P-384 key), published
+/// by Docker's TUF root key ceremony in github.com/docker/tuf:
+/// `ceremony/2024-04-09/keys/25599865/SlotF9Intermediate.pem` and
+/// `ceremony/2024-06-04/keys/25599865/Slot9CAttestation.pem`.
+const REAL_F9_PEM: &str = include_str!("testdata/docker-tuf-25599865-f9.pem");
+const REAL_9C_PEM: &str = include_str!("testdata/docker-tuf-25599865-9c.pem");
+
+#[test]
+fn a_real_yubikey_attestation_verifies_under_the_builtin_root() {
+    let f9 = pem_to_der(REAL_F9_PEM.as_bytes()).expect("f9");
+    let slot = pem_to_der(REAL_9C_PEM.as_bytes()).expect("9c");
+    let key = parse(&slot, CertRole::Slot)
+        .expect("parses")
+        .public_key()
+        .subject_public_key
+        .data
+        .to_vec();
+    assert_eq!(key.len(), 97, "a P-384 point");
+    let a = verify_piv_attestation(&slot, &f9, &[], &AttestationRoots::yubico(), &key)
+        .expect("verifies");
+    assert_eq!(a.serial, 25_599_865);
+    assert_eq!(a.firmware.to_string(), "5.4.3");
+    assert_eq!(a.pin_policy, PinPolicy::Always);
+    assert_eq!(a.touch_policy, TouchPolicy::Never);
+    assert_eq!(
+        a.form_factor.map(|f| f.to_string()).as_deref(),
+        Some("USB-C keychain, FIPS")
+    );
+    assert_eq!(a.subject, "CN=YubiKey PIV Attestation 9c");
+    assert_eq!(a.root_subject, "CN=Yubico PIV Root CA Serial 263751");
+    assert_eq!(a.anchor, Anchor::BuiltIn);
+
+    // The same chain, but a test root only: not trusted.
+    let c = chain();
+    let e = verify_piv_attestation(&slot, &f9, &[], &test_roots(&c), &key).unwrap_err();
+    assert!(
+        e.to_string().contains(
+            "(slot f9, issuer \"CN=Yubico PIV Root CA Serial 263751\") is not issued by a trusted root"
+        ),
+        "{e}"
+    );
+    // Another key than the attested one.
+    let e = verify_piv_attestation(
+        &slot,
+        &f9,
+        &[],
+        &AttestationRoots::yubico(),
+        c.key.public_key_raw(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, AttestationError::KeyMismatch), "{e}");
+    // The test chain's f9 with the real slot certificate: not signed by it.
+    let e = verify_piv_attestation(&slot, &c.card.der, &[], &test_roots(&c), &key).unwrap_err();
+    assert!(matches!(e, AttestationError::NotSignedByCard(_)), "{e}");
+}
