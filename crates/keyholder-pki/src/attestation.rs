@@ -8,8 +8,8 @@
 //! `root → [intermediates] → f9 → slot attestation`. Firmware before 5.7.4
 //! has f9 issued directly by "Yubico PIV Root CA Serial 263751"; later
 //! firmware puts Yubico-published intermediates between f9 and a newer root,
-//! which the caller passes in `intermediates` (and the newer root as a
-//! configured root).
+//! "Yubico Attestation Root 1". Both roots are built in; the intermediates
+//! are not on the card, so the caller passes them in `intermediates`.
 //!
 //! Facts used here, from Yubico's documentation (the PIV attestation OID arc
 //! at docs.yubico.com/hardware/oid/oid-piv-arc.html, and
@@ -75,6 +75,48 @@ SREzU8onbBsjMg9QDiSf5oJLKvd/Ren+zGY7
 /// SHA-256 of the DER of [`YUBICO_PIV_ROOT_CA_PEM`], hex, upper case.
 pub const YUBICO_PIV_ROOT_CA_SHA256: &str =
     "63ECE914E54DD87915F34033C85AF4C0696BA1512F8ADD66CED738331207B546";
+
+/// Yubico's newer attestation root, "CN=Yubico Attestation Root 1", under
+/// which firmware 5.7.4 and later is attested.
+///
+/// Source: Yubico's CA list developers.yubico.com/PKI/yubico-ca-certs.txt
+/// (as copied into go-piv/piv-go, `v2/piv/certs/yubico-ca-certs.txt`,
+/// "Last Update: 2025-02-03"), published as
+/// developers.yubico.com/PKI/yubico-ca-1.pem. Subject and issuer
+/// `CN=Yubico Attestation Root 1`, serial 5F37A2103244393B75E05E67D28E997FF6C1C225,
+/// valid from 2024-12-01 with no end (9999-12-31), RSA 2048 signed with
+/// SHA-512, path length 3, SHA-256 fingerprint [`YUBICO_ATTESTATION_ROOT_1_SHA256`].
+///
+/// A card under this root does not carry the whole chain: between its f9
+/// certificate and this root sit Yubico's PIV and attestation intermediates,
+/// which Yubico publishes (developers.yubico.com/PKI/yubico-intermediate.pem,
+/// "to be used as untrusted certificates") and the caller passes as
+/// `intermediates`.
+pub const YUBICO_ATTESTATION_ROOT_1_PEM: &str = "-----BEGIN CERTIFICATE-----
+MIIDPjCCAiagAwIBAgIUXzeiEDJEOTt14F5n0o6Zf/bBwiUwDQYJKoZIhvcNAQEN
+BQAwJDEiMCAGA1UEAwwZWXViaWNvIEF0dGVzdGF0aW9uIFJvb3QgMTAgFw0yNDEy
+MDEwMDAwMDBaGA85OTk5MTIzMTIzNTk1OVowJDEiMCAGA1UEAwwZWXViaWNvIEF0
+dGVzdGF0aW9uIFJvb3QgMTCCASIwDQYJKoZIhvcNAQEBBQADggEPADCCAQoCggEB
+AMZ6/TxM8rIT+EaoPvG81ontMOo/2mQ2RBwJHS0QZcxVaNXvl12LUhBZ5LmiBScI
+Zd1Rnx1od585h+/dhK7hEm7JAALkKKts1fO53KGNLZujz5h3wGncr4hyKF0G74b/
+U3K9hE5mGND6zqYchCRAHfrYMYRDF4YL0X4D5nGdxvppAy6nkEmtWmMnwO3i0TAu
+csrbE485HvGM4r0VpgVdJpvgQjiTJCTIq+D35hwtT8QDIv+nGvpcyi5wcIfCkzyC
+imJukhYy6KoqNMKQEdpNiSOvWyDMTMt1bwCvEzpw91u+msUt4rj0efnO9s0ZOwdw
+MRDnH4xgUl5ZLwrrPkfC1/0CAwEAAaNmMGQwHQYDVR0OBBYEFNLu71oijTptXCOX
+PfKF1SbxJXuSMB8GA1UdIwQYMBaAFNLu71oijTptXCOXPfKF1SbxJXuSMBIGA1Ud
+EwEB/wQIMAYBAf8CAQMwDgYDVR0PAQH/BAQDAgGGMA0GCSqGSIb3DQEBDQUAA4IB
+AQC3IW/sgB9pZ8apJNjxuGoX+FkILks0wMNrdXL/coUvsrhzsvl6mePMrbGJByJ1
+XnquB5sgcRENFxdQFma3mio8Upf1owM1ZreXrJ0mADG2BplqbJnxiyYa+R11reIF
+TWeIhMNcZKsDZrFAyPuFjCWSQvJmNWe9mFRYFgNhXJKkXIb5H1XgEDlwiedYRM7V
+olBNlld6pRFKlX8ust6OTMOeADl2xNF0m1LThSdeuXvDyC1g9+ILfz3S6OIYgc3i
+roRcFD354g7rKfu67qFAw9gC4yi0xBTPrY95rh4/HqaUYCA/L8ldRk6H7Xk35D+W
+Vpmq2Sh/xT5HiFuhf4wJb0bK
+-----END CERTIFICATE-----
+";
+
+/// SHA-256 of the DER of [`YUBICO_ATTESTATION_ROOT_1_PEM`], hex, upper case.
+pub const YUBICO_ATTESTATION_ROOT_1_SHA256: &str =
+    "62760C6A6EF91679F454C8902B80FD009825B3F25DA90F1FBACE2EC6586CD5A8";
 
 /// At most this many intermediates between f9 and a root (Yubico's newer
 /// chain has two); bounds the signature checks a hostile input can cause.
@@ -177,12 +219,15 @@ impl Default for AttestationRoots {
 }
 
 impl AttestationRoots {
-    /// Yubico's PIV root ([`YUBICO_PIV_ROOT_CA_PEM`]) only.
+    /// Yubico's roots: the PIV root ([`YUBICO_PIV_ROOT_CA_PEM`]) and
+    /// Attestation Root 1 ([`YUBICO_ATTESTATION_ROOT_1_PEM`]).
     pub fn yubico() -> Self {
-        let der = pem_to_der(YUBICO_PIV_ROOT_CA_PEM.as_bytes()).unwrap_or_default();
-        Self {
-            roots: vec![(der, true)],
-        }
+        let roots = [YUBICO_PIV_ROOT_CA_PEM, YUBICO_ATTESTATION_ROOT_1_PEM]
+            .iter()
+            .filter_map(|pem| pem_to_der(pem.as_bytes()).ok())
+            .map(|der| (der, true))
+            .collect();
+        Self { roots }
     }
 
     /// No root at all: only roots added with [`Self::with_root_der`] or

@@ -371,7 +371,27 @@ fn the_builtin_yubico_root_is_the_documented_one() {
     // Self-signed with SHA-256 RSA: exercises the RSA PKCS#1 v1.5 path.
     verify_signed_by(&cert, cert.public_key()).expect("self-signature verifies");
     let roots = AttestationRoots::yubico();
-    assert_eq!(roots.roots_der().collect::<Vec<_>>(), vec![der.as_slice()]);
+    assert_eq!(roots.roots_der().next(), Some(der.as_slice()));
+    assert_eq!(roots.roots_der().count(), 2);
+}
+
+#[test]
+fn the_builtin_yubico_attestation_root_1_is_the_documented_one() {
+    let der = pem_to_der(YUBICO_ATTESTATION_ROOT_1_PEM.as_bytes()).expect("pem");
+    let fp: String = Sha256::digest(&der)
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect();
+    assert_eq!(fp, YUBICO_ATTESTATION_ROOT_1_SHA256);
+    let cert = parse(&der, CertRole::Root).expect("parses");
+    assert_eq!(cert.subject().to_string(), "CN=Yubico Attestation Root 1");
+    assert_eq!(cert.issuer().to_string(), "CN=Yubico Attestation Root 1");
+    // Self-signed with SHA-512 RSA.
+    verify_signed_by(&cert, cert.public_key()).expect("self-signature verifies");
+    assert_eq!(
+        AttestationRoots::yubico().roots_der().nth(1),
+        Some(der.as_slice())
+    );
 }
 
 #[test]
