@@ -256,6 +256,34 @@ impl AttestationRoots {
     }
 }
 
+/// The DER of each certificate in a PEM bundle, in order, such as Yubico's
+/// published intermediates (`yubico-intermediate.pem`), to pass as
+/// `intermediates`. Blocks other than CERTIFICATE, or an empty bundle, are an
+/// error; at most 64 certificates are read.
+pub fn pem_certificates(pem: &str) -> Result<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    for block in x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes()).take(65) {
+        let block = block.map_err(|e| AttestationError::Parse {
+            role: CertRole::Intermediate,
+            reason: format!("not PEM: {e}"),
+        })?;
+        if block.label != "CERTIFICATE" {
+            return Err(AttestationError::Parse {
+                role: CertRole::Intermediate,
+                reason: format!("PEM block is {:?}, not CERTIFICATE", block.label),
+            });
+        }
+        out.push(block.contents);
+    }
+    if out.is_empty() || out.len() > 64 {
+        return Err(AttestationError::Parse {
+            role: CertRole::Intermediate,
+            reason: format!("expected 1 to 64 PEM certificates, found {}", out.len()),
+        });
+    }
+    Ok(out)
+}
+
 fn pem_to_der(pem: &[u8]) -> Result<Vec<u8>> {
     let (_, p) = x509_parser::pem::parse_x509_pem(pem)
         .map_err(|e| AttestationError::BadRoot(format!("not a PEM certificate: {e}")))?;

@@ -558,3 +558,18 @@ fn a_real_yubikey_attestation_verifies_under_the_builtin_root() {
     let e = verify_piv_attestation(&slot, &c.card.der, &[], &test_roots(&c), &key).unwrap_err();
     assert!(matches!(e, AttestationError::NotSignedByCard(_)), "{e}");
 }
+
+#[test]
+fn a_pem_bundle_of_intermediates_is_read_in_order() {
+    let bundle = format!("{REAL_F9_PEM}\n{REAL_9C_PEM}");
+    let ders = pem_certificates(&bundle).expect("bundle");
+    assert_eq!(ders.len(), 2);
+    assert_eq!(ders[0], pem_to_der(REAL_F9_PEM.as_bytes()).expect("f9"));
+    assert!(pem_certificates("").is_err());
+    assert!(
+        pem_certificates("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").is_err()
+    );
+    assert!(
+        pem_certificates("-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n").is_err()
+    );
+}
