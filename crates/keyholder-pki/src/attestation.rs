@@ -118,9 +118,11 @@ Vpmq2Sh/xT5HiFuhf4wJb0bK
 pub const YUBICO_ATTESTATION_ROOT_1_SHA256: &str =
     "62760C6A6EF91679F454C8902B80FD009825B3F25DA90F1FBACE2EC6586CD5A8";
 
-/// At most this many intermediates between f9 and a root (Yubico's newer
-/// chain has two); bounds the signature checks a hostile input can cause.
-pub const MAX_INTERMEDIATES: usize = 4;
+/// At most this many intermediates between f9 and a root. Yubico's newer
+/// chain uses two, but its published bundle holds the intermediates of all
+/// its applications, and passing it whole is expected; the bound keeps the
+/// signature checks a hostile input can cause small.
+pub const MAX_INTERMEDIATES: usize = 16;
 
 const OID_FIRMWARE: &[u64] = &[1, 3, 6, 1, 4, 1, 41482, 3, 3];
 const OID_SERIAL: &[u64] = &[1, 3, 6, 1, 4, 1, 41482, 3, 7];
@@ -450,7 +452,8 @@ impl fmt::Display for FormFactor {
 pub enum Anchor {
     /// A root built into Keyholder (Yubico's).
     BuiltIn,
-    /// A root from the configuration (a test root, or a newer Yubico root).
+    /// A root from the configuration (a test root, or the issuer of an
+    /// organisation's own f9 certificate).
     Configured,
 }
 
