@@ -478,6 +478,20 @@ pub struct Attestation {
     pub anchor: Anchor,
 }
 
+impl Attestation {
+    /// The slot named in the subject (Yubico writes "YubiKey PIV
+    /// Attestation" followed by the slot in hex), if the subject has that
+    /// form. The subject is signed by the card, so this tells a caller which
+    /// slot the card attested.
+    pub fn slot(&self) -> Option<u8> {
+        let hex = self.subject.strip_prefix("CN=YubiKey PIV Attestation ")?;
+        if hex.is_empty() || hex.len() > 2 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        u8::from_str_radix(hex, 16).ok()
+    }
+}
+
 /// Verifies a YubiKey PIV attestation and returns what it attests.
 ///
 /// - `slot_cert`: DER of the card's answer to ATTEST for the key's slot.

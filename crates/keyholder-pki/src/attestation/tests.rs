@@ -115,6 +115,7 @@ fn good_chain_verifies_and_yields_the_fields() {
     assert!(ff.fips && !ff.cspn);
     assert_eq!(ff.to_string(), "USB-C keychain, FIPS");
     assert_eq!(a.subject, "CN=YubiKey PIV Attestation 9d");
+    assert_eq!(a.slot(), Some(0x9d));
     assert_eq!(a.root_subject, "CN=Test PIV Root");
     assert_eq!(a.anchor, Anchor::Configured);
 }
@@ -534,6 +535,7 @@ fn a_real_yubikey_attestation_verifies_under_the_builtin_root() {
         Some("USB-C keychain, FIPS")
     );
     assert_eq!(a.subject, "CN=YubiKey PIV Attestation 9c");
+    assert_eq!(a.slot(), Some(0x9c));
     assert_eq!(a.root_subject, "CN=Yubico PIV Root CA Serial 263751");
     assert_eq!(a.anchor, Anchor::BuiltIn);
 
@@ -574,4 +576,22 @@ fn a_pem_bundle_of_intermediates_is_read_in_order() {
     assert!(
         pem_certificates("-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n").is_err()
     );
+}
+
+#[test]
+fn the_slot_is_read_from_the_subject_only_in_yubico_form() {
+    let c = chain();
+    let mut a = verify(&c, &c.slot).expect("verifies");
+    for (subject, want) in [
+        ("CN=YubiKey PIV Attestation 82", Some(0x82)),
+        ("CN=YubiKey PIV Attestation 9A", Some(0x9a)),
+        ("CN=YubiKey PIV Attestation ", None),
+        ("CN=YubiKey PIV Attestation 123", None),
+        ("CN=YubiKey PIV Attestation zz", None),
+        ("CN=YubiKey PIV Attestation +9", None),
+        ("CN=Something else 9d", None),
+    ] {
+        a.subject = subject.to_owned();
+        assert_eq!(a.slot(), want, "{subject}");
+    }
 }
