@@ -10,12 +10,14 @@
 //! - [`ecdsa`]: P-256 signatures with nonces prepared ahead of time.
 //! - [`ssh`]: OpenSSH user and host certificates.
 //! - [`kube`]: kubeconfigs and Kubernetes ExecCredentials.
+//! - [`attestation`]: YubiKey PIV attestation verification.
 
 #![forbid(unsafe_code)]
 
 use std::time::{Duration, SystemTime};
 
 pub mod algorithm;
+pub mod attestation;
 pub mod ecdsa;
 pub mod keys;
 pub mod kube;
