@@ -24,3 +24,4 @@ mod ssh;
 mod stock_grpc;
 mod token_docs;
 mod vault_files;
+mod yubikey;
