@@ -25,3 +25,4 @@ mod stock_grpc;
 mod token_docs;
 mod vault_files;
 mod yubikey;
+mod yubikey_docs;
