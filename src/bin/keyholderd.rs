@@ -19,8 +19,8 @@ use keyholder_daemon::{
     Config, StartError, bind_socket, config, harden_process, open, raise_open_file_limit, run,
 };
 
-/// Keyholder daemon: keeps the vault, opens it through a PKCS#11 token
-/// session, and serves the keyholder.v1 gRPC API on a Unix socket.
+/// Keyholder daemon: keeps the vault, opens it through a token session
+/// (PKCS#11, or a YubiKey natively), and serves the keyholder.v1 gRPC API on a Unix socket.
 ///
 /// Settings come from the config file (default
 /// $XDG_CONFIG_HOME/keyholder/keyholderd.toml); flags override it.
@@ -35,6 +35,10 @@ struct Args {
     /// Config file (TOML). Default: $XDG_CONFIG_HOME/keyholder/keyholderd.toml, if present.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// How tokens are reached: pkcs11 (through --pkcs11-module; the
+    /// default) or yubikey (YubiKeys natively over PC/SC, no module).
+    #[arg(long, value_name = "pkcs11|yubikey")]
+    token_backend: Option<config::TokenBackend>,
     /// The PKCS#11 module to load (e.g. /usr/lib/softhsm/libsofthsm2.so).
     /// Only this file is ever loaded; no request can name another.
     #[arg(long)]
@@ -87,6 +91,9 @@ fn settings(args: &Args) -> Result<Config, config::ConfigError> {
         Some(path) => Config::load(path, true)?,
         None => Config::load(&config::default_config_file(), false)?,
     };
+    if let Some(v) = args.token_backend {
+        cfg.token_backend = v;
+    }
     if let Some(v) = &args.pkcs11_module {
         cfg.pkcs11_module = Some(v.clone());
     }
@@ -180,7 +187,10 @@ fn main() -> ExitCode {
         }
     };
     let cfg = core.config.clone();
-    let module_path = cfg.pkcs11_module.clone().unwrap_or_default();
+    let module_path = match cfg.token_backend {
+        config::TokenBackend::Pkcs11 => cfg.pkcs11_module.clone().unwrap_or_default(),
+        config::TokenBackend::Yubikey => PathBuf::new(),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.serve_thread_count())
         .enable_all()
@@ -229,6 +239,7 @@ fn main() -> ExitCode {
             agent = ?agent_socket,
             socket = %socket.display(),
             vault = %cfg.vault.display(),
+            backend = cfg.token_backend.as_str(),
             module = %module_path.display(),
             "keyholderd serving"
         );

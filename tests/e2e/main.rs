@@ -24,3 +24,5 @@ mod ssh;
 mod stock_grpc;
 mod token_docs;
 mod vault_files;
+mod yubikey;
+mod yubikey_docs;

@@ -33,7 +33,7 @@ pub struct Env {
     pub runtime: PathBuf,
     pub vault: PathBuf,
     pub pin_file: PathBuf,
-    /// The PKCS#11 module keyholderd loads.
+    /// The PKCS#11 module keyholderd loads (none when empty).
     pub module: PathBuf,
     /// Set when `module` is the fault-injecting test module.
     pub fault_file: Option<PathBuf>,
@@ -190,9 +190,12 @@ impl Env {
             }
             None => self.command(keyholderd_bin()),
         };
+        // An empty module: a token backend that loads none (the daemon
+        // args say which).
+        if !self.module.as_os_str().is_empty() {
+            command.arg("--pkcs11-module").arg(&self.module);
+        }
         let child = command
-            .arg("--pkcs11-module")
-            .arg(&self.module)
             .arg("--vault")
             .arg(&self.vault)
             .args(&self.daemon_args)

@@ -60,6 +60,12 @@ pub(crate) struct InitArgs {
     /// (first line); used for the key generation only, never stored.
     #[arg(long, requires = "piv_slot")]
     management_key_file: Option<PathBuf>,
+    /// Go on although the card still has the factory default management
+    /// key (keyholderd's native YubiKey backend refuses it otherwise: with
+    /// that key anyone holding the card can replace its keys without the
+    /// PIN).
+    #[arg(long, requires = "piv_slot")]
+    allow_default_management_key: bool,
     #[command(flatten)]
     pin: PinSource,
 }
@@ -239,6 +245,7 @@ pub(crate) async fn init(channel: Channel, args: InitArgs, json: bool) -> CliRes
             without_rollback_protection: args.without_rollback_protection,
             piv_slot: args.piv_slot.unwrap_or_default(),
             management_key: management_key.expose_secret().to_owned(),
+            allow_default_management_key: args.allow_default_management_key,
         })
         .await?
         .into_inner();

@@ -14,11 +14,49 @@ pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(86400);
 /// The longest `token_poll_interval`: one hour.
 pub const MAX_TOKEN_POLL_INTERVAL: Duration = Duration::from_secs(3600);
 
+/// How keyholderd reaches its tokens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenBackend {
+    /// Through the PKCS#11 module `pkcs11_module` names.
+    #[default]
+    Pkcs11,
+    /// YubiKeys natively: PIV over PC/SC, no module.
+    Yubikey,
+}
+
+impl TokenBackend {
+    /// The name the configuration and `--token-backend` use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pkcs11 => "pkcs11",
+            Self::Yubikey => "yubikey",
+        }
+    }
+}
+
+impl std::str::FromStr for TokenBackend {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "pkcs11" => Ok(Self::Pkcs11),
+            "yubikey" => Ok(Self::Yubikey),
+            other => Err(format!(
+                "unknown token backend {other:?}: use \"pkcs11\" or \"yubikey\""
+            )),
+        }
+    }
+}
+
 /// The daemon's settings.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Path of the PKCS#11 module. Required; only this file is ever loaded.
+    /// How tokens are reached: `pkcs11` (the default) or `yubikey`.
+    pub token_backend: TokenBackend,
+    /// Path of the PKCS#11 module. Required with the `pkcs11` backend; only
+    /// this file is ever loaded.
     pub pkcs11_module: Option<PathBuf>,
     /// Arguments for the module's `C_Initialize` (NSS softokn reads its
     /// database from them); none for most modules.
@@ -89,6 +127,7 @@ pub fn default_config_file() -> PathBuf {
 impl Default for Config {
     fn default() -> Self {
         Self {
+            token_backend: TokenBackend::Pkcs11,
             pkcs11_module: None,
             pkcs11_init_args: None,
             token: None,
@@ -139,9 +178,11 @@ impl Config {
 
     /// Checks values that TOML cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.pkcs11_module.is_none() {
+        if self.token_backend == TokenBackend::Pkcs11 && self.pkcs11_module.is_none() {
             return Err(ConfigError(
-                "no PKCS#11 module configured: pass --pkcs11-module PATH or set pkcs11_module in the config file".into(),
+                "no PKCS#11 module configured: pass --pkcs11-module PATH or set pkcs11_module in \
+                 the config file (or --token-backend yubikey for YubiKeys without a module)"
+                    .into(),
             ));
         }
         if self.session_ttl.is_zero() || self.idle_timeout.is_zero() {
@@ -197,6 +238,15 @@ mod tests {
         assert_eq!(c.max_secret_bytes, 64 * 1024);
         c.validate().unwrap();
         assert!(toml::from_str::<Config>("sesion_ttl = \"2h\"").is_err());
+        // The native YubiKey backend needs no module; PKCS#11 does.
+        let c: Config = toml::from_str("token_backend = \"yubikey\"").unwrap();
+        assert_eq!(c.token_backend, TokenBackend::Yubikey);
+        c.validate().unwrap();
+        let c: Config = toml::from_str("token_backend = \"pkcs11\"").unwrap();
+        assert!(c.validate().is_err());
+        assert!(toml::from_str::<Config>("token_backend = \"piv\"").is_err());
+        assert_eq!("yubikey".parse(), Ok(TokenBackend::Yubikey));
+        assert!("YubiKey".parse::<TokenBackend>().is_err());
         assert!(toml::from_str::<Config>("session_ttl = \"soon\"").is_err());
         // Durations beyond the documented maxima are refused, never used.
         for bad in [

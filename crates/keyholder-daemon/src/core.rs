@@ -389,6 +389,34 @@ impl Core {
         })
     }
 
+    /// With the native YubiKey backend, a card still on the factory default
+    /// management key is refused unless `allowed`: with that key anyone
+    /// holding the card replaces its keys without the PIN. (Through ykcs11
+    /// Keyholder cannot tell which backend's card it is; docs/yubikey.md
+    /// says to change the key there too.)
+    fn check_management_key(
+        &self,
+        token: &TokenDescription,
+        key: &SecretString,
+        allowed: bool,
+    ) -> Result<()> {
+        use secrecy::ExposeSecret;
+        let default = key
+            .expose_secret()
+            .trim()
+            .eq_ignore_ascii_case(keyholder_token::DEFAULT_MANAGEMENT_KEY);
+        if self.config.token_backend != crate::config::TokenBackend::Yubikey || !default {
+            return Ok(());
+        }
+        if allowed {
+            tracing::warn!(token = ?token.label, "vault key generated with the factory default management key, as requested");
+            return Ok(());
+        }
+        Err(Error::DefaultManagementKey {
+            token: token.label.clone(),
+        })
+    }
+
     fn remember_vault_token(&self, token: &TokenDescription, rollback_protection: bool) {
         *self
             .vault_token
@@ -446,7 +474,14 @@ impl Core {
                     NewVaultKey::PivSlot {
                         slot,
                         management_key,
-                    } => session.generate_p256_in_piv_slot(
+                        allow_default_management_key,
+                    } => {
+                        self.check_management_key(
+                            &token,
+                            management_key,
+                            *allow_default_management_key,
+                        )?;
+                        session.generate_p256_in_piv_slot(
                         KEY_LABEL,
                         KeyPurpose::Derive,
                         *slot,
@@ -458,7 +493,8 @@ impl Core {
                             keyholder_pki::x509::slot_certificate(point.as_bytes(), KEY_LABEL)
                                 .map_err(|e| e.to_string())
                         },
-                    )?,
+                    )?
+                    }
                 };
                 let agreement = TokenAgreement {
                     session: session.as_ref(),
@@ -833,6 +869,9 @@ pub enum NewVaultKey {
         slot: PivSlot,
         /// The card's management key (hex), used for this call only.
         management_key: SecretString,
+        /// Go on with the factory default management key (the native
+        /// YubiKey backend refuses it otherwise).
+        allow_default_management_key: bool,
     },
 }
 

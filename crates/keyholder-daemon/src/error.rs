@@ -119,6 +119,18 @@ pub enum Error {
         /// What to do instead.
         advice: &'static str,
     },
+    /// The card still has the factory default PIV management key.
+    #[error(
+        "token {token:?} still has the factory default PIV management key, with which anyone \
+         holding the card can replace its keys without the PIN. Change it first, e.g. \
+         `yubico-piv-tool -a set-mgm-key -n $(openssl rand -hex 24)` (keep the new key), and \
+         give the new key to init; or pass --allow-default-management-key to go on anyway \
+         (see docs/yubikey.md)"
+    )]
+    DefaultManagementKey {
+        /// The token's label.
+        token: String,
+    },
     /// A bug or an unexpected runtime failure; details go to the log only.
     #[error("internal error: {0}")]
     Internal(String),
@@ -134,7 +146,8 @@ impl From<Error> for Status {
             | Error::NotInitialized(_)
             | Error::Rollback { .. }
             | Error::NoRollbackRecord { .. }
-            | Error::PivNeedsSlot { .. } => Code::FailedPrecondition,
+            | Error::PivNeedsSlot { .. }
+            | Error::DefaultManagementKey { .. } => Code::FailedPrecondition,
             Error::VaultExists(_) | Error::AlreadyExists { .. } => Code::AlreadyExists,
             Error::NotFound { .. } => Code::NotFound,
             Error::InvalidArgument { .. } => Code::InvalidArgument,

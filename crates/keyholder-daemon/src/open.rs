@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
-use keyholder_token::Module;
+use keyholder_token::{Module, YubiKeyBackend};
 use keyholder_vault::{FileStorage, StorageError};
 
-use crate::config::ConfigError;
+use crate::config::{ConfigError, TokenBackend};
 use crate::{Config, Core};
 
 /// Why keyholderd cannot start.
@@ -43,16 +43,31 @@ impl StartError {
     }
 }
 
-/// Loads the configured PKCS#11 module, takes the vault file (locking out
-/// any other keyholderd) and builds the core over them, locked.
+/// Loads the configured PKCS#11 module (or takes the native YubiKey
+/// backend), takes the vault file (locking out any other keyholderd) and
+/// builds the core over them, locked.
 pub fn open(config: Config) -> Result<Arc<Core>, StartError> {
-    let path = config
-        .pkcs11_module
-        .as_deref()
-        .ok_or(StartError::NoModule)?;
-    let module = Module::load_with_args(path, config.pkcs11_init_args.as_deref())?;
-    let storage = FileStorage::open(&config.vault)?;
-    Ok(Core::new(config, module, storage))
+    match config.token_backend {
+        TokenBackend::Pkcs11 => {
+            let path = config
+                .pkcs11_module
+                .as_deref()
+                .ok_or(StartError::NoModule)?;
+            let module = Module::load_with_args(path, config.pkcs11_init_args.as_deref())?;
+            let storage = FileStorage::open(&config.vault)?;
+            Ok(Core::new(config, module, storage))
+        }
+        TokenBackend::Yubikey => {
+            if let Some(path) = &config.pkcs11_module {
+                tracing::warn!(
+                    module = %path.display(),
+                    "pkcs11_module is not loaded: the token backend is yubikey"
+                );
+            }
+            let storage = FileStorage::open(&config.vault)?;
+            Ok(Core::new(config, YubiKeyBackend::new(), storage))
+        }
+    }
 }
 
 #[cfg(test)]

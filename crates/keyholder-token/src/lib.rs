@@ -25,6 +25,8 @@ mod piv;
 #[cfg(feature = "software")]
 pub mod software;
 mod uri;
+#[cfg(feature = "yubikey")]
+mod yubikey_piv;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -43,6 +45,8 @@ use zeroize::Zeroizing;
 pub use backend::{Backend, Session};
 pub use piv::PivSlot;
 pub use uri::{ObjectSelector, Selector};
+#[cfg(feature = "yubikey")]
+pub use yubikey_piv::{DEFAULT_MANAGEMENT_KEY, YubiKeyBackend, YubiKeySession};
 
 /// DER encoding of the P-256 curve OID (1.2.840.10045.3.1.7), as `CKA_EC_PARAMS`.
 const P256_EC_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
@@ -168,6 +172,9 @@ pub enum Error {
     /// Any other failure talking to the token.
     #[error("PKCS#11 call failed: {0}")]
     Pkcs11(String),
+    /// A failure talking to a PIV card natively (a YubiKey over PC/SC).
+    #[error("YubiKey (PIV): {0}")]
+    Piv(String),
 }
 
 fn pin_hint(count_low: bool, final_try: bool) -> &'static str {
@@ -429,27 +436,7 @@ fn describe_info(slot: Slot, info: &cryptoki::slot::TokenInfo) -> TokenDescripti
 impl Module {
     /// The one token `selector` names.
     pub fn select(&self, selector: &Selector) -> Result<TokenDescription> {
-        let all = self.tokens()?;
-        let present = if all.is_empty() {
-            "none".to_owned()
-        } else {
-            all.iter()
-                .map(|t| format!("{:?} (serial {})", t.label, t.serial))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        let mut matching: Vec<_> = all.into_iter().filter(|t| selector.matches(t)).collect();
-        match matching.len() {
-            0 => Err(Error::TokenNotFound {
-                selector: selector.to_string(),
-                present,
-            }),
-            1 => Ok(matching.remove(0)),
-            count => Err(Error::TokenAmbiguous {
-                selector: selector.to_string(),
-                count,
-            }),
-        }
+        select_from(self.tokens()?, selector)
     }
 
     /// Opens a read-write session on the token (not logged in yet).
@@ -463,6 +450,33 @@ impl Module {
             last_record: std::sync::Mutex::new(None),
             private_handles: std::sync::Mutex::new(Vec::new()),
         })
+    }
+}
+
+/// The one token of `all` that `selector` names.
+pub(crate) fn select_from(
+    all: Vec<TokenDescription>,
+    selector: &Selector,
+) -> Result<TokenDescription> {
+    let present = if all.is_empty() {
+        "none".to_owned()
+    } else {
+        all.iter()
+            .map(|t| format!("{:?} (serial {})", t.label, t.serial))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut matching: Vec<_> = all.into_iter().filter(|t| selector.matches(t)).collect();
+    match matching.len() {
+        0 => Err(Error::TokenNotFound {
+            selector: selector.to_string(),
+            present,
+        }),
+        1 => Ok(matching.remove(0)),
+        count => Err(Error::TokenAmbiguous {
+            selector: selector.to_string(),
+            count,
+        }),
     }
 }
 

@@ -24,6 +24,27 @@ impl PivSlot {
         self.0
     }
 
+    /// Every key slot, in the order of their `CKA_ID`s (9a, 9c, 9d, 9e, 82
+    /// to 95).
+    pub fn all() -> impl Iterator<Item = Self> {
+        [0x9a, 0x9c, 0x9d, 0x9e]
+            .into_iter()
+            .chain(0x82..=0x95)
+            .map(Self)
+    }
+
+    /// The slot whose key ykcs11 and OpenSC show with this `CKA_ID`.
+    pub fn from_pkcs11_id(id: &[u8]) -> Option<Self> {
+        match id {
+            [0x01] => Some(Self(0x9a)),
+            [0x02] => Some(Self(0x9c)),
+            [0x03] => Some(Self(0x9d)),
+            [0x04] => Some(Self(0x9e)),
+            [n @ 0x05..=0x18] => Some(Self(n - 0x05 + 0x82)),
+            _ => None,
+        }
+    }
+
     /// The `CKA_ID` ykcs11 and OpenSC give the key in this slot.
     pub fn pkcs11_id(self) -> u8 {
         match self.0 {
@@ -72,6 +93,17 @@ mod tests {
         assert_eq!(id("82"), Ok(0x05));
         assert_eq!(id("0x95"), Ok(0x18));
         assert_eq!(PivSlot::KEY_MANAGEMENT.to_string(), "9d");
+    }
+
+    #[test]
+    fn ids_map_back_to_their_slots() {
+        for slot in PivSlot::all() {
+            assert_eq!(PivSlot::from_pkcs11_id(&[slot.pkcs11_id()]), Some(slot));
+        }
+        assert_eq!(PivSlot::all().count(), 24);
+        for bad in [&[][..], &[0x00], &[0x19], &[0x01, 0x01]] {
+            assert_eq!(PivSlot::from_pkcs11_id(bad), None);
+        }
     }
 
     #[test]

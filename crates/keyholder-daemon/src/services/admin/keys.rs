@@ -65,7 +65,12 @@ pub(super) fn adopt_signing_key(
             });
         }
         session.find_p256_signing_key(&object).map_err(|e| match e {
-            keyholder_token::Error::KeyNotFound(m) if crate::core::is_piv(session.token()) => {
+            // ykcs11's view of the card; the native backend reads the card
+            // on every call.
+            keyholder_token::Error::KeyNotFound(m)
+                if crate::core::is_piv(session.token())
+                    && core.config.token_backend == crate::config::TokenBackend::Pkcs11 =>
+            {
                 keyholder_token::Error::KeyNotFound(format!(
                     "{m}. A PIV card's module shows a slot's key only when the slot holds a \
                      certificate, and reads the card when the session opens: a key made since \

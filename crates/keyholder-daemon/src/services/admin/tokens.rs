@@ -77,6 +77,7 @@ pub async fn init(core: &Core, mut req: v1::InitRequest) -> Result<v1::InitRespo
             NewVaultKey::PivSlot {
                 slot,
                 management_key,
+                allow_default_management_key: req.allow_default_management_key,
             }
         }
     };

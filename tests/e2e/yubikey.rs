@@ -1,0 +1,181 @@
+//! keyholderd's native YubiKey backend (`--token-backend yubikey`) on the
+//! virtual PIV card (`testing/piv/up`): a vault moves between ykcs11 and
+//! the native backend both ways; the factory default management key is
+//! refused at init unless allowed; the card is not held, so
+//! `yubico-piv-tool` works while Keyholder is unlocked and Keyholder's next
+//! card operation still works (the PIN is verified again); the card going
+//! away locks the session within the poll interval.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::util::{Env, Stack, assert_fails};
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf8 path")
+}
+
+/// A world on a fresh virtual card; keyholderd goes through ykcs11 until
+/// [`native`] switches it.
+fn card() -> (Env, Stack) {
+    let mut env = Env::new();
+    let stack = Stack::up("piv", &env.path().join("piv"));
+    stack.configure(&mut env);
+    env.file("management-key", &format!("{}\n", stack.settings["SO_PIN"]));
+    (env, stack)
+}
+
+/// keyholderd started from `env` uses the native backend, no module.
+fn native(env: &mut Env) {
+    env.module = PathBuf::new();
+    env.daemon_args = vec!["--token-backend".to_owned(), "yubikey".to_owned()];
+}
+
+fn through_ykcs11(env: &mut Env, module: &str) {
+    env.module = PathBuf::from(module);
+    env.daemon_args.clear();
+}
+
+fn init_in_slot(env: &Env, slot: &str, extra: &[&str]) -> std::process::Output {
+    let key = env.path().join("management-key");
+    let mut args = vec![
+        "init",
+        "--token-label",
+        &env.label,
+        "--pin-file",
+        p(&env.pin_file),
+        "--piv-slot",
+        slot,
+        "--management-key-file",
+        p(&key),
+        "--without-rollback-protection",
+    ];
+    args.extend_from_slice(extra);
+    env.cli(&args)
+}
+
+#[test]
+fn yubikey_vault_moves_between_ykcs11_and_native() {
+    let (mut env, stack) = card();
+    let module = stack.settings["MODULE"].clone();
+
+    // Made through ykcs11 (slot 9d), opened natively, written there, and
+    // read through ykcs11 again.
+    let daemon = env.start_daemon(&[]);
+    let out = init_in_slot(&env, "9d", &[]);
+    assert!(out.status.success(), "{out:?}");
+    env.unlock();
+    env.put("made/through", b"ykcs11");
+    drop(daemon);
+    native(&mut env);
+    let daemon = env.start_daemon(&[]);
+    env.unlock();
+    assert_eq!(env.ok(&["secret", "get", "made/through"]), "ykcs11");
+    env.put("written/natively", b"native");
+    let status: serde_json::Value =
+        serde_json::from_str(&env.ok(&["--json", "status"])).expect("json");
+    assert_eq!(status["token"]["label"], env.label, "{status}");
+    assert_eq!(status["token"]["manufacturer"], "Yubico", "{status}");
+    drop(daemon);
+    through_ykcs11(&mut env, &module);
+    let daemon = env.start_daemon(&[]);
+    env.unlock();
+    assert_eq!(env.ok(&["secret", "get", "written/natively"]), "native");
+    drop(daemon);
+
+    // Made natively (retired slot 82), opened through ykcs11.
+    env.vault = env.path().join("vault2/vault.age");
+    native(&mut env);
+    let daemon = env.start_daemon(&[]);
+    let out = init_in_slot(&env, "82", &["--allow-default-management-key"]);
+    assert!(out.status.success(), "{out:?}");
+    env.unlock();
+    env.put("second/vault", b"slot 82");
+    drop(daemon);
+    through_ykcs11(&mut env, &module);
+    let daemon = env.start_daemon(&[]);
+    env.unlock();
+    assert_eq!(env.ok(&["secret", "get", "second/vault"]), "slot 82");
+    drop(daemon);
+    drop(stack);
+}
+
+#[test]
+fn yubikey_native_shares_the_card_and_locks_when_it_is_pulled() {
+    let (mut env, stack) = card();
+    native(&mut env);
+    let daemon = env.start_daemon(&["--token-poll-interval", "200ms"]);
+
+    // `keyholder tokens` lists the card, read natively.
+    let tokens = env.ok(&["tokens"]);
+    assert!(tokens.contains(&env.label), "{tokens}");
+    assert!(tokens.contains("Yubico"), "{tokens}");
+    assert!(tokens.contains("YubiKey 5.2.7"), "{tokens}");
+
+    // The factory default management key is refused, by name, with the way
+    // out; nothing is made on the card.
+    let out = init_in_slot(&env, "9d", &[]);
+    assert_fails(&out, 3, "factory default PIV management key");
+    assert_fails(&out, 3, "yubico-piv-tool -a set-mgm-key");
+    assert_fails(&out, 3, "--allow-default-management-key");
+    assert!(!env.vault.exists());
+    let out = init_in_slot(&env, "9d", &["--allow-default-management-key"]);
+    assert!(out.status.success(), "{out:?}");
+
+    // A wrong PIN shows the card's count.
+    let wrong = env.file("wrong-pin", "7777777\n");
+    assert_fails(
+        &env.cli(&["unlock", "--pin-file", p(&wrong)]),
+        7,
+        "earlier tries failed",
+    );
+    env.unlock();
+    crate::matrix::piv_keypairgen(&env, "01");
+    env.ok(&[
+        "key",
+        "import",
+        "card",
+        "--pkcs11-uri",
+        "pkcs11:id=%01",
+        "--sign",
+    ]);
+    let data = env.file("data", "signed on the card\n");
+    let sign = ["sign", "--key", "card", "--in", p(&data)];
+    env.ok(&sign);
+
+    // The card is not held: another program uses it while Keyholder is
+    // unlocked (and resets it, which clears the PIN verification), and
+    // Keyholder's next signature still works.
+    for _ in 0..2 {
+        let out = env
+            .command("yubico-piv-tool")
+            .args(["-a", "status"])
+            .output()
+            .expect("yubico-piv-tool runs");
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(&stack.settings["SERIAL"]), "{text}");
+        env.ok(&sign);
+    }
+    assert!(env.ok(&["status"]).contains("unlocked"));
+
+    // The card goes away (its reader and pcscd stop): locked within the
+    // poll interval, and said why.
+    drop(stack);
+    let gone = Instant::now();
+    let deadline = gone + Duration::from_secs(10);
+    loop {
+        let status: serde_json::Value =
+            serde_json::from_str(&env.ok(&["--json", "status"])).expect("json");
+        if status["state"] == "locked" {
+            assert_eq!(status["lock_reason"], "token-removed", "{status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still unlocked: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let took = gone.elapsed();
+    eprintln!("locked {took:?} after the card went away (poll interval 200ms)");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    drop(daemon);
+}
