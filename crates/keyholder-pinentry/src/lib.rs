@@ -385,6 +385,31 @@ fn printable(bytes: &[u8]) -> String {
         .collect()
 }
 
+/// `ETXTBSY`: the program file is open for writing somewhere, as it is for
+/// a moment when another thread forks while a script is being written.
+const TEXT_FILE_BUSY: i32 = 26;
+
+/// Starts the program, trying again a few times (for at most 100 ms) while
+/// its file is busy.
+fn spawn(p: &Pinentry) -> io::Result<Child> {
+    let mut tries = 0;
+    loop {
+        let started = Command::new(&p.program)
+            .args(&p.args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn();
+        match started {
+            Err(e) if e.raw_os_error() == Some(TEXT_FILE_BUSY) && tries < 5 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// A started pinentry. Dropping it ends the program.
 struct Conversation {
     child: Child,
@@ -396,16 +421,10 @@ struct Conversation {
 
 impl Conversation {
     fn start(p: &Pinentry) -> Result<Self, Error> {
-        let mut child = Command::new(&p.program)
-            .args(&p.args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|source| Error::Spawn {
-                program: p.program.display().to_string(),
-                source,
-            })?;
+        let mut child = spawn(p).map_err(|source| Error::Spawn {
+            program: p.program.display().to_string(),
+            source,
+        })?;
         let (stdin, stdout) = (child.stdin.take(), child.stdout.take());
         let (Some(stdin), Some(stdout)) = (stdin, stdout) else {
             let _ = child.kill();
