@@ -24,7 +24,9 @@ while IFS= read -r line; do
       n=$(cat "$dir/pinentry.count" 2>/dev/null || echo 0)
       n=$((n + 1))
       echo "$n" > "$dir/pinentry.count"
-      [ -f "$dir/pinentry.delay" ] && sleep "$(cat "$dir/pinentry.delay")"
+      # The user taking their time; anything the client sends meanwhile
+      # (BYE when it gives up) ends the wait.
+      [ -f "$dir/pinentry.delay" ] && read -r -t "$(cat "$dir/pinentry.delay")" _
       answer=$(sed -n "${n}p" "$dir/pinentry.answers")
       if [ -z "$answer" ] || [ "$answer" = CANCEL ]; then
         echo "ERR 83886179 Operation cancelled <Pinentry>"
@@ -308,6 +310,35 @@ fn cancel_or_a_wrong_pin_fails_as_locked_and_backs_off() {
     assert_eq!(pinentry.prompts(), 1);
     assert!(daemon.log_text().contains("unlock on demand refused"));
     assert_eq!(state(&env), "locked");
+}
+
+#[test]
+fn shutdown_calls_off_a_dialog_in_progress() {
+    let (env, daemon, pinentry) = on_demand();
+    pinentry.answers(&[PIN]);
+    pinentry.delay(30);
+    let mut c = env.command(crate::util::keyholder_bin());
+    c.args(["secret", "get", "s"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let client = std::thread::spawn(move || output_within(c, Duration::from_secs(60)));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pinentry.prompts() == 0 {
+        assert!(Instant::now() < deadline, "no dialog appeared");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let started = Instant::now();
+    let status = daemon.stop();
+    assert!(status.success(), "{status}");
+    // Not the 30 s the user could take: the dialog is called off.
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    let out = client.join().expect("thread").expect("client finishes");
+    assert!(!out.status.success());
 }
 
 fn agent_identities(stream: &mut std::os::unix::net::UnixStream) -> Vec<u8> {

@@ -21,7 +21,8 @@
 //! `/proc/PID/exe`), so the user can tell an expected prompt from a
 //! surprising one.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keyholder_pinentry::{PinRequest, Pinentry};
@@ -134,9 +135,21 @@ impl Core {
             prompt: Some("PIN:".into()),
             error: None,
         };
-        let pinentry = Pinentry::new(&self.config.pinentry).timeout(self.config.pinentry_timeout);
+        // Shutdown calls the dialog off rather than waiting for it.
+        let abort = Arc::new(AtomicBool::new(false));
+        let pinentry = Pinentry::new(&self.config.pinentry)
+            .timeout(self.config.pinentry_timeout)
+            .abort_flag(abort.clone());
         tracing::info!(op, pid = ?caller.pid, program = %self.config.pinentry.display(), "locked: asking for the PIN through pinentry");
-        let asked = tokio::task::spawn_blocking(move || pinentry.get_pin(&request)).await;
+        let mut asking = tokio::task::spawn_blocking(move || pinentry.get_pin(&request));
+        let mut shutdown = self.shutdown_signal();
+        let asked = tokio::select! {
+            r = &mut asking => r,
+            () = async { drop(shutdown.wait_for(|down| *down).await) } => {
+                abort.store(true, Ordering::Relaxed);
+                asking.await
+            }
+        };
         let pin = match asked {
             Ok(Ok(pin)) => pin,
             Ok(Err(keyholder_pinentry::Error::Cancelled)) => {

@@ -33,6 +33,8 @@ use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::time::{Duration, Instant};
 
@@ -52,6 +54,8 @@ pub const MAX_LINE: usize = 2048;
 pub const MAX_PIN: usize = 256;
 /// Longest request line sent, line feed included (Assuan's limit).
 const MAX_REQUEST: usize = 1000;
+/// How often a wait looks at the abort flag.
+const ABORT_POLL: Duration = Duration::from_millis(100);
 /// Most status and comment lines accepted in one answer.
 const MAX_LINES_PER_ANSWER: usize = 64;
 /// The low 16 bits of a GnuPG error code: the code without its source.
@@ -75,6 +79,9 @@ pub enum Error {
     /// The user cancelled the dialog (pinentry's `ERR 83886179`).
     #[error("the PIN entry was cancelled")]
     Cancelled,
+    /// The caller called the dialog off ([`Pinentry::abort_flag`]).
+    #[error("the PIN entry was called off")]
+    Aborted,
     /// The user entered nothing.
     #[error("no PIN was entered")]
     Empty,
@@ -133,6 +140,7 @@ pub struct Pinentry {
     ttytype: Option<String>,
     lc_ctype: Option<String>,
     display: Option<String>,
+    abort: Option<Arc<AtomicBool>>,
 }
 
 fn env_nonempty(name: &str) -> Option<String> {
@@ -156,7 +164,15 @@ impl Pinentry {
                 .or_else(|| env_nonempty("LC_CTYPE"))
                 .or_else(|| env_nonempty("LANG")),
             display: env_nonempty("DISPLAY"),
+            abort: None,
         }
+    }
+
+    /// A flag that, once set, ends the dialog within a tenth of a second
+    /// with [`Error::Aborted`] (a daemon shutting down, say).
+    pub fn abort_flag(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.abort = Some(flag);
+        self
     }
 
     /// An argument for the program.
@@ -416,6 +432,7 @@ struct Conversation {
     stdin: Option<ChildStdin>,
     lines: Receiver<Event>,
     step: Duration,
+    abort: Option<Arc<AtomicBool>>,
     done: bool,
 }
 
@@ -445,6 +462,7 @@ impl Conversation {
             stdin: Some(stdin),
             lines: rx,
             step: p.step_timeout,
+            abort: p.abort.clone(),
             done: false,
         };
         c.answer("the greeting", p.step_timeout)?;
@@ -483,17 +501,30 @@ impl Conversation {
         let mut data: Option<Zeroizing<Vec<u8>>> = None;
         let mut other_lines = 0usize;
         loop {
+            if self
+                .abort
+                .as_ref()
+                .is_some_and(|a| a.load(Ordering::Relaxed))
+            {
+                return Err(Error::Aborted);
+            }
             let left = match deadline {
                 Some(d) => d.saturating_duration_since(Instant::now()),
                 None => within,
             };
-            let line = match self.lines.recv_timeout(left) {
+            let slice = if self.abort.is_some() {
+                left.min(ABORT_POLL)
+            } else {
+                left
+            };
+            let line = match self.lines.recv_timeout(slice) {
                 Ok(Event::Line(line)) => line,
                 Ok(Event::TooLong) => return Err(Error::LineTooLong),
                 Ok(Event::Eof) | Err(RecvTimeoutError::Disconnected) => {
                     return Err(Error::Closed(what));
                 }
                 Ok(Event::Failed(e)) => return Err(Error::Io(e)),
+                Err(RecvTimeoutError::Timeout) if slice < left => continue,
                 Err(RecvTimeoutError::Timeout) => return Err(Error::Timeout(within)),
             };
             let line = line.strip_suffix(b"\r").unwrap_or(&line);

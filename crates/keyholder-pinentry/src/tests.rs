@@ -325,3 +325,33 @@ fn errors_never_show_the_pin() {
     let e = p.get_pin(&request()).unwrap_err();
     assert!(!format!("{e} {e:?}").contains("secret-pin"));
 }
+
+#[test]
+fn an_abort_ends_the_dialog_at_once() {
+    let script = r#"
+echo OK
+while IFS= read -r line; do
+  case "$line" in
+    GETPIN) exec sleep 30;;
+    *) echo OK;;
+  esac
+done
+"#;
+    let (_s, p) = stand_in(script, "");
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let p = p.timeout(Duration::from_secs(30)).abort_flag(flag.clone());
+    let setter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let started = Instant::now();
+    let e = p.get_pin(&request());
+    setter.join().unwrap();
+    assert!(matches!(e, Err(Error::Aborted)), "{e:?}");
+    // The flag, a tenth of a second, EXIT_WAIT before the kill.
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+}
