@@ -418,9 +418,54 @@ fn the_agent_asks_for_local_clients_and_never_for_forwarded_ones() {
     assert_eq!(pinentry.prompts(), 0);
 }
 
-/// The real `pinentry-tty`, on a pseudo-terminal that util-linux `script`
-/// provides: the CLI names the terminal it runs on (OPTION ttyname), and
-/// the PIN typed there unlocks.
+/// `keyholder ARGS` on a pseudo-terminal that util-linux `script` provides,
+/// with `path_first` ahead of PATH, typing the PIN there after a second;
+/// returns what the terminal showed.
+fn unlock_on_a_terminal(env: &Env, args: &str, path_first: Option<&std::path::Path>) -> String {
+    let command = format!(
+        "{} --socket {} {args}",
+        crate::util::keyholder_bin(),
+        env.socket().to_str().expect("utf8")
+    );
+    let mut c = env.command("script");
+    if let Some(dir) = path_first {
+        let path = std::env::var("PATH").unwrap_or_default();
+        c.env("PATH", format!("{}:{path}", dir.display()));
+    }
+    c.args(["-qec", &command, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().expect("script runs");
+    let mut typist = child.stdin.take().expect("stdin");
+    // Type the PIN once pinentry-tty shows its prompt (a second is plenty
+    // here; a PIN typed earlier is not lost either, the terminal keeps it).
+    std::thread::sleep(Duration::from_secs(1));
+    typist
+        .write_all(format!("{PIN}\r").as_bytes())
+        .expect("type");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("keyholder {args} did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(typist);
+    let out = child.wait_with_output().expect("output");
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{shown}{}", stderr(&out));
+    assert!(shown.contains("PIN:"), "{shown}");
+    assert!(!shown.contains(PIN), "the PIN was echoed: {shown}");
+    shown
+}
+
+/// The real `pinentry-tty` on a terminal: the CLI names the terminal it
+/// runs on (OPTION ttyname), and the PIN typed there unlocks; named with
+/// --pinentry, and as `pinentry` from PATH (the documented
+/// `keyholder unlock --pinentry`).
 #[test]
 fn the_real_pinentry_tty_unlocks_on_a_terminal() {
     const PROGRAM: &str = "/usr/bin/pinentry-tty";
@@ -431,38 +476,13 @@ fn the_real_pinentry_tty_unlocks_on_a_terminal() {
     let env = Env::new();
     let _daemon = env.start_daemon(&[]);
     env.init();
-    let command = format!(
-        "{} --socket {} unlock --pinentry {PROGRAM}",
-        crate::util::keyholder_bin(),
-        env.socket().to_str().expect("utf8")
-    );
-    let mut c = env.command("script");
-    c.args(["-qec", &command, "/dev/null"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = c.spawn().expect("script runs");
-    let mut typist = child.stdin.take().expect("stdin");
-    // Type the PIN once pinentry-tty shows its prompt (a second is plenty
-    // here; the PIN typed earlier is not lost either, the terminal keeps it).
-    std::thread::sleep(Duration::from_secs(1));
-    typist
-        .write_all(format!("{PIN}\r").as_bytes())
-        .expect("type");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("keyholder unlock --pinentry {PROGRAM} did not finish");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    drop(typist);
-    let out = child.wait_with_output().expect("output");
-    let shown = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{shown}{}", stderr(&out));
-    assert!(shown.contains("PIN:"), "{shown}");
-    assert!(!shown.contains(PIN), "the PIN was echoed: {shown}");
+    unlock_on_a_terminal(&env, &format!("unlock --pinentry {PROGRAM}"), None);
+    assert_eq!(state(&env), "unlocked");
+    env.ok(&["lock"]);
+
+    let bin = env.path().join("bin");
+    std::fs::create_dir(&bin).expect("bin");
+    std::os::unix::fs::symlink(PROGRAM, bin.join("pinentry")).expect("symlink");
+    unlock_on_a_terminal(&env, "unlock --pinentry", Some(&bin));
     assert_eq!(state(&env), "unlocked");
 }
