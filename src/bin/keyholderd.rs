@@ -81,6 +81,16 @@ struct Args {
     /// Client keys generated ahead of time while unlocked (default 64; 0: none).
     #[arg(long)]
     key_stock: Option<usize>,
+    /// Ask for the PIN through pinentry when a request finds the session
+    /// locked (off by default; see docs/configuration.md for the trade-off).
+    #[arg(long)]
+    unlock_on_demand: bool,
+    /// The pinentry program for --unlock-on-demand (default: pinentry from PATH).
+    #[arg(long)]
+    pinentry: Option<PathBuf>,
+    /// How long an on-demand PIN prompt waits, e.g. 60s.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pinentry_timeout: Option<Duration>,
     /// Log filter (tracing syntax), e.g. info or keyholder_daemon=debug.
     #[arg(long, env = "KEYHOLDER_LOG", default_value = "info")]
     log: String,
@@ -132,6 +142,15 @@ fn settings(args: &Args) -> Result<Config, config::ConfigError> {
     }
     if let Some(v) = args.key_stock {
         cfg.key_stock = v;
+    }
+    if args.unlock_on_demand {
+        cfg.unlock_on_demand = true;
+    }
+    if let Some(v) = &args.pinentry {
+        cfg.pinentry = v.clone();
+    }
+    if let Some(v) = args.pinentry_timeout {
+        cfg.pinentry_timeout = v;
     }
     cfg.validate()?;
     Ok(cfg)

@@ -17,6 +17,7 @@ mod message_size;
 mod nss;
 mod output_paths;
 mod peer;
+mod pinentry;
 mod python;
 mod round_trip;
 mod socket_trust;

@@ -13,7 +13,7 @@ fn p(path: &Path) -> &str {
     path.to_str().expect("utf8 path")
 }
 
-fn agent_socket(env: &Env) -> PathBuf {
+pub(crate) fn agent_socket(env: &Env) -> PathBuf {
     env.runtime.join("keyholder/ssh-agent.sock")
 }
 
@@ -728,13 +728,13 @@ fn keys_import_from_openssh_and_pkcs8_files_with_passphrases() {
     assert_eq!(ok(ssh_add(&env, &["-L"]), "ssh-add -L").lines().count(), 3);
 }
 
-fn frame(body: &[u8]) -> Vec<u8> {
+pub(crate) fn frame(body: &[u8]) -> Vec<u8> {
     let mut v = (body.len() as u32).to_be_bytes().to_vec();
     v.extend_from_slice(body);
     v
 }
 
-fn reply(s: &mut UnixStream) -> Option<Vec<u8>> {
+pub(crate) fn reply(s: &mut UnixStream) -> Option<Vec<u8>> {
     let mut len = [0u8; 4];
     s.read_exact(&mut len).ok()?;
     let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
@@ -914,14 +914,18 @@ fn a_key_already_on_the_token_is_found_by_uri_and_signs() {
     );
 }
 
-fn put_string(m: &mut Vec<u8>, s: &[u8]) {
+pub(crate) fn put_string(m: &mut Vec<u8>, s: &[u8]) {
     m.extend_from_slice(&u32::try_from(s.len()).expect("short").to_be_bytes());
     m.extend_from_slice(s);
 }
 
 /// A `session-bind@openssh.com` request, as `ssh` sends it: the host key,
 /// the session id, the host's signature over it, and the forwarding flag.
-fn session_bind(host: &ssh_key::PrivateKey, session_id: &[u8], forwarding: bool) -> Vec<u8> {
+pub(crate) fn session_bind(
+    host: &ssh_key::PrivateKey,
+    session_id: &[u8],
+    forwarding: bool,
+) -> Vec<u8> {
     use ssh_encoding::Encode;
     let signature: ssh_key::Signature =
         signature::Signer::try_sign(host, session_id).expect("host signs");

@@ -56,6 +56,9 @@ pub struct Peer {
     pub uid: u32,
     /// Peer pid.
     pub pid: Option<i32>,
+    /// A `session-bind` marked the connection as a forwarded agent (a host
+    /// reached with `ssh -A` speaks through it).
+    pub forwarded: bool,
 }
 
 /// What the agent asks of Keyholder.
@@ -153,6 +156,10 @@ async fn handle<B: Backend>(
     peer: Peer,
     message: &[u8],
 ) -> Response {
+    let peer = Peer {
+        forwarded: conn.forwarded,
+        ..peer
+    };
     let request = match proto::decode(message) {
         Ok(r) => r,
         Err(e) => {
@@ -347,6 +354,7 @@ pub async fn serve<B: Backend>(
             Ok(c) if c.uid() == own_uid => Peer {
                 uid: c.uid(),
                 pid: c.pid(),
+                forwarded: false,
             },
             Ok(c) => {
                 tracing::warn!(uid = c.uid(), pid = ?c.pid(), "refused agent connection from another uid");

@@ -34,7 +34,8 @@ Exit status:
   7  refused: wrong PIN, final PIN try, another user, or a socket that is not
      yours (PERMISSION_DENIED)
   8  keyholderd or the token cannot be reached (UNAVAILABLE)
-  9  the vault file is damaged or not authentic (DATA_LOSS)";
+  9  the vault file is damaged or not authentic (DATA_LOSS)
+  10 the pinentry PIN dialog was cancelled or timed out";
 
 /// Keyholder: keys and secrets in one vault that opens only through a
 /// hardware token session. This command talks to keyholderd over gRPC.

@@ -22,6 +22,17 @@ pub(crate) struct PinSource {
     /// Read the PIN from this open file descriptor (first line).
     #[arg(long)]
     pin_fd: Option<u32>,
+    /// Ask for the PIN through pinentry (the dialog gpg uses): PROGRAM, or
+    /// `pinentry` from PATH when none is given. A wrong PIN is asked again,
+    /// up to 3 tries in all. --pin-file and --pin-fd take precedence.
+    #[arg(
+        long,
+        env = "KEYHOLDER_PINENTRY",
+        value_name = "PROGRAM",
+        num_args = 0..=1,
+        default_missing_value = "pinentry"
+    )]
+    pinentry: Option<PathBuf>,
     /// Spend the token's final PIN try if it comes to that.
     #[arg(long)]
     allow_final_pin_try: bool,
@@ -102,6 +113,111 @@ fn first_line(bytes: &[u8], what: &str) -> CliResult<SecretString> {
     Ok(SecretString::from(line.to_owned()))
 }
 
+/// Most PINs asked for through pinentry in one command: the first and two
+/// retries after a wrong PIN.
+const PINENTRY_ATTEMPTS: u32 = 3;
+
+/// Exit status when the PIN dialog was cancelled or timed out.
+const EXIT_PIN_CANCELLED: u8 = 10;
+
+/// Where the PIN comes from, in order of precedence: --pin-file or
+/// --pin-fd, then --pinentry (or KEYHOLDER_PINENTRY), then the terminal.
+/// Only pinentry asks again after a wrong PIN.
+struct PinPrompt<'a> {
+    src: &'a PinSource,
+    /// What the PIN is for, shown in the dialog.
+    purpose: &'static str,
+    asked: u32,
+}
+
+impl<'a> PinPrompt<'a> {
+    fn new(src: &'a PinSource, purpose: &'static str) -> Self {
+        Self {
+            src,
+            purpose,
+            asked: 0,
+        }
+    }
+
+    fn pinentry(&self) -> Option<&'a PathBuf> {
+        if self.src.pin_file.is_some() || self.src.pin_fd.is_some() {
+            return None;
+        }
+        self.src
+            .pinentry
+            .as_ref()
+            .filter(|p| !p.as_os_str().is_empty())
+    }
+
+    /// The first PIN.
+    fn first(&mut self) -> CliResult<SecretString> {
+        self.asked = 1;
+        match self.pinentry() {
+            Some(program) => ask_pinentry(program, self.purpose, None),
+            None => read_pin(self.src),
+        }
+    }
+
+    /// After the daemon refused: the next PIN, when the PIN was wrong,
+    /// pinentry asks, and tries are left; `None` to give up with `status`.
+    fn retry(&mut self, status: &tonic::Status) -> CliResult<Option<SecretString>> {
+        let Some(program) = self.pinentry() else {
+            return Ok(None);
+        };
+        if !wrong_pin(status) || self.asked >= PINENTRY_ATTEMPTS {
+            return Ok(None);
+        }
+        // The daemon would refuse to spend the final try: do not ask for
+        // a PIN that cannot be used.
+        if final_try_next(status) && !self.src.allow_final_pin_try {
+            return Ok(None);
+        }
+        self.asked += 1;
+        let error = format!(
+            "{} (try {} of {PINENTRY_ATTEMPTS})",
+            status.message(),
+            self.asked
+        );
+        ask_pinentry(program, self.purpose, Some(error)).map(Some)
+    }
+}
+
+/// Whether the daemon refused the PIN itself (and not the final try, a
+/// locked PIN or the caller): only then is asking again worth a try.
+fn wrong_pin(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::PermissionDenied
+        && status.message().contains("did not accept the PIN")
+}
+
+/// Whether the token said that the next wrong PIN locks it.
+fn final_try_next(status: &tonic::Status) -> bool {
+    status.message().contains("ONE try remains")
+}
+
+fn ask_pinentry(
+    program: &std::path::Path,
+    purpose: &str,
+    error: Option<String>,
+) -> CliResult<SecretString> {
+    let request = keyholder_pinentry::PinRequest {
+        title: Some("Keyholder".into()),
+        description: Some(format!(
+            "Enter the PIN of the token that opens the Keyholder vault ({purpose})."
+        )),
+        prompt: Some("PIN:".into()),
+        error,
+    };
+    keyholder_pinentry::Pinentry::new(program)
+        .tty(keyholder_pinentry::stdin_tty())
+        .get_pin(&request)
+        .map_err(|e| match e {
+            keyholder_pinentry::Error::Cancelled | keyholder_pinentry::Error::Timeout(_) => {
+                Failure::new(EXIT_PIN_CANCELLED, e.to_string())
+            }
+            e => Failure::new(1, e.to_string()),
+        })
+}
+
 fn read_pin(src: &PinSource) -> CliResult<SecretString> {
     let path = match (&src.pin_file, src.pin_fd) {
         (Some(p), _) => Some(p.clone()),
@@ -118,7 +234,9 @@ fn read_pin(src: &PinSource) -> CliResult<SecretString> {
     let pin = rpassword::prompt_password("Token PIN: ").map_err(|e| {
         Failure::new(
             1,
-            format!("cannot ask for the PIN ({e}); without a terminal use --pin-file or --pin-fd"),
+            format!(
+                "cannot ask for the PIN ({e}); without a terminal use --pin-file, --pin-fd or --pinentry"
+            ),
         )
     })?;
     Ok(SecretString::from(pin))
@@ -230,25 +348,32 @@ fn read_management_key(args: &InitArgs) -> CliResult<SecretString> {
 
 pub(crate) async fn init(channel: Channel, args: InitArgs, json: bool) -> CliResult {
     let management_key = read_management_key(&args)?;
-    let pin = read_pin(&args.pin)?;
+    let mut prompt = PinPrompt::new(&args.pin, "keyholder init");
+    let mut pin = prompt.first()?;
     let mut admin = v1::admin_client::AdminClient::new(channel);
-    let resp = admin
-        .init(v1::InitRequest {
+    let resp = loop {
+        let request = v1::InitRequest {
             token: Some(v1::TokenSelector {
-                label: args.token_label.unwrap_or_default(),
-                serial: args.token_serial.unwrap_or_default(),
-                uri: args.token_uri.unwrap_or_default(),
+                label: args.token_label.clone().unwrap_or_default(),
+                serial: args.token_serial.clone().unwrap_or_default(),
+                uri: args.token_uri.clone().unwrap_or_default(),
             }),
             pin: pin.expose_secret().to_owned(),
             allow_final_pin_try: args.pin.allow_final_pin_try,
-            recovery_recipient: args.recovery_recipient.unwrap_or_default(),
+            recovery_recipient: args.recovery_recipient.clone().unwrap_or_default(),
             without_rollback_protection: args.without_rollback_protection,
-            piv_slot: args.piv_slot.unwrap_or_default(),
+            piv_slot: args.piv_slot.clone().unwrap_or_default(),
             management_key: management_key.expose_secret().to_owned(),
             allow_default_management_key: args.allow_default_management_key,
-        })
-        .await?
-        .into_inner();
+        };
+        match admin.init(request).await {
+            Ok(r) => break r.into_inner(),
+            Err(status) => match prompt.retry(&status)? {
+                Some(next) => pin = next,
+                None => return Err(status.into()),
+            },
+        }
+    };
     if json {
         println!(
             "{}",
@@ -268,18 +393,25 @@ pub(crate) async fn init(channel: Channel, args: InitArgs, json: bool) -> CliRes
 }
 
 pub(crate) async fn unlock(channel: Channel, args: UnlockArgs, json: bool) -> CliResult {
-    let pin = read_pin(&args.pin)?;
+    let mut prompt = PinPrompt::new(&args.pin, "keyholder unlock");
+    let mut pin = prompt.first()?;
     let mut session = v1::session_client::SessionClient::new(channel);
-    let resp = session
-        .unlock(v1::UnlockRequest {
+    let resp = loop {
+        let request = v1::UnlockRequest {
             pin: pin.expose_secret().to_owned(),
             allow_final_pin_try: args.pin.allow_final_pin_try,
             ttl_seconds: seconds(args.ttl),
             idle_timeout_seconds: seconds(args.idle),
             accept_older_vault: args.accept_older_vault,
-        })
-        .await?
-        .into_inner();
+        };
+        match session.unlock(request).await {
+            Ok(r) => break r.into_inner(),
+            Err(status) => match prompt.retry(&status)? {
+                Some(next) => pin = next,
+                None => return Err(status.into()),
+            },
+        }
+    };
     print_status(&resp.status.unwrap_or_default(), json);
     Ok(())
 }

@@ -133,13 +133,25 @@ impl AgentBackend {
         }
     }
 
-    fn enter(&self, peer: Peer, op: &'static str, needs: Needs) -> Result<()> {
-        let caller = Caller {
+    fn caller(peer: Peer) -> Caller {
+        Caller {
             uid: peer.uid,
             pid: peer.pid,
             channel: Channel::Agent,
-        };
-        self.core.enter(&caller, op, needs)
+        }
+    }
+
+    fn enter(&self, peer: Peer, op: &'static str, needs: Needs) -> Result<()> {
+        self.core.enter(&Self::caller(peer), op, needs)
+    }
+
+    /// Like `enter`, but with `unlock_on_demand` a locked session is first
+    /// offered one PIN prompt, unless the connection is forwarded: a host
+    /// reached with `ssh -A` never makes a prompt appear.
+    async fn enter_or_prompt(&self, peer: Peer, op: &'static str, needs: Needs) -> Result<()> {
+        self.core
+            .enter_or_prompt(&Self::caller(peer), op, needs, !peer.forwarded)
+            .await
     }
 
     /// What the agent offers now, rebuilt when the vault changed.
@@ -161,11 +173,18 @@ impl AgentBackend {
 impl Backend for AgentBackend {
     async fn identities(&self, peer: Peer) -> Vec<Identity> {
         // Listing is not activity: ssh lists at every connection, and that
-        // alone should not keep an idle session open.
-        if self
-            .enter(peer, "Agent.RequestIdentities", Needs::Nothing)
-            .is_err()
-        {
+        // alone should not keep an idle session open. With unlock on demand,
+        // a locked session is offered a prompt first: ssh lists before it
+        // signs, and while locked there is nothing to list.
+        let prompt =
+            self.core.config.unlock_on_demand && !peer.forwarded && !self.core.is_unlocked();
+        let entered = if prompt {
+            self.enter_or_prompt(peer, "Agent.RequestIdentities", Needs::Unlocked)
+                .await
+        } else {
+            self.enter(peer, "Agent.RequestIdentities", Needs::Nothing)
+        };
+        if entered.is_err() {
             return Vec::new();
         }
         match self.index() {
@@ -175,7 +194,9 @@ impl Backend for AgentBackend {
     }
 
     async fn sign(&self, key_blob: &[u8], data: &[u8], flags: u32, peer: Peer) -> Option<Vec<u8>> {
-        self.enter(peer, "Agent.Sign", Needs::Unlocked).ok()?;
+        self.enter_or_prompt(peer, "Agent.Sign", Needs::Unlocked)
+            .await
+            .ok()?;
         let index = self.index().ok()?;
         let Some(name) = index.key_for(key_blob) else {
             tracing::debug!(

@@ -49,6 +49,9 @@ impl std::str::FromStr for TokenBackend {
     }
 }
 
+/// The longest `pinentry_timeout`: ten minutes.
+pub const MAX_PINENTRY_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// The daemon's settings.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -96,6 +99,14 @@ pub struct Config {
     /// Client keys generated ahead of time while unlocked (64); 0 turns the
     /// stock off.
     pub key_stock: usize,
+    /// Ask for the PIN through `pinentry` when a request finds the session
+    /// locked, instead of failing (false). See docs/configuration.md.
+    pub unlock_on_demand: bool,
+    /// The pinentry program `unlock_on_demand` runs ("pinentry", from PATH).
+    pub pinentry: PathBuf,
+    /// How long an on-demand prompt waits for the PIN (`60s`).
+    #[serde(deserialize_with = "de_duration")]
+    pub pinentry_timeout: Duration,
 }
 
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -144,6 +155,9 @@ impl Default for Config {
             max_secrets: 100_000,
             serve_threads: 0,
             key_stock: 64,
+            unlock_on_demand: false,
+            pinentry: PathBuf::from("pinentry"),
+            pinentry_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -212,6 +226,18 @@ impl Config {
                 humantime::format_duration(MAX_CLOCK_SKEW)
             )));
         }
+        if self.pinentry_timeout < Duration::from_secs(1)
+            || self.pinentry_timeout > MAX_PINENTRY_TIMEOUT
+        {
+            return Err(ConfigError(
+                "pinentry_timeout must be between 1s and 10m".into(),
+            ));
+        }
+        if self.unlock_on_demand && self.pinentry.as_os_str().is_empty() {
+            return Err(ConfigError(
+                "unlock_on_demand needs a pinentry program".into(),
+            ));
+        }
         if self.token_poll_interval < Duration::from_millis(100)
             || self.token_poll_interval > MAX_TOKEN_POLL_INTERVAL
         {
@@ -254,6 +280,8 @@ mod tests {
             "idle_timeout = \"25h\"",
             "clock_skew = \"2days\"",
             "token_poll_interval = \"2h\"",
+            "pinentry_timeout = \"1h\"",
+            "unlock_on_demand = true\npinentry = \"\"",
             "max_session_ttl = \"500000years\"",
         ] {
             let mut c: Config = toml::from_str(bad).expect(bad);

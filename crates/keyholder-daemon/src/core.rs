@@ -107,6 +107,8 @@ pub struct Core {
     /// rollback detection, as last seen at init or unlock: for `tokens`,
     /// which is answered while locked too.
     vault_token: Mutex<Option<(String, String, bool)>>,
+    /// Unlock on demand: the prompt shown and its back-off.
+    on_demand: crate::ondemand::OnDemand,
 }
 
 impl Drop for Core {
@@ -144,6 +146,7 @@ impl Core {
             gate_hooks: RwLock::new(Vec::new()),
             lock_hooks: Mutex::new(Vec::new()),
             vault_token: Mutex::new(None),
+            on_demand: Default::default(),
         });
         core.publish();
         core
@@ -181,6 +184,10 @@ impl Core {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(Box::new(hook));
+    }
+
+    pub(crate) fn on_demand(&self) -> &crate::ondemand::OnDemand {
+        &self.on_demand
     }
 
     /// The key stock.

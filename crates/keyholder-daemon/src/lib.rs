@@ -9,6 +9,7 @@
 //! - [`rollback`]: the vault generation record on the token; `damage`: a
 //!   damaged vault file and the backup that restores it.
 //! - [`names`]: names from requests, checked once.
+//! - [`ondemand`]: unlock on demand, one pinentry prompt for a locked session.
 //! - [`services`]: the gRPC services, with the proto boundary in
 //!   [`services::convert`].
 //! - [`agent`]: the ssh-agent backend.
@@ -33,6 +34,7 @@ pub mod gate;
 mod keypool;
 pub mod listen;
 pub mod names;
+pub mod ondemand;
 pub mod open;
 mod oversize;
 pub mod rollback;

@@ -220,7 +220,8 @@ impl v1::credentials_server::Credentials for CredentialsService {
             &request,
             "Credentials.IssueSshCertificate",
             Needs::Unlocked,
-        )?;
+        )
+        .await?;
         let req = request.into_inner();
         let ca = self.core.ssh_ca(&req.ca)?;
         let subject_line = if req.key.is_empty() {
@@ -322,7 +323,8 @@ impl v1::credentials_server::Credentials for CredentialsService {
             &request,
             "Credentials.IssueCertificate",
             Needs::Unlocked,
-        )?;
+        )
+        .await?;
         let order = CertificateOrder::try_from(request.into_inner())?;
         let ca = self.core.x509_ca(&order.ca)?;
         let ttl = order.ttl.unwrap_or(DEFAULT_COMPONENT_TTL.min(ca.max_ttl));
@@ -365,7 +367,8 @@ impl v1::credentials_server::Credentials for CredentialsService {
             &request,
             "Credentials.IssueKubeconfig",
             Needs::Unlocked,
-        )?;
+        )
+        .await?;
         let mut req = request.into_inner();
         let server_ca_pem = clusters::server_ca(std::mem::take(&mut req.server_ca_pem))?;
         let c = self.resolve(&req.cluster, &req.user, req.groups, req.ttl_seconds)?;
@@ -421,17 +424,13 @@ impl v1::credentials_server::Credentials for CredentialsService {
         &self,
         request: Request<v1::IssueExecCredentialRequest>,
     ) -> Result<Response<v1::IssueExecCredentialResponse>, Status> {
-        enter(
-            &self.core,
-            &request,
-            "Credentials.IssueExecCredential",
-            Needs::Nothing,
-        )?;
+        const OP: &str = "Credentials.IssueExecCredential";
+        let caller = enter(&self.core, &request, OP, Needs::Nothing).await?;
         let req = request.into_inner();
         // A version kubectl cannot read is a setup error, reported even
         // while the session is locked.
         let version = api_version(&req.api_version)?;
-        self.core.require_unlocked()?;
+        self.core.require_unlocked_or_prompt(&caller, OP).await?;
         let c = self.resolve(&req.cluster, &req.user, req.groups, req.ttl_seconds)?;
         let key = (
             c.name.clone(),

@@ -15,13 +15,26 @@ use crate::core::Core;
 use crate::error::{Error, Result};
 use crate::gate::{Caller, Channel, Needs};
 
-/// Passes `request` through the gate as operation `op`.
-pub fn enter<T>(
-    core: &Core,
+/// Passes `request` through the gate as operation `op`; with
+/// `unlock_on_demand`, an operation that needs the open vault may first show
+/// a PIN prompt ([`Core::enter_or_prompt`]). The future holds only `core`,
+/// not the request.
+pub fn enter<'c, T>(
+    core: &'c Core,
     request: &Request<T>,
     op: &'static str,
     needs: Needs,
-) -> Result<Caller> {
+) -> impl Future<Output = Result<Caller>> + use<'c, T> {
+    let caller = caller(request, op);
+    async move {
+        let caller = caller?;
+        core.enter_or_prompt(&caller, op, needs, true).await?;
+        Ok(caller)
+    }
+}
+
+/// Who sent `request`, from the Unix socket's peer credentials.
+fn caller<T>(request: &Request<T>, op: &'static str) -> Result<Caller> {
     let cred = request
         .extensions()
         .get::<crate::listen::GrpcConnectInfo>()
@@ -34,11 +47,9 @@ pub fn enter<T>(
             "peer credentials unavailable".into(),
         ));
     };
-    let caller = Caller {
+    Ok(Caller {
         uid: cred.uid(),
         pid: cred.pid(),
         channel: Channel::Grpc,
-    };
-    core.enter(&caller, op, needs)?;
-    Ok(caller)
+    })
 }

@@ -59,7 +59,7 @@ impl v1::secrets_server::Secrets for SecretsService {
         &self,
         request: Request<v1::PutSecretRequest>,
     ) -> Result<Response<v1::PutSecretResponse>, Status> {
-        enter(&self.0, &request, "Secrets.Put", Needs::Unlocked)?;
+        enter(&self.0, &request, "Secrets.Put", Needs::Unlocked).await?;
         let put = Put::parse(request.into_inner(), self.0.config.max_secret_bytes)?;
         let max_secrets = self.0.config.max_secrets;
         let name = put.name.as_str();
@@ -99,7 +99,7 @@ impl v1::secrets_server::Secrets for SecretsService {
         &self,
         request: Request<v1::GetSecretRequest>,
     ) -> Result<Response<v1::GetSecretResponse>, Status> {
-        enter(&self.0, &request, "Secrets.Get", Needs::Unlocked)?;
+        enter(&self.0, &request, "Secrets.Get", Needs::Unlocked).await?;
         let name = SecretName::parse(request.into_inner().name)?;
         let response = self.0.with_body(|body| {
             let entry = lookup(&body.secrets, "secret", name.as_str())?;
@@ -123,7 +123,7 @@ impl v1::secrets_server::Secrets for SecretsService {
         &self,
         request: Request<v1::ListSecretsRequest>,
     ) -> Result<Response<v1::ListSecretsResponse>, Status> {
-        enter(&self.0, &request, "Secrets.List", Needs::Unlocked)?;
+        enter(&self.0, &request, "Secrets.List", Needs::Unlocked).await?;
         let prefix = request.into_inner().prefix;
         if prefix.len() > MAX_SECRET_NAME_BYTES {
             return Err(Error::TooLarge {
@@ -148,7 +148,7 @@ impl v1::secrets_server::Secrets for SecretsService {
         &self,
         request: Request<v1::DeleteSecretRequest>,
     ) -> Result<Response<v1::DeleteSecretResponse>, Status> {
-        enter(&self.0, &request, "Secrets.Delete", Needs::Unlocked)?;
+        enter(&self.0, &request, "Secrets.Delete", Needs::Unlocked).await?;
         let name = SecretName::parse(request.into_inner().name)?;
         let ((), generation) = self
             .0

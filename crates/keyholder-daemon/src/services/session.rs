@@ -21,7 +21,7 @@ impl v1::session_server::Session for SessionService {
         &self,
         request: Request<v1::UnlockRequest>,
     ) -> Result<Response<v1::UnlockResponse>, Status> {
-        enter(&self.0, &request, "Session.Unlock", Needs::Nothing)?;
+        enter(&self.0, &request, "Session.Unlock", Needs::Nothing).await?;
         let req = Unlock::from(request.into_inner());
         let status = self
             .0
@@ -42,7 +42,7 @@ impl v1::session_server::Session for SessionService {
         &self,
         request: Request<v1::LockRequest>,
     ) -> Result<Response<v1::LockResponse>, Status> {
-        enter(&self.0, &request, "Session.Lock", Needs::Nothing)?;
+        enter(&self.0, &request, "Session.Lock", Needs::Nothing).await?;
         self.0.lock(LockReason::Request);
         Ok(Response::new(v1::LockResponse {
             status: Some((&self.0.status()).into()),
@@ -53,7 +53,7 @@ impl v1::session_server::Session for SessionService {
         &self,
         request: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::StatusResponse>, Status> {
-        enter(&self.0, &request, "Session.Status", Needs::Nothing)?;
+        enter(&self.0, &request, "Session.Status", Needs::Nothing).await?;
         Ok(Response::new((&self.0.status()).into()))
     }
 
@@ -63,7 +63,7 @@ impl v1::session_server::Session for SessionService {
         &self,
         request: Request<v1::StatusRequest>,
     ) -> Result<Response<Self::WatchStatusStream>, Status> {
-        enter(&self.0, &request, "Session.WatchStatus", Needs::Nothing)?;
+        enter(&self.0, &request, "Session.WatchStatus", Needs::Nothing).await?;
         let mut updates = self.0.watch_status();
         let mut shutdown = self.0.shutdown_signal();
         let (tx, rx) = tokio::sync::mpsc::channel(4);

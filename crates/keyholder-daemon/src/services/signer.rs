@@ -44,7 +44,7 @@ impl v1::signer_server::Signer for SignerService {
         &self,
         request: Request<v1::ListKeysRequest>,
     ) -> Result<Response<v1::ListKeysResponse>, Status> {
-        enter(&self.0, &request, "Signer.ListKeys", Needs::Unlocked)?;
+        enter(&self.0, &request, "Signer.ListKeys", Needs::Unlocked).await?;
         let keys = self
             .0
             .with_body(|body| Ok(body.keys.iter().map(|(n, e)| key_info(n, e)).collect()))?;
@@ -55,7 +55,7 @@ impl v1::signer_server::Signer for SignerService {
         &self,
         request: Request<v1::GetPublicKeyRequest>,
     ) -> Result<Response<v1::GetPublicKeyResponse>, Status> {
-        enter(&self.0, &request, "Signer.GetPublicKey", Needs::Unlocked)?;
+        enter(&self.0, &request, "Signer.GetPublicKey", Needs::Unlocked).await?;
         let req = request.into_inner();
         let e = entry(&self.0, &req.name)?;
         let public_key = match req.format.as_str() {
@@ -79,7 +79,7 @@ impl v1::signer_server::Signer for SignerService {
         &self,
         request: Request<v1::SignRequest>,
     ) -> Result<Response<v1::SignResponse>, Status> {
-        let caller = enter(&self.0, &request, "Signer.Sign", Needs::Unlocked)?;
+        let caller = enter(&self.0, &request, "Signer.Sign", Needs::Unlocked).await?;
         let req = request.into_inner();
         let e = entry(&self.0, &req.key)?;
         if !e.usages.contains(&KeyUsage::Sign) {

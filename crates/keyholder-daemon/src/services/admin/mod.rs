@@ -25,7 +25,7 @@ impl v1::admin_server::Admin for AdminService {
         &self,
         request: Request<v1::InitRequest>,
     ) -> Result<Response<v1::InitResponse>, Status> {
-        enter(&self.0, &request, "Admin.Init", Needs::Nothing)?;
+        enter(&self.0, &request, "Admin.Init", Needs::Nothing).await?;
         Ok(Response::new(
             tokens::init(&self.0, request.into_inner()).await?,
         ))
@@ -35,7 +35,7 @@ impl v1::admin_server::Admin for AdminService {
         &self,
         request: Request<v1::ListTokensRequest>,
     ) -> Result<Response<v1::ListTokensResponse>, Status> {
-        enter(&self.0, &request, "Admin.ListTokens", Needs::Nothing)?;
+        enter(&self.0, &request, "Admin.ListTokens", Needs::Nothing).await?;
         Ok(Response::new(tokens::list(&self.0)?))
     }
 
@@ -43,7 +43,7 @@ impl v1::admin_server::Admin for AdminService {
         &self,
         request: Request<v1::CreateCaRequest>,
     ) -> Result<Response<v1::CaInfo>, Status> {
-        enter(&self.0, &request, "Admin.CreateCa", Needs::Unlocked)?;
+        enter(&self.0, &request, "Admin.CreateCa", Needs::Unlocked).await?;
         Ok(Response::new(
             cas::create(&self.0, request.into_inner()).await?,
         ))
@@ -53,7 +53,7 @@ impl v1::admin_server::Admin for AdminService {
         &self,
         request: Request<v1::ImportCaRequest>,
     ) -> Result<Response<v1::CaInfo>, Status> {
-        enter(&self.0, &request, "Admin.ImportCa", Needs::Unlocked)?;
+        enter(&self.0, &request, "Admin.ImportCa", Needs::Unlocked).await?;
         Ok(Response::new(
             cas::import(&self.0, request.into_inner()).await?,
         ))
@@ -63,7 +63,7 @@ impl v1::admin_server::Admin for AdminService {
         &self,
         request: Request<v1::ListCasRequest>,
     ) -> Result<Response<v1::ListCasResponse>, Status> {
-        enter(&self.0, &request, "Admin.ListCas", Needs::Unlocked)?;
+        enter(&self.0, &request, "Admin.ListCas", Needs::Unlocked).await?;
         Ok(Response::new(cas::list(&self.0)?))
     }
 
@@ -71,7 +71,7 @@ impl v1::admin_server::Admin for AdminService {
         &self,
         request: Request<v1::GetCaRequest>,
     ) -> Result<Response<v1::CaInfo>, Status> {
-        enter(&self.0, &request, "Admin.GetCa", Needs::Unlocked)?;
+        enter(&self.0, &request, "Admin.GetCa", Needs::Unlocked).await?;
         Ok(Response::new(cas::get(
             &self.0,
             &request.into_inner().name,
@@ -82,7 +82,7 @@ impl v1::admin_server::Admin for AdminService {
         &self,
         request: Request<v1::AddClusterRequest>,
     ) -> Result<Response<v1::ClusterInfo>, Status> {
-        enter(&self.0, &request, "Admin.AddCluster", Needs::Unlocked)?;
+        enter(&self.0, &request, "Admin.AddCluster", Needs::Unlocked).await?;
         Ok(Response::new(
             clusters::add(&self.0, request.into_inner()).await?,
         ))
@@ -92,7 +92,7 @@ impl v1::admin_server::Admin for AdminService {
         &self,
         request: Request<v1::ListClustersRequest>,
     ) -> Result<Response<v1::ListClustersResponse>, Status> {
-        enter(&self.0, &request, "Admin.ListClusters", Needs::Unlocked)?;
+        enter(&self.0, &request, "Admin.ListClusters", Needs::Unlocked).await?;
         Ok(Response::new(clusters::list(&self.0)?))
     }
 
@@ -100,7 +100,7 @@ impl v1::admin_server::Admin for AdminService {
         &self,
         request: Request<v1::RemoveClusterRequest>,
     ) -> Result<Response<v1::RemoveClusterResponse>, Status> {
-        enter(&self.0, &request, "Admin.RemoveCluster", Needs::Unlocked)?;
+        enter(&self.0, &request, "Admin.RemoveCluster", Needs::Unlocked).await?;
         clusters::remove(&self.0, request.into_inner().name).await?;
         Ok(Response::new(v1::RemoveClusterResponse {}))
     }
@@ -109,7 +109,7 @@ impl v1::admin_server::Admin for AdminService {
         &self,
         request: Request<v1::GenerateKeyRequest>,
     ) -> Result<Response<v1::KeyInfo>, Status> {
-        enter(&self.0, &request, "Admin.GenerateKey", Needs::Unlocked)?;
+        enter(&self.0, &request, "Admin.GenerateKey", Needs::Unlocked).await?;
         Ok(Response::new(
             keys::generate(&self.0, request.into_inner()).await?,
         ))
@@ -119,7 +119,7 @@ impl v1::admin_server::Admin for AdminService {
         &self,
         request: Request<v1::ImportKeyRequest>,
     ) -> Result<Response<v1::KeyInfo>, Status> {
-        enter(&self.0, &request, "Admin.ImportKey", Needs::Unlocked)?;
+        enter(&self.0, &request, "Admin.ImportKey", Needs::Unlocked).await?;
         Ok(Response::new(
             keys::import(&self.0, request.into_inner()).await?,
         ))
@@ -129,7 +129,7 @@ impl v1::admin_server::Admin for AdminService {
         &self,
         request: Request<v1::DeleteKeyRequest>,
     ) -> Result<Response<v1::DeleteKeyResponse>, Status> {
-        enter(&self.0, &request, "Admin.DeleteKey", Needs::Unlocked)?;
+        enter(&self.0, &request, "Admin.DeleteKey", Needs::Unlocked).await?;
         keys::delete(&self.0, request.into_inner().name).await?;
         Ok(Response::new(v1::DeleteKeyResponse {}))
     }
