@@ -4,60 +4,20 @@
 //! fresh world, with the variables the docs name (MODULE, PIN, ...) set
 //! from the stack, and keyholderd started where the docs say to start it.
 
-use std::path::Path;
-use std::process::Output;
+use crate::util::{DocBlocks, Env, Stack};
 
-use crate::util::{Env, Stack, keyholder_bin};
-
-const DOC: &str = include_str!("../../docs/tokens.md");
-const MARK: &str = "<!-- run by tests/e2e/token_docs.rs: ";
-
-/// The names of the marked blocks, in order.
-fn marked() -> Vec<&'static str> {
-    DOC.lines()
-        .filter_map(|l| l.strip_prefix(MARK)?.strip_suffix(" -->"))
-        .collect()
-}
-
-/// The shell block after the mark `name`.
-fn block(name: &str) -> String {
-    let mark = format!("{MARK}{name} -->");
-    let mut lines = DOC.lines().skip_while(|l| *l != mark).skip(1);
-    assert_eq!(
-        lines.next(),
-        Some("```sh"),
-        "docs/tokens.md: no ```sh after {mark}"
-    );
-    let body: Vec<&str> = lines.take_while(|l| *l != "```").collect();
-    assert!(!body.is_empty(), "docs/tokens.md: empty block {name}");
-    body.join("\n") + "\n"
-}
-
-fn run(env: &Env, name: &str, vars: &[(&str, &str)]) -> Output {
-    let bin = Path::new(keyholder_bin()).parent().expect("bin dir");
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let out = env
-        .command("bash")
-        .args(["-euo", "pipefail", "-c", &block(name)])
-        .current_dir(env.path())
-        .env("PATH", path)
-        .envs(vars.iter().copied())
-        .output()
-        .expect("bash runs");
-    assert!(
-        out.status.success(),
-        "docs/tokens.md block {name} failed: {out:?}"
-    );
-    out
-}
+const DOCS: DocBlocks = DocBlocks {
+    path: "docs/tokens.md",
+    text: include_str!("../../docs/tokens.md"),
+    mark: "<!-- run by tests/e2e/token_docs.rs: ",
+};
 
 #[test]
 fn every_marked_block_is_run_here() {
-    assert_eq!(marked(), ["tpm2-token", "tpm2-vault", "piv", "piv-keys"]);
+    assert_eq!(
+        DOCS.marked(),
+        ["tpm2-token", "tpm2-vault", "piv", "piv-keys"]
+    );
 }
 
 #[test]
@@ -73,9 +33,9 @@ fn the_tpm_setup_in_the_docs_makes_a_token_and_a_vault_on_it() {
         ("SO_PIN", "97531"),
         ("PIN", "246810"),
     ];
-    run(&env, "tpm2-token", &vars);
+    DOCS.run(&env, "tpm2-token", &vars);
     let _daemon = env.start_daemon(&[]);
-    run(&env, "tpm2-vault", &vars);
+    DOCS.run(&env, "tpm2-vault", &vars);
     let status: serde_json::Value =
         serde_json::from_str(&env.ok(&["--json", "status"])).expect("json");
     assert_eq!(status["state"], "unlocked", "{status}");
@@ -98,9 +58,9 @@ fn the_yubikey_setup_in_the_docs_makes_the_vault_key_and_adopts_signing_keys() {
         ("MANAGEMENT_KEY", stack.settings["SO_PIN"].as_str()),
         ("SERIAL", stack.settings["SERIAL"].as_str()),
     ];
-    run(&env, "piv", &vars);
+    DOCS.run(&env, "piv", &vars);
     assert!(env.ok(&["status"]).contains("rollback:    OFF"));
-    run(&env, "piv-keys", &vars);
+    DOCS.run(&env, "piv-keys", &vars);
     assert!(
         !env.path().join("pin.txt").exists(),
         "the PIN file was removed"

@@ -524,3 +524,64 @@ impl Drop for Stack {
         }
     }
 }
+
+/// The shell blocks a doc marks `<!-- run by FILE: NAME -->`, run as written.
+pub(crate) struct DocBlocks {
+    /// The doc's path, for messages (docs/tokens.md).
+    pub path: &'static str,
+    /// Its text.
+    pub text: &'static str,
+    /// The mark's prefix, up to the block's name.
+    pub mark: &'static str,
+}
+
+impl DocBlocks {
+    /// The names of the marked blocks, in order.
+    pub(crate) fn marked(&self) -> Vec<&'static str> {
+        self.text
+            .lines()
+            .filter_map(|l| l.strip_prefix(self.mark)?.strip_suffix(" -->"))
+            .collect()
+    }
+
+    /// The shell block after the mark `name`.
+    pub(crate) fn block(&self, name: &str) -> String {
+        let mark = format!("{}{name} -->", self.mark);
+        let mut lines = self.text.lines().skip_while(|l| *l != mark).skip(1);
+        assert_eq!(
+            lines.next(),
+            Some("```sh"),
+            "{}: no ```sh after {mark}",
+            self.path
+        );
+        let body: Vec<&str> = lines.take_while(|l| *l != "```").collect();
+        assert!(!body.is_empty(), "{}: empty block {name}", self.path);
+        body.join("\n") + "\n"
+    }
+
+    /// Runs block `name` under `bash -euo pipefail` in `env`'s directory,
+    /// with the built binaries first on PATH and `vars` set; insists on
+    /// success.
+    pub(crate) fn run(&self, env: &Env, name: &str, vars: &[(&str, &str)]) -> Output {
+        let bin = Path::new(keyholder_bin()).parent().expect("bin dir");
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let out = env
+            .command("bash")
+            .args(["-euo", "pipefail", "-c", &self.block(name)])
+            .current_dir(env.path())
+            .env("PATH", path)
+            .envs(vars.iter().copied())
+            .output()
+            .expect("bash runs");
+        assert!(
+            out.status.success(),
+            "{} block {name} failed: {out:?}",
+            self.path
+        );
+        out
+    }
+}
