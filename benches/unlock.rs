@@ -39,13 +39,11 @@ use common::{Run, connect, timed_unlocks};
 use keyholder_proto::v1;
 use keyholder_vault::{OpenVault, SecretEntry, Storage};
 use secrecy::SecretString;
-use util::{Env, Stack};
+use util::{Env, NSS_LABEL, NSS_SOFTOKN, Stack};
 
 const SECRETS: usize = 10_000;
 const DEFAULT_ROUNDS: usize = 20;
 const COUNTED_UNLOCKS: usize = 3;
-const SOFTOKN: &str = "/usr/lib/x86_64-linux-gnu/libsoftokn3.so";
-const NSS_LABEL: &str = "NSS Certificate DB";
 
 /// The PKCS#11 calls the design needs per unlock, with the rollback record
 /// on the token and without: the token list (one `C_GetSlotList`, one
@@ -118,23 +116,9 @@ fn softhsm2() -> Token {
 
 fn nss() -> Token {
     let mut env = Env::new();
-    env.module = SOFTOKN.into();
+    env.module = NSS_SOFTOKN.into();
     env.label = NSS_LABEL.to_owned();
-    let db = env.path().join("nssdb");
-    std::fs::create_dir(&db).expect("db dir");
-    let out = std::process::Command::new("certutil")
-        .arg("-N")
-        .arg("-d")
-        .arg(format!("sql:{}", db.display()))
-        .arg("-f")
-        .arg(&env.pin_file)
-        .output()
-        .expect("certutil runs (libnss3-tools)");
-    assert!(out.status.success(), "certutil -N: {out:?}");
-    let args = format!(
-        "configdir='sql:{}' certPrefix='' keyPrefix='' secmod='secmod.db' flags=",
-        db.display()
-    );
+    let args = env.nss_db();
     env.daemon_args = vec!["--pkcs11-init-args".to_owned(), args.clone()];
     env.init_args = vec!["--without-rollback-protection".to_owned()];
     Token {
@@ -195,7 +179,7 @@ fn up_script(name: &str) -> PathBuf {
 fn make(name: &str) -> Result<Token, String> {
     match name {
         "softhsm2" => Ok(softhsm2()),
-        "nss" if !Path::new(SOFTOKN).exists() => Err(format!("{SOFTOKN} is missing")),
+        "nss" if !Path::new(NSS_SOFTOKN).exists() => Err(format!("{NSS_SOFTOKN} is missing")),
         "nss" => Ok(nss()),
         "tpm2" | "piv" if !up_script(name).exists() => Err(format!("testing/{name}/up is missing")),
         "tpm2" => Ok(tpm2()),

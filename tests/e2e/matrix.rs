@@ -56,9 +56,9 @@ fn softhsm2() -> Token {
 
 fn nss_softokn() -> Token {
     let mut env = Env::new();
-    env.module = crate::nss::SOFTOKN.into();
-    env.label = crate::nss::LABEL.to_owned();
-    let args = crate::nss::nss_db(&env);
+    env.module = crate::util::NSS_SOFTOKN.into();
+    env.label = crate::util::NSS_LABEL.to_owned();
+    let args = env.nss_db();
     env.daemon_args = vec!["--pkcs11-init-args".to_owned(), args];
     env.init_args = vec!["--without-rollback-protection".to_owned()];
     Token {

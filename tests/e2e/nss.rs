@@ -4,38 +4,15 @@
 //! database password, and it refuses the data object that holds Keyholder's
 //! rollback record.
 
-use std::path::PathBuf;
-
 use crate::util::{Env, assert_fails, assert_ok};
 
-pub(crate) const SOFTOKN: &str = "/usr/lib/x86_64-linux-gnu/libsoftokn3.so";
-pub(crate) const LABEL: &str = "NSS Certificate DB";
-
-/// A fresh NSS database whose password is the test PIN, and the init
-/// arguments that open it.
-pub(crate) fn nss_db(env: &Env) -> String {
-    let db: PathBuf = env.path().join("nssdb");
-    std::fs::create_dir(&db).expect("db dir");
-    let out = std::process::Command::new("certutil")
-        .arg("-N")
-        .arg("-d")
-        .arg(format!("sql:{}", db.display()))
-        .arg("-f")
-        .arg(&env.pin_file)
-        .output()
-        .expect("certutil runs (libnss3-tools)");
-    assert!(out.status.success(), "certutil -N: {out:?}");
-    format!(
-        "configdir='sql:{}' certPrefix='' keyPrefix='' secmod='secmod.db' flags=",
-        db.display()
-    )
-}
+use crate::util::{NSS_LABEL as LABEL, NSS_SOFTOKN as SOFTOKN};
 
 #[test]
 fn an_nss_database_holds_the_vault_key_without_rollback_detection_and_says_so() {
     let mut env = Env::new();
     env.module = SOFTOKN.into();
-    let init_args = nss_db(&env);
+    let init_args = env.nss_db();
 
     // Without its init arguments NSS does not start, and keyholderd says
     // what to pass.

@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 pub const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 pub const PIN: &str = "1234";
 pub const SO_PIN: &str = "5678";
+/// NSS softokn, the PKCS#11 module of NSS key databases.
+pub const NSS_SOFTOKN: &str = "/usr/lib/x86_64-linux-gnu/libsoftokn3.so";
+/// The label of an NSS key database's token.
+pub const NSS_LABEL: &str = "NSS Certificate DB";
 
 pub fn keyholder_bin() -> &'static str {
     env!("CARGO_BIN_EXE_keyholder")
@@ -147,6 +151,26 @@ impl Env {
             "softhsm2-util: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// A fresh NSS database under this world's directory whose password is
+    /// the PIN in `pin_file`, and the `C_Initialize` arguments that open it.
+    pub fn nss_db(&self) -> String {
+        let db = self.path().join("nssdb");
+        std::fs::create_dir(&db).expect("db dir");
+        let out = Command::new("certutil")
+            .arg("-N")
+            .arg("-d")
+            .arg(format!("sql:{}", db.display()))
+            .arg("-f")
+            .arg(&self.pin_file)
+            .output()
+            .expect("certutil runs (libnss3-tools)");
+        assert!(out.status.success(), "certutil -N: {out:?}");
+        format!(
+            "configdir='sql:{}' certPrefix='' keyPrefix='' secmod='secmod.db' flags=",
+            db.display()
+        )
     }
 
     /// A file holding `text`, for --pin-file.
