@@ -15,48 +15,12 @@ use keyholder_daemon::{Core, bind_socket, run};
 use keyholder_proto::v1;
 use keyholder_token::Selector;
 use keyholder_token::software::SoftwareToken;
-use keyholder_vault::{Revision, Storage, StorageError};
 use secrecy::SecretString;
-use sha2::Digest;
+
+mod common;
+use common::MemoryStorage;
 
 const PIN: &str = "123456";
-
-/// The vault's bytes in memory, with the compare-and-store rule of the file.
-#[derive(Default)]
-struct MemoryStorage(Mutex<Option<Vec<u8>>>);
-
-fn revision(bytes: &[u8]) -> Revision {
-    Revision(sha2::Sha256::digest(bytes).into())
-}
-
-impl Storage for MemoryStorage {
-    fn load(&self) -> Result<Option<(Vec<u8>, Revision)>, StorageError> {
-        let stored = self.0.lock().unwrap();
-        Ok(stored.as_ref().map(|b| (b.clone(), revision(b))))
-    }
-
-    fn compare_and_store(
-        &self,
-        expected: Option<&Revision>,
-        bytes: &[u8],
-        _generation: u64,
-    ) -> Result<Revision, StorageError> {
-        let mut stored = self.0.lock().unwrap();
-        if stored.as_deref().map(revision).as_ref() != expected {
-            return Err(StorageError::Conflict("memory".into()));
-        }
-        *stored = Some(bytes.to_vec());
-        Ok(revision(bytes))
-    }
-
-    fn exists(&self) -> Result<bool, StorageError> {
-        Ok(self.0.lock().unwrap().is_some())
-    }
-
-    fn location(&self) -> String {
-        "memory".into()
-    }
-}
 
 fn pin() -> SecretString {
     SecretString::from(PIN.to_owned())

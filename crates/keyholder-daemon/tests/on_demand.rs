@@ -5,7 +5,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use keyholder_daemon::Core;
 use keyholder_daemon::config::Config;
@@ -14,47 +14,12 @@ use keyholder_daemon::error::Error;
 use keyholder_daemon::gate::{Caller, Channel, Needs};
 use keyholder_token::software::SoftwareToken;
 use keyholder_token::{PinStatus, Selector};
-use keyholder_vault::{Revision, Storage, StorageError};
 use secrecy::SecretString;
-use sha2::Digest;
+
+mod common;
+use common::MemoryStorage;
 
 const PIN: &str = "123456";
-
-#[derive(Default)]
-struct MemoryStorage(Mutex<Option<Vec<u8>>>);
-
-fn revision(bytes: &[u8]) -> Revision {
-    Revision(sha2::Sha256::digest(bytes).into())
-}
-
-impl Storage for MemoryStorage {
-    fn load(&self) -> Result<Option<(Vec<u8>, Revision)>, StorageError> {
-        let stored = self.0.lock().unwrap();
-        Ok(stored.as_ref().map(|b| (b.clone(), revision(b))))
-    }
-
-    fn compare_and_store(
-        &self,
-        expected: Option<&Revision>,
-        bytes: &[u8],
-        _generation: u64,
-    ) -> Result<Revision, StorageError> {
-        let mut stored = self.0.lock().unwrap();
-        if stored.as_deref().map(revision).as_ref() != expected {
-            return Err(StorageError::Conflict("memory".into()));
-        }
-        *stored = Some(bytes.to_vec());
-        Ok(revision(bytes))
-    }
-
-    fn exists(&self) -> Result<bool, StorageError> {
-        Ok(self.0.lock().unwrap().is_some())
-    }
-
-    fn location(&self) -> String {
-        "memory".into()
-    }
-}
 
 /// A pinentry stand-in that answers every GETPIN with PIN and counts them.
 fn stand_in(dir: &Path) -> std::path::PathBuf {
