@@ -109,6 +109,8 @@ pub struct Core {
     vault_token: Mutex<Option<(String, String, bool)>>,
     /// Unlock on demand: the prompt shown and its back-off.
     on_demand: crate::ondemand::OnDemand,
+    /// Policy, grants, the step-up PIN check and the audit sink.
+    trust: crate::trust::Trust,
 }
 
 impl Drop for Core {
@@ -147,6 +149,7 @@ impl Core {
             lock_hooks: Mutex::new(Vec::new()),
             vault_token: Mutex::new(None),
             on_demand: Default::default(),
+            trust: Default::default(),
         });
         core.publish();
         core
@@ -184,6 +187,11 @@ impl Core {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(Box::new(hook));
+    }
+
+    /// Policy, grants, the step-up PIN check and the audit sink.
+    pub fn trust(&self) -> &crate::trust::Trust {
+        &self.trust
     }
 
     pub(crate) fn on_demand(&self) -> &crate::ondemand::OnDemand {
@@ -683,6 +691,7 @@ impl Core {
         );
         self.remember_vault_token(&unlocked.token, unlocked.vault.body.rollback_protection);
         *self.token_slot() = Some(session);
+        self.trust.remember_pin(&pin);
         self.touch();
         {
             // Under the state lock, so a concurrent lock() cannot drain the
@@ -736,6 +745,7 @@ impl Core {
         // Dropping Unlocked zeroizes secret values, the MAC key and the
         // loaded keys.
         drop(previous);
+        self.trust.on_lock();
         for hook in self
             .lock_hooks
             .lock()

@@ -118,7 +118,7 @@ impl Core {
             return;
         }
         let who = match (caller.exe(), caller.pid) {
-            (Some(exe), Some(pid)) => format!("{} (pid {pid})", exe.display()),
+            (Some(exe), Some(pid)) => format!("{exe} (pid {pid})"),
             (None, Some(pid)) => format!("process {pid}"),
             _ => "a process".to_owned(),
         };

@@ -109,6 +109,12 @@ pub async fn run(
     health_reporter
         .set_serving::<v1::credentials_server::CredentialsServer<services::credentials::CredentialsService>>()
         .await;
+    health_reporter
+        .set_serving::<v1::trust_server::TrustServer<services::trust::TrustService>>()
+        .await;
+    health_reporter
+        .set_serving::<v1::audit_server::AuditServer<services::audit::AuditService>>()
+        .await;
     // Both reflection versions: grpcurl and most tools speak v1, some
     // client libraries still only v1alpha.
     let reflection = || {
@@ -155,6 +161,12 @@ pub async fn run(
             v1::signer_server::SignerServer::new(services::signer::SignerService(core.clone()))
                 .max_decoding_message_size(max_message),
         )
+        .add_service(v1::trust_server::TrustServer::new(
+            services::trust::TrustService(core.clone()),
+        ))
+        .add_service(v1::audit_server::AuditServer::new(
+            services::audit::AuditService(core.clone()),
+        ))
         .add_service(
             v1::credentials_server::CredentialsServer::new(
                 services::credentials::CredentialsService::new(core.clone()),

@@ -120,6 +120,39 @@ impl fmt::Debug for v1::IssueExecCredentialResponse {
     }
 }
 
+impl fmt::Debug for v1::SetPolicyRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SetPolicyRequest")
+            .field("policy_toml", &self.policy_toml.len())
+            .field("pin", &"<redacted>")
+            .finish()
+    }
+}
+
+impl fmt::Debug for v1::CreateGrantRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CreateGrantRequest")
+            .field("name", &self.name)
+            .field("allow", &self.allow)
+            .field("max_ttl_seconds", &self.max_ttl_seconds)
+            .field("expires_seconds", &self.expires_seconds)
+            .field("exe", &self.exe)
+            .field("unit", &self.unit)
+            .field("groups", &self.groups)
+            .field("pin", &"<redacted>")
+            .finish()
+    }
+}
+
+impl fmt::Debug for v1::CreateGrantResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CreateGrantResponse")
+            .field("grant", &self.grant)
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::v1;

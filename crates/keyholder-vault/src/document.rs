@@ -243,6 +243,9 @@ pub struct Body {
     /// request, on a token that cannot store the record; written only then.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub rollback_protection: bool,
+    /// The access policy (TOML, as the admin wrote it), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
 }
 
 /// What a signing key may be used for.

@@ -236,6 +236,7 @@ impl OpenVault {
                 keys: Default::default(),
                 ssh_certificates: Default::default(),
                 rollback_protection: true,
+                policy: None,
             },
             vault_id,
             token_recipient,
