@@ -18,6 +18,7 @@ mod nss;
 mod output_paths;
 mod peer;
 mod pinentry;
+mod policy;
 mod python;
 mod round_trip;
 mod socket_trust;

@@ -13,6 +13,7 @@ mod pki;
 mod secrets;
 mod session;
 mod ssh;
+mod trust;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -90,6 +91,12 @@ enum Command {
     Sign(keys::SignArgs),
     /// Issue an OpenSSH certificate from an SSH CA.
     SshCert(ssh::SshCertArgs),
+    /// Show, set and explain the access policy kept in the vault.
+    #[command(subcommand)]
+    Policy(trust::PolicyCommand),
+    /// Create, list and revoke scoped grants for scripts.
+    #[command(subcommand)]
+    Grant(trust::GrantCommand),
     /// Print shell commands that point SSH_AUTH_SOCK at Keyholder's agent:
     /// eval "$(keyholder ssh-env)".
     SshEnv,
@@ -139,6 +146,8 @@ async fn run(cli: Cli) -> CliResult {
         Command::Sign(args) => keys::sign(channel, args, json).await,
         Command::SshCert(args) => ssh::ssh_cert(channel, args, json).await,
         Command::SshEnv => ssh::ssh_env(channel, json).await,
+        Command::Policy(cmd) => trust::policy(channel, cmd, json).await,
+        Command::Grant(cmd) => trust::grant(channel, cmd, json).await,
     };
     // keyholderd closes the connection of any uid but its own; a root
     // daemon's socket reached by another user fails that way, whatever the
@@ -170,7 +179,9 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("keyholder: {}", f.message);
+            if !f.message.is_empty() {
+                eprintln!("keyholder: {}", f.message);
+            }
             ExitCode::from(f.code)
         }
     }
