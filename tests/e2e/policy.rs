@@ -385,3 +385,94 @@ fn a_python_script_with_a_grant_gets_exactly_its_scope_while_the_grant_lives() {
     ]);
     assert_fails(&out, 6, "cannot carry");
 }
+
+/// `ssh-keygen -lf`'s fingerprint of a host's public key.
+fn host_fingerprint(sshd_dir: &Path) -> String {
+    let out = Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(sshd_dir.join("host_key.pub"))
+        .output()
+        .expect("ssh-keygen runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split_whitespace()
+        .nth(1)
+        .expect("fingerprint field")
+        .to_owned()
+}
+
+#[test]
+fn the_agent_signs_only_for_the_hosts_policy_names() {
+    assert!(
+        rustix::process::getuid().is_root(),
+        "sshd needs root; CI runs as root"
+    );
+    let (env, _daemon) = Env::ready();
+    env.ok(&["key", "generate", "deploy", "--type", "ed25519", "--ssh"]);
+    let authorized = env.ok(&["key", "show", "deploy", "--public"]);
+    let allowed_dir = env.path().join("sshd-allowed");
+    let other_dir = env.path().join("sshd-other");
+    let allowed = crate::ssh::Sshd::start(&allowed_dir, &authorized, "");
+    let other = crate::ssh::Sshd::start(&other_dir, &authorized, "");
+    let fingerprint = host_fingerprint(&allowed_dir);
+    let policy = env.file(
+        "agent-policy.toml",
+        &format!(
+            r#"default = "deny"
+
+[[rule]]
+name = "admin-cli"
+exe = ["{}"]
+allow = ["*"]
+
+[[rule]]
+name = "deploy-host"
+channel = "agent"
+forwarded = false
+host_keys = ["{fingerprint}"]
+allow = ["agent:deploy"]
+"#,
+            admin_exe()
+        ),
+    );
+    env.ok(&["policy", "set", p(&policy), "--pin-file", p(&env.pin_file)]);
+    let identity = crate::ssh::public_file(&env, "deploy");
+
+    let out = allowed.ssh(&env, &identity, None);
+    assert!(
+        out.status.success(),
+        "ssh to the allowed host: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "keyholder-ok");
+    let out = other.ssh(&env, &identity, None);
+    assert!(
+        !out.status.success(),
+        "ssh to a host the policy does not name must fail"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // explain agrees for both hosts.
+    let explain = |fp: &str| {
+        env.cli(&[
+            "policy",
+            "explain",
+            "--channel",
+            "agent",
+            "--host-key",
+            fp,
+            "--op",
+            "agent",
+            "--object",
+            "deploy",
+        ])
+    };
+    let out = explain(&fingerprint);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("allowed by rule deploy-host"));
+    let out = explain(&host_fingerprint(&other_dir));
+    assert_fails(&out, 7, "");
+}
