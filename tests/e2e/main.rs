@@ -19,6 +19,7 @@ mod output_paths;
 mod peer;
 mod pinentry;
 mod policy;
+mod policy_docs;
 mod python;
 mod round_trip;
 mod socket_trust;

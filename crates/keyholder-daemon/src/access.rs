@@ -87,6 +87,8 @@ pub enum Access {
         profile: String,
         /// Common name, DNS names and IP addresses asked for.
         names: Vec<String>,
+        /// Organisations (O) asked for: Kubernetes reads them as groups.
+        organizations: Vec<String>,
         /// The lifetime.
         ttl: Duration,
     },

@@ -260,8 +260,9 @@ impl fmt::Display for Cap {
 pub struct Limits {
     /// Longest lifetime of anything issued.
     pub max_ttl: Option<Duration>,
-    /// Groups a kubeconfig may carry besides the cluster profile's own;
-    /// unset: only the profile's.
+    /// Groups a kubeconfig may carry besides the cluster profile's own, and
+    /// organisations (O) an X.509 certificate may carry; unset: only the
+    /// profile's groups, and no organisation.
     pub groups: Option<Vec<Glob>>,
     /// Names (CN, DNS, IP) an X.509 certificate may carry; unset: any.
     pub sans: Option<Vec<Glob>>,
@@ -298,6 +299,17 @@ impl Limits {
                 .find(|g| !allowed.iter().any(|p| p.matches(g)))
             {
                 return Some(format!("group {g:?} is not in the rule's groups"));
+            }
+        }
+        if let Access::Certificate { organizations, .. } = access {
+            let allowed = self.groups.as_deref().unwrap_or_default();
+            if let Some(o) = organizations
+                .iter()
+                .find(|o| !allowed.iter().any(|p| p.matches(o)))
+            {
+                return Some(format!(
+                    "organisation (group) {o:?} is not in the rule's groups"
+                ));
             }
         }
         if let (Access::Certificate { names, .. }, Some(sans)) = (access, &self.sans)

@@ -372,6 +372,7 @@ impl v1::credentials_server::Credentials for CredentialsService {
                 .chain(order.dns_names.iter().cloned())
                 .chain(order.ip_addresses.iter().map(|ip| ip.to_string()))
                 .collect(),
+            organizations: order.organizations.clone(),
             ttl,
         };
         let ticket = self.core.authorize(&caller, OP, access).await?;

@@ -72,6 +72,7 @@ fn explained_access(req: &v1::ExplainPolicyRequest) -> Result<Access> {
                 ca,
                 profile,
                 names: req.names.clone(),
+                organizations: Vec::new(),
                 ttl,
             }
         }
