@@ -34,7 +34,10 @@ fn the_policy_procedure_in_the_docs_works_as_written() {
     // The admin's own client still does everything under the new policy.
     env.ok(&["secret", "list"]);
     let out = DOCS.run(&env, "explain", &[]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout), printed_after("explain"));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        printed_after("explain")
+    );
     let out = DOCS.run(&env, "grant", &[]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("deploy\tkubeconfig:prod:deployer"), "{text}");

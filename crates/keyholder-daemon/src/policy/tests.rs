@@ -169,7 +169,10 @@ max_ttl = "720h"
         organizations: vec![o.into()],
         ttl: Duration::from_secs(3600),
     };
-    assert!(p.decide(&c, &cert("system:node:w1", "system:nodes")).allowed);
+    assert!(
+        p.decide(&c, &cert("system:node:w1", "system:nodes"))
+            .allowed
+    );
     let d = p.decide(&c, &cert("system:node:w1", "system:masters"));
     assert!(!d.allowed);
     assert!(d.reason.contains("system:masters"), "{d:?}");
