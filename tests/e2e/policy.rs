@@ -455,6 +455,15 @@ allow = ["agent:deploy"]
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // A connection bound to no host (ssh-add) is offered no key at all.
+    let out = Command::new("ssh-add")
+        .arg("-l")
+        .env("SSH_AUTH_SOCK", crate::ssh::agent_socket(&env))
+        .output()
+        .expect("ssh-add runs");
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(!listed.contains("deploy"), "{listed}");
+
     // explain agrees for both hosts.
     let explain = |fp: &str| {
         env.cli(&[
