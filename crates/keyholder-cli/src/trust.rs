@@ -36,9 +36,12 @@ pub(crate) enum PolicyCommand {
         /// The caller's systemd unit.
         #[arg(long)]
         unit: Option<String>,
-        /// The listener: grpc (default) or agent.
+        /// The listener: grpc (default), agent or tcp.
         #[arg(long, default_value = "grpc")]
         channel: String,
+        /// TCP: the client certificate's common name.
+        #[arg(long)]
+        client: Option<String>,
         /// Agent: the destination host key (SHA256:...).
         #[arg(long)]
         host_key: Option<String>,
@@ -163,6 +166,7 @@ pub(crate) async fn policy(channel: Channel, cmd: PolicyCommand, json: bool) -> 
             exe,
             unit,
             channel,
+            client: tcp_client,
             host_key,
             forwarded,
             op,
@@ -187,6 +191,7 @@ pub(crate) async fn policy(channel: Channel, cmd: PolicyCommand, json: bool) -> 
                     ttl_seconds: seconds(ttl),
                     names,
                     policy_toml,
+                    client: tcp_client.unwrap_or_default(),
                 })
                 .await?
                 .into_inner();
