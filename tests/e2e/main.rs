@@ -21,6 +21,7 @@ mod pinentry;
 mod policy;
 mod policy_docs;
 mod python;
+mod remote;
 mod round_trip;
 mod socket_trust;
 mod ssh;
