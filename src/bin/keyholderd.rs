@@ -91,6 +91,10 @@ struct Args {
     /// How long an on-demand PIN prompt waits, e.g. 60s.
     #[arg(long, value_parser = humantime::parse_duration)]
     pinentry_timeout: Option<Duration>,
+    /// The audit log file, or "off" (default: audit.log next to the vault;
+    /// see docs/audit.md).
+    #[arg(long, value_name = "PATH|off")]
+    audit_log: Option<String>,
     /// Log filter (tracing syntax), e.g. info or keyholder_daemon=debug.
     #[arg(long, env = "KEYHOLDER_LOG", default_value = "info")]
     log: String,
@@ -151,6 +155,9 @@ fn settings(args: &Args) -> Result<Config, config::ConfigError> {
     }
     if let Some(v) = args.pinentry_timeout {
         cfg.pinentry_timeout = v;
+    }
+    if let Some(v) = &args.audit_log {
+        cfg.audit_log = Some(v.clone());
     }
     cfg.validate()?;
     Ok(cfg)
@@ -260,6 +267,7 @@ fn main() -> ExitCode {
             vault = %cfg.vault.display(),
             backend = cfg.token_backend.as_str(),
             module = %module_path.display(),
+            audit = ?cfg.audit_log_path(),
             "keyholderd serving"
         );
         let result = run(core, listener, agent, shutdown_signal()).await;

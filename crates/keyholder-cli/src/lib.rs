@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+mod audit;
 mod failure;
 mod input;
 mod keys;
@@ -93,6 +94,9 @@ enum Command {
     /// Print shell commands that point SSH_AUTH_SOCK at Keyholder's agent:
     /// eval "$(keyholder ssh-env)".
     SshEnv,
+    /// Read and verify the audit log.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 /// A channel to keyholderd and the uid it runs as, or a failure that says
@@ -122,8 +126,13 @@ async fn run(cli: Cli) -> CliResult {
         .socket
         .unwrap_or_else(keyholder_proto::socket::default_socket);
     let json = cli.json;
+    // `audit verify` checks a log file's chain without a daemon too.
+    let command = match cli.command {
+        Command::Audit(cmd) => return audit::audit(&socket, cmd, json).await,
+        other => other,
+    };
     let (channel, peer) = connect(&socket).await?;
-    let result = match cli.command {
+    let result = match command {
         Command::Init(args) => session::init(channel, args, json).await,
         Command::Unlock(args) => session::unlock(channel, args, json).await,
         Command::Lock => session::lock(channel, json).await,
@@ -139,6 +148,7 @@ async fn run(cli: Cli) -> CliResult {
         Command::Sign(args) => keys::sign(channel, args, json).await,
         Command::SshCert(args) => ssh::ssh_cert(channel, args, json).await,
         Command::SshEnv => ssh::ssh_env(channel, json).await,
+        Command::Audit(_) => unreachable!("handled before connecting"),
     };
     // keyholderd closes the connection of any uid but its own; a root
     // daemon's socket reached by another user fails that way, whatever the
