@@ -4,6 +4,7 @@
 mod util;
 
 mod api_docs;
+mod audit;
 mod bad_input;
 mod connections;
 mod crash;

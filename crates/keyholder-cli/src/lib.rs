@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+mod audit;
 mod failure;
 mod input;
 mod keys;
@@ -118,6 +119,9 @@ enum Command {
     /// Print shell commands that point SSH_AUTH_SOCK at Keyholder's agent:
     /// eval "$(keyholder ssh-env)".
     SshEnv,
+    /// Read and verify the audit log.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 /// A channel to keyholderd and the uid it runs as, or a failure that says
@@ -147,6 +151,11 @@ async fn run(cli: Cli) -> CliResult {
         .socket
         .unwrap_or_else(keyholder_proto::socket::default_socket);
     let json = cli.json;
+    // `audit verify` checks a log file's chain without a daemon too.
+    let command = match cli.command {
+        Command::Audit(cmd) => return audit::audit(&socket, cmd, json).await,
+        other => other,
+    };
     let remote = match (cli.remote, cli.remote_cert, cli.remote_key, cli.remote_ca) {
         (Some(server), Some(cert), Some(key), Some(server_ca)) => Some(remote::Remote {
             server,
@@ -167,7 +176,7 @@ async fn run(cli: Cli) -> CliResult {
         Some(r) => kube::Reach::Remote(r.clone()),
         None => kube::Reach::Socket(socket.clone()),
     };
-    let result = match cli.command {
+    let result = match command {
         Command::Init(args) => session::init(channel, args, json).await,
         Command::Unlock(args) => session::unlock(channel, args, json).await,
         Command::Lock => session::lock(channel, json).await,
@@ -186,6 +195,8 @@ async fn run(cli: Cli) -> CliResult {
         Command::Policy(cmd) => trust::policy(channel, cmd, json).await,
         Command::Grant(cmd) => trust::grant(channel, cmd, json).await,
         Command::Client(cmd) => remote::client(channel, cmd, json).await,
+        // Answered above, before connecting.
+        Command::Audit(_) => Ok(()),
     };
     // keyholderd closes the connection of any uid but its own; a root
     // daemon's socket reached by another user fails that way, whatever the
