@@ -23,6 +23,7 @@ mod policy;
 mod policy_docs;
 mod python;
 mod remote;
+mod remote_docs;
 mod round_trip;
 mod socket_trust;
 mod ssh;
