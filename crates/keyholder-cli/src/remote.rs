@@ -3,11 +3,10 @@
 //! key and certificate such a client presents (docs/remote.md).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use keyholder_proto::v1;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use crate::failure::{CliResult, Failure, io_failure};
 use crate::input::seconds;
@@ -73,55 +72,22 @@ fn read_pem(path: &Path) -> CliResult<Vec<u8>> {
 /// A channel to the remote keyholderd: TLS 1.3, the server checked against
 /// `server_ca` and the host name, the client certificate presented.
 pub(crate) async fn connect(remote: &Remote) -> CliResult<Channel> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use keyholder_proto::tls::{TlsError, client_config};
     let (host, port) = remote.host_port()?;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(&read_pem(&remote.server_ca)?) {
-        let c = c.map_err(|e| Failure::new(6, format!("--remote-ca: {e}")))?;
-        roots
-            .add(c)
-            .map_err(|e| Failure::new(6, format!("--remote-ca: {e}")))?;
-    }
-    let chain = CertificateDer::pem_slice_iter(&read_pem(&remote.cert)?)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Failure::new(6, format!("--remote-cert: {e}")))?;
-    let key = PrivateKeyDer::from_pem_slice(&read_pem(&remote.key)?)
-        .map_err(|e| Failure::new(6, format!("--remote-key: {e}")))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| Failure::new(1, format!("TLS: {e}")))?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .map_err(|e| Failure::new(6, format!("client certificate: {e}")))?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let name = ServerName::try_from(host.clone())
-        .map_err(|e| Failure::new(2, format!("--remote host {host:?}: {e}")))?;
-    let endpoint = Endpoint::from_static("http://keyholderd.invalid")
-        .connect_timeout(Duration::from_secs(10))
-        .timeout(Duration::from_secs(60));
-    let server = remote.server.clone();
-    endpoint
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let (connector, name, host) = (connector.clone(), name.clone(), host.clone());
-            async move {
-                let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
-                let _ = tcp.set_nodelay(true);
-                let tls = connector.connect(name, tcp).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
-            }
-        }))
+    let config = client_config(
+        &read_pem(&remote.server_ca)?,
+        &read_pem(&remote.cert)?,
+        &read_pem(&remote.key)?,
+    )
+    .map_err(|e| Failure::new(6, format!("--remote: {e}")))?;
+    keyholder_proto::tls::connect(&host, port, config)
         .await
-        .map_err(|e| {
-            let mut detail = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                detail = format!("{detail}: {s}");
-                source = s.source();
-            }
-            Failure::new(8, format!("cannot reach keyholderd at {server} ({detail})"))
+        .map_err(|e| match e {
+            TlsError::Input(s) => Failure::new(6, format!("--remote: {s}")),
+            TlsError::Unreachable(s) => Failure::new(
+                8,
+                format!("cannot reach keyholderd at {} ({s})", remote.server),
+            ),
         })
 }
 
