@@ -508,3 +508,47 @@ fn the_listener_certificate_is_renewed_before_it_expires_and_made_anew_at_unlock
     r.wait_for_listener();
     assert_ne!(listener_serial(&r), renewed);
 }
+
+#[test]
+fn a_remote_profile_in_the_cli_config_sends_every_command_to_the_listener() {
+    let r = Remote::start();
+    let elsewhere = r.env.path().join("bastion");
+    let config = elsewhere.join("config/keyholder");
+    std::fs::create_dir_all(&config).expect("config dir");
+    std::fs::create_dir_all(elsewhere.join("run")).expect("run dir");
+    for f in ["cert.pem", "key.pem", "server-ca.pem"] {
+        std::fs::copy(r.ci.join(f), config.join(f)).expect("copy");
+    }
+    std::fs::write(
+        config.join("cli.toml"),
+        format!(
+            "[remote]\nurl = \"https://localhost:{}\"\ncert = \"cert.pem\"\nkey = \"key.pem\"\nca = \"server-ca.pem\"\n",
+            r.port
+        ),
+    )
+    .expect("cli.toml");
+    let run = |args: &[&str]| {
+        Command::new(crate::util::keyholder_bin())
+            .env("HOME", &elsewhere)
+            .env("XDG_CONFIG_HOME", elsewhere.join("config"))
+            .env("XDG_RUNTIME_DIR", elsewhere.join("run"))
+            .env_remove("KEYHOLDER_SOCKET")
+            .args(args)
+            .output()
+            .expect("keyholder runs")
+    };
+    // No socket here: status answers from the listener.
+    let out = run(&["status"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("unlocked"));
+    // What the policy does not grant ci-runner is refused remotely too.
+    let out = run(&["secret", "get", "db/prod"]);
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    let out = run(&["lock"]);
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not served over TCP"));
+}

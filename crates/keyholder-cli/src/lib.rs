@@ -147,6 +147,7 @@ async fn connect(socket: &Path) -> CliResult<(Channel, u32)> {
 }
 
 async fn run(cli: Cli) -> CliResult {
+    let explicit_socket = cli.socket.is_some();
     let socket = cli
         .socket
         .unwrap_or_else(keyholder_proto::socket::default_socket);
@@ -163,6 +164,8 @@ async fn run(cli: Cli) -> CliResult {
             key,
             server_ca,
         }),
+        // The config file's [remote] profile, unless a socket was named.
+        _ if !explicit_socket => remote::profile()?,
         _ => None,
     };
     let (channel, peer) = match &remote {

@@ -65,6 +65,50 @@ impl Remote {
     }
 }
 
+/// `$XDG_CONFIG_HOME/keyholder/cli.toml` (`~/.config/...`).
+pub(crate) fn config_file() -> PathBuf {
+    let base = match std::env::var_os("XDG_CONFIG_HOME") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/".into())).join(".config"),
+    };
+    base.join("keyholder/cli.toml")
+}
+
+/// The `[remote]` profile of the CLI's config file, if it has one: a
+/// machine whose every `keyholder` command should go to another machine's
+/// keyholderd (a bastion, a CI runner). Relative paths are taken from the
+/// file's directory.
+pub(crate) fn profile() -> CliResult<Option<Remote>> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct File {
+        remote: Option<Profile>,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Profile {
+        url: String,
+        cert: PathBuf,
+        key: PathBuf,
+        ca: PathBuf,
+    }
+    let path = config_file();
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_failure("cannot read", &path, e)),
+    };
+    let file: File =
+        toml::from_str(&text).map_err(|e| Failure::new(2, format!("{}: {e}", path.display())))?;
+    let dir = path.parent().map(Path::to_owned).unwrap_or_default();
+    Ok(file.remote.map(|p| Remote {
+        server: p.url,
+        cert: dir.join(p.cert),
+        key: dir.join(p.key),
+        server_ca: dir.join(p.ca),
+    }))
+}
+
 fn read_pem(path: &Path) -> CliResult<Vec<u8>> {
     std::fs::read(path).map_err(|e| io_failure("cannot read", path, e))
 }
