@@ -236,6 +236,8 @@ fn every_command_prints_one_json_value_with_json() {
             None,
         ),
         ("ssh-env", vec![], None),
+        ("audit tail", vec!["-n".into(), "1".into()], None),
+        ("audit verify", vec![], None),
         ("key rm", vec!["imp".into()], None),
         ("cluster rm", vec!["prod".into()], None),
         ("secret rm", vec!["db/pw".into()], None),
