@@ -642,7 +642,29 @@ fn writer_thread(log: Weak<AuditLog>) {
                 let _ = log.wake.wait_timeout(c, Duration::from_secs(1));
             }
         }
-        while log.flush() {}
+        // A panic in a round must not leave callers waiting for ever: the
+        // log fails closed instead, and each new request tries it again.
+        loop {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| log.flush())) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(_) => {
+                    let mut c = log.chain();
+                    let waiters = std::mem::take(&mut c.waiters);
+                    c.pending.clear();
+                    c.lines.clear();
+                    c.busy = false;
+                    c.seq = c.durable.seq;
+                    c.prev = c.durable.hash.clone();
+                    c.failed = Some("the audit writer failed".into());
+                    drop(c);
+                    for w in waiters {
+                        w.send(Err("the audit writer failed".into()));
+                    }
+                    break;
+                }
+            }
+        }
     }
 }
 
