@@ -91,6 +91,10 @@ struct Args {
     /// How long an on-demand PIN prompt waits, e.g. 60s.
     #[arg(long, value_parser = humantime::parse_duration)]
     pinentry_timeout: Option<Duration>,
+    /// Serve gRPC over TCP with mutual TLS on this address, e.g.
+    /// 127.0.0.1:7443 (off by default; see docs/remote.md).
+    #[arg(long)]
+    listen_tcp: Option<std::net::SocketAddr>,
     /// The audit log file, or "off" (default: audit.log next to the vault;
     /// see docs/audit.md).
     #[arg(long, value_name = "PATH|off")]
@@ -155,6 +159,9 @@ fn settings(args: &Args) -> Result<Config, config::ConfigError> {
     }
     if let Some(v) = args.pinentry_timeout {
         cfg.pinentry_timeout = v;
+    }
+    if let Some(v) = args.listen_tcp {
+        cfg.listen_tcp = Some(v);
     }
     if let Some(v) = &args.audit_log {
         cfg.audit_log = Some(v.clone());

@@ -97,12 +97,13 @@ impl AgentIndex {
         index
     }
 
-    /// Identities valid now.
-    fn identities(&self) -> Vec<Identity> {
+    /// Identities valid now whose key `allowed` accepts.
+    fn identities_where(&self, allowed: impl Fn(&str) -> bool) -> Vec<Identity> {
         let now = now_unix();
         self.entries
             .iter()
             .filter(|e| e.valid_before.is_none_or(|before| before > now))
+            .filter(|e| allowed(&e.key))
             .map(|e| Identity {
                 blob: e.blob.clone(),
                 comment: e.comment.clone(),
@@ -188,10 +189,22 @@ impl Backend for AgentBackend {
         if entered.is_err() {
             return Vec::new();
         }
-        match self.index() {
-            Ok(index) => index.identities(),
-            Err(_) => Vec::new(),
-        }
+        let Ok(index) = self.index() else {
+            return Vec::new();
+        };
+        // Only the keys this caller (and the host it is logging in to) may
+        // sign with: ssh then never offers a key the policy would refuse.
+        let caller = Self::caller(peer);
+        index.identities_where(|key| {
+            self.core
+                .decide(
+                    &caller,
+                    &Access::AgentSign {
+                        key: key.to_owned(),
+                    },
+                )
+                .is_ok()
+        })
     }
 
     async fn sign(&self, key_blob: &[u8], data: &[u8], flags: u32, peer: Peer) -> Option<Vec<u8>> {

@@ -112,6 +112,63 @@ pub struct Config {
     pub audit_log: Option<String>,
     /// The audit log's active file is rotated past this size (64 MiB).
     pub audit_max_bytes: u64,
+    /// Serve gRPC over TCP with mutual TLS on this address (off by
+    /// default). See docs/remote.md.
+    pub listen_tcp: Option<std::net::SocketAddr>,
+    /// Settings of the TCP listener.
+    pub tcp: TcpConfig,
+}
+
+/// The TCP listener's settings (`[tcp]` in the config file).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TcpConfig {
+    /// The Keyholder X.509 CA whose client certificates are accepted
+    /// ("admin-clients").
+    pub client_ca: String,
+    /// The CA that issues the listener's own certificate (the client CA
+    /// when empty).
+    pub server_ca: String,
+    /// The names (DNS or IP) in the listener's certificate
+    /// (["localhost", "127.0.0.1"]).
+    pub server_names: Vec<String>,
+    /// The listener certificate's lifetime (`24h`); it is renewed when a
+    /// third is left, and made anew at every unlock.
+    #[serde(deserialize_with = "de_duration")]
+    pub server_cert_ttl: Duration,
+    /// Most TCP connections at once (256); when all are taken, one that has
+    /// not completed a handshake and a request gives way.
+    pub max_connections: usize,
+    /// Longest TLS handshake (`10s`).
+    #[serde(deserialize_with = "de_duration")]
+    pub handshake_timeout: Duration,
+    /// Most concurrent HTTP/2 streams per connection (32).
+    pub max_streams: u32,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        Self {
+            client_ca: "admin-clients".into(),
+            server_ca: String::new(),
+            server_names: vec!["localhost".into(), "127.0.0.1".into()],
+            server_cert_ttl: Duration::from_secs(24 * 3600),
+            max_connections: 256,
+            handshake_timeout: Duration::from_secs(10),
+            max_streams: 32,
+        }
+    }
+}
+
+impl TcpConfig {
+    /// The CA that issues the listener's certificate.
+    pub fn server_ca(&self) -> &str {
+        if self.server_ca.is_empty() {
+            &self.client_ca
+        } else {
+            &self.server_ca
+        }
+    }
 }
 
 /// The smallest `audit_max_bytes`: 4 KiB.
@@ -168,6 +225,8 @@ impl Default for Config {
             pinentry_timeout: Duration::from_secs(60),
             audit_log: None,
             audit_max_bytes: 64 << 20,
+            listen_tcp: None,
+            tcp: TcpConfig::default(),
         }
     }
 }
@@ -272,6 +331,34 @@ impl Config {
         {
             return Err(ConfigError(
                 "token_poll_interval must be between 100ms and 1h".into(),
+            ));
+        }
+        let tcp = &self.tcp;
+        if tcp.max_connections == 0 || tcp.max_connections > 10_000 {
+            return Err(ConfigError(
+                "tcp.max_connections must be between 1 and 10000".into(),
+            ));
+        }
+        if tcp.handshake_timeout.is_zero() || tcp.handshake_timeout > Duration::from_secs(120) {
+            return Err(ConfigError(
+                "tcp.handshake_timeout must be between 1ms and 2m".into(),
+            ));
+        }
+        if tcp.max_streams == 0 || tcp.max_streams > 1000 {
+            return Err(ConfigError(
+                "tcp.max_streams must be between 1 and 1000".into(),
+            ));
+        }
+        if tcp.server_cert_ttl < Duration::from_secs(60)
+            || tcp.server_cert_ttl > Duration::from_secs(30 * 86400)
+        {
+            return Err(ConfigError(
+                "tcp.server_cert_ttl must be between 1m and 30 days".into(),
+            ));
+        }
+        if self.listen_tcp.is_some() && (tcp.client_ca.is_empty() || tcp.server_names.is_empty()) {
+            return Err(ConfigError(
+                "listen_tcp needs tcp.client_ca and at least one name in tcp.server_names".into(),
             ));
         }
         Ok(())

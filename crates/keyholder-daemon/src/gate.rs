@@ -16,6 +16,8 @@ pub enum Channel {
     Grpc,
     /// The ssh-agent socket.
     Agent,
+    /// The TCP listener (mutual TLS).
+    Tcp,
 }
 
 /// Who is calling, taken once at the gate for every request: what policy
@@ -47,6 +49,8 @@ pub struct Caller {
     pub forwarded: bool,
     /// The grant the request presented (gRPC bearer metadata).
     pub grant: Option<std::sync::Arc<crate::grants::Grant>>,
+    /// TCP connections: the peer, from its verified client certificate.
+    pub remote: Option<std::sync::Arc<crate::remote::RemotePeer>>,
 }
 
 impl Caller {
@@ -126,6 +130,26 @@ impl Core {
     /// Lets `caller` run `op` if the peer is served, every hook agrees and
     /// the session allows it.
     pub fn enter(&self, caller: &Caller, op: &'static str, needs: Needs) -> Result<()> {
+        if caller.channel == Channel::Tcp {
+            let Some(peer) = &caller.remote else {
+                return Err(Error::PermissionDenied(
+                    "a TCP request without a client certificate".into(),
+                ));
+            };
+            if !crate::remote::TCP_OPS.contains(&op) {
+                tracing::warn!(op, peer = %peer.addr, client = ?peer.name, "request refused: not served over TCP");
+                return Err(Error::PermissionDenied(format!(
+                    "{op} is not served over TCP: run it on the machine where keyholderd runs"
+                )));
+            }
+            for hook in self.gate_hooks().iter() {
+                hook.check(caller, op)?;
+            }
+            if needs == Needs::Unlocked {
+                self.require_unlocked()?;
+            }
+            return Ok(());
+        }
         let own = rustix::process::getuid().as_raw();
         if caller.uid != own {
             tracing::warn!(op, uid = caller.uid, pid = ?caller.pid, "request from another uid refused");

@@ -83,6 +83,7 @@ impl Grant {
         let policy = crate::policy::Policy {
             default: crate::policy::Default::Deny,
             rules: vec![rule],
+            deny_serials: Vec::new(),
         };
         let d = policy.decide(caller, access);
         if d.allowed { Ok(()) } else { Err(d.reason) }

@@ -45,6 +45,7 @@ pub mod ondemand;
 pub mod open;
 mod oversize;
 pub mod policy;
+pub mod remote;
 pub mod rollback;
 pub mod serve;
 pub mod services;

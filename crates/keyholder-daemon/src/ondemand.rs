@@ -124,7 +124,7 @@ impl Core {
         };
         let how = match caller.channel {
             Channel::Agent => "an ssh-agent request",
-            Channel::Grpc => "a request",
+            Channel::Grpc | Channel::Tcp => "a request",
         };
         let request = PinRequest {
             title: Some("Keyholder".into()),

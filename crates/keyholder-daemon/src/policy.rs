@@ -260,8 +260,9 @@ impl fmt::Display for Cap {
 pub struct Limits {
     /// Longest lifetime of anything issued.
     pub max_ttl: Option<Duration>,
-    /// Groups a kubeconfig may carry besides the cluster profile's own;
-    /// unset: only the profile's.
+    /// Groups a kubeconfig may carry besides the cluster profile's own, and
+    /// organisations (O) an X.509 certificate may carry; unset: only the
+    /// profile's groups, and no organisation.
     pub groups: Option<Vec<Glob>>,
     /// Names (CN, DNS, IP) an X.509 certificate may carry; unset: any.
     pub sans: Option<Vec<Glob>>,
@@ -300,6 +301,17 @@ impl Limits {
                 return Some(format!("group {g:?} is not in the rule's groups"));
             }
         }
+        if let Access::Certificate { organizations, .. } = access {
+            let allowed = self.groups.as_deref().unwrap_or_default();
+            if let Some(o) = organizations
+                .iter()
+                .find(|o| !allowed.iter().any(|p| p.matches(o)))
+            {
+                return Some(format!(
+                    "organisation (group) {o:?} is not in the rule's groups"
+                ));
+            }
+        }
         if let (Access::Certificate { names, .. }, Some(sans)) = (access, &self.sans)
             && let Some(n) = names.iter().find(|n| !sans.iter().any(|p| p.matches(n)))
         {
@@ -323,6 +335,9 @@ pub struct Match {
     pub forwarded: Option<bool>,
     /// Agent connections: the destination host key (`SHA256:...`).
     pub host_keys: Option<Vec<Glob>>,
+    /// TCP connections: the client certificate's common name. Only rules
+    /// that name clients match TCP callers.
+    pub clients: Option<Vec<Glob>>,
 }
 
 impl Match {
@@ -337,6 +352,22 @@ impl Match {
                     None => Err(format!("the caller has no {what}")),
                 },
             }
+        }
+        if caller.channel == Channel::Tcp {
+            // A caller from another machine has no executable, unit or
+            // host key here: it is matched by its certificate alone.
+            let Some(clients) = &self.clients else {
+                return Err("the rule names no TCP clients".into());
+            };
+            let name = caller.remote.as_ref().map(|r| r.name.as_str());
+            any(&Some(clients.clone()), name, "client certificate name")?;
+            if self.exe.is_some() || self.unit.is_some() || self.host_keys.is_some() {
+                return Err("the rule matches local processes".into());
+            }
+            return Ok(());
+        }
+        if self.clients.is_some() {
+            return Err("the rule matches TCP clients only".into());
         }
         any(&self.exe, caller.exe.as_deref(), "executable")?;
         if self.exe.is_some() && caller.exe_replaced {
@@ -395,6 +426,8 @@ pub struct Policy {
     pub default: Default,
     /// The rules, in file order.
     pub rules: Vec<Rule>,
+    /// Client certificate serials (hex) refused in the TLS handshake.
+    pub deny_serials: Vec<String>,
 }
 
 /// The result of evaluating a policy for one access.
@@ -435,6 +468,14 @@ impl Policy {
                     access.object()
                 )),
             }
+        }
+        if matched.is_empty() && caller.channel == Channel::Tcp {
+            return Decision {
+                allowed: false,
+                rule: "default".into(),
+                reason: "no rule names this TCP client; `default` applies to local callers only"
+                    .into(),
+            };
         }
         if matched.is_empty() {
             let allowed = self.default == Default::Allow;
@@ -519,10 +560,11 @@ impl Policy {
                 Some(c) => Some(match c.get_ref().as_str() {
                     "grpc" => Channel::Grpc,
                     "agent" => Channel::Agent,
+                    "tcp" => Channel::Tcp,
                     other => {
                         return Err(at(
                             c.span(),
-                            format!("channel {other:?} is not grpc or agent"),
+                            format!("channel {other:?} is not grpc, agent or tcp"),
                         ));
                     }
                 }),
@@ -542,6 +584,7 @@ impl Policy {
                     channel,
                     forwarded: r.forwarded,
                     host_keys: globs(r.host_keys)?,
+                    clients: globs(r.clients)?,
                 },
                 allow,
                 limits: Limits {
@@ -551,9 +594,21 @@ impl Policy {
                 },
             });
         }
+        let mut deny_serials = Vec::with_capacity(file.deny_serials.len());
+        for s in &file.deny_serials {
+            let hex = s.get_ref().trim().replace(':', "").to_ascii_lowercase();
+            if hex.is_empty() || hex.len() > 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(format!(
+                    "line {}: deny_serials holds hex serials (as `keyholder cert issue` prints them)",
+                    line_of(text, s.span().start)
+                ));
+            }
+            deny_serials.push(hex);
+        }
         Ok(Self {
             default: file.default,
             rules,
+            deny_serials,
         })
     }
 }
@@ -573,6 +628,8 @@ fn line_of(text: &str, offset: usize) -> usize {
 struct PolicyFile {
     default: Default,
     #[serde(default)]
+    deny_serials: Vec<Spanned<String>>,
+    #[serde(default)]
     rule: Vec<RuleFile>,
 }
 
@@ -585,6 +642,7 @@ struct RuleFile {
     channel: Option<Spanned<String>>,
     forwarded: Option<bool>,
     host_keys: Option<Spanned<Vec<String>>>,
+    clients: Option<Spanned<Vec<String>>>,
     #[serde(default)]
     allow: Vec<Spanned<String>>,
     max_ttl: Option<Spanned<String>>,

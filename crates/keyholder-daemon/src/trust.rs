@@ -143,6 +143,9 @@ impl Core {
     /// PIN guards unlock); policy and grant changes are decided by the PIN
     /// (step-up), never by a grant.
     pub fn decide(&self, caller: &Caller, access: &Access) -> Result<(), Denied> {
+        if caller.channel == crate::gate::Channel::Tcp {
+            return self.decide_remote(caller, access);
+        }
         if matches!(access, Access::Session | Access::Unlock) {
             return Ok(());
         }
@@ -181,6 +184,37 @@ impl Core {
                 },
                 reason: d.reason,
             })
+        }
+    }
+
+    /// A caller from another machine: only what a rule naming its client
+    /// certificate allows; nothing at all without a policy.
+    fn decide_remote(&self, caller: &Caller, access: &Access) -> Result<(), Denied> {
+        let denied = |reason: &str| Denied {
+            rule: "the TCP listener".into(),
+            reason: reason.into(),
+        };
+        let policy = self.policy().ok().flatten().ok_or_else(|| {
+            denied("the vault has no policy: nothing but health is served over TCP")
+        })?;
+        match access {
+            Access::Session => Ok(()),
+            Access::Unlock | Access::Trust { .. } => Err(denied("not served over TCP")),
+            _ => {
+                let d = policy.decide(caller, access);
+                if d.allowed {
+                    Ok(())
+                } else {
+                    Err(Denied {
+                        rule: if d.rule == "default" {
+                            "the TCP listener".into()
+                        } else {
+                            format!("policy rule {}", d.rule)
+                        },
+                        reason: d.reason,
+                    })
+                }
+            }
         }
     }
 

@@ -142,3 +142,39 @@ fn globs() {
     let long = "a".repeat(5000);
     assert!(!g("*a*a*a*a*a*a*b", &long));
 }
+
+#[test]
+fn certificate_organisations_are_groups_and_need_the_rule() {
+    let p = Policy::parse(
+        r#"
+default = "deny"
+[[rule]]
+name = "kubelet-bootstrap"
+unit = ["kubelet-bootstrap.service"]
+allow = ["cert:kubernetes:client"]
+groups = ["system:nodes"]
+sans = ["system:node:*"]
+max_ttl = "720h"
+"#,
+    )
+    .unwrap();
+    let c = Caller {
+        unit: Some("kubelet-bootstrap.service".into()),
+        ..Caller::default()
+    };
+    let cert = |cn: &str, o: &str| Access::Certificate {
+        ca: "kubernetes".into(),
+        profile: "client".into(),
+        names: vec![cn.into()],
+        organizations: vec![o.into()],
+        ttl: Duration::from_secs(3600),
+    };
+    assert!(
+        p.decide(&c, &cert("system:node:w1", "system:nodes"))
+            .allowed
+    );
+    let d = p.decide(&c, &cert("system:node:w1", "system:masters"));
+    assert!(!d.allowed);
+    assert!(d.reason.contains("system:masters"), "{d:?}");
+    assert!(!p.decide(&c, &cert("admin", "system:nodes")).allowed);
+}

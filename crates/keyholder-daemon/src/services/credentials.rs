@@ -71,7 +71,7 @@ impl CredentialsService {
 
 /// Where the certified key comes from, owned so that issuance can move to
 /// a blocking thread.
-enum KeySource {
+pub(crate) enum KeySource {
     Generate(KeyAlgorithm),
     Stocked(FreshP256),
     Csr(String),
@@ -79,7 +79,11 @@ enum KeySource {
 
 /// Issues from `ca`, on a blocking thread when the CA's signature or the
 /// key generation is slow.
-async fn issue(ca: Arc<X509Ca>, request: IssueRequest, source: KeySource) -> Result<Issued> {
+pub(crate) async fn issue(
+    ca: Arc<X509Ca>,
+    request: IssueRequest,
+    source: KeySource,
+) -> Result<Issued> {
     let slow = ca.slow || matches!(source, KeySource::Generate(alg) if alg.is_rsa());
     off_worker(slow, move || {
         let csr: String;
@@ -372,6 +376,7 @@ impl v1::credentials_server::Credentials for CredentialsService {
                 .chain(order.dns_names.iter().cloned())
                 .chain(order.ip_addresses.iter().map(|ip| ip.to_string()))
                 .collect(),
+            organizations: order.organizations.clone(),
             ttl,
         };
         let ticket = self.core.authorize(&caller, OP, access).await?;

@@ -30,7 +30,9 @@ pub fn enter<'c, T>(
     let caller = caller(core, request, op);
     async move {
         let caller = caller?;
-        core.enter_or_prompt(&caller, op, needs, true).await?;
+        // A PIN prompt is never raised for a request from another machine.
+        let may_prompt = caller.channel != Channel::Tcp;
+        core.enter_or_prompt(&caller, op, needs, may_prompt).await?;
         Ok(caller)
     }
 }
@@ -50,6 +52,20 @@ pub async fn admit<T>(
 
 /// Who sent `request`, from the Unix socket's peer credentials.
 fn caller<T>(core: &Core, request: &Request<T>, op: &'static str) -> Result<Caller> {
+    if let Some(info) = request.extensions().get::<crate::remote::TcpConnectInfo>() {
+        if request.metadata().contains_key(crate::grants::METADATA_KEY) {
+            tracing::warn!(op, peer = %info.peer.addr, "grant refused over TCP");
+            return Err(Error::Unauthenticated(
+                "grants are not accepted over TCP: the client certificate is the credential".into(),
+            ));
+        }
+        return Ok(Caller {
+            uid: u32::MAX,
+            channel: Channel::Tcp,
+            remote: Some(info.peer.clone()),
+            ..Caller::default()
+        });
+    }
     let cred = request
         .extensions()
         .get::<crate::listen::GrpcConnectInfo>()

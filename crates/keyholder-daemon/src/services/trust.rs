@@ -72,6 +72,7 @@ fn explained_access(req: &v1::ExplainPolicyRequest) -> Result<Access> {
                 ca,
                 profile,
                 names: req.names.clone(),
+                organizations: Vec::new(),
                 ttl,
             }
         }
@@ -207,13 +208,21 @@ impl v1::trust_server::Trust for TrustService {
             let channel = match req.channel.as_str() {
                 "" | "grpc" => Channel::Grpc,
                 "agent" => Channel::Agent,
+                "tcp" => Channel::Tcp,
                 other => {
                     return Err(Error::InvalidArgument {
                         field: "channel",
-                        reason: format!("{other:?} is not grpc or agent"),
+                        reason: format!("{other:?} is not grpc, agent or tcp"),
                     });
                 }
             };
+            let remote = (channel == Channel::Tcp).then(|| {
+                std::sync::Arc::new(crate::remote::RemotePeer {
+                    addr: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+                    name: req.client.clone(),
+                    serial: String::new(),
+                })
+            });
             let subject = Caller {
                 uid: caller.uid,
                 channel,
@@ -221,6 +230,7 @@ impl v1::trust_server::Trust for TrustService {
                 unit: (!req.unit.is_empty()).then(|| req.unit.clone()),
                 host_key: (!req.host_key.is_empty()).then(|| req.host_key.clone()),
                 forwarded: req.forwarded,
+                remote,
                 ..Caller::default()
             };
             let policy = if req.policy_toml.is_empty() {
