@@ -1,7 +1,9 @@
 //! Signing through the ssh-agent protocol: Keyholder's agent socket against
 //! OpenSSH's `ssh-agent` (same key types, keys added with `ssh-add`), for
 //! Ed25519, ECDSA P-256 and RSA-3072 at concurrency 1, 4 and 16, plus the
-//! gRPC `Signer.Sign` at the same concurrencies, all in one run.
+//! gRPC `Signer.Sign` at the same concurrencies, all in one run; and
+//! Keyholder's agent with its audit log (the default) against a second
+//! keyholderd with `--audit-log off`.
 //!
 //! Run: `cargo bench --bench agent` (needs openssh-client).
 
@@ -113,6 +115,14 @@ fn main() {
     env.init();
     env.unlock();
     let ours = env.runtime.join("keyholder/ssh-agent.sock");
+    // The same daemon without its audit log.
+    let env_off = Env::new();
+    let mut flags_off = flags.clone();
+    flags_off.extend(["--audit-log", "off"]);
+    let daemon_off = env_off.start_daemon(&flags_off);
+    env_off.init();
+    env_off.unlock();
+    let ours_off = env_off.runtime.join("keyholder/ssh-agent.sock");
 
     // OpenSSH's agent, with keys of the same types.
     let openssh_sock = env.path().join("openssh-agent.sock");
@@ -148,9 +158,12 @@ fn main() {
         "key", "server", "conc", "sign/s", "p50 ms", "p99 ms"
     );
     let mut ratios = Vec::new();
+    let mut audit = Vec::new();
     for (name, kind, keygen, flags) in types {
         env.ok(&["key", "generate", name, "--type", kind, "--ssh", "--sign"]);
         let our_blob = blob_of(&env.ok(&["key", "show", name, "--public"]));
+        env_off.ok(&["key", "generate", name, "--type", kind, "--ssh", "--sign"]);
+        let off_blob = blob_of(&env_off.ok(&["key", "show", name, "--public"]));
         let file = env.path().join(format!("openssh-{name}"));
         let ok = Command::new("ssh-keygen")
             .args(["-q", "-N", "", "-f"])
@@ -170,9 +183,15 @@ fn main() {
             blob_of(&std::fs::read_to_string(format!("{}.pub", file.display())).expect("pub"));
         for c in [1usize, 4, 16] {
             let k = agent_run(&ours, &our_blob, flags, c);
+            let n = agent_run(&ours_off, &off_blob, flags, c);
             let o = agent_run(&openssh_sock, &their_blob, flags, c);
             let g = grpc_run(&rt, &env.socket(), name, c);
-            for (server, r) in [("keyholder", &k), ("ssh-agent", &o), ("grpc-sign", &g)] {
+            for (server, r) in [
+                ("keyholder", &k),
+                ("kh-noaudit", &n),
+                ("ssh-agent", &o),
+                ("grpc-sign", &g),
+            ] {
                 println!(
                     "{name:<11} {server:<10} {c:>4} {:>10.0} {:>9.3} {:>9.3}",
                     r.rate(),
@@ -181,6 +200,7 @@ fn main() {
                 );
             }
             ratios.push((name, c, k.rate() / o.rate(), k.pct(0.99) < o.pct(0.99)));
+            audit.push((name, c, k.rate() / n.rate()));
         }
     }
     for (name, c, ratio, p99_lower) in ratios {
@@ -188,7 +208,11 @@ fn main() {
             "{name} concurrency {c}: keyholder/ssh-agent throughput {ratio:.1}x, lower p99: {p99_lower}"
         );
     }
+    for (name, c, ratio) in audit {
+        println!("{name} concurrency {c}: audit log on/off throughput {ratio:.2}x");
+    }
     let _ = agent.kill();
     let _ = agent.wait();
     drop(daemon);
+    drop(daemon_off);
 }

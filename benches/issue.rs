@@ -1,7 +1,9 @@
 //! Certificate issuance: Keyholder's gRPC `IssueCertificate` (P-256 key
 //! generated per call, signed by a vault-held P-256 CA) against `cfssl serve`
 //! doing the same work (`/api/v1/cfssl/newcert`, ECDSA P-256), at
-//! concurrency 1 and 8, in the same run.
+//! concurrency 1 and 8, in the same run; and Keyholder with its audit log
+//! (the default) against a second keyholderd with `--audit-log off`, so the
+//! audit log's cost is measured in the same run too.
 //!
 //! Run: `cargo bench --bench issue` (needs `cfssl` from Debian's golang-cfssl
 //! and `openssl`).
@@ -249,6 +251,14 @@ fn main() {
     env.init();
     env.unlock();
     env.ok(&["ca", "create", "bench"]);
+    // The same daemon without its audit log.
+    let env_off = Env::new();
+    let mut flags_off = flags.clone();
+    flags_off.extend(["--audit-log", "off"]);
+    let daemon_off = env_off.start_daemon(&flags_off);
+    env_off.init();
+    env_off.unlock();
+    env_off.ok(&["ca", "create", "bench"]);
     let mut cfssl = with_peer.then(|| start_cfssl(env.path()));
 
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -258,6 +268,7 @@ fn main() {
     // Warm both up.
     let warm = Duration::from_secs(2);
     let _ = keyholder_run(&rt, &env.socket(), 1, 2000, warm);
+    let _ = keyholder_run(&rt, &env_off.socket(), 1, 2000, warm);
     if let Some((_, port)) = &cfssl {
         let _ = cfssl_run(*port, 1, 2000, warm);
     }
@@ -268,11 +279,21 @@ fn main() {
         "server", "conc", "issues/s", "p50 ms", "p99 ms"
     );
     let mut rows = Vec::new();
+    let mut audit = Vec::new();
     for c in concurrency {
         let (mut ks, mut fs, mut per_round) = (Vec::new(), Vec::new(), Vec::new());
+        let mut offs = Vec::new();
         for _ in 0..rounds {
             // Let the other server's background work (Go's garbage collector,
             // the key stock) settle so it does not run into this round.
+            std::thread::sleep(SETTLE);
+            offs.push(keyholder_run(
+                &rt,
+                &env_off.socket(),
+                c,
+                round_ops,
+                round_time,
+            ));
             std::thread::sleep(SETTLE);
             let k = keyholder_run(&rt, &env.socket(), c, round_ops, round_time);
             if let Some((_, port)) = &cfssl {
@@ -285,6 +306,9 @@ fn main() {
         }
         let k = Run::merge(ks);
         print_row("keyholder", c, &k);
+        let off = Run::merge(offs);
+        print_row("kh-noaudit", c, &off);
+        audit.push((c, k.rate() / off.rate()));
         if !fs.is_empty() {
             let f = Run::merge(fs);
             print_row("cfssl", c, &f);
@@ -298,9 +322,13 @@ fn main() {
             "throughput ratio keyholder/cfssl at concurrency {c}: {ratio:.2}x (rounds {low:.2}x-{high:.2}x)"
         );
     }
+    for (c, ratio) in audit {
+        println!("audit log on/off throughput at concurrency {c}: {ratio:.2}x");
+    }
     if let Some((mut child, _)) = cfssl.take() {
         let _ = child.kill();
         let _ = child.wait();
     }
     drop(daemon);
+    drop(daemon_off);
 }

@@ -252,6 +252,8 @@ fn every_command_prints_one_json_value_with_json() {
             None,
         ),
         ("ssh-env", vec![], None),
+        ("audit tail", vec!["-n".into(), "1".into()], None),
+        ("audit verify", vec![], None),
         (
             "policy set",
             vec![policy.clone(), "--pin-file".into(), pin.clone()],

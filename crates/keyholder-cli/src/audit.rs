@@ -120,6 +120,13 @@ pub(crate) fn human(line: &str) -> String {
             if let Some(grant) = c.get("grant").and_then(Value::as_str) {
                 out.push_str(&format!(" grant {grant}"));
             }
+            if let Some(remote) = c.get("remote") {
+                out.push_str(&format!(
+                    " from {} (certificate {})",
+                    text(remote, "addr"),
+                    text(remote, "name")
+                ));
+            }
         }
         _ => out.push_str(" by keyholderd"),
     }

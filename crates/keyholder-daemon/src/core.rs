@@ -868,6 +868,12 @@ impl Core {
         let Some(head) = log.lock_records(reason.as_str(), Some(&key)) else {
             return;
         };
+        // Without the token (or after a failed check) the vault is left as
+        // it is: the anchor in the log stands, the head stays at the last
+        // write or lock.
+        if matches!(reason, LockReason::TokenRemoved | LockReason::CheckFailed) {
+            return;
+        }
         // A write in progress keeps the writer lock: its own head stands.
         let Ok(_writer) = self.writer.try_lock() else {
             return;
@@ -905,10 +911,7 @@ impl Core {
                 .compare_and_store(Some(&expected), &bytes, generation)
             {
                 Ok(_) => {
-                    if protected
-                        && reason != LockReason::TokenRemoved
-                        && let Some(session) = &*self.token_slot()
-                    {
+                    if protected && let Some(session) = &*self.token_slot() {
                         rollback::record(session.as_ref(), &vault_id, generation);
                     }
                 }

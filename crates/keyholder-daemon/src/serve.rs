@@ -208,6 +208,11 @@ pub async fn run(
         t.abort();
     }
     core.lock(crate::core::LockReason::Shutdown);
+    if let Some(sink) = core.audit_sink()
+        && let Some(log) = sink.log()
+    {
+        log.close();
+    }
     result.map_err(Into::into)
 }
 

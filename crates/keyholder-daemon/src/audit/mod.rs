@@ -16,7 +16,7 @@
 pub mod record;
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
@@ -32,6 +32,13 @@ use crate::access::{AuditSink, Event};
 use crate::core::Core;
 use crate::error::{Error, Result};
 pub use record::Draft;
+
+/// How far ahead of the records the active file is allocated (zeros). An
+/// fdatasync that does not change the file's size costs a fraction of one
+/// that does (0.7 ms against 4.5 ms on the development machine's disk), so
+/// records are written into space allocated ahead, and the zeros are cut
+/// off again at rotation, shutdown and start.
+const PREALLOCATE: u64 = 1 << 20;
 
 /// How long a lock waits for its record before going on without it.
 const LOCK_RECORD_WAIT: Duration = Duration::from_secs(5);
@@ -80,6 +87,8 @@ struct Output {
     file: Option<File>,
     /// Its length up to the last durable record.
     len: u64,
+    /// Its size: past `len`, zeros allocated ahead ([`PREALLOCATE`]).
+    allocated: u64,
     /// The first record's `seq` in it (0 while empty).
     first_seq: u64,
     /// `(dev, ino)` of the file, to notice it removed or replaced.
@@ -118,10 +127,11 @@ fn file_id(m: &std::fs::Metadata) -> (u64, u64) {
     (m.dev(), m.ino())
 }
 
-fn open_append(path: &Path) -> std::io::Result<File> {
+fn open_log(path: &Path) -> std::io::Result<File> {
     OpenOptions::new()
         .create(true)
-        .append(true)
+        .truncate(false)
+        .write(true)
         .read(true)
         .mode(0o600)
         .open(path)
@@ -135,20 +145,22 @@ fn sync_dir(path: &Path) {
     }
 }
 
-/// The last complete line of `file` (up to 1 MiB back), the length of the
-/// file up to its end, and the length of an unfinished tail after it.
+/// The last complete line of `file` (up to 2 MiB back, past the zeros
+/// allocated ahead), where the records end (after that line), and the
+/// length of an unfinished record after it.
 fn last_line(file: &mut File) -> std::io::Result<(Option<String>, u64, u64)> {
-    let len = file.metadata()?.len();
-    let from = len.saturating_sub(1 << 20);
+    let size = file.metadata()?.len();
+    let from = size.saturating_sub(2 * PREALLOCATE);
     file.seek(SeekFrom::Start(from))?;
     let mut buf = Vec::new();
-    file.take(1 << 20).read_to_end(&mut buf)?;
-    let complete = match buf.iter().rposition(|b| *b == b'\n') {
+    file.take(2 * PREALLOCATE).read_to_end(&mut buf)?;
+    let end = buf.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+    let complete = match buf[..end].iter().rposition(|b| *b == b'\n') {
         Some(i) => i + 1,
         None if from == 0 => 0,
-        None => buf.len(),
+        None => end,
     };
-    let tail = u64::try_from(buf.len() - complete).unwrap_or(0);
+    let tail = u64::try_from(end - complete).unwrap_or(0);
     let text = String::from_utf8_lossy(&buf[..complete]);
     let line = text
         .trim_end_matches('\n')
@@ -156,7 +168,8 @@ fn last_line(file: &mut File) -> std::io::Result<(Option<String>, u64, u64)> {
         .next()
         .filter(|l| !l.is_empty())
         .map(str::to_owned);
-    Ok((line, len, tail))
+    let records_end = from.saturating_add(u64::try_from(complete).unwrap_or(0));
+    Ok((line, records_end, tail))
 }
 
 fn first_seq_of(path: &Path) -> u64 {
@@ -197,6 +210,7 @@ impl AuditLog {
         let mut out = Output {
             file: None,
             len: 0,
+            allocated: 0,
             first_seq: 0,
             id: (0, 0),
         };
@@ -211,17 +225,18 @@ impl AuditLog {
                     .mode(0o700)
                     .create(dir)?;
             }
-            let mut file = open_append(&path)?;
+            let mut file = open_log(&path)?;
             let (line, len, tail) = last_line(&mut file)?;
-            let mut len = len;
             if tail > 0 {
                 // A record cut short by a crash was never released.
-                len = len.saturating_sub(tail);
-                file.set_len(len)?;
-                file.sync_data()?;
                 note = Some(format!(
                     "removed an unfinished record of {tail} bytes at the end of the log"
                 ));
+            }
+            // Zeros allocated ahead by the last run go too.
+            if file.metadata()?.len() != len {
+                file.set_len(len)?;
+                file.sync_all()?;
             }
             end = match line {
                 Some(l) => chain_end(Some(&l)),
@@ -242,6 +257,7 @@ impl AuditLog {
             };
             out.first_seq = if len > 0 { first_seq_of(&path) } else { 0 };
             out.len = len;
+            out.allocated = len;
             out.id = file_id(&file.metadata()?);
             out.file = Some(file);
             sync_dir(&path);
@@ -395,20 +411,32 @@ impl AuditLog {
 
     /// Writes `buf` (records `first..`) and makes it durable.
     fn write_batch(&self, buf: &[u8], first: u64) -> std::result::Result<(), String> {
+        use std::os::unix::fs::FileExt;
         let mut out = self.output();
         let len = u64::try_from(buf.len()).unwrap_or(u64::MAX);
         if out.len > 0 && out.len.saturating_add(len) > self.max_bytes {
             self.rotate(&mut out)?;
         }
-        let durable_len = out.len;
-        let Some(file) = out.file.as_mut() else {
+        let at = out.len;
+        let end = at.saturating_add(len);
+        let Some(file) = out.file.as_ref() else {
             return Err(format!("{} is not open", self.path.display()));
         };
-        let written = file.write_all(buf).and_then(|()| file.sync_data());
+        let mut allocated = out.allocated;
+        if end > allocated {
+            // Allocate ahead; where that fails (a nearly full disk) the
+            // write extends the file itself, and fails if it cannot.
+            let ahead = PREALLOCATE.max(len);
+            if rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), at, ahead).is_ok() {
+                allocated = at.saturating_add(ahead);
+            }
+        }
+        let written = file.write_all_at(buf, at).and_then(|()| file.sync_data());
         if let Err(e) = written {
-            // Whatever part of the batch reached the file goes: none of it
-            // was released.
-            let _ = file.set_len(durable_len);
+            // Whatever part of the batch reached the file goes, with the
+            // zeros ahead: none of it was released.
+            let _ = file.set_len(at);
+            out.allocated = at;
             return Err(format!("{}: {e}", self.path.display()));
         }
         match std::fs::metadata(&self.path) {
@@ -421,18 +449,39 @@ impl AuditLog {
         if out.len == 0 {
             out.first_seq = first;
         }
-        out.len = out.len.saturating_add(len);
+        out.len = end;
+        out.allocated = allocated.max(end);
         Ok(())
+    }
+
+    /// Cuts off the zeros allocated ahead, so the file ends with its last
+    /// record (at shutdown; a new start does the same after a crash).
+    pub fn close(&self) {
+        let mut out = self.output();
+        let len = out.len;
+        if let Some(file) = out.file.as_ref()
+            && out.allocated > len
+        {
+            if let Err(e) = file.set_len(len).and_then(|()| file.sync_all()) {
+                tracing::warn!(error = %e, "cannot trim the audit log's space allocated ahead");
+            }
+            out.allocated = len;
+        }
     }
 
     /// Moves the active file aside as `NAME.<first seq>` and starts a new one.
     fn rotate(&self, out: &mut Output) -> std::result::Result<(), String> {
         let err = |e: std::io::Error| format!("rotating {}: {e}", self.path.display());
+        if let Some(file) = out.file.as_ref() {
+            file.set_len(out.len)
+                .and_then(|()| file.sync_all())
+                .map_err(err)?;
+        }
         let aside = keyholder_audit::rotated_name(&self.path, out.first_seq);
         std::fs::rename(&self.path, &aside).map_err(err)?;
         let file = OpenOptions::new()
             .create_new(true)
-            .append(true)
+            .write(true)
             .read(true)
             .mode(0o600)
             .open(&self.path)
@@ -441,6 +490,7 @@ impl AuditLog {
         out.id = file_id(&file.metadata().map_err(err)?);
         out.file = Some(file);
         out.len = 0;
+        out.allocated = 0;
         out.first_seq = 0;
         tracing::info!(rotated = %aside.display(), "audit log rotated");
         Ok(())
@@ -517,16 +567,13 @@ impl AuditLog {
             {
                 return Err(format!("{}: the directory is gone", self.path.display()));
             }
-            let mut file = open_append(&self.path).map_err(err)?;
+            let mut file = open_log(&self.path).map_err(err)?;
             let meta = file.metadata().map_err(err)?;
-            if file_id(&meta) == out.id && out.file.is_some() {
-                if meta.len() > out.len {
-                    file.set_len(out.len).map_err(err)?;
-                }
-            } else {
+            if file_id(&meta) != out.id || out.file.is_none() {
                 // A new file (the old one was removed): the chain goes on in
                 // it; verify reports the records that went with the old one.
-                out.len = meta.len();
+                let (_, end, _) = last_line(&mut file).map_err(err)?;
+                out.len = end;
                 out.first_seq = if out.len > 0 {
                     first_seq_of(&self.path)
                 } else {
@@ -534,6 +581,10 @@ impl AuditLog {
                 };
                 out.id = file_id(&meta);
             }
+            if meta.len() != out.len {
+                file.set_len(out.len).map_err(err)?;
+            }
+            out.allocated = out.len;
             let seq = c.seq.saturating_add(1);
             let mut details = Map::new();
             details.insert("lost".into(), json!(c.lost));
@@ -544,7 +595,9 @@ impl AuditLog {
             let mut bytes = line.clone().into_bytes();
             bytes.push(b'\n');
             let len = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
-            if let Err(e) = file.write_all(&bytes).and_then(|()| file.sync_data()) {
+            let written = std::os::unix::fs::FileExt::write_all_at(&file, &bytes, out.len)
+                .and_then(|()| file.sync_data());
+            if let Err(e) = written {
                 let _ = file.set_len(out.len);
                 return Err(err(e));
             }
@@ -553,6 +606,7 @@ impl AuditLog {
                 out.first_seq = seq;
             }
             out.len = out.len.saturating_add(len);
+            out.allocated = out.len;
             out.file = Some(file);
             Ok((Head { seq, hash }, Arc::from(line)))
         })();
@@ -588,7 +642,29 @@ fn writer_thread(log: Weak<AuditLog>) {
                 let _ = log.wake.wait_timeout(c, Duration::from_secs(1));
             }
         }
-        while log.flush() {}
+        // A panic in a round must not leave callers waiting for ever: the
+        // log fails closed instead, and each new request tries it again.
+        loop {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| log.flush())) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(_) => {
+                    let mut c = log.chain();
+                    let waiters = std::mem::take(&mut c.waiters);
+                    c.pending.clear();
+                    c.lines.clear();
+                    c.busy = false;
+                    c.seq = c.durable.seq;
+                    c.prev = c.durable.hash.clone();
+                    c.failed = Some("the audit writer failed".into());
+                    drop(c);
+                    for w in waiters {
+                        w.send(Err("the audit writer failed".into()));
+                    }
+                    break;
+                }
+            }
+        }
     }
 }
 

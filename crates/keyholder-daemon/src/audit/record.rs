@@ -119,6 +119,16 @@ pub fn caller_json(c: &Caller) -> Value {
     if let Some(grant) = &c.grant {
         m.insert("grant".into(), json!(grant.name));
     }
+    if let Some(peer) = &c.remote {
+        m.insert(
+            "remote".into(),
+            json!({
+                "addr": peer.addr.to_string(),
+                "name": peer.name,
+                "serial": peer.serial,
+            }),
+        );
+    }
     Value::Object(m)
 }
 

@@ -41,7 +41,9 @@ fn last_lines(active: &std::path::Path, n: usize) -> std::io::Result<Vec<String>
         }
         let text = std::fs::read(file)?;
         let text = String::from_utf8_lossy(&text);
-        // Only complete lines: a record still being written is not durable.
+        // Only complete lines: a record still being written is not durable;
+        // the zeros allocated ahead of the records are not lines.
+        let text = text.trim_end_matches('\0');
         let complete = text.rfind('\n').map_or("", |i| &text[..i]);
         let mut lines: Vec<String> = complete
             .split('\n')
