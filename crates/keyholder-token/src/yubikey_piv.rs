@@ -25,6 +25,7 @@
 //! `--piv-slot`), and AES management keys (the `yubikey` crate 0.8 speaks
 //! 3DES only).
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 use p256::elliptic_curve::sec1::ToEncodedPoint;
@@ -36,8 +37,9 @@ use zeroize::Zeroizing;
 
 use crate::backend::{Backend, Session};
 use crate::{
-    Error, KeyPurpose, ObjectSelector, PinStatus, PivSlot, Result, Selector, SlotCertifier,
-    TokenDescription, TokenKey,
+    Error, KeyPurpose, ObjectSelector, PinStatus, PivGeneration, PivKeyFacts, PivKeyOrigin,
+    PivPinPolicy, PivSlot, PivTouchPolicy, Result, Selector, SlotCertifier, TokenDescription,
+    TokenKey,
 };
 
 /// The manufacturer every YubiKey reports here.
@@ -206,6 +208,7 @@ impl Backend for YubiKeyBackend {
             token: token.clone(),
             serial,
             pin: Mutex::new(None),
+            touch: Mutex::new(HashMap::new()),
             reader,
             events,
         }))
@@ -237,6 +240,9 @@ pub struct YubiKeySession {
     serial: Serial,
     /// The PIN while logged in, to verify again on each connection.
     pin: Mutex<Option<SecretString>>,
+    /// The touch policy of each slot whose key was looked at, to say
+    /// "touch the key" before an operation that waits for one.
+    touch: Mutex<HashMap<u8, TouchPolicy>>,
     /// The reader the card sat in at open, and its event counter then.
     reader: String,
     events: u32,
@@ -251,10 +257,13 @@ impl std::fmt::Debug for YubiKeySession {
     }
 }
 
-/// A P-256 key found in a slot, with its PIN policy when the card says.
+/// A P-256 key found in a slot, with its policies and origin when the
+/// card says.
 struct SlotKey {
     public: p256::PublicKey,
     pin_policy: Option<PinPolicy>,
+    touch_policy: Option<TouchPolicy>,
+    origin: Option<piv::Origin>,
 }
 
 /// The P-256 key in `slot`, if any: from the slot's metadata (firmware
@@ -267,6 +276,8 @@ fn key_in_slot(yk: &mut YubiKey, slot: PivSlot) -> Result<Option<SlotKey>> {
                 return Ok(None);
             }
             let pin_policy = m.policy.map(|(pin, _)| pin);
+            let touch_policy = m.policy.map(|(_, touch)| touch);
+            let origin = m.origin;
             let from_metadata = m
                 .public
                 .as_ref()
@@ -276,12 +287,19 @@ fn key_in_slot(yk: &mut YubiKey, slot: PivSlot) -> Result<Option<SlotKey>> {
                 Some(p) => Some(p),
                 None => certificate_key(yk, id)?,
             };
-            Ok(public.map(|public| SlotKey { public, pin_policy }))
+            Ok(public.map(|public| SlotKey {
+                public,
+                pin_policy,
+                touch_policy,
+                origin,
+            }))
         }
         // Older firmware: no metadata, so the certificate tells.
         Err(yubikey::Error::NotSupported) => Ok(certificate_key(yk, id)?.map(|public| SlotKey {
             public,
             pin_policy: None,
+            touch_policy: None,
+            origin: None,
         })),
         Err(e @ yubikey::Error::PcscError { .. }) => Err(map_err(e)),
         // The card says there is no key there.
@@ -353,7 +371,122 @@ const PIN_ALWAYS: &str = "the key's PIN policy is \"always\" (the PIN before eve
      there), so a vault or key using it would not work through ykcs11: use a key whose PIN \
      policy is once per session (PIV slot 9a or a retired slot 82 to 95)";
 
+/// A PIN policy's name, `None` for the slot's default (which the card
+/// reports only for keys it did not make).
+fn pin_policy_name(p: PinPolicy, slot: PivSlot) -> Option<&'static str> {
+    match p {
+        PinPolicy::Never => Some("never"),
+        PinPolicy::Once => Some("once"),
+        PinPolicy::Always => Some("always"),
+        // Slot 9c's default is "always", every other slot's "once".
+        PinPolicy::Default if slot.number() == 0x9c => Some("always"),
+        PinPolicy::Default => Some("once"),
+    }
+}
+
+fn touch_policy_name(t: TouchPolicy) -> &'static str {
+    match t {
+        TouchPolicy::Always => "always",
+        TouchPolicy::Cached => "cached",
+        TouchPolicy::Never | TouchPolicy::Default => "never",
+    }
+}
+
+/// Where the PIN-protected management key lives: PIV's "printed
+/// information" object, readable only after PIN verification.
+const OBJ_PROTECTED_DATA: u32 = 0x005f_c109;
+
+/// Replaces the card's management key (authenticated already with the
+/// current one) by a random 3DES key kept in the PIN-protected data object
+/// and flagged in the PIVMAN data object, as `ykman ... --protect` does.
+/// The object is written first, so a card that cannot hold it keeps its old
+/// key; the key is read back after PIN verification before it is relied on.
+fn protect_management_key(yk: &mut YubiKey, pin: &SecretString) -> Result<MgmKey> {
+    let new = MgmKey::generate();
+    let key: &[u8; 24] = new.as_ref();
+    let mut object = Zeroizing::new(Vec::with_capacity(28));
+    object.extend_from_slice(&[0x88, 26, 0x89, 24]);
+    object.extend_from_slice(key);
+    yk.save_object(OBJ_PROTECTED_DATA, object.as_mut_slice())
+        .map_err(|e| {
+            Error::Piv(format!(
+                "this card cannot store a PIN-protected management key (writing its \
+                 protected data object failed: {e}); its management key is unchanged: set \
+                 one with yubico-piv-tool -a set-mgm-key and give it with \
+                 --management-key-file"
+            ))
+        })?;
+    new.set_protected(yk).map_err(map_err)?;
+    yk.verify_pin(pin.expose_secret().as_bytes())
+        .map_err(map_err)?;
+    let stored = MgmKey::get_protected(yk).map_err(map_err)?;
+    if stored.as_ref() != new.as_ref() {
+        return Err(Error::Piv(
+            "the PIN-protected management key read back from the card differs from the one \
+             set"
+            .into(),
+        ));
+    }
+    tracing::info!(
+        "the card's management key is now a random one, kept on the card behind the PIN"
+    );
+    Ok(new)
+}
+
+/// The management key stored on the card behind the PIN (after verifying
+/// it), as `ykman ... --protect` leaves it.
+fn protected_management_key(yk: &mut YubiKey, pin: &SecretString, label: &str) -> Result<MgmKey> {
+    match yk.verify_pin(pin.expose_secret().as_bytes()) {
+        Ok(()) => {}
+        Err(yubikey::Error::WrongPin { tries }) => {
+            return Err(Error::PinIncorrect {
+                label: label.to_owned(),
+                count_low: true,
+                final_try: tries == 1,
+            });
+        }
+        Err(e) => return Err(map_err(e)),
+    }
+    MgmKey::get_protected(yk).map_err(|e| {
+        Error::Piv(format!(
+            "no management key given, and the card keeps no PIN-protected one ({e}): give \
+             the management key with --management-key-file, or, on a card still on the \
+             factory key, add --protect-management-key"
+        ))
+    })
+}
+
 impl YubiKeySession {
+    /// Remembers the touch policy of the key in `slot`.
+    fn note_touch(&self, slot: PivSlot, touch: Option<TouchPolicy>) {
+        if let Some(t) = touch {
+            self.touch
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(slot.number(), t);
+        }
+    }
+
+    /// Says, in the log, that the card waits for a touch before using the
+    /// key in `id` (when its touch policy asks for one).
+    fn say_touch(&self, id: SlotId, what: &str) {
+        let number: u8 = id.into();
+        let policy = self
+            .touch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&number)
+            .copied();
+        if let Some(p @ (TouchPolicy::Always | TouchPolicy::Cached)) = policy {
+            tracing::info!(
+                slot = %format!("{number:02x}"),
+                touch_policy = touch_policy_name(p),
+                "touch the YubiKey {:?} now: its key in slot {number:02x} waits for a touch before {what}",
+                self.token.label
+            );
+        }
+    }
+
     /// Runs `f` on a fresh connection to the card, after verifying the PIN
     /// when `with_pin`; disconnects after (resetting the card when the PIN
     /// was verified).
@@ -419,6 +552,7 @@ impl YubiKeySession {
         let found = self.with_card(false, |yk| key_in_slot(yk, slot))?;
         let key = found
             .ok_or_else(|| Error::KeyNotFound(format!("PIV slot {slot} holds no P-256 key")))?;
+        self.note_touch(slot, key.touch_policy);
         let always = match key.pin_policy {
             Some(PinPolicy::Always) => true,
             // The slot's default: "always" for 9c only.
@@ -485,38 +619,72 @@ impl Session for YubiKeySession {
 
     fn generate_p256_in_piv_slot(
         &mut self,
+        label: &str,
+        purpose: KeyPurpose,
+        slot: PivSlot,
+        management_key_hex: &SecretString,
+        pin: &SecretString,
+        certify: &SlotCertifier<'_>,
+    ) -> Result<TokenKey> {
+        self.generate_p256_in_piv_slot_with(
+            label,
+            purpose,
+            slot,
+            management_key_hex,
+            pin,
+            &PivGeneration::default(),
+            certify,
+        )
+    }
+
+    fn generate_p256_in_piv_slot_with(
+        &mut self,
         _label: &str,
         _purpose: KeyPurpose,
         slot: PivSlot,
         management_key_hex: &SecretString,
-        _pin: &SecretString,
+        pin: &SecretString,
+        how: &PivGeneration,
         certify: &SlotCertifier<'_>,
     ) -> Result<TokenKey> {
         let id = slot_id(slot)?;
         let label = self.token.label.clone();
-        self.with_card(false, |yk| {
-            if key_in_slot(yk, slot)?.is_some() {
+        let mut yk = connect(self.serial)?;
+        let result = (|| {
+            if key_in_slot(&mut yk, slot)?.is_some() {
                 return Err(Error::SlotInUse {
                     slot: slot.to_string(),
                     id: format!("%{:02x}", slot.pkcs11_id()),
                 });
             }
-            let mgm = management_key(management_key_hex)?;
-            match yk.authenticate(mgm) {
+            let mgm = if management_key_hex.expose_secret().trim().is_empty() {
+                protected_management_key(&mut yk, pin, &label)?
+            } else {
+                management_key(management_key_hex)?
+            };
+            let authenticated = yk.authenticate(mgm.clone());
+            match authenticated {
                 Ok(()) => {}
                 Err(yubikey::Error::AuthenticationError) => {
                     return Err(Error::ManagementKeyIncorrect { label });
                 }
                 Err(e) => return Err(map_err(e)),
             }
-            let spki = piv::generate(
-                yk,
-                id,
-                AlgorithmId::EccP256,
-                PinPolicy::Once,
-                TouchPolicy::Never,
-            )
-            .map_err(map_err)?;
+            if how.protect_management_key {
+                let new = protect_management_key(&mut yk, pin)?;
+                yk.authenticate(new).map_err(map_err)?;
+            }
+            let pin_policy = match how.pin_policy {
+                PivPinPolicy::Once => PinPolicy::Once,
+                PivPinPolicy::Always => PinPolicy::Always,
+            };
+            let touch_policy = match how.touch_policy {
+                PivTouchPolicy::Never => TouchPolicy::Never,
+                PivTouchPolicy::Cached => TouchPolicy::Cached,
+                PivTouchPolicy::Always => TouchPolicy::Always,
+            };
+            let spki = piv::generate(&mut yk, id, AlgorithmId::EccP256, pin_policy, touch_policy)
+                .map_err(map_err)?;
             let public = spki
                 .subject_public_key
                 .as_bytes()
@@ -524,12 +692,72 @@ impl Session for YubiKeySession {
                 .ok_or_else(|| Error::Piv("the card returned no P-256 public key".into()))?;
             let der = certify(&public).map_err(Error::Piv)?;
             let cert = Certificate::from_bytes(der).map_err(map_err)?;
-            cert.write(yk, id, CertInfo::Uncompressed)
+            cert.write(&mut yk, id, CertInfo::Uncompressed)
                 .map_err(map_err)?;
+            self.note_touch(slot, Some(touch_policy));
             Ok(TokenKey {
                 id: vec![slot.pkcs11_id()],
                 public,
             })
+        })();
+        // Reset: the PIN may have been verified (to read or check a
+        // PIN-protected management key), and the management key was.
+        release(yk, true);
+        result
+    }
+
+    fn piv_key_facts(&self, key: &TokenKey, attest: bool) -> Result<Option<PivKeyFacts>> {
+        let slot = PivSlot::from_pkcs11_id(&key.id).ok_or_else(|| {
+            Error::KeyNotFound(format!(
+                "key id {:02x?} names no PIV slot (01 to 18)",
+                key.id
+            ))
+        })?;
+        let id = slot_id(slot)?;
+        self.with_card(false, |yk| {
+            let found = key_in_slot(yk, slot)?;
+            let mut facts = PivKeyFacts {
+                slot: slot.to_string(),
+                serial: yk.serial().to_string(),
+                firmware: yk.version().to_string(),
+                ..PivKeyFacts::default()
+            };
+            if let Some(k) = &found {
+                facts.pin_policy = k
+                    .pin_policy
+                    .and_then(|p| pin_policy_name(p, slot))
+                    .map(str::to_owned);
+                facts.touch_policy = k.touch_policy.map(|t| touch_policy_name(t).to_owned());
+                facts.origin = k.origin.map(|o| match o {
+                    piv::Origin::Generated => PivKeyOrigin::Generated,
+                    piv::Origin::Imported => PivKeyOrigin::Imported,
+                });
+                self.note_touch(slot, k.touch_policy);
+            }
+            if !attest {
+                return Ok(Some(facts));
+            }
+            match Certificate::read(yk, SlotId::Attestation) {
+                Ok(cert) => {
+                    use p256::pkcs8::der::Encode;
+                    let der = cert.cert.to_der().map_err(|e| {
+                        Error::Piv(format!("the card's attestation certificate: {e}"))
+                    })?;
+                    facts.card_certificate = Some(der);
+                }
+                Err(e @ yubikey::Error::PcscError { .. }) => return Err(map_err(e)),
+                // Not found, or not a certificate: no attestation.
+                Err(e) => {
+                    tracing::debug!(error = %e, "no attestation certificate in slot f9");
+                    return Ok(Some(facts));
+                }
+            }
+            facts.attestation = Some(match piv::attest(yk, id) {
+                Ok(der) => Ok(der.to_vec()),
+                Err(e @ yubikey::Error::PcscError { .. }) => return Err(map_err(e)),
+                Err(e) => Err(format!("{e} ({})", e.name().unwrap_or("YKPIV_ERROR"))),
+            });
+            Ok(Some(facts))
         })
     }
 
@@ -545,6 +773,7 @@ impl Session for YubiKeySession {
                 {
                     continue;
                 }
+                self.note_touch(slot, key.touch_policy);
                 keys.push(TokenKey {
                     id: vec![slot.pkcs11_id()],
                     public: key.public,
@@ -565,6 +794,7 @@ impl Session for YubiKeySession {
     fn ecdh(&self, key: &TokenKey, peer: &p256::PublicKey) -> Result<Zeroizing<[u8; 32]>> {
         let id = Self::key_slot(key)?;
         let point = peer.to_encoded_point(false);
+        self.say_touch(id, "ECDH (opening the vault)");
         let shared = self.with_card(true, |yk| {
             piv::decrypt_data(yk, point.as_bytes(), AlgorithmId::EccP256, id).map_err(map_err)
         })?;
@@ -581,6 +811,7 @@ impl Session for YubiKeySession {
 
     fn sign_p256_digest(&self, key: &TokenKey, digest: &[u8; 32]) -> Result<[u8; 64]> {
         let id = Self::key_slot(key)?;
+        self.say_touch(id, "signing");
         let der = self.with_card(true, |yk| {
             piv::sign_data(yk, digest, AlgorithmId::EccP256, id).map_err(map_err)
         })?;
