@@ -295,3 +295,58 @@ fn yubikey_native_init_records_policies_and_that_the_card_gives_no_attestation()
     drop(daemon);
     drop(stack);
 }
+
+#[test]
+fn yubikey_native_protects_the_management_key_behind_the_pin() {
+    let (mut env, stack) = card();
+    native(&mut env);
+    let daemon = env.start_daemon(&[]);
+
+    // With the factory key given, --protect-management-key replaces it by
+    // a random key kept on the card behind the PIN, and uses that.
+    let out = init_in_slot(&env, "9d", &["--protect-management-key"]);
+    let (stdout, stderr) = texts(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("management key PIN-protected on the card"),
+        "{stdout}"
+    );
+    assert!(
+        daemon
+            .log_text()
+            .contains("management key is now a random one, kept on the card behind the PIN"),
+        "{}",
+        daemon.log_text()
+    );
+    drop(daemon);
+
+    // The factory key no longer works; the key on the card does, read
+    // after the PIN with no key given.
+    env.vault = env.path().join("vault2/vault.age");
+    let daemon = env.start_daemon(&[]);
+    let out = init_in_slot(&env, "82", &["--allow-default-management-key"]);
+    assert_fails(&out, 7, "management key");
+    assert!(!env.vault.exists());
+    let out = env.cli(&[
+        "init",
+        "--token-label",
+        &env.label,
+        "--pin-file",
+        p(&env.pin_file),
+        "--piv-slot",
+        "82",
+        "--management-key-on-card",
+        "--without-rollback-protection",
+    ]);
+    let (stdout, stderr) = texts(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("vault key: PIV slot 82, PIN policy once, touch policy never, management key PIN-protected on the card"),
+        "{stdout}"
+    );
+    env.unlock();
+    env.put("on/card", b"protected");
+    assert_eq!(env.ok(&["secret", "get", "on/card"]), "protected");
+    drop(daemon);
+    drop(stack);
+}

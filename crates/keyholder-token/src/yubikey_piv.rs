@@ -430,7 +430,43 @@ fn protect_management_key(yk: &mut YubiKey, pin: &SecretString) -> Result<MgmKey
     tracing::info!(
         "the card's management key is now a random one, kept on the card behind the PIN"
     );
+    if !pivman_says_protected(yk) {
+        tracing::warn!(
+            "the card did not keep the PIVMAN flag that marks its management key as \
+             PIN-protected (data object 5FFF00): ykman will not know the key is on the card; \
+             Keyholder reads it all the same (init --management-key-on-card)"
+        );
+    }
     Ok(new)
+}
+
+/// PIVMAN data object (ykman's admin data): 80 { 81 flags, ... }.
+const OBJ_PIVMAN_DATA: u32 = 0x005f_ff00;
+/// Its flag "the management key is stored in the protected data object".
+const PIVMAN_PROTECTED_MGM: u8 = 0x02;
+
+/// Whether the PIVMAN data object flags the management key as PIN-protected.
+fn pivman_says_protected(yk: &mut YubiKey) -> bool {
+    let Ok(data) = yk.fetch_object(OBJ_PIVMAN_DATA) else {
+        return false;
+    };
+    // 80 len { 81 01 flags ... }, short lengths only (the object is small).
+    let inner = match data.as_slice() {
+        [0x80, len, rest @ ..] if usize::from(*len) <= rest.len() => &rest[..usize::from(*len)],
+        _ => return false,
+    };
+    let mut rest = inner;
+    while let [tag, len, tail @ ..] = rest {
+        let n = usize::from(*len);
+        let Some(value) = tail.get(..n) else {
+            return false;
+        };
+        if *tag == 0x81 {
+            return value.first().is_some_and(|f| f & PIVMAN_PROTECTED_MGM != 0);
+        }
+        rest = tail.get(n..).unwrap_or_default();
+    }
+    false
 }
 
 /// The management key stored on the card behind the PIN (after verifying
