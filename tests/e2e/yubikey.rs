@@ -264,6 +264,45 @@ fn yubikey_native_init_records_policies_and_that_the_card_gives_no_attestation()
         daemon.log_text()
     );
 
+    // A signing key made with touch policy "always" by Yubico's tool:
+    // keyholderd says to touch the key before each signature.
+    let key = std::fs::read_to_string(env.path().join("management-key")).expect("key");
+    let out = env
+        .command("yubico-piv-tool")
+        .args([
+            "-a",
+            "generate",
+            "-s",
+            "9a",
+            "-A",
+            "ECCP256",
+            "--pin-policy=once",
+            "--touch-policy=always",
+            &format!("-k{}", key.trim()),
+            "-o",
+            p(&env.path().join("9a.pub")),
+        ])
+        .output()
+        .expect("yubico-piv-tool runs");
+    assert!(out.status.success(), "{out:?}");
+    env.ok(&[
+        "key",
+        "import",
+        "touched",
+        "--pkcs11-uri",
+        "pkcs11:id=%01",
+        "--sign",
+    ]);
+    let data = env.file("data", "signed after a touch\n");
+    env.ok(&["sign", "--key", "touched", "--in", p(&data)]);
+    assert!(
+        daemon
+            .log_text()
+            .contains("waits for a touch before signing"),
+        "{}",
+        daemon.log_text()
+    );
+
     // After a restart, keyholderd reads the key's policy from the card
     // before any unlock, so the first unlock says it too; the vault's
     // record comes back at unlock.
