@@ -91,6 +91,10 @@ struct Args {
     /// How long an on-demand PIN prompt waits, e.g. 60s.
     #[arg(long, value_parser = humantime::parse_duration)]
     pinentry_timeout: Option<Duration>,
+    /// PEM file of extra roots for YubiKey attestation at init (a test
+    /// root, or an organisation's own f9 issuer).
+    #[arg(long, value_name = "FILE")]
+    attestation_roots: Option<PathBuf>,
     /// Log filter (tracing syntax), e.g. info or keyholder_daemon=debug.
     #[arg(long, env = "KEYHOLDER_LOG", default_value = "info")]
     log: String,
@@ -151,6 +155,9 @@ fn settings(args: &Args) -> Result<Config, config::ConfigError> {
     }
     if let Some(v) = args.pinentry_timeout {
         cfg.pinentry_timeout = v;
+    }
+    if let Some(v) = &args.attestation_roots {
+        cfg.attestation_roots = Some(v.clone());
     }
     cfg.validate()?;
     Ok(cfg)

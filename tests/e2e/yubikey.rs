@@ -198,6 +198,24 @@ fn yubikey_native_init_records_policies_and_that_the_card_gives_no_attestation()
     let out = init_in_slot(&env, "9d", &["--touch-policy", "sometimes"]);
     assert_fails(&out, 2, "'sometimes'");
     assert!(!env.vault.exists());
+    // An attestation root that is not a certificate is refused before the
+    // card is touched.
+    let bad_root = env.file("root.pem", "not a certificate\n");
+    let out = init_in_slot(
+        &env,
+        "9d",
+        &[
+            "--allow-default-management-key",
+            "--attestation-root",
+            p(&bad_root),
+        ],
+    );
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("attestation_roots_pem"),
+        "{out:?}"
+    );
+    assert!(!env.vault.exists());
 
     // The vault key with touch policy "cached": recorded, and that the
     // virtual card has no attestation certificate (slot f9 answers "not

@@ -643,8 +643,16 @@ impl Core {
         recovery: Vec<String>,
         without_rollback_protection: bool,
         vault_key: NewVaultKey,
-        enrollment: Enrollment,
+        mut enrollment: Enrollment,
     ) -> Result<Initialized> {
+        if let Some(path) = &self.config.attestation_roots {
+            let pem = std::fs::read_to_string(path).map_err(|e| Error::InvalidArgument {
+                field: "attestation_roots",
+                reason: format!("keyholderd's attestation_roots {}: {e}", path.display()),
+            })?;
+            enrollment.attestation_roots_pem.push('\n');
+            enrollment.attestation_roots_pem.push_str(&pem);
+        }
         let roots = enrollment.roots()?;
         let _writer = self.writer.lock().await;
         for r in &recovery {
