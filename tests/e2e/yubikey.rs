@@ -326,6 +326,12 @@ fn yubikey_native_init_records_policies_and_that_the_card_gives_no_attestation()
     // record comes back at unlock.
     drop(daemon);
     let daemon = env.start_daemon(&[]);
+    let locked = env.ok(&["status"]);
+    assert!(locked.contains("state:       locked"), "{locked}");
+    assert!(
+        locked.contains("vault key:   PIV slot 9d, PIN policy once, touch policy cached"),
+        "{locked}"
+    );
     let out = env.cli(&unlock);
     let (stdout, stderr) = texts(&out);
     assert!(out.status.success(), "{stdout}{stderr}");

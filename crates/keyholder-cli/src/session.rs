@@ -398,10 +398,6 @@ fn print_status(s: &v1::StatusResponse, json: bool) {
         println!("idle lock:   {}", when(s.idle_deadline.as_ref()));
         println!("generation:  {}", s.generation);
         println!("secrets:     {}", s.secret_count);
-        if let Some(k) = &s.vault_key {
-            println!("vault key:   {}", piv_key_line(k));
-            println!("attestation: {}", attestation_line(k));
-        }
         if s.rollback_protection {
             println!("rollback:    on (the token records the vault's generation)");
         } else {
@@ -411,6 +407,10 @@ fn print_status(s: &v1::StatusResponse, json: bool) {
         }
     } else if !s.lock_reason.is_empty() {
         println!("locked by:   {}", s.lock_reason);
+    }
+    if let Some(k) = &s.vault_key {
+        println!("vault key:   {}", piv_key_line(k));
+        println!("attestation: {}", attestation_line(k));
     }
     println!("vault:       {}", s.vault_path);
     if s.state == v1::SessionState::Uninitialized as i32 {
@@ -646,5 +646,43 @@ mod tests {
         }
         s.state = 99;
         assert_eq!(state_name(&s), "unknown");
+    }
+
+    #[test]
+    fn a_piv_vault_key_is_described_in_words() {
+        let mut k = v1::PivKeyInfo {
+            slot: "9d".into(),
+            pin_policy: "once".into(),
+            touch_policy: "cached".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            piv_key_line(&k),
+            "PIV slot 9d, PIN policy once, touch policy cached"
+        );
+        assert!(needs_touch(&k));
+        assert_eq!(
+            attestation_line(&k),
+            "not known (unlock once to read the vault's record)"
+        );
+        k.attestation = "the card has no attestation certificate (slot f9)".into();
+        assert!(attestation_line(&k).starts_with("not attested: the card has no"));
+        k.attested = true;
+        k.attestation = "generated on the card: YubiKey serial 1".into();
+        assert_eq!(
+            attestation_line(&k),
+            "verified: generated on the card: YubiKey serial 1"
+        );
+        k.touch_policy = "never".into();
+        k.pin_policy.clear();
+        k.management_key = "pin-protected".into();
+        assert!(!needs_touch(&k));
+        assert_eq!(
+            piv_key_line(&k),
+            "PIV slot 9d, PIN policy unknown, touch policy never, management key PIN-protected on the card"
+        );
+        let json = piv_key_json(&k);
+        assert_eq!(json["pin_policy"], serde_json::Value::Null);
+        assert_eq!(json["attested"], true);
     }
 }
