@@ -392,6 +392,32 @@ fn touch_policy_name(t: TouchPolicy) -> &'static str {
     }
 }
 
+/// The data object of the attestation certificate (slot f9).
+const OBJ_ATTESTATION_CERTIFICATE: u32 = 0x005f_ff01;
+
+/// The value of the first BER-TLV in `data` if its tag is `tag` (one-byte
+/// tag, definite length of up to two bytes).
+fn first_tlv(data: &[u8], tag: u8) -> Option<&[u8]> {
+    let (&t, rest) = data.split_first()?;
+    if t != tag {
+        return None;
+    }
+    let (&l, rest) = rest.split_first()?;
+    let (len, rest) = match l {
+        0x00..=0x7f => (usize::from(l), rest),
+        0x81 => {
+            let (&n, rest) = rest.split_first()?;
+            (usize::from(n), rest)
+        }
+        0x82 => {
+            let (n, rest) = rest.split_at_checked(2)?;
+            (usize::from(u16::from_be_bytes([n[0], n[1]])), rest)
+        }
+        _ => return None,
+    };
+    rest.get(..len)
+}
+
 /// Where the PIN-protected management key lives: PIV's "printed
 /// information" object, readable only after PIN verification.
 const OBJ_PROTECTED_DATA: u32 = 0x005f_c109;
@@ -773,17 +799,17 @@ impl Session for YubiKeySession {
             if !attest {
                 return Ok(Some(facts));
             }
-            match Certificate::read(yk, SlotId::Attestation) {
-                Ok(cert) => {
-                    use p256::pkcs8::der::Encode;
-                    let der = cert.cert.to_der().map_err(|e| {
-                        Error::Piv(format!("the card's attestation certificate: {e}"))
-                    })?;
-                    facts.card_certificate = Some(der);
+            match yk.fetch_object(OBJ_ATTESTATION_CERTIFICATE) {
+                Ok(object) => {
+                    // 70 { certificate } 71 { info } ...: a certificate the
+                    // object does not hold in that form goes to the
+                    // verifier as it is, which refuses it.
+                    let der = first_tlv(&object, 0x70).unwrap_or(object.as_slice());
+                    facts.card_certificate = Some(der.to_vec());
                 }
                 Err(e @ yubikey::Error::PcscError { .. }) => return Err(map_err(e)),
-                // Not found, or not a certificate: no attestation.
                 Err(e) => {
+                    // NotFound: no f9 certificate, so no attestation.
                     tracing::debug!(error = %e, "no attestation certificate in slot f9");
                     return Ok(Some(facts));
                 }
@@ -908,6 +934,30 @@ mod tests {
         assert!(aes.to_string().contains("ykcs11"), "{aes}");
         for bad in ["", "0", "zz", "0102", &"g0".repeat(24)] {
             assert!(key(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_tlv_value_is_read_with_short_and_long_lengths() {
+        assert_eq!(
+            first_tlv(&[0x70, 2, 0xaa, 0xbb, 0x71], 0x70),
+            Some(&[0xaa, 0xbb][..])
+        );
+        let long: Vec<u8> = [0x70, 0x82, 0x01, 0x00]
+            .into_iter()
+            .chain(std::iter::repeat_n(7, 256))
+            .collect();
+        assert_eq!(first_tlv(&long, 0x70).map(<[u8]>::len), Some(256));
+        let mid: Vec<u8> = [0x70, 0x81, 0x80].into_iter().chain([1; 128]).collect();
+        assert_eq!(first_tlv(&mid, 0x70).map(<[u8]>::len), Some(128));
+        for bad in [
+            &[][..],
+            &[0x70],
+            &[0x71, 0],
+            &[0x70, 3, 1],
+            &[0x70, 0x83, 0, 0, 1],
+        ] {
+            assert_eq!(first_tlv(bad, 0x70), None, "{bad:?}");
         }
     }
 
