@@ -344,17 +344,28 @@ fn yubikey_native_init_records_policies_and_that_the_card_gives_no_attestation()
     );
     drop(daemon);
 
-    // A key with touch policy "never" (the default): no touch line.
+    // A key with touch policy "never" (the default): no touch line. Its
+    // PIN policy "always" works natively, since the PIN is verified again
+    // right before each card operation.
     env.vault = env.path().join("vault2/vault.age");
     let daemon = env.start_daemon(&[]);
-    let out = init_in_slot(&env, "82", &["--allow-default-management-key"]);
+    let out = init_in_slot(
+        &env,
+        "82",
+        &["--allow-default-management-key", "--pin-policy", "always"],
+    );
     let (stdout, stderr) = texts(&out);
     assert!(out.status.success(), "{stdout}{stderr}");
-    assert!(stdout.contains("touch policy never"), "{stdout}");
+    assert!(
+        stdout.contains("PIV slot 82, PIN policy always, touch policy never"),
+        "{stdout}"
+    );
     let out = env.cli(&unlock);
     let (_, stderr) = texts(&out);
     assert!(out.status.success(), "{stderr}");
     assert!(!stderr.contains("Touch"), "{stderr}");
+    env.put("pin/always", b"verified again");
+    assert_eq!(env.ok(&["secret", "get", "pin/always"]), "verified again");
     drop(daemon);
     drop(stack);
 }
