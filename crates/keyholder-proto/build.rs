@@ -26,6 +26,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "keyholder.v1.IssueCertificateResponse",
             "keyholder.v1.IssueKubeconfigResponse",
             "keyholder.v1.IssueExecCredentialResponse",
+            "keyholder.v1.SetPolicyRequest",
+            "keyholder.v1.CreateGrantRequest",
+            "keyholder.v1.CreateGrantResponse",
         ])
         .file_descriptor_set_path(&descriptor_path)
         .skip_protoc_run()

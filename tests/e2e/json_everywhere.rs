@@ -66,6 +66,10 @@ fn every_command_prints_one_json_value_with_json() {
     let s = |p: &std::path::Path| p.to_str().expect("utf8").to_owned();
     let pin = s(&env.pin_file);
     let data = s(&env.file("data", "to sign"));
+    let policy = s(&env.file(
+        "policy.toml",
+        "default = \"allow\"\n[[rule]]\nname = \"nobody\"\nexe = [\"/nonexistent\"]\nallow = [\"list\"]\n",
+    ));
     let (ca_cert, ca_key) = (dir.join("ca.crt"), dir.join("ca.key"));
     openssl(&[
         "req",
@@ -120,6 +124,18 @@ fn every_command_prints_one_json_value_with_json() {
         ),
         ("secret list", vec![], None),
         ("ca create", vec!["kube".into()], None),
+        (
+            "client issue",
+            vec![
+                "--ca".into(),
+                "kube".into(),
+                "--name".into(),
+                "ci".into(),
+                "--out-dir".into(),
+                s(&dir.join("client")),
+            ],
+            None,
+        ),
         (
             "ca create",
             vec!["ssh-users".into(), "--kind".into(), "ssh".into()],
@@ -236,6 +252,36 @@ fn every_command_prints_one_json_value_with_json() {
             None,
         ),
         ("ssh-env", vec![], None),
+        (
+            "policy set",
+            vec![policy.clone(), "--pin-file".into(), pin.clone()],
+            None,
+        ),
+        ("policy get", vec![], None),
+        (
+            "policy explain",
+            vec![
+                "--op".into(),
+                "secret-read".into(),
+                "--object".into(),
+                "db/pw".into(),
+            ],
+            None,
+        ),
+        (
+            "grant create",
+            vec![
+                "--name".into(),
+                "g".into(),
+                "--allow".into(),
+                "secret:read:db/*".into(),
+                "--pin-file".into(),
+                pin.clone(),
+            ],
+            None,
+        ),
+        ("grant list", vec![], None),
+        ("grant revoke", vec!["g".into()], None),
         ("key rm", vec!["imp".into()], None),
         ("cluster rm", vec!["prod".into()], None),
         ("secret rm", vec!["db/pw".into()], None),

@@ -473,15 +473,15 @@ fn rsa_and_ed25519_cas_issue_certificates_etcd_accepts() {
 
 /// A TLS server that answers like an API server's `/version` and requires a
 /// client certificate from `ca_pem`.
-struct ApiServer {
-    port: u16,
+pub(crate) struct ApiServer {
+    pub(crate) port: u16,
     stop: Arc<std::sync::atomic::AtomicBool>,
-    seen: Arc<std::sync::Mutex<Vec<String>>>,
+    pub(crate) seen: Arc<std::sync::Mutex<Vec<String>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl ApiServer {
-    fn start(ca_pem: &Path, cert: &Path, key: &Path) -> Self {
+    pub(crate) fn start(ca_pem: &Path, cert: &Path, key: &Path) -> Self {
         use rustls_pki_types::pem::PemObject;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = rustls::RootCertStore::empty();
@@ -606,7 +606,7 @@ fn x509_cn(der: &[u8]) -> String {
     last
 }
 
-fn kubectl(kubeconfig: &Path, dir: &Path) -> Command {
+pub(crate) fn kubectl(kubeconfig: &Path, dir: &Path) -> Command {
     let mut c = Command::new("kubectl");
     c.env("KUBECONFIG", kubeconfig).env("HOME", dir).args([
         "get",

@@ -4,6 +4,7 @@
 mod util;
 
 mod api_docs;
+mod audit;
 mod bad_input;
 mod connections;
 mod crash;
@@ -18,7 +19,11 @@ mod nss;
 mod output_paths;
 mod peer;
 mod pinentry;
+mod policy;
+mod policy_docs;
 mod python;
+mod remote;
+mod remote_docs;
 mod round_trip;
 mod socket_trust;
 mod ssh;

@@ -59,6 +59,18 @@ pub struct Peer {
     /// A `session-bind` marked the connection as a forwarded agent (a host
     /// reached with `ssh -A` speaks through it).
     pub forwarded: bool,
+    /// SHA-256 of the destination host key of the last verified
+    /// `session-bind` (the host the user's ssh is logging in to).
+    pub host_key: Option<[u8; 32]>,
+}
+
+impl Peer {
+    /// The destination host key's fingerprint as OpenSSH prints it
+    /// (`SHA256:...`), when the connection is bound.
+    pub fn host_key_fingerprint(&self) -> Option<String> {
+        self.host_key
+            .map(|d| ssh_key::Fingerprint::Sha256(d).to_string())
+    }
 }
 
 /// What the agent asks of Keyholder.
@@ -102,6 +114,8 @@ struct Connection {
     /// so it needs no proof, and a forwarding ssh must not escape it by
     /// binding while Keyholder is locked.
     forwarded: bool,
+    /// The destination host key of the last verified binding.
+    host_key: Option<[u8; 32]>,
 }
 
 /// Verifies a session binding; returns the host key's fingerprint.
@@ -146,6 +160,9 @@ impl Connection {
         let fingerprint = verify_session_bind(bind)?;
         self.bindings
             .push((bind.session_id.clone(), bind.forwarding));
+        self.host_key = parse_key_blob(&bind.host_key)
+            .ok()
+            .and_then(|k| k.fingerprint(ssh_key::HashAlg::Sha256).sha256());
         Ok(fingerprint)
     }
 }
@@ -158,6 +175,7 @@ async fn handle<B: Backend>(
 ) -> Response {
     let peer = Peer {
         forwarded: conn.forwarded,
+        host_key: conn.host_key,
         ..peer
     };
     let request = match proto::decode(message) {
@@ -355,6 +373,7 @@ pub async fn serve<B: Backend>(
                 uid: c.uid(),
                 pid: c.pid(),
                 forwarded: false,
+                host_key: None,
             },
             Ok(c) => {
                 tracing::warn!(uid = c.uid(), pid = ?c.pid(), "refused agent connection from another uid");

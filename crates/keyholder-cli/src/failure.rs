@@ -18,6 +18,14 @@ impl Failure {
             message: message.into(),
         }
     }
+
+    /// A failure that has already said what it had to: only the status.
+    pub(crate) fn quiet(code: u8) -> Self {
+        Self {
+            code,
+            message: String::new(),
+        }
+    }
 }
 
 impl From<tonic::Status> for Failure {

@@ -4,15 +4,18 @@
 
 #![forbid(unsafe_code)]
 
+mod audit;
 mod failure;
 mod input;
 mod keys;
 mod kube;
 mod output;
 mod pki;
+mod remote;
 mod secrets;
 mod session;
 mod ssh;
+mod trust;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -50,6 +53,20 @@ struct Cli {
     /// prints its ExecCredential JSON).
     #[arg(long, global = true)]
     json: bool,
+    /// A keyholderd on another machine, reached over TCP with mutual TLS:
+    /// https://HOST:PORT (needs --remote-cert, --remote-key, --remote-ca;
+    /// see docs/remote.md).
+    #[arg(long, global = true, env = "KEYHOLDER_REMOTE", requires_all = ["remote_cert", "remote_key", "remote_ca"])]
+    remote: Option<String>,
+    /// The client certificate for --remote (PEM).
+    #[arg(long, global = true, env = "KEYHOLDER_REMOTE_CERT")]
+    remote_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, global = true, env = "KEYHOLDER_REMOTE_KEY")]
+    remote_key: Option<PathBuf>,
+    /// The CA that issued the remote keyholderd's certificate (PEM).
+    #[arg(long, global = true, env = "KEYHOLDER_REMOTE_CA")]
+    remote_ca: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -90,9 +107,21 @@ enum Command {
     Sign(keys::SignArgs),
     /// Issue an OpenSSH certificate from an SSH CA.
     SshCert(ssh::SshCertArgs),
+    /// Show, set and explain the access policy kept in the vault.
+    #[command(subcommand)]
+    Policy(trust::PolicyCommand),
+    /// Create, list and revoke scoped grants for scripts.
+    #[command(subcommand)]
+    Grant(trust::GrantCommand),
+    /// Issue keys and certificates for remote tools (the TCP listener's clients).
+    #[command(subcommand)]
+    Client(remote::ClientCommand),
     /// Print shell commands that point SSH_AUTH_SOCK at Keyholder's agent:
     /// eval "$(keyholder ssh-env)".
     SshEnv,
+    /// Read and verify the audit log.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 /// A channel to keyholderd and the uid it runs as, or a failure that says
@@ -122,8 +151,32 @@ async fn run(cli: Cli) -> CliResult {
         .socket
         .unwrap_or_else(keyholder_proto::socket::default_socket);
     let json = cli.json;
-    let (channel, peer) = connect(&socket).await?;
-    let result = match cli.command {
+    // `audit verify` checks a log file's chain without a daemon too.
+    let command = match cli.command {
+        Command::Audit(cmd) => return audit::audit(&socket, cmd, json).await,
+        other => other,
+    };
+    let remote = match (cli.remote, cli.remote_cert, cli.remote_key, cli.remote_ca) {
+        (Some(server), Some(cert), Some(key), Some(server_ca)) => Some(remote::Remote {
+            server,
+            cert,
+            key,
+            server_ca,
+        }),
+        _ => None,
+    };
+    let (channel, peer) = match &remote {
+        Some(r) => (
+            remote::connect(r).await?,
+            keyholder_proto::socket::own_uid(),
+        ),
+        None => connect(&socket).await?,
+    };
+    let reach = match &remote {
+        Some(r) => kube::Reach::Remote(r.clone()),
+        None => kube::Reach::Socket(socket.clone()),
+    };
+    let result = match command {
         Command::Init(args) => session::init(channel, args, json).await,
         Command::Unlock(args) => session::unlock(channel, args, json).await,
         Command::Lock => session::lock(channel, json).await,
@@ -133,12 +186,17 @@ async fn run(cli: Cli) -> CliResult {
         Command::Ca(cmd) => pki::ca(channel, cmd, json).await,
         Command::Cert(cmd) => pki::cert(channel, cmd, json).await,
         Command::Cluster(cmd) => kube::cluster(channel, cmd, json).await,
-        Command::Kubeconfig(args) => kube::kubeconfig(channel, args, &socket, json).await,
+        Command::Kubeconfig(args) => kube::kubeconfig(channel, args, &reach, json).await,
         Command::KubeCredential(args) => kube::kube_credential(channel, args).await,
         Command::Key(cmd) => keys::key(channel, cmd, json).await,
         Command::Sign(args) => keys::sign(channel, args, json).await,
         Command::SshCert(args) => ssh::ssh_cert(channel, args, json).await,
         Command::SshEnv => ssh::ssh_env(channel, json).await,
+        Command::Policy(cmd) => trust::policy(channel, cmd, json).await,
+        Command::Grant(cmd) => trust::grant(channel, cmd, json).await,
+        Command::Client(cmd) => remote::client(channel, cmd, json).await,
+        // Answered above, before connecting.
+        Command::Audit(_) => Ok(()),
     };
     // keyholderd closes the connection of any uid but its own; a root
     // daemon's socket reached by another user fails that way, whatever the
@@ -170,7 +228,9 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("keyholder: {}", f.message);
+            if !f.message.is_empty() {
+                eprintln!("keyholder: {}", f.message);
+            }
             ExitCode::from(f.code)
         }
     }

@@ -235,6 +235,12 @@ fn final_try_next(status: &tonic::Status) -> bool {
     status.message().contains("ONE try remains")
 }
 
+/// The PIN for a step-up (changing policy or grants): --pin-file,
+/// --pin-fd, pinentry or the terminal, asked once.
+pub(crate) fn ask_pin(src: &PinSource, purpose: &'static str) -> CliResult<SecretString> {
+    PinPrompt::new(src, purpose).first()
+}
+
 fn ask_pinentry(
     program: &std::path::Path,
     purpose: &str,

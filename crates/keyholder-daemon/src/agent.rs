@@ -19,10 +19,12 @@ use keyholder_vault::Body;
 use secrecy::SecretString;
 use zeroize::Zeroizing;
 
+use crate::access::Access;
 use crate::core::{Core, LockReason};
 use crate::error::Result;
 use crate::gate::{Caller, Channel, Needs};
 use crate::signers::off_worker;
+use sha2::Digest;
 
 /// One identity the agent offers.
 struct Offered {
@@ -95,12 +97,13 @@ impl AgentIndex {
         index
     }
 
-    /// Identities valid now.
-    fn identities(&self) -> Vec<Identity> {
+    /// Identities valid now whose key `allowed` accepts.
+    fn identities_where(&self, allowed: impl Fn(&str) -> bool) -> Vec<Identity> {
         let now = now_unix();
         self.entries
             .iter()
             .filter(|e| e.valid_before.is_none_or(|before| before > now))
+            .filter(|e| allowed(&e.key))
             .map(|e| Identity {
                 blob: e.blob.clone(),
                 comment: e.comment.clone(),
@@ -134,11 +137,10 @@ impl AgentBackend {
     }
 
     fn caller(peer: Peer) -> Caller {
-        Caller {
-            uid: peer.uid,
-            pid: peer.pid,
-            channel: Channel::Agent,
-        }
+        let mut caller = Caller::from_peer(peer.uid, peer.pid, Channel::Agent);
+        caller.forwarded = peer.forwarded;
+        caller.host_key = peer.host_key_fingerprint();
+        caller
     }
 
     fn enter(&self, peer: Peer, op: &'static str, needs: Needs) -> Result<()> {
@@ -187,14 +189,29 @@ impl Backend for AgentBackend {
         if entered.is_err() {
             return Vec::new();
         }
-        match self.index() {
-            Ok(index) => index.identities(),
-            Err(_) => Vec::new(),
-        }
+        let Ok(index) = self.index() else {
+            return Vec::new();
+        };
+        // Only the keys this caller (and the host it is logging in to) may
+        // sign with: ssh then never offers a key the policy would refuse.
+        let caller = Self::caller(peer);
+        index.identities_where(|key| {
+            self.core
+                .decide(
+                    &caller,
+                    &Access::AgentSign {
+                        key: key.to_owned(),
+                    },
+                )
+                .is_ok()
+        })
     }
 
     async fn sign(&self, key_blob: &[u8], data: &[u8], flags: u32, peer: Peer) -> Option<Vec<u8>> {
-        self.enter_or_prompt(peer, "Agent.Sign", Needs::Unlocked)
+        const OP: &str = "Agent.Sign";
+        let caller = Self::caller(peer);
+        self.core
+            .enter_or_prompt(&caller, OP, Needs::Unlocked, !peer.forwarded)
             .await
             .ok()?;
         let index = self.index().ok()?;
@@ -205,13 +222,27 @@ impl Backend for AgentBackend {
             );
             return None;
         };
-        let key = self.core.key(name).ok()?;
-        let data = data.to_vec();
-        let signed = off_worker(key.slow(), move || key.sign_ssh(&data, flags))
-            .await
-            .and_then(|r| r);
-        match signed {
-            Ok(sig) => keyholder_pki::keys::ssh_signature_blob(&sig).ok(),
+        let access = Access::AgentSign {
+            key: name.to_owned(),
+        };
+        let ticket = match self.core.authorize(&caller, OP, access).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::info!(key = ?name, pid = ?peer.pid, host_key = ?caller.host_key, forwarded = peer.forwarded, error = %crate::escape::Escaped(&e), "agent signature refused");
+                return None;
+            }
+        };
+        let digest = keyholder_pki::hex(&sha2::Sha256::digest(data));
+        let signed = async {
+            let key = self.core.key(name)?;
+            let data = data.to_vec();
+            let sig = off_worker(key.slow(), move || key.sign_ssh(&data, flags)).await??;
+            let blob = keyholder_pki::keys::ssh_signature_blob(&sig)?;
+            Ok((blob, vec![("sha256", digest)]))
+        }
+        .await;
+        match ticket.finish(signed).await {
+            Ok(blob) => Some(blob),
             Err(e) => {
                 tracing::info!(key = ?name, pid = ?peer.pid, error = %crate::escape::Escaped(&e), "agent signature refused");
                 None

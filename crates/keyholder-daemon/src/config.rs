@@ -110,7 +110,72 @@ pub struct Config {
     /// PEM certificates trusted, besides Yubico's roots, as roots for the
     /// attestation of a key enrolled at init (native YubiKey backend).
     pub attestation_roots: Option<PathBuf>,
+    /// The audit log: a path, or `off`. Default: `audit.log` next to the
+    /// vault file (docs/audit.md).
+    pub audit_log: Option<String>,
+    /// The audit log's active file is rotated past this size (64 MiB).
+    pub audit_max_bytes: u64,
+    /// Serve gRPC over TCP with mutual TLS on this address (off by
+    /// default). See docs/remote.md.
+    pub listen_tcp: Option<std::net::SocketAddr>,
+    /// Settings of the TCP listener.
+    pub tcp: TcpConfig,
 }
+
+/// The TCP listener's settings (`[tcp]` in the config file).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TcpConfig {
+    /// The Keyholder X.509 CA whose client certificates are accepted
+    /// ("admin-clients").
+    pub client_ca: String,
+    /// The CA that issues the listener's own certificate (the client CA
+    /// when empty).
+    pub server_ca: String,
+    /// The names (DNS or IP) in the listener's certificate
+    /// (["localhost", "127.0.0.1"]).
+    pub server_names: Vec<String>,
+    /// The listener certificate's lifetime (`24h`); it is renewed when a
+    /// third is left, and made anew at every unlock.
+    #[serde(deserialize_with = "de_duration")]
+    pub server_cert_ttl: Duration,
+    /// Most TCP connections at once (256); when all are taken, one that has
+    /// not completed a handshake and a request gives way.
+    pub max_connections: usize,
+    /// Longest TLS handshake (`10s`).
+    #[serde(deserialize_with = "de_duration")]
+    pub handshake_timeout: Duration,
+    /// Most concurrent HTTP/2 streams per connection (32).
+    pub max_streams: u32,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        Self {
+            client_ca: "admin-clients".into(),
+            server_ca: String::new(),
+            server_names: vec!["localhost".into(), "127.0.0.1".into()],
+            server_cert_ttl: Duration::from_secs(24 * 3600),
+            max_connections: 256,
+            handshake_timeout: Duration::from_secs(10),
+            max_streams: 32,
+        }
+    }
+}
+
+impl TcpConfig {
+    /// The CA that issues the listener's certificate.
+    pub fn server_ca(&self) -> &str {
+        if self.server_ca.is_empty() {
+            &self.client_ca
+        } else {
+            &self.server_ca
+        }
+    }
+}
+
+/// The smallest `audit_max_bytes`: 4 KiB.
+pub const MIN_AUDIT_MAX_BYTES: u64 = 4096;
 
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
@@ -162,6 +227,10 @@ impl Default for Config {
             pinentry: PathBuf::from("pinentry"),
             pinentry_timeout: Duration::from_secs(60),
             attestation_roots: None,
+            audit_log: None,
+            audit_max_bytes: 64 << 20,
+            listen_tcp: None,
+            tcp: TcpConfig::default(),
         }
     }
 }
@@ -192,6 +261,20 @@ impl Config {
         }
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         (cpus / 2).max(1)
+    }
+
+    /// The audit log's path: `audit_log`, or `audit.log` next to the vault;
+    /// `None` when it is `off`.
+    pub fn audit_log_path(&self) -> Option<PathBuf> {
+        match self.audit_log.as_deref() {
+            Some("off") => None,
+            Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
+            _ => Some(
+                self.vault
+                    .parent()
+                    .map_or_else(|| PathBuf::from("audit.log"), |d| d.join("audit.log")),
+            ),
+        }
     }
 
     /// Checks values that TOML cannot.
@@ -242,11 +325,44 @@ impl Config {
                 "unlock_on_demand needs a pinentry program".into(),
             ));
         }
+        if self.audit_max_bytes < MIN_AUDIT_MAX_BYTES {
+            return Err(ConfigError(format!(
+                "audit_max_bytes must be at least {MIN_AUDIT_MAX_BYTES}"
+            )));
+        }
         if self.token_poll_interval < Duration::from_millis(100)
             || self.token_poll_interval > MAX_TOKEN_POLL_INTERVAL
         {
             return Err(ConfigError(
                 "token_poll_interval must be between 100ms and 1h".into(),
+            ));
+        }
+        let tcp = &self.tcp;
+        if tcp.max_connections == 0 || tcp.max_connections > 10_000 {
+            return Err(ConfigError(
+                "tcp.max_connections must be between 1 and 10000".into(),
+            ));
+        }
+        if tcp.handshake_timeout.is_zero() || tcp.handshake_timeout > Duration::from_secs(120) {
+            return Err(ConfigError(
+                "tcp.handshake_timeout must be between 1ms and 2m".into(),
+            ));
+        }
+        if tcp.max_streams == 0 || tcp.max_streams > 1000 {
+            return Err(ConfigError(
+                "tcp.max_streams must be between 1 and 1000".into(),
+            ));
+        }
+        if tcp.server_cert_ttl < Duration::from_secs(60)
+            || tcp.server_cert_ttl > Duration::from_secs(30 * 86400)
+        {
+            return Err(ConfigError(
+                "tcp.server_cert_ttl must be between 1m and 30 days".into(),
+            ));
+        }
+        if self.listen_tcp.is_some() && (tcp.client_ca.is_empty() || tcp.server_names.is_empty()) {
+            return Err(ConfigError(
+                "listen_tcp needs tcp.client_ca and at least one name in tcp.server_names".into(),
             ));
         }
         Ok(())

@@ -113,6 +113,8 @@ pub struct Core {
     vault_key: Mutex<Option<PivKeyRecord>>,
     /// Unlock on demand: the prompt shown and its back-off.
     on_demand: crate::ondemand::OnDemand,
+    /// Policy, grants, the step-up PIN check and the audit sink.
+    trust: crate::trust::Trust,
 }
 
 impl Drop for Core {
@@ -153,6 +155,7 @@ impl Core {
             vault_token: Mutex::new(None),
             vault_key: Mutex::new(None),
             on_demand: Default::default(),
+            trust: Default::default(),
         });
         core.publish();
         core
@@ -190,6 +193,11 @@ impl Core {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(Box::new(hook));
+    }
+
+    /// Policy, grants, the step-up PIN check and the audit sink.
+    pub fn trust(&self) -> &crate::trust::Trust {
+        &self.trust
     }
 
     pub(crate) fn on_demand(&self) -> &crate::ondemand::OnDemand {
@@ -909,6 +917,7 @@ impl Core {
             self.remember_vault_key(recorded);
         }
         *self.token_slot() = Some(session);
+        self.trust.remember_pin(&pin);
         self.touch();
         {
             // Under the state lock, so a concurrent lock() cannot drain the
@@ -918,6 +927,11 @@ impl Core {
             self.key_pool.fill();
         }
         self.publish();
+        // The session's first anchor; should it fail, the unlock's own
+        // record fails too and the caller hears of it.
+        if let Err(e) = self.audit_anchor().await {
+            tracing::warn!(error = %crate::escape::Escaped(&e), "no audit anchor at unlock");
+        }
         Ok(Some(self.status()))
     }
 
@@ -953,6 +967,7 @@ impl Core {
     /// Locks: wipes the open vault and everything derived from it, logs out
     /// and closes the token session. Returns whether it was unlocked.
     pub fn lock(&self, reason: LockReason) -> bool {
+        self.audit_on_lock(reason);
         let previous = {
             let mut state = self.write_state();
             self.key_pool.drain();
@@ -962,6 +977,7 @@ impl Core {
         // Dropping Unlocked zeroizes secret values, the MAC key and the
         // loaded keys.
         drop(previous);
+        self.trust.on_lock();
         for hook in self
             .lock_hooks
             .lock()
@@ -985,6 +1001,9 @@ impl Core {
     /// `change` returned and the new generation.
     pub async fn write<T>(&self, change: impl FnOnce(&mut Body) -> Result<T>) -> Result<(T, u64)> {
         let _writer = self.writer.lock().await;
+        // The audit log's head goes into the vault with every write, after
+        // an anchor: a log that cannot be written stops the write here.
+        let audit_head = self.audit_anchor().await?;
         let (body_new, out, bytes, expected, vault_id) = {
             let state = self.read_state();
             let State::Unlocked(u) = &*state else {
@@ -992,6 +1011,9 @@ impl Core {
             };
             let mut body = u.vault.body.clone();
             let out = change(&mut body)?;
+            if let Some(head) = audit_head {
+                body.audit_head = Some(head);
+            }
             let bytes = u.vault.next(&mut body)?;
             (
                 body,
@@ -1036,6 +1058,91 @@ impl Core {
         }
         self.publish();
         Ok((out, generation))
+    }
+
+    /// Writes an audit anchor keyed by the open vault and returns the
+    /// head to record in the vault; `None` without an audit log.
+    async fn audit_anchor(&self) -> Result<Option<keyholder_vault::AuditHead>> {
+        let Some(sink) = self.audit_sink() else {
+            return Ok(None);
+        };
+        let Some(log) = sink.log() else {
+            return Ok(None);
+        };
+        let key = self.with_unlocked(|u| Ok(u.vault.audit_key()))?;
+        let head = log.anchor(&key).await?;
+        Ok(Some(keyholder_vault::AuditHead {
+            seq: head.seq,
+            hash: head.hash,
+        }))
+    }
+
+    /// While unlocked: records the lock and its reason, anchors the log and
+    /// writes its head into the vault, so that `audit verify` detects the
+    /// log cut back behind this point. Never fails the lock: what cannot
+    /// be recorded is logged and skipped.
+    fn audit_on_lock(&self, reason: LockReason) {
+        let Some(sink) = self.audit_sink() else {
+            return;
+        };
+        let Some(log) = sink.log() else {
+            return;
+        };
+        let Ok(key) = self.with_unlocked(|u| Ok(u.vault.audit_key())) else {
+            return;
+        };
+        let Some(head) = log.lock_records(reason.as_str(), Some(&key)) else {
+            return;
+        };
+        // A write in progress keeps the writer lock: its own head stands.
+        let Ok(_writer) = self.writer.try_lock() else {
+            return;
+        };
+        let prepared = {
+            let state = self.read_state();
+            let State::Unlocked(u) = &*state else {
+                return;
+            };
+            let mut body = u.vault.body.clone();
+            body.audit_head = Some(keyholder_vault::AuditHead {
+                seq: head.seq,
+                hash: head.hash,
+            });
+            u.vault.next(&mut body).map(|bytes| {
+                (
+                    bytes,
+                    body.generation,
+                    body.rollback_protection,
+                    u.revision.clone(),
+                    u.vault.vault_id().to_owned(),
+                )
+            })
+        };
+        let (bytes, generation, protected, expected, vault_id) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "the audit head was not written into the vault");
+                return;
+            }
+        };
+        token_call(|| {
+            match self
+                .storage
+                .compare_and_store(Some(&expected), &bytes, generation)
+            {
+                Ok(_) => {
+                    if protected
+                        && reason != LockReason::TokenRemoved
+                        && let Some(session) = &*self.token_slot()
+                    {
+                        rollback::record(session.as_ref(), &vault_id, generation);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the audit head was not written into the vault");
+                }
+            }
+        });
     }
 
     /// Checks expiry, idleness and token presence; locks when one is due.

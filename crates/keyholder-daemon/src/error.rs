@@ -140,6 +140,13 @@ pub enum Error {
         /// Why, and what to do.
         reason: String,
     },
+    /// A request presented credentials (a grant token) that are not valid.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The audit log cannot be written: nothing is done or released until
+    /// it can.
+    #[error("audit log cannot be written: {0}")]
+    AuditUnavailable(String),
     /// A bug or an unexpected runtime failure; details go to the log only.
     #[error("internal error: {0}")]
     Internal(String),
@@ -148,9 +155,10 @@ pub enum Error {
 /// Shorthand.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-impl From<Error> for Status {
-    fn from(e: Error) -> Self {
-        let code = match &e {
+impl Error {
+    /// The gRPC code this error is answered with.
+    pub fn code(&self) -> Code {
+        match self {
             Error::Locked
             | Error::NotInitialized(_)
             | Error::Rollback { .. }
@@ -201,8 +209,16 @@ impl From<Error> for Status {
                 keyholder_pki::PkiError::Build(_) => Code::Internal,
                 _ => Code::InvalidArgument,
             },
+            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::AuditUnavailable(_) => Code::Unavailable,
             Error::Internal(_) => Code::Internal,
-        };
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        let code = e.code();
         let message = match (&e, code) {
             (Error::Vault(VaultError::InvalidRecipient(_)), _) => {
                 format!("recovery_recipient: {e}")

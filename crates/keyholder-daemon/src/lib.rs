@@ -2,7 +2,11 @@
 //!
 //! - [`core`]: the session (locked/unlocked, unlock, lock, write, tick) over
 //!   a token [`keyholder_token::Backend`] and a vault [`keyholder_vault::Storage`].
-//! - [`gate`]: the one gate every operation passes (gRPC and ssh-agent).
+//! - [`gate`]: the one gate every operation passes (gRPC and ssh-agent),
+//!   and who is calling; [`access`]: what a request asks for, decided by
+//!   [`policy`] and [`grants`] (through [`trust`]) and recorded by audit.
+//! - [`audit`]: the audit log, hash-chained, anchored in the vault,
+//!   durable before a result is released.
 //! - [`signers`]: every key that signs, the keyring that caches them, and
 //!   where slow signatures run.
 //! - [`status`]: what the session shows of itself (domain types).
@@ -24,24 +28,30 @@
 // policy (keypool.rs).
 #![deny(unsafe_code)]
 
+pub mod access;
 pub mod agent;
+pub mod audit;
 pub mod config;
 pub mod core;
 mod damage;
 pub mod error;
 pub mod escape;
 pub mod gate;
+pub mod grants;
 mod keypool;
 pub mod listen;
 pub mod names;
 pub mod ondemand;
 pub mod open;
 mod oversize;
+pub mod policy;
+pub mod remote;
 pub mod rollback;
 pub mod serve;
 pub mod services;
 pub mod signers;
 pub mod status;
+pub mod trust;
 
 pub use crate::core::Core;
 pub use config::Config;

@@ -269,7 +269,13 @@ where
         let in_flight = request
             .extensions()
             .get::<GrpcConnectInfo>()
-            .map(|info| info.slot.begin());
+            .map(|info| info.slot.begin())
+            .or_else(|| {
+                request
+                    .extensions()
+                    .get::<crate::remote::TcpConnectInfo>()
+                    .map(|info| info.slot.begin())
+            });
         let answer = self.0.call(request);
         Box::pin(async move {
             let response = answer.await?;

@@ -118,13 +118,13 @@ impl Core {
             return;
         }
         let who = match (caller.exe(), caller.pid) {
-            (Some(exe), Some(pid)) => format!("{} (pid {pid})", exe.display()),
+            (Some(exe), Some(pid)) => format!("{exe} (pid {pid})"),
             (None, Some(pid)) => format!("process {pid}"),
             _ => "a process".to_owned(),
         };
         let how = match caller.channel {
             Channel::Agent => "an ssh-agent request",
-            Channel::Grpc => "a request",
+            Channel::Grpc | Channel::Tcp => "a request",
         };
         let request = PinRequest {
             title: Some("Keyholder".into()),

@@ -109,6 +109,12 @@ pub async fn run(
     health_reporter
         .set_serving::<v1::credentials_server::CredentialsServer<services::credentials::CredentialsService>>()
         .await;
+    health_reporter
+        .set_serving::<v1::trust_server::TrustServer<services::trust::TrustService>>()
+        .await;
+    health_reporter
+        .set_serving::<v1::audit_server::AuditServer<services::audit::AuditService>>()
+        .await;
     // Both reflection versions: grpcurl and most tools speak v1, some
     // client libraries still only v1alpha.
     let reflection = || {
@@ -121,6 +127,21 @@ pub async fn run(
 
     let max_message = core.config.max_secret_bytes + 64 * 1024;
     let ticker = tokio::spawn(supervised_ticks(core.clone()));
+    let tcp_task = match core.config.listen_tcp {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr} (listen_tcp): {e}"))?;
+            tracing::info!(%addr, client_ca = ?core.config.tcp.client_ca, "TCP listener (mutual TLS) bound; it serves while the session is unlocked");
+            Some(tokio::spawn(serve_tcp(
+                core.clone(),
+                listener,
+                health.clone(),
+                max_message,
+            )))
+        }
+        None => None,
+    };
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown_core = core.clone();
@@ -155,6 +176,12 @@ pub async fn run(
             v1::signer_server::SignerServer::new(services::signer::SignerService(core.clone()))
                 .max_decoding_message_size(max_message),
         )
+        .add_service(v1::trust_server::TrustServer::new(
+            services::trust::TrustService(core.clone()),
+        ))
+        .add_service(v1::audit_server::AuditServer::new(
+            services::audit::AuditService(core.clone()),
+        ))
         .add_service(
             v1::credentials_server::CredentialsServer::new(
                 services::credentials::CredentialsService::new(core.clone()),
@@ -177,8 +204,91 @@ pub async fn run(
     if let Some(t) = agent_task {
         t.abort();
     }
+    if let Some(t) = tcp_task {
+        t.abort();
+    }
     core.lock(crate::core::LockReason::Shutdown);
     result.map_err(Into::into)
+}
+
+/// Serves gRPC over TCP with mutual TLS (crate::remote): the services that
+/// make sense remotely, with HTTP/2 limits a remote peer cannot push past.
+async fn serve_tcp<H>(
+    core: Arc<Core>,
+    listener: tokio::net::TcpListener,
+    health: H,
+    max_message: usize,
+) where
+    H: tower::Service<
+            tonic::codegen::http::Request<tonic::body::Body>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    H::Future: Send + 'static,
+{
+    let state = Arc::new(crate::remote::TlsState::default());
+    tokio::spawn(crate::remote::keep_current(core.clone(), state.clone()));
+    let incoming = crate::remote::incoming(core.clone(), listener, state);
+    let tcp = &core.config.tcp;
+    let mut stop = core.shutdown_signal();
+    let served = tonic::transport::Server::builder()
+        // Bounds a peer cannot push past: streams per connection (and
+        // concurrent handlers), header list size (CONTINUATION floods),
+        // pending resets (HTTP/2 rapid reset), a deadline per request and
+        // keepalive pings that close dead connections.
+        .max_concurrent_streams(Some(tcp.max_streams))
+        .concurrency_limit_per_connection(tcp.max_streams as usize)
+        .http2_max_header_list_size(Some(16 * 1024))
+        .http2_max_pending_accept_reset_streams(Some(20))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .timeout(Duration::from_secs(60))
+        .layer(crate::listen::InFlightLayer)
+        .layer(crate::oversize::layer(
+            max_message,
+            core.config.max_secret_bytes,
+        ))
+        .add_service(health)
+        .add_optional_service(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(v1::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .build_v1()
+                .ok(),
+        )
+        .add_service(
+            v1::session_server::SessionServer::new(services::session::SessionService(core.clone()))
+                .max_decoding_message_size(max_message),
+        )
+        .add_service(
+            v1::secrets_server::SecretsServer::new(services::secrets::SecretsService(core.clone()))
+                .max_decoding_message_size(max_message),
+        )
+        .add_service(
+            v1::admin_server::AdminServer::new(services::admin::AdminService(core.clone()))
+                .max_decoding_message_size(max_message),
+        )
+        .add_service(
+            v1::signer_server::SignerServer::new(services::signer::SignerService(core.clone()))
+                .max_decoding_message_size(max_message),
+        )
+        .add_service(
+            v1::credentials_server::CredentialsServer::new(
+                services::credentials::CredentialsService::new(core.clone()),
+            )
+            .max_decoding_message_size(max_message),
+        )
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
+    if let Err(e) = served {
+        tracing::error!(error = %crate::escape::Escaped(&e), "the TCP listener stopped");
+    }
 }
 
 /// Runs [`tick_loop`] for as long as the daemon serves; should it ever end,

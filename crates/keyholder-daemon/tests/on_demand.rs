@@ -69,11 +69,11 @@ async fn locked_core(dir: &Path) -> (Arc<Core>, SoftwareToken) {
 }
 
 fn me() -> Caller {
-    Caller {
-        uid: rustix::process::getuid().as_raw(),
-        pid: Some(std::process::id() as i32),
-        channel: Channel::Agent,
-    }
+    Caller::from_peer(
+        rustix::process::getuid().as_raw(),
+        Some(std::process::id() as i32),
+        Channel::Agent,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod socket;
+pub mod tls;
 
 /// Generated messages, clients and servers of package `keyholder.v1`.
 pub mod v1 {
@@ -116,6 +117,39 @@ impl fmt::Debug for v1::IssueExecCredentialResponse {
             .field("exec_credential", &"<redacted>")
             .field("expires_at", &self.expires_at)
             .field("cached", &self.cached)
+            .finish()
+    }
+}
+
+impl fmt::Debug for v1::SetPolicyRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SetPolicyRequest")
+            .field("policy_toml", &self.policy_toml.len())
+            .field("pin", &"<redacted>")
+            .finish()
+    }
+}
+
+impl fmt::Debug for v1::CreateGrantRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CreateGrantRequest")
+            .field("name", &self.name)
+            .field("allow", &self.allow)
+            .field("max_ttl_seconds", &self.max_ttl_seconds)
+            .field("expires_seconds", &self.expires_seconds)
+            .field("exe", &self.exe)
+            .field("unit", &self.unit)
+            .field("groups", &self.groups)
+            .field("pin", &"<redacted>")
+            .finish()
+    }
+}
+
+impl fmt::Debug for v1::CreateGrantResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CreateGrantResponse")
+            .field("grant", &self.grant)
+            .field("token", &"<redacted>")
             .finish()
     }
 }

@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 use super::admin::clusters;
 use super::convert::{CertificateOrder, check_ttl, timestamp, ttl_or, unix_timestamp};
 use super::enter;
+use crate::access::Access;
 use crate::core::Core;
 use crate::error::{Error, Result};
 use crate::gate::Needs;
@@ -70,7 +71,7 @@ impl CredentialsService {
 
 /// Where the certified key comes from, owned so that issuance can move to
 /// a blocking thread.
-enum KeySource {
+pub(crate) enum KeySource {
     Generate(KeyAlgorithm),
     Stocked(FreshP256),
     Csr(String),
@@ -78,7 +79,11 @@ enum KeySource {
 
 /// Issues from `ca`, on a blocking thread when the CA's signature or the
 /// key generation is slow.
-async fn issue(ca: Arc<X509Ca>, request: IssueRequest, source: KeySource) -> Result<Issued> {
+pub(crate) async fn issue(
+    ca: Arc<X509Ca>,
+    request: IssueRequest,
+    source: KeySource,
+) -> Result<Issued> {
     let slow = ca.slow || matches!(source, KeySource::Generate(alg) if alg.is_rsa());
     off_worker(slow, move || {
         let csr: String;
@@ -93,6 +98,19 @@ async fn issue(ca: Arc<X509Ca>, request: IssueRequest, source: KeySource) -> Res
         signing_result(|| keyholder_pki::issue(&ca.issuer, ca.not_after, &request, source))
     })
     .await?
+}
+
+/// What audit records of an issued X.509 certificate.
+fn issued_details(request: &IssueRequest, issued: &Issued) -> crate::access::Details {
+    vec![
+        ("serial", issued.serial.clone()),
+        ("subject", request.common_name.clone()),
+        ("ttl_seconds", request.ttl.as_secs().to_string()),
+        (
+            "not_after",
+            humantime::format_rfc3339_seconds(issued.not_after).to_string(),
+        ),
+    ]
 }
 
 fn log_issued(ca: &str, request: &IssueRequest, issued: &Issued) {
@@ -120,6 +138,17 @@ struct ClusterRequest {
 }
 
 impl ClusterRequest {
+    /// What policy decides on for this request.
+    fn access(&self, profile_groups: bool, ttl: Duration) -> Access {
+        Access::Kubeconfig {
+            cluster: self.name.clone(),
+            user: self.user.clone(),
+            groups: self.groups.clone(),
+            profile_groups,
+            ttl,
+        }
+    }
+
     /// What a kubeconfig trusts for the API server: `requested` (from the
     /// request) if given, else the cluster's server CA, else the client CA.
     fn server_trust<'a>(&'a self, requested: &'a str) -> &'a str {
@@ -215,209 +244,259 @@ impl v1::credentials_server::Credentials for CredentialsService {
         &self,
         request: Request<v1::IssueSshCertificateRequest>,
     ) -> Result<Response<v1::IssueSshCertificateResponse>, Status> {
-        enter(
-            &self.core,
-            &request,
-            "Credentials.IssueSshCertificate",
-            Needs::Unlocked,
-        )
-        .await?;
+        const OP: &str = "Credentials.IssueSshCertificate";
+        let caller = enter(&self.core, &request, OP, Needs::Unlocked).await?;
         let req = request.into_inner();
-        let ca = self.core.ssh_ca(&req.ca)?;
-        let subject_line = if req.key.is_empty() {
-            req.public_key.clone()
-        } else {
-            self.core
-                .with_body(|body| Ok(lookup(&body.keys, "key", &req.key)?.public_openssh.clone()))?
-        };
-        if subject_line.is_empty() {
-            return Err(Error::InvalidArgument {
-                field: "key",
-                reason: "name a key in the vault or give public_key".into(),
-            }
-            .into());
-        }
-        let subject = ssh_key::PublicKey::from_openssh(subject_line.trim()).map_err(|e| {
-            Error::InvalidArgument {
-                field: "public_key",
-                reason: format!("not an OpenSSH public key ({e})"),
-            }
-        })?;
-        let ttl = ttl_or(req.ttl_seconds, DEFAULT_SSH_TTL);
-        check_ttl(ttl, ca.max_ttl, "the CA's")?;
-        let mut critical_options: Vec<(String, String)> =
-            req.critical_options.into_iter().collect();
-        critical_options.sort();
-        let cert_request = keyholder_pki::ssh::SshCertRequest {
+        let access = Access::SshCertificate {
+            ca: req.ca.clone(),
+            principals: req.principals.clone(),
             host: req.host,
-            key_id: if req.key_id.is_empty() {
-                if req.key.is_empty() {
-                    "keyholder".into()
-                } else {
-                    req.key.clone()
-                }
+            ttl: ttl_or(req.ttl_seconds, DEFAULT_SSH_TTL),
+        };
+        let ticket = self.core.authorize(&caller, OP, access).await?;
+        let result = async {
+            let ca = self.core.ssh_ca(&req.ca)?;
+            let subject_line = if req.key.is_empty() {
+                req.public_key.clone()
             } else {
-                req.key_id
-            },
-            principals: req.principals,
-            ttl,
-            backdate: self.core.config.clock_skew,
-            critical_options,
-            extensions: req.extensions,
-        };
-        let (cert, serial) = {
-            let (ca, cert_request) = (ca.clone(), cert_request.clone());
-            off_worker(ca.signer.slow(), move || {
-                signing_result(|| {
-                    keyholder_pki::ssh::issue(&ca.signer, subject.key_data(), &cert_request)
-                })
-            })
-            .await??
-        };
-        let line = cert
-            .to_openssh()
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        let valid_before = cert.valid_before();
-        if !req.key.is_empty() {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
-            let entry = keyholder_vault::SshCertificateEntry {
-                key: req.key.clone(),
-                ca: req.ca.clone(),
-                certificate: line.clone(),
-                valid_before,
-                serial,
+                self.core.with_body(|body| {
+                    Ok(lookup(&body.keys, "key", &req.key)?.public_openssh.clone())
+                })?
             };
-            self.core
-                .write(|body| {
-                    body.ssh_certificates.retain(|c| c.valid_before > now);
-                    body.ssh_certificates.push(entry);
-                    Ok(())
+            if subject_line.is_empty() {
+                return Err(Error::InvalidArgument {
+                    field: "key",
+                    reason: "name a key in the vault or give public_key".into(),
+                });
+            }
+            let subject = ssh_key::PublicKey::from_openssh(subject_line.trim()).map_err(|e| {
+                Error::InvalidArgument {
+                    field: "public_key",
+                    reason: format!("not an OpenSSH public key ({e})"),
+                }
+            })?;
+            let ttl = ttl_or(req.ttl_seconds, DEFAULT_SSH_TTL);
+            check_ttl(ttl, ca.max_ttl, "the CA's")?;
+            let mut critical_options: Vec<(String, String)> =
+                req.critical_options.into_iter().collect();
+            critical_options.sort();
+            let cert_request = keyholder_pki::ssh::SshCertRequest {
+                host: req.host,
+                key_id: if req.key_id.is_empty() {
+                    if req.key.is_empty() {
+                        "keyholder".into()
+                    } else {
+                        req.key.clone()
+                    }
+                } else {
+                    req.key_id
+                },
+                principals: req.principals,
+                ttl,
+                backdate: self.core.config.clock_skew,
+                critical_options,
+                extensions: req.extensions,
+            };
+            let (cert, serial) = {
+                let (ca, cert_request) = (ca.clone(), cert_request.clone());
+                off_worker(ca.signer.slow(), move || {
+                    signing_result(|| {
+                        keyholder_pki::ssh::issue(&ca.signer, subject.key_data(), &cert_request)
+                    })
                 })
-                .await?;
+                .await??
+            };
+            let line = cert
+                .to_openssh()
+                .map_err(|e| Error::Internal(e.to_string()))?;
+            let valid_before = cert.valid_before();
+            if !req.key.is_empty() {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let entry = keyholder_vault::SshCertificateEntry {
+                    key: req.key.clone(),
+                    ca: req.ca.clone(),
+                    certificate: line.clone(),
+                    valid_before,
+                    serial,
+                };
+                self.core
+                    .write(|body| {
+                        body.ssh_certificates.retain(|c| c.valid_before > now);
+                        body.ssh_certificates.push(entry);
+                        Ok(())
+                    })
+                    .await?;
+            }
+            tracing::info!(
+                ca = ?req.ca,
+                key_id = ?cert_request.key_id,
+                principals = ?cert_request.principals,
+                serial,
+                host = req.host,
+                "ssh certificate issued"
+            );
+            let details = vec![
+                ("serial", serial.to_string()),
+                ("key_id", cert_request.key_id.clone()),
+                ("principals", cert_request.principals.join(",")),
+                ("ttl_seconds", ttl.as_secs().to_string()),
+                ("valid_before", valid_before.to_string()),
+            ];
+            Ok((
+                v1::IssueSshCertificateResponse {
+                    certificate: line,
+                    serial,
+                    valid_after: unix_timestamp(cert.valid_after()),
+                    valid_before: unix_timestamp(valid_before),
+                },
+                details,
+            ))
         }
-        tracing::info!(
-            ca = ?req.ca,
-            key_id = ?cert_request.key_id,
-            principals = ?cert_request.principals,
-            serial,
-            host = req.host,
-            "ssh certificate issued"
-        );
-        Ok(Response::new(v1::IssueSshCertificateResponse {
-            certificate: line,
-            serial,
-            valid_after: unix_timestamp(cert.valid_after()),
-            valid_before: unix_timestamp(valid_before),
-        }))
+        .await;
+        Ok(Response::new(ticket.finish(result).await?))
     }
 
     async fn issue_certificate(
         &self,
         request: Request<v1::IssueCertificateRequest>,
     ) -> Result<Response<v1::IssueCertificateResponse>, Status> {
-        enter(
-            &self.core,
-            &request,
-            "Credentials.IssueCertificate",
-            Needs::Unlocked,
-        )
-        .await?;
+        const OP: &str = "Credentials.IssueCertificate";
+        let caller = enter(&self.core, &request, OP, Needs::Unlocked).await?;
         let order = CertificateOrder::try_from(request.into_inner())?;
         let ca = self.core.x509_ca(&order.ca)?;
         let ttl = order.ttl.unwrap_or(DEFAULT_COMPONENT_TTL.min(ca.max_ttl));
-        check_ttl(ttl, ca.max_ttl, "the CA's")?;
-        let request = IssueRequest {
-            profile: order.profile,
-            common_name: order.common_name,
-            organizations: order.organizations,
-            dns_names: order.dns_names,
-            ip_addresses: order.ip_addresses,
+        let access = Access::Certificate {
+            ca: order.ca.clone(),
+            profile: format!("{:?}", order.profile).to_lowercase(),
+            names: std::iter::once(order.common_name.clone())
+                .filter(|n| !n.is_empty())
+                .chain(order.dns_names.iter().cloned())
+                .chain(order.ip_addresses.iter().map(|ip| ip.to_string()))
+                .collect(),
+            organizations: order.organizations.clone(),
             ttl,
-            backdate: self.core.config.clock_skew,
         };
-        let source = match order.csr_pem {
-            Some(csr) => KeySource::Csr(csr),
-            None => self.fresh_key(order.key_algorithm),
-        };
-        let issued = issue(ca.clone(), request.clone(), source).await?;
-        log_issued(&order.ca, &request, &issued);
-        Ok(Response::new(v1::IssueCertificateResponse {
-            certificate_pem: issued.certificate_pem.clone(),
-            private_key_pem: issued
-                .private_key_pem
-                .as_ref()
-                .map(|k| k.to_string())
-                .unwrap_or_default(),
-            ca_certificate_pem: ca.certificate_pem.clone(),
-            serial: issued.serial.clone(),
-            not_before: timestamp(issued.not_before),
-            not_after: timestamp(issued.not_after),
-        }))
+        let ticket = self.core.authorize(&caller, OP, access).await?;
+        let result = async {
+            check_ttl(ttl, ca.max_ttl, "the CA's")?;
+            let request = IssueRequest {
+                profile: order.profile,
+                common_name: order.common_name,
+                organizations: order.organizations,
+                dns_names: order.dns_names,
+                ip_addresses: order.ip_addresses,
+                ttl,
+                backdate: self.core.config.clock_skew,
+            };
+            let source = match order.csr_pem {
+                Some(csr) => KeySource::Csr(csr),
+                None => self.fresh_key(order.key_algorithm),
+            };
+            let issued = issue(ca.clone(), request.clone(), source).await?;
+            log_issued(&order.ca, &request, &issued);
+            let details = issued_details(&request, &issued);
+            Ok((
+                v1::IssueCertificateResponse {
+                    certificate_pem: issued.certificate_pem.clone(),
+                    private_key_pem: issued
+                        .private_key_pem
+                        .as_ref()
+                        .map(|k| k.to_string())
+                        .unwrap_or_default(),
+                    ca_certificate_pem: ca.certificate_pem.clone(),
+                    serial: issued.serial.clone(),
+                    not_before: timestamp(issued.not_before),
+                    not_after: timestamp(issued.not_after),
+                },
+                details,
+            ))
+        }
+        .await;
+        Ok(Response::new(ticket.finish(result).await?))
     }
 
     async fn issue_kubeconfig(
         &self,
         request: Request<v1::IssueKubeconfigRequest>,
     ) -> Result<Response<v1::IssueKubeconfigResponse>, Status> {
-        enter(
-            &self.core,
-            &request,
-            "Credentials.IssueKubeconfig",
-            Needs::Unlocked,
-        )
-        .await?;
+        const OP: &str = "Credentials.IssueKubeconfig";
+        let caller = enter(&self.core, &request, OP, Needs::Unlocked).await?;
         let mut req = request.into_inner();
         let server_ca_pem = clusters::server_ca(std::mem::take(&mut req.server_ca_pem))?;
+        let profile_groups = req.groups.is_empty();
         let c = self.resolve(&req.cluster, &req.user, req.groups, req.ttl_seconds)?;
-        let trust = c.server_trust(&server_ca_pem);
-        if req.exec {
-            if req.exec_command.is_empty() {
-                return Err(Error::InvalidArgument {
-                    field: "exec_command",
-                    reason: "must name the credential plugin command".into(),
+        let ttl = if req.exec { Duration::ZERO } else { c.ttl };
+        let ticket = self
+            .core
+            .authorize(&caller, OP, c.access(profile_groups, ttl))
+            .await?;
+        let result = async {
+            let trust = c.server_trust(&server_ca_pem);
+            if req.exec {
+                if req.exec_command.is_empty() {
+                    return Err(Error::InvalidArgument {
+                        field: "exec_command",
+                        reason: "must name the credential plugin command".into(),
+                    });
                 }
-                .into());
+                let version = api_version(&req.exec_api_version)?;
+                let kubeconfig = kube::kubeconfig(
+                    &c.name,
+                    &c.server,
+                    trust,
+                    &c.user,
+                    &KubeUser::Exec {
+                        command: &req.exec_command,
+                        args: &req.exec_args,
+                        api_version: version,
+                    },
+                );
+                return Ok((
+                    v1::IssueKubeconfigResponse {
+                        kubeconfig: kubeconfig.to_string(),
+                        expires_at: None,
+                    },
+                    vec![("exec", "true".to_owned())],
+                ));
             }
-            let version = api_version(&req.exec_api_version)?;
+            let issued = self.issue_client(&c).await?;
+            let key = issued
+                .private_key_pem
+                .as_deref()
+                .map(String::as_str)
+                .unwrap_or_default();
             let kubeconfig = kube::kubeconfig(
                 &c.name,
                 &c.server,
                 trust,
                 &c.user,
-                &KubeUser::Exec {
-                    command: &req.exec_command,
-                    args: &req.exec_args,
-                    api_version: version,
+                &KubeUser::Certificate {
+                    certificate_pem: &issued.certificate_pem,
+                    private_key_pem: key,
                 },
             );
-            return Ok(Response::new(v1::IssueKubeconfigResponse {
-                kubeconfig: kubeconfig.to_string(),
-                expires_at: None,
-            }));
+            let details = vec![
+                ("serial", issued.serial.clone()),
+                ("groups", c.groups.join(",")),
+                ("ttl_seconds", c.ttl.as_secs().to_string()),
+                (
+                    "not_after",
+                    humantime::format_rfc3339_seconds(issued.not_after).to_string(),
+                ),
+            ];
+            Ok((
+                v1::IssueKubeconfigResponse {
+                    kubeconfig: kubeconfig.to_string(),
+                    expires_at: timestamp(issued.not_after),
+                },
+                details,
+            ))
         }
-        let issued = self.issue_client(&c).await?;
-        let key = issued
-            .private_key_pem
-            .as_deref()
-            .map(String::as_str)
-            .unwrap_or_default();
-        let kubeconfig = kube::kubeconfig(
-            &c.name,
-            &c.server,
-            trust,
-            &c.user,
-            &KubeUser::Certificate {
-                certificate_pem: &issued.certificate_pem,
-                private_key_pem: key,
-            },
-        );
-        Ok(Response::new(v1::IssueKubeconfigResponse {
-            kubeconfig: kubeconfig.to_string(),
-            expires_at: timestamp(issued.not_after),
-        }))
+        .await;
+        Ok(Response::new(ticket.finish(result).await?))
     }
 
     async fn issue_exec_credential(
@@ -431,49 +510,69 @@ impl v1::credentials_server::Credentials for CredentialsService {
         // while the session is locked.
         let version = api_version(&req.api_version)?;
         self.core.require_unlocked_or_prompt(&caller, OP).await?;
+        let profile_groups = req.groups.is_empty();
         let c = self.resolve(&req.cluster, &req.user, req.groups, req.ttl_seconds)?;
-        let key = (
-            c.name.clone(),
-            c.user.clone(),
-            c.groups.clone(),
-            c.ttl.as_secs(),
-        );
-        let slot = {
-            let mut cache = self.exec_cache.lock().unwrap_or_else(|p| p.into_inner());
-            cache.entry(key).or_default().clone()
-        };
-        // Concurrent identical requests queue here and share one issuance.
-        let mut entry = slot.lock().await;
-        let now = SystemTime::now();
-        let cached = entry.as_ref().is_some_and(|cached| {
-            let renew_before = (cached.ttl / 3).min(Duration::from_secs(300));
-            cached
-                .expires
-                .duration_since(now)
-                .is_ok_and(|left| left > renew_before)
-        });
-        if !cached {
-            let issued = self.issue_client(&c).await?;
-            *entry = Some(CachedCredential {
-                certificate_pem: issued.certificate_pem,
-                private_key_pem: issued.private_key_pem.unwrap_or_default(),
-                expires: issued.not_after,
-                ttl: c.ttl,
+        let ticket = self
+            .core
+            .authorize(&caller, OP, c.access(profile_groups, c.ttl))
+            .await?;
+        let result = async {
+            let key = (
+                c.name.clone(),
+                c.user.clone(),
+                c.groups.clone(),
+                c.ttl.as_secs(),
+            );
+            let slot = {
+                let mut cache = self.exec_cache.lock().unwrap_or_else(|p| p.into_inner());
+                cache.entry(key).or_default().clone()
+            };
+            // Concurrent identical requests queue here and share one issuance.
+            let mut entry = slot.lock().await;
+            let now = SystemTime::now();
+            let cached = entry.as_ref().is_some_and(|cached| {
+                let renew_before = (cached.ttl / 3).min(Duration::from_secs(300));
+                cached
+                    .expires
+                    .duration_since(now)
+                    .is_ok_and(|left| left > renew_before)
             });
+            if !cached {
+                let issued = self.issue_client(&c).await?;
+                *entry = Some(CachedCredential {
+                    certificate_pem: issued.certificate_pem,
+                    private_key_pem: issued.private_key_pem.unwrap_or_default(),
+                    expires: issued.not_after,
+                    ttl: c.ttl,
+                });
+            }
+            let credential = entry
+                .as_ref()
+                .ok_or_else(|| Error::Internal("exec credential cache empty".into()))?;
+            let json = kube::exec_credential(
+                version,
+                &credential.certificate_pem,
+                &credential.private_key_pem,
+                credential.expires,
+            );
+            let details = vec![
+                ("cached", cached.to_string()),
+                ("groups", c.groups.join(",")),
+                (
+                    "not_after",
+                    humantime::format_rfc3339_seconds(credential.expires).to_string(),
+                ),
+            ];
+            Ok((
+                v1::IssueExecCredentialResponse {
+                    exec_credential: json.to_string(),
+                    expires_at: timestamp(credential.expires),
+                    cached,
+                },
+                details,
+            ))
         }
-        let credential = entry
-            .as_ref()
-            .ok_or_else(|| Error::Internal("exec credential cache empty".into()))?;
-        let json = kube::exec_credential(
-            version,
-            &credential.certificate_pem,
-            &credential.private_key_pem,
-            credential.expires,
-        );
-        Ok(Response::new(v1::IssueExecCredentialResponse {
-            exec_credential: json.to_string(),
-            expires_at: timestamp(credential.expires),
-            cached,
-        }))
+        .await;
+        Ok(Response::new(ticket.finish(result).await?))
     }
 }

@@ -3,11 +3,13 @@
 //! (Admin, split by noun, in a folder of its own).
 
 pub mod admin;
+pub mod audit;
 pub mod convert;
 pub mod credentials;
 pub mod secrets;
 pub mod session;
 pub mod signer;
+pub mod trust;
 
 use tonic::Request;
 
@@ -25,16 +27,45 @@ pub fn enter<'c, T>(
     op: &'static str,
     needs: Needs,
 ) -> impl Future<Output = Result<Caller>> + use<'c, T> {
-    let caller = caller(request, op);
+    let caller = caller(core, request, op);
     async move {
         let caller = caller?;
-        core.enter_or_prompt(&caller, op, needs, true).await?;
+        // A PIN prompt is never raised for a request from another machine.
+        let may_prompt = caller.channel != Channel::Tcp;
+        core.enter_or_prompt(&caller, op, needs, may_prompt).await?;
         Ok(caller)
     }
 }
 
+/// [`enter`], then [`Core::authorize`] for `access`: the ticket the
+/// handler finishes with its result.
+pub async fn admit<T>(
+    core: &std::sync::Arc<Core>,
+    request: &Request<T>,
+    op: &'static str,
+    needs: Needs,
+    access: crate::access::Access,
+) -> Result<crate::access::Ticket> {
+    let caller = enter(core, request, op, needs).await?;
+    core.authorize(&caller, op, access).await
+}
+
 /// Who sent `request`, from the Unix socket's peer credentials.
-fn caller<T>(request: &Request<T>, op: &'static str) -> Result<Caller> {
+fn caller<T>(core: &Core, request: &Request<T>, op: &'static str) -> Result<Caller> {
+    if let Some(info) = request.extensions().get::<crate::remote::TcpConnectInfo>() {
+        if request.metadata().contains_key(crate::grants::METADATA_KEY) {
+            tracing::warn!(op, peer = %info.peer.addr, "grant refused over TCP");
+            return Err(Error::Unauthenticated(
+                "grants are not accepted over TCP: the client certificate is the credential".into(),
+            ));
+        }
+        return Ok(Caller {
+            uid: u32::MAX,
+            channel: Channel::Tcp,
+            remote: Some(info.peer.clone()),
+            ..Caller::default()
+        });
+    }
     let cred = request
         .extensions()
         .get::<crate::listen::GrpcConnectInfo>()
@@ -47,9 +78,7 @@ fn caller<T>(request: &Request<T>, op: &'static str) -> Result<Caller> {
             "peer credentials unavailable".into(),
         ));
     };
-    Ok(Caller {
-        uid: cred.uid(),
-        pid: cred.pid(),
-        channel: Channel::Grpc,
-    })
+    let mut caller = Caller::from_peer(cred.uid(), cred.pid(), Channel::Grpc);
+    caller.grant = crate::grants::presented(&core.trust().grants, request)?;
+    Ok(caller)
 }

@@ -10,6 +10,7 @@ use zeroize::Zeroizing;
 
 use super::convert::rfc3339_timestamp;
 use super::enter;
+use crate::access::Access;
 use crate::core::Core;
 use crate::error::{Error, Result};
 use crate::gate::Needs;
@@ -59,11 +60,16 @@ impl v1::secrets_server::Secrets for SecretsService {
         &self,
         request: Request<v1::PutSecretRequest>,
     ) -> Result<Response<v1::PutSecretResponse>, Status> {
-        enter(&self.0, &request, "Secrets.Put", Needs::Unlocked).await?;
+        const OP: &str = "Secrets.Put";
+        let caller = enter(&self.0, &request, OP, Needs::Unlocked).await?;
         let put = Put::parse(request.into_inner(), self.0.config.max_secret_bytes)?;
         let max_secrets = self.0.config.max_secrets;
         let name = put.name.as_str();
-        let (meta, generation) = self
+        let access = Access::SecretWrite {
+            name: name.to_owned(),
+        };
+        let ticket = self.0.authorize(&caller, OP, access).await?;
+        let written = self
             .0
             .write(|body| {
                 let now = now_rfc3339();
@@ -87,20 +93,33 @@ impl v1::secrets_server::Secrets for SecretsService {
                 body.secrets.insert(name.to_owned(), entry);
                 Ok(meta)
             })
-            .await?;
-        tracing::info!(name = ?meta.name, generation, "secret stored");
-        Ok(Response::new(v1::PutSecretResponse {
-            metadata: Some(meta),
-            generation,
-        }))
+            .await
+            .map(|(meta, generation)| {
+                tracing::info!(name = ?meta.name, generation, "secret stored");
+                let details = vec![
+                    ("size", meta.size.to_string()),
+                    ("generation", generation.to_string()),
+                ];
+                let response = v1::PutSecretResponse {
+                    metadata: Some(meta),
+                    generation,
+                };
+                (response, details)
+            });
+        Ok(Response::new(ticket.finish(written).await?))
     }
 
     async fn get(
         &self,
         request: Request<v1::GetSecretRequest>,
     ) -> Result<Response<v1::GetSecretResponse>, Status> {
-        enter(&self.0, &request, "Secrets.Get", Needs::Unlocked).await?;
+        const OP: &str = "Secrets.Get";
+        let caller = enter(&self.0, &request, OP, Needs::Unlocked).await?;
         let name = SecretName::parse(request.into_inner().name)?;
+        let access = Access::SecretRead {
+            name: name.as_str().to_owned(),
+        };
+        let ticket = self.0.authorize(&caller, OP, access).await?;
         let response = self.0.with_body(|body| {
             let entry = lookup(&body.secrets, "secret", name.as_str())?;
             let value = entry.value().ok_or_else(|| {
@@ -115,15 +134,20 @@ impl v1::secrets_server::Secrets for SecretsService {
                 value: value.to_vec(),
                 metadata: Some(metadata(name.as_str(), entry)),
             })
-        })?;
-        Ok(Response::new(response))
+        });
+        let response = response.map(|r| {
+            let size = r.value.len().to_string();
+            (r, vec![("size", size)])
+        });
+        Ok(Response::new(ticket.finish(response).await?))
     }
 
     async fn list(
         &self,
         request: Request<v1::ListSecretsRequest>,
     ) -> Result<Response<v1::ListSecretsResponse>, Status> {
-        enter(&self.0, &request, "Secrets.List", Needs::Unlocked).await?;
+        const OP: &str = "Secrets.List";
+        let caller = enter(&self.0, &request, OP, Needs::Unlocked).await?;
         let prefix = request.into_inner().prefix;
         if prefix.len() > MAX_SECRET_NAME_BYTES {
             return Err(Error::TooLarge {
@@ -133,32 +157,50 @@ impl v1::secrets_server::Secrets for SecretsService {
             }
             .into());
         }
+        let access = Access::List {
+            what: "secrets",
+            prefix: prefix.clone(),
+        };
+        let ticket = self.0.authorize(&caller, OP, access).await?;
         let secrets = self.0.with_body(|body| {
-            Ok(body
+            let secrets: Vec<_> = body
                 .secrets
                 .range(prefix.clone()..)
                 .take_while(|(name, _)| name.starts_with(&prefix))
                 .map(|(name, e)| metadata(name, e))
-                .collect())
-        })?;
-        Ok(Response::new(v1::ListSecretsResponse { secrets }))
+                .collect();
+            let count = secrets.len().to_string();
+            Ok((v1::ListSecretsResponse { secrets }, vec![("count", count)]))
+        });
+        Ok(Response::new(ticket.finish(secrets).await?))
     }
 
     async fn delete(
         &self,
         request: Request<v1::DeleteSecretRequest>,
     ) -> Result<Response<v1::DeleteSecretResponse>, Status> {
-        enter(&self.0, &request, "Secrets.Delete", Needs::Unlocked).await?;
+        const OP: &str = "Secrets.Delete";
+        let caller = enter(&self.0, &request, OP, Needs::Unlocked).await?;
         let name = SecretName::parse(request.into_inner().name)?;
-        let ((), generation) = self
+        let access = Access::SecretWrite {
+            name: name.as_str().to_owned(),
+        };
+        let ticket = self.0.authorize(&caller, OP, access).await?;
+        let deleted = self
             .0
             .write(|body| {
                 lookup(&body.secrets, "secret", name.as_str())?;
                 body.secrets.remove(name.as_str());
                 Ok(())
             })
-            .await?;
-        tracing::info!(name = ?name, generation, "secret deleted");
-        Ok(Response::new(v1::DeleteSecretResponse { generation }))
+            .await
+            .map(|((), generation)| {
+                tracing::info!(name = ?name, generation, "secret deleted");
+                (
+                    v1::DeleteSecretResponse { generation },
+                    vec![("generation", generation.to_string())],
+                )
+            });
+        Ok(Response::new(ticket.finish(deleted).await?))
     }
 }

@@ -8,7 +8,8 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use super::convert::Unlock;
-use super::enter;
+use super::{admit, enter};
+use crate::access::Access;
 use crate::core::{Core, LockReason};
 use crate::gate::Needs;
 
@@ -21,7 +22,14 @@ impl v1::session_server::Session for SessionService {
         &self,
         request: Request<v1::UnlockRequest>,
     ) -> Result<Response<v1::UnlockResponse>, Status> {
-        enter(&self.0, &request, "Session.Unlock", Needs::Nothing).await?;
+        let ticket = admit(
+            &self.0,
+            &request,
+            "Session.Unlock",
+            Needs::Nothing,
+            Access::Unlock,
+        )
+        .await?;
         let req = Unlock::from(request.into_inner());
         let status = self
             .0
@@ -32,21 +40,34 @@ impl v1::session_server::Session for SessionService {
                 req.idle,
                 req.accept_older,
             )
-            .await?;
-        Ok(Response::new(v1::UnlockResponse {
-            status: Some((&status).into()),
-        }))
+            .await
+            .map(|status| {
+                let response = v1::UnlockResponse {
+                    status: Some((&status).into()),
+                };
+                (response, Vec::new())
+            });
+        Ok(Response::new(ticket.finish(status).await?))
     }
 
     async fn lock(
         &self,
         request: Request<v1::LockRequest>,
     ) -> Result<Response<v1::LockResponse>, Status> {
-        enter(&self.0, &request, "Session.Lock", Needs::Nothing).await?;
-        self.0.lock(LockReason::Request);
-        Ok(Response::new(v1::LockResponse {
+        let ticket = admit(
+            &self.0,
+            &request,
+            "Session.Lock",
+            Needs::Nothing,
+            Access::Session,
+        )
+        .await?;
+        let was_unlocked = self.0.lock(LockReason::Request);
+        let response = v1::LockResponse {
             status: Some((&self.0.status()).into()),
-        }))
+        };
+        let details = vec![("was_unlocked", was_unlocked.to_string())];
+        Ok(Response::new(ticket.finish(Ok((response, details))).await?))
     }
 
     async fn status(

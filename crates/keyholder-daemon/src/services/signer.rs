@@ -7,13 +7,15 @@ use keyholder_proto::v1;
 use keyholder_vault::{CaKey, KeyEntry, KeyUsage};
 use tonic::{Request, Response, Status};
 
+use super::admit;
 use super::convert::rfc3339_timestamp;
-use super::enter;
+use crate::access::Access;
 use crate::core::Core;
 use crate::error::{Error, Result};
 use crate::gate::Needs;
 use crate::names::lookup;
 use crate::signers::off_worker;
+use sha2::Digest;
 
 /// The Signer service.
 pub struct SignerService(pub Arc<Core>);
@@ -44,60 +46,106 @@ impl v1::signer_server::Signer for SignerService {
         &self,
         request: Request<v1::ListKeysRequest>,
     ) -> Result<Response<v1::ListKeysResponse>, Status> {
-        enter(&self.0, &request, "Signer.ListKeys", Needs::Unlocked).await?;
-        let keys = self
-            .0
-            .with_body(|body| Ok(body.keys.iter().map(|(n, e)| key_info(n, e)).collect()))?;
-        Ok(Response::new(v1::ListKeysResponse { keys }))
+        let access = Access::List {
+            what: "keys",
+            prefix: String::new(),
+        };
+        let ticket = admit(
+            &self.0,
+            &request,
+            "Signer.ListKeys",
+            Needs::Unlocked,
+            access,
+        )
+        .await?;
+        let keys = self.0.with_body(|body| {
+            let keys = body.keys.iter().map(|(n, e)| key_info(n, e)).collect();
+            Ok((v1::ListKeysResponse { keys }, Vec::new()))
+        });
+        Ok(Response::new(ticket.finish(keys).await?))
     }
 
     async fn get_public_key(
         &self,
         request: Request<v1::GetPublicKeyRequest>,
     ) -> Result<Response<v1::GetPublicKeyResponse>, Status> {
-        enter(&self.0, &request, "Signer.GetPublicKey", Needs::Unlocked).await?;
-        let req = request.into_inner();
-        let e = entry(&self.0, &req.name)?;
-        let public_key = match req.format.as_str() {
-            "" | "openssh" => e.public_openssh.clone(),
-            "pem" => self.0.key(&req.name)?.public_pem().to_owned(),
-            other => {
-                return Err(Error::InvalidArgument {
-                    field: "format",
-                    reason: format!("{other:?} is not openssh or pem"),
-                }
-                .into());
-            }
+        let access = Access::Describe {
+            object: format!("key:{}", request.get_ref().name),
         };
-        Ok(Response::new(v1::GetPublicKeyResponse {
-            public_key,
-            key: Some(key_info(&req.name, &e)),
-        }))
+        let ticket = admit(
+            &self.0,
+            &request,
+            "Signer.GetPublicKey",
+            Needs::Unlocked,
+            access,
+        )
+        .await?;
+        let req = request.into_inner();
+        let result = (|| {
+            let e = entry(&self.0, &req.name)?;
+            let public_key = match req.format.as_str() {
+                "" | "openssh" => e.public_openssh.clone(),
+                "pem" => self.0.key(&req.name)?.public_pem().to_owned(),
+                other => {
+                    return Err(Error::InvalidArgument {
+                        field: "format",
+                        reason: format!("{other:?} is not openssh or pem"),
+                    });
+                }
+            };
+            Ok((
+                v1::GetPublicKeyResponse {
+                    public_key,
+                    key: Some(key_info(&req.name, &e)),
+                },
+                Vec::new(),
+            ))
+        })();
+        Ok(Response::new(ticket.finish(result).await?))
     }
 
     async fn sign(
         &self,
         request: Request<v1::SignRequest>,
     ) -> Result<Response<v1::SignResponse>, Status> {
-        let caller = enter(&self.0, &request, "Signer.Sign", Needs::Unlocked).await?;
+        let access = Access::Sign {
+            key: request.get_ref().key.clone(),
+        };
+        let ticket = admit(&self.0, &request, "Signer.Sign", Needs::Unlocked, access).await?;
+        let pid = ticket.caller().pid;
         let req = request.into_inner();
+        let result = async {
         let e = entry(&self.0, &req.key)?;
         if !e.usages.contains(&KeyUsage::Sign) {
             return Err(Error::PermissionDenied(format!(
                 "key {:?} is not for general signing (usages: {}); add the \"sign\" usage when creating it",
                 req.key,
                 e.usages.iter().map(|u| u.as_str()).collect::<Vec<_>>().join(", ")
-            ))
-            .into());
+            )));
         }
         let key = self.0.key(&req.key)?;
         let alg = SignAlgorithm::parse(&req.algorithm, key.algorithm()).map_err(Error::from)?;
         let (data, prehashed) = (req.data, req.prehashed);
+        let digest = if prehashed {
+            keyholder_pki::hex(&data)
+        } else {
+            keyholder_pki::hex(&sha2::Sha256::digest(&data))
+        };
         let signature = off_worker(key.slow(), move || key.sign(alg, &data, prehashed)).await??;
-        tracing::info!(key = ?req.key, algorithm = alg.as_str(), pid = ?caller.pid, "signed");
-        Ok(Response::new(v1::SignResponse {
-            signature,
-            algorithm: alg.as_str().to_owned(),
-        }))
+        tracing::info!(key = ?req.key, algorithm = alg.as_str(), pid = ?pid, "signed");
+        let details = vec![
+            ("algorithm", alg.as_str().to_owned()),
+            (if prehashed { "prehash" } else { "sha256" }, digest),
+        ];
+        Ok((
+            v1::SignResponse {
+                signature,
+                algorithm: alg.as_str().to_owned(),
+            },
+            details,
+        ))
+        }
+        .await;
+        Ok(Response::new(ticket.finish(result).await?))
     }
 }

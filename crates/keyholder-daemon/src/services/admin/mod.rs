@@ -12,7 +12,8 @@ use std::sync::Arc;
 use keyholder_proto::v1;
 use tonic::{Request, Response, Status};
 
-use super::enter;
+use super::admit;
+use crate::access::Access;
 use crate::core::Core;
 use crate::gate::Needs;
 
@@ -25,9 +26,17 @@ impl v1::admin_server::Admin for AdminService {
         &self,
         request: Request<v1::InitRequest>,
     ) -> Result<Response<v1::InitResponse>, Status> {
-        enter(&self.0, &request, "Admin.Init", Needs::Nothing).await?;
+        let ticket = admit(
+            &self.0,
+            &request,
+            "Admin.Init",
+            Needs::Nothing,
+            Access::Unlock,
+        )
+        .await?;
+        let result = tokens::init(&self.0, request.into_inner()).await;
         Ok(Response::new(
-            tokens::init(&self.0, request.into_inner()).await?,
+            ticket.finish(result.map(|r| (r, Vec::new()))).await?,
         ))
     }
 
@@ -35,17 +44,37 @@ impl v1::admin_server::Admin for AdminService {
         &self,
         request: Request<v1::ListTokensRequest>,
     ) -> Result<Response<v1::ListTokensResponse>, Status> {
-        enter(&self.0, &request, "Admin.ListTokens", Needs::Nothing).await?;
-        Ok(Response::new(tokens::list(&self.0)?))
+        let ticket = admit(
+            &self.0,
+            &request,
+            "Admin.ListTokens",
+            Needs::Nothing,
+            Access::Session,
+        )
+        .await?;
+        let result = tokens::list(&self.0);
+        Ok(Response::new(
+            ticket.finish(result.map(|r| (r, Vec::new()))).await?,
+        ))
     }
 
     async fn create_ca(
         &self,
         request: Request<v1::CreateCaRequest>,
     ) -> Result<Response<v1::CaInfo>, Status> {
-        enter(&self.0, &request, "Admin.CreateCa", Needs::Unlocked).await?;
+        let ticket = admit(
+            &self.0,
+            &request,
+            "Admin.CreateCa",
+            Needs::Unlocked,
+            Access::Admin {
+                object: format!("ca:{}", request.get_ref().name),
+            },
+        )
+        .await?;
+        let result = cas::create(&self.0, request.into_inner()).await;
         Ok(Response::new(
-            cas::create(&self.0, request.into_inner()).await?,
+            ticket.finish(result.map(|r| (r, Vec::new()))).await?,
         ))
     }
 
@@ -53,9 +82,19 @@ impl v1::admin_server::Admin for AdminService {
         &self,
         request: Request<v1::ImportCaRequest>,
     ) -> Result<Response<v1::CaInfo>, Status> {
-        enter(&self.0, &request, "Admin.ImportCa", Needs::Unlocked).await?;
+        let ticket = admit(
+            &self.0,
+            &request,
+            "Admin.ImportCa",
+            Needs::Unlocked,
+            Access::Admin {
+                object: format!("ca:{}", request.get_ref().name),
+            },
+        )
+        .await?;
+        let result = cas::import(&self.0, request.into_inner()).await;
         Ok(Response::new(
-            cas::import(&self.0, request.into_inner()).await?,
+            ticket.finish(result.map(|r| (r, Vec::new()))).await?,
         ))
     }
 
@@ -63,28 +102,60 @@ impl v1::admin_server::Admin for AdminService {
         &self,
         request: Request<v1::ListCasRequest>,
     ) -> Result<Response<v1::ListCasResponse>, Status> {
-        enter(&self.0, &request, "Admin.ListCas", Needs::Unlocked).await?;
-        Ok(Response::new(cas::list(&self.0)?))
+        let ticket = admit(
+            &self.0,
+            &request,
+            "Admin.ListCas",
+            Needs::Unlocked,
+            Access::List {
+                what: "cas",
+                prefix: String::new(),
+            },
+        )
+        .await?;
+        let result = cas::list(&self.0);
+        Ok(Response::new(
+            ticket.finish(result.map(|r| (r, Vec::new()))).await?,
+        ))
     }
 
     async fn get_ca(
         &self,
         request: Request<v1::GetCaRequest>,
     ) -> Result<Response<v1::CaInfo>, Status> {
-        enter(&self.0, &request, "Admin.GetCa", Needs::Unlocked).await?;
-        Ok(Response::new(cas::get(
+        let ticket = admit(
             &self.0,
-            &request.into_inner().name,
-        )?))
+            &request,
+            "Admin.GetCa",
+            Needs::Unlocked,
+            Access::Describe {
+                object: format!("ca:{}", request.get_ref().name),
+            },
+        )
+        .await?;
+        let result = cas::get(&self.0, &request.into_inner().name);
+        Ok(Response::new(
+            ticket.finish(result.map(|r| (r, Vec::new()))).await?,
+        ))
     }
 
     async fn add_cluster(
         &self,
         request: Request<v1::AddClusterRequest>,
     ) -> Result<Response<v1::ClusterInfo>, Status> {
-        enter(&self.0, &request, "Admin.AddCluster", Needs::Unlocked).await?;
+        let ticket = admit(
+            &self.0,
+            &request,
+            "Admin.AddCluster",
+            Needs::Unlocked,
+            Access::Admin {
+                object: format!("cluster:{}", request.get_ref().name),
+            },
+        )
+        .await?;
+        let result = clusters::add(&self.0, request.into_inner()).await;
         Ok(Response::new(
-            clusters::add(&self.0, request.into_inner()).await?,
+            ticket.finish(result.map(|r| (r, Vec::new()))).await?,
         ))
     }
 
@@ -92,26 +163,60 @@ impl v1::admin_server::Admin for AdminService {
         &self,
         request: Request<v1::ListClustersRequest>,
     ) -> Result<Response<v1::ListClustersResponse>, Status> {
-        enter(&self.0, &request, "Admin.ListClusters", Needs::Unlocked).await?;
-        Ok(Response::new(clusters::list(&self.0)?))
+        let ticket = admit(
+            &self.0,
+            &request,
+            "Admin.ListClusters",
+            Needs::Unlocked,
+            Access::List {
+                what: "clusters",
+                prefix: String::new(),
+            },
+        )
+        .await?;
+        let result = clusters::list(&self.0);
+        Ok(Response::new(
+            ticket.finish(result.map(|r| (r, Vec::new()))).await?,
+        ))
     }
 
     async fn remove_cluster(
         &self,
         request: Request<v1::RemoveClusterRequest>,
     ) -> Result<Response<v1::RemoveClusterResponse>, Status> {
-        enter(&self.0, &request, "Admin.RemoveCluster", Needs::Unlocked).await?;
-        clusters::remove(&self.0, request.into_inner().name).await?;
-        Ok(Response::new(v1::RemoveClusterResponse {}))
+        let ticket = admit(
+            &self.0,
+            &request,
+            "Admin.RemoveCluster",
+            Needs::Unlocked,
+            Access::Admin {
+                object: format!("cluster:{}", request.get_ref().name),
+            },
+        )
+        .await?;
+        let result = clusters::remove(&self.0, request.into_inner().name)
+            .await
+            .map(|()| (v1::RemoveClusterResponse {}, Vec::new()));
+        Ok(Response::new(ticket.finish(result).await?))
     }
 
     async fn generate_key(
         &self,
         request: Request<v1::GenerateKeyRequest>,
     ) -> Result<Response<v1::KeyInfo>, Status> {
-        enter(&self.0, &request, "Admin.GenerateKey", Needs::Unlocked).await?;
+        let ticket = admit(
+            &self.0,
+            &request,
+            "Admin.GenerateKey",
+            Needs::Unlocked,
+            Access::Admin {
+                object: format!("key:{}", request.get_ref().name),
+            },
+        )
+        .await?;
+        let result = keys::generate(&self.0, request.into_inner()).await;
         Ok(Response::new(
-            keys::generate(&self.0, request.into_inner()).await?,
+            ticket.finish(result.map(|r| (r, Vec::new()))).await?,
         ))
     }
 
@@ -119,9 +224,19 @@ impl v1::admin_server::Admin for AdminService {
         &self,
         request: Request<v1::ImportKeyRequest>,
     ) -> Result<Response<v1::KeyInfo>, Status> {
-        enter(&self.0, &request, "Admin.ImportKey", Needs::Unlocked).await?;
+        let ticket = admit(
+            &self.0,
+            &request,
+            "Admin.ImportKey",
+            Needs::Unlocked,
+            Access::Admin {
+                object: format!("key:{}", request.get_ref().name),
+            },
+        )
+        .await?;
+        let result = keys::import(&self.0, request.into_inner()).await;
         Ok(Response::new(
-            keys::import(&self.0, request.into_inner()).await?,
+            ticket.finish(result.map(|r| (r, Vec::new()))).await?,
         ))
     }
 
@@ -129,8 +244,19 @@ impl v1::admin_server::Admin for AdminService {
         &self,
         request: Request<v1::DeleteKeyRequest>,
     ) -> Result<Response<v1::DeleteKeyResponse>, Status> {
-        enter(&self.0, &request, "Admin.DeleteKey", Needs::Unlocked).await?;
-        keys::delete(&self.0, request.into_inner().name).await?;
-        Ok(Response::new(v1::DeleteKeyResponse {}))
+        let ticket = admit(
+            &self.0,
+            &request,
+            "Admin.DeleteKey",
+            Needs::Unlocked,
+            Access::Admin {
+                object: format!("key:{}", request.get_ref().name),
+            },
+        )
+        .await?;
+        let result = keys::delete(&self.0, request.into_inner().name)
+            .await
+            .map(|()| (v1::DeleteKeyResponse {}, Vec::new()));
+        Ok(Response::new(ticket.finish(result).await?))
     }
 }
