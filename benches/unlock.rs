@@ -4,9 +4,14 @@
 //! minimum the design needs.
 //!
 //! Run: `cargo build --release -p keyholder-pkcs11-fault && cargo bench
-//! --bench unlock`. `BENCH_TOKENS=softhsm2,nss,tpm2,piv` picks the tokens
-//! (default: SoftHSM2, NSS softokn, and each stack whose `testing/<name>/up`
-//! exists); a stack without its `up` script is skipped with a note.
+//! --bench unlock`. `BENCH_TOKENS=softhsm2,nss,tpm2,piv,piv-native` picks
+//! the tokens (default: SoftHSM2, NSS softokn, and each stack whose
+//! `testing/<name>/up` exists); a stack without its `up` script is skipped
+//! with a note. `piv-native` is the virtual PIV card reached by keyholderd's
+//! native YubiKey backend (`--token-backend yubikey`) instead of ykcs11: its
+//! vault is filled through ykcs11 (the same key), and instead of PKCS#11
+//! calls the card's commands (APDUs) per unlock are counted from the card's
+//! own log (`PIV_VERBOSE=1`), by instruction.
 //! `BENCH_UNLOCK_ROUNDS` sets the timed unlocks per token (default 20).
 //!
 //! Per token: `init`, then the vault is filled with 10,000 secrets in one
@@ -102,6 +107,12 @@ struct Token {
     /// `--pkcs11-init-args`, for the in-process fill.
     init_args: Option<String>,
     rollback: bool,
+    /// The module the fill goes through, when not `env.module` (the
+    /// native backend has none; ykcs11 reaches the same key).
+    fill_module: Option<PathBuf>,
+    /// The virtual card's APDU log, to count commands per unlock instead of
+    /// PKCS#11 calls.
+    apdu_log: Option<PathBuf>,
 }
 
 fn softhsm2() -> Token {
@@ -110,6 +121,8 @@ fn softhsm2() -> Token {
         env: Env::new(),
         init_args: None,
         rollback: true,
+        fill_module: None,
+        apdu_log: None,
         _stack: None,
     }
 }
@@ -126,6 +139,8 @@ fn nss() -> Token {
         env,
         init_args: Some(args),
         rollback: false,
+        fill_module: None,
+        apdu_log: None,
         _stack: None,
     }
 }
@@ -139,6 +154,8 @@ fn tpm2() -> Token {
         env,
         init_args: None,
         rollback: true,
+        fill_module: None,
+        apdu_log: None,
         _stack: Some(stack),
     }
 }
@@ -164,6 +181,39 @@ fn piv() -> Token {
         env,
         init_args: None,
         rollback: false,
+        fill_module: None,
+        apdu_log: None,
+        _stack: Some(stack),
+    }
+}
+
+fn piv_native() -> Token {
+    let mut env = Env::new();
+    let dir = env.path().join("piv");
+    let stack = Stack::up_with("piv", &dir, &[("PIV_VERBOSE", "1")]);
+    stack.configure(&mut env);
+    let so_pin = stack
+        .settings
+        .get("SO_PIN")
+        .expect("testing/piv/up wrote no SO_PIN");
+    let key_file = env.file("management-key", &format!("{so_pin}\n"));
+    env.init_args = vec![
+        "--piv-slot".to_owned(),
+        "9d".to_owned(),
+        "--management-key-file".to_owned(),
+        key_file.to_str().expect("utf8").to_owned(),
+        "--allow-default-management-key".to_owned(),
+        "--without-rollback-protection".to_owned(),
+    ];
+    let ykcs11 = std::mem::take(&mut env.module);
+    env.daemon_args = vec!["--token-backend".to_owned(), "yubikey".to_owned()];
+    Token {
+        name: "native (virtual PIV)",
+        env,
+        init_args: None,
+        rollback: false,
+        fill_module: Some(ykcs11),
+        apdu_log: Some(dir.join("card.log")),
         _stack: Some(stack),
     }
 }
@@ -181,11 +231,14 @@ fn make(name: &str) -> Result<Token, String> {
         "softhsm2" => Ok(softhsm2()),
         "nss" if !Path::new(NSS_SOFTOKN).exists() => Err(format!("{NSS_SOFTOKN} is missing")),
         "nss" => Ok(nss()),
-        "tpm2" | "piv" if !up_script(name).exists() => Err(format!("testing/{name}/up is missing")),
+        "tpm2" | "piv" | "piv-native" if !up_script(name.trim_end_matches("-native")).exists() => {
+            Err(format!("testing/{name}/up is missing"))
+        }
         "tpm2" => Ok(tpm2()),
         "piv" => Ok(piv()),
+        "piv-native" => Ok(piv_native()),
         other => Err(format!(
-            "unknown token {other:?} (softhsm2, nss, tpm2, piv)"
+            "unknown token {other:?} (softhsm2, nss, tpm2, piv, piv-native)"
         )),
     }
 }
@@ -256,7 +309,7 @@ fn fill(token: &Token) {
     child
         .arg("--fill")
         .arg(&env.vault)
-        .arg(&env.module)
+        .arg(token.fill_module.as_ref().unwrap_or(&env.module))
         .arg(&env.label)
         .arg(&env.pin_file);
     if let Some(args) = &token.init_args {
@@ -277,6 +330,40 @@ struct Measured {
     run: Run,
     /// Calls per unlock by function; `None` when not counted.
     calls: Option<BTreeMap<String, usize>>,
+    /// Card commands per unlock by instruction (native backend).
+    apdus: Option<BTreeMap<String, usize>>,
+}
+
+/// PIV instruction names, by INS byte, for the APDU count.
+fn instruction(ins: &str) -> String {
+    match ins {
+        "a4" => "SELECT",
+        "fd" => "GET VERSION",
+        "f8" => "GET SERIAL",
+        "f7" => "GET METADATA",
+        "20" => "VERIFY (PIN)",
+        "87" => "GENERAL AUTHENTICATE (ECDH)",
+        "cb" => "GET DATA",
+        "c0" => "GET RESPONSE",
+        other => return format!("INS {other}"),
+    }
+    .to_owned()
+}
+
+/// The commands (lines "> APDU" of the card's log) after line `from`.
+fn apdus_since(log: &Path, from: usize) -> (usize, BTreeMap<String, usize>) {
+    let lines = lines(log);
+    let mut counts = BTreeMap::new();
+    for apdu in lines
+        .get(from..)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|l| l.strip_prefix("> "))
+    {
+        let ins = apdu.get(2..4).unwrap_or("??").to_ascii_lowercase();
+        *counts.entry(instruction(&ins)).or_insert(0) += 1;
+    }
+    (lines.len(), counts)
 }
 
 fn lines(path: &Path) -> Vec<String> {
@@ -326,6 +413,39 @@ fn one_token(mut token: Token, rounds: usize) -> Measured {
         run.pct(0.0)
     );
 
+    if let Some(log) = token.apdu_log.clone() {
+        let daemon = token.env.start_daemon(&[]);
+        let apdus = runtime.block_on(async {
+            let mut session =
+                v1::session_client::SessionClient::new(connect(token.env.socket()).await);
+            let unlock = || v1::UnlockRequest {
+                pin: pin.clone(),
+                ..Default::default()
+            };
+            session.unlock(unlock()).await.expect("unlock");
+            session.lock(v1::LockRequest {}).await.expect("lock");
+            let mut fewest: Option<BTreeMap<String, usize>> = None;
+            for _ in 0..COUNTED_UNLOCKS {
+                let (before, _) = apdus_since(&log, usize::MAX);
+                session.unlock(unlock()).await.expect("unlock");
+                let (_, counts) = apdus_since(&log, before);
+                session.lock(v1::LockRequest {}).await.expect("lock");
+                let total = |c: &BTreeMap<String, usize>| c.values().sum::<usize>();
+                if fewest.as_ref().is_none_or(|f| total(&counts) < total(f)) {
+                    fewest = Some(counts);
+                }
+            }
+            fewest.unwrap_or_default()
+        });
+        drop(daemon);
+        return Measured {
+            name: token.name,
+            rollback: token.rollback,
+            run,
+            calls: None,
+            apdus: Some(apdus),
+        };
+    }
     let module = fault_module();
     let calls = if module.exists() {
         let count_file = token.env.path().join("pkcs11-calls");
@@ -382,6 +502,7 @@ fn one_token(mut token: Token, rounds: usize) -> Measured {
         rollback: token.rollback,
         run,
         calls,
+        apdus: None,
     }
 }
 
@@ -469,6 +590,16 @@ fn report(results: &[Measured]) {
             println!("{}: beyond the minimum: {}", r.name, extra.join(", "));
         }
     }
+    for r in results {
+        let Some(apdus) = &r.apdus else { continue };
+        let list: Vec<String> = apdus.iter().map(|(i, n)| format!("{i} {n}")).collect();
+        println!(
+            "{}: {} card commands (APDUs) per unlock: {}",
+            r.name,
+            apdus.values().sum::<usize>(),
+            list.join(", ")
+        );
+    }
 }
 
 fn main() {
@@ -482,9 +613,12 @@ fn main() {
     }
     let names: Vec<String> = match std::env::var("BENCH_TOKENS") {
         Ok(s) => s.split(',').map(|n| n.trim().to_owned()).collect(),
-        Err(_) => ["softhsm2", "nss", "tpm2", "piv"]
+        Err(_) => ["softhsm2", "nss", "tpm2", "piv", "piv-native"]
             .into_iter()
-            .filter(|n| !matches!(*n, "tpm2" | "piv") || up_script(n).exists())
+            .filter(|n| {
+                !matches!(*n, "tpm2" | "piv" | "piv-native")
+                    || up_script(n.trim_end_matches("-native")).exists()
+            })
             .map(str::to_owned)
             .collect(),
     };

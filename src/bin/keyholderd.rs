@@ -91,6 +91,10 @@ struct Args {
     /// How long an on-demand PIN prompt waits, e.g. 60s.
     #[arg(long, value_parser = humantime::parse_duration)]
     pinentry_timeout: Option<Duration>,
+    /// PEM file of extra roots for YubiKey attestation at init (a test
+    /// root, or an organisation's own f9 issuer).
+    #[arg(long, value_name = "FILE")]
+    attestation_roots: Option<PathBuf>,
     /// Serve gRPC over TCP with mutual TLS on this address, e.g.
     /// 127.0.0.1:7443 (off by default; see docs/remote.md).
     #[arg(long)]
@@ -159,6 +163,9 @@ fn settings(args: &Args) -> Result<Config, config::ConfigError> {
     }
     if let Some(v) = args.pinentry_timeout {
         cfg.pinentry_timeout = v;
+    }
+    if let Some(v) = &args.attestation_roots {
+        cfg.attestation_roots = Some(v.clone());
     }
     if let Some(v) = args.listen_tcp {
         cfg.listen_tcp = Some(v);

@@ -179,3 +179,248 @@ fn yubikey_native_shares_the_card_and_locks_when_it_is_pulled() {
     assert!(took < Duration::from_secs(2), "{took:?}");
     drop(daemon);
 }
+
+/// Text of a CLI output's stdout and stderr.
+fn texts(out: &std::process::Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn yubikey_native_init_records_policies_and_that_the_card_gives_no_attestation() {
+    let (mut env, stack) = card();
+    native(&mut env);
+    let daemon = env.start_daemon(&[]);
+
+    // Policies need a slot; a bad one is refused by name.
+    let out = init_in_slot(&env, "9d", &["--touch-policy", "sometimes"]);
+    assert_fails(&out, 2, "'sometimes'");
+    assert!(!env.vault.exists());
+    // An attestation root that is not a certificate is refused before the
+    // card is touched.
+    let bad_root = env.file("root.pem", "not a certificate\n");
+    let out = init_in_slot(
+        &env,
+        "9d",
+        &[
+            "--allow-default-management-key",
+            "--attestation-root",
+            p(&bad_root),
+        ],
+    );
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("attestation_roots_pem"),
+        "{out:?}"
+    );
+    assert!(!env.vault.exists());
+
+    // The vault key with touch policy "cached": recorded, and that the
+    // virtual card has no attestation certificate (slot f9 answers "not
+    // found"), so the key is enrolled "not attested".
+    let out = init_in_slot(
+        &env,
+        "9d",
+        &[
+            "--allow-default-management-key",
+            "--pin-policy",
+            "once",
+            "--touch-policy",
+            "cached",
+        ],
+    );
+    let (stdout, stderr) = texts(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("vault key: PIV slot 9d, PIN policy once, touch policy cached"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "attestation: not attested: the card has no attestation certificate (slot f9)"
+        ),
+        "{stdout}"
+    );
+    let tokens = env.ok(&["tokens", "--attestation"]);
+    assert!(tokens.contains("touch policy cached"), "{tokens}");
+    assert!(
+        tokens.contains("attestation: not attested: the card has no attestation certificate"),
+        "{tokens}"
+    );
+    assert!(tokens.contains("origin: generated"), "{tokens}");
+
+    // Unlock says to touch the key before the card operation, on stderr.
+    // The virtual card enforces no touch policy, so nothing waits here; on
+    // a YubiKey the ECDH waits until the key is touched.
+    let unlock = ["unlock", "--pin-file", p(&env.pin_file)];
+    let out = env.cli(&unlock);
+    let (stdout, stderr) = texts(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stderr.contains(
+            "Touch the YubiKey when it blinks: its vault key (PIV slot 9d) has touch policy cached"
+        ),
+        "{stderr}"
+    );
+    let status = env.ok(&["status"]);
+    assert!(
+        status.contains("vault key:   PIV slot 9d, PIN policy once, touch policy cached"),
+        "{status}"
+    );
+    assert!(status.contains("attestation: not attested"), "{status}");
+    let json: serde_json::Value =
+        serde_json::from_str(&env.ok(&["--json", "status"])).expect("json");
+    assert_eq!(json["vault_key"]["touch_policy"], "cached", "{json}");
+    assert_eq!(json["vault_key"]["attested"], false, "{json}");
+    assert_eq!(json["token"]["vault_key"]["slot"], "9d", "{json}");
+    // keyholderd says it too, before the ECDH.
+    assert!(
+        daemon.log_text().contains("waits for a touch before ECDH"),
+        "{}",
+        daemon.log_text()
+    );
+
+    // A signing key made with touch policy "always" by Yubico's tool:
+    // keyholderd says to touch the key before each signature.
+    let key = std::fs::read_to_string(env.path().join("management-key")).expect("key");
+    let out = env
+        .command("yubico-piv-tool")
+        .args([
+            "-a",
+            "generate",
+            "-s",
+            "9a",
+            "-A",
+            "ECCP256",
+            "--pin-policy=once",
+            "--touch-policy=always",
+            &format!("-k{}", key.trim()),
+            "-o",
+            p(&env.path().join("9a.pub")),
+        ])
+        .output()
+        .expect("yubico-piv-tool runs");
+    assert!(out.status.success(), "{out:?}");
+    env.ok(&[
+        "key",
+        "import",
+        "touched",
+        "--pkcs11-uri",
+        "pkcs11:id=%01",
+        "--sign",
+    ]);
+    let data = env.file("data", "signed after a touch\n");
+    env.ok(&["sign", "--key", "touched", "--in", p(&data)]);
+    assert!(
+        daemon
+            .log_text()
+            .contains("waits for a touch before signing"),
+        "{}",
+        daemon.log_text()
+    );
+
+    // After a restart, keyholderd reads the key's policy from the card
+    // before any unlock, so the first unlock says it too; the vault's
+    // record comes back at unlock.
+    drop(daemon);
+    let daemon = env.start_daemon(&[]);
+    let locked = env.ok(&["status"]);
+    assert!(locked.contains("state:       locked"), "{locked}");
+    assert!(
+        locked.contains("vault key:   PIV slot 9d, PIN policy once, touch policy cached"),
+        "{locked}"
+    );
+    let out = env.cli(&unlock);
+    let (stdout, stderr) = texts(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stderr.contains("Touch the YubiKey"), "{stderr}");
+    let json: serde_json::Value =
+        serde_json::from_str(&env.ok(&["--json", "status"])).expect("json");
+    assert_eq!(
+        json["vault_key"]["attestation"], "the card has no attestation certificate (slot f9)",
+        "{json}"
+    );
+    drop(daemon);
+
+    // A key with touch policy "never" (the default): no touch line. Its
+    // PIN policy "always" works natively, since the PIN is verified again
+    // right before each card operation.
+    env.vault = env.path().join("vault2/vault.age");
+    let daemon = env.start_daemon(&[]);
+    let out = init_in_slot(
+        &env,
+        "82",
+        &["--allow-default-management-key", "--pin-policy", "always"],
+    );
+    let (stdout, stderr) = texts(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("PIV slot 82, PIN policy always, touch policy never"),
+        "{stdout}"
+    );
+    let out = env.cli(&unlock);
+    let (_, stderr) = texts(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("Touch"), "{stderr}");
+    env.put("pin/always", b"verified again");
+    assert_eq!(env.ok(&["secret", "get", "pin/always"]), "verified again");
+    drop(daemon);
+    drop(stack);
+}
+
+#[test]
+fn yubikey_native_protects_the_management_key_behind_the_pin() {
+    let (mut env, stack) = card();
+    native(&mut env);
+    let daemon = env.start_daemon(&[]);
+
+    // With the factory key given, --protect-management-key replaces it by
+    // a random key kept on the card behind the PIN, and uses that.
+    let out = init_in_slot(&env, "9d", &["--protect-management-key"]);
+    let (stdout, stderr) = texts(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("management key PIN-protected on the card"),
+        "{stdout}"
+    );
+    assert!(
+        daemon
+            .log_text()
+            .contains("management key is now a random one, kept on the card behind the PIN"),
+        "{}",
+        daemon.log_text()
+    );
+    drop(daemon);
+
+    // The factory key no longer works; the key on the card does, read
+    // after the PIN with no key given.
+    env.vault = env.path().join("vault2/vault.age");
+    let daemon = env.start_daemon(&[]);
+    let out = init_in_slot(&env, "82", &["--allow-default-management-key"]);
+    assert_fails(&out, 7, "management key");
+    assert!(!env.vault.exists());
+    let out = env.cli(&[
+        "init",
+        "--token-label",
+        &env.label,
+        "--pin-file",
+        p(&env.pin_file),
+        "--piv-slot",
+        "82",
+        "--management-key-on-card",
+        "--without-rollback-protection",
+    ]);
+    let (stdout, stderr) = texts(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("vault key: PIV slot 82, PIN policy once, touch policy never, management key PIN-protected on the card"),
+        "{stdout}"
+    );
+    env.unlock();
+    env.put("on/card", b"protected");
+    assert_eq!(env.ok(&["secret", "get", "on/card"]), "protected");
+    drop(daemon);
+    drop(stack);
+}

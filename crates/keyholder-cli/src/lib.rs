@@ -85,7 +85,7 @@ enum Command {
     #[command(subcommand)]
     Secret(secrets::SecretCommand),
     /// List the tokens keyholderd's PKCS#11 module sees.
-    Tokens,
+    Tokens(session::TokensArgs),
     /// Create, import, list and export X.509 CAs.
     #[command(subcommand)]
     Ca(pki::CaCommand),
@@ -184,7 +184,7 @@ async fn run(cli: Cli) -> CliResult {
         Command::Unlock(args) => session::unlock(channel, args, json).await,
         Command::Lock => session::lock(channel, json).await,
         Command::Status(args) => session::status(channel, args, json).await,
-        Command::Tokens => session::tokens(channel, json).await,
+        Command::Tokens(args) => session::tokens(channel, args, json).await,
         Command::Secret(cmd) => secrets::secret(channel, cmd, json).await,
         Command::Ca(cmd) => pki::ca(channel, cmd, json).await,
         Command::Cert(cmd) => pki::cert(channel, cmd, json).await,

@@ -77,8 +77,49 @@ pub(crate) struct InitArgs {
     /// PIN).
     #[arg(long, requires = "piv_slot")]
     allow_default_management_key: bool,
+    /// keyholderd's native YubiKey backend: the card keeps its management
+    /// key behind the PIN (set by --protect-management-key or `ykman piv
+    /// access change-management-key --protect`): read it from the card
+    /// after verifying the PIN, instead of asking for it.
+    #[arg(long, requires = "piv_slot", conflicts_with_all = ["management_key_file", "protect_management_key"])]
+    management_key_on_card: bool,
+    /// keyholderd's native YubiKey backend: replace the card's management
+    /// key (the one given, typically the factory default) by a random key
+    /// kept on the card behind the PIN, as ykman's --protect does, then
+    /// generate the vault key with it. Later inits on the card use
+    /// --management-key-on-card.
+    #[arg(long, requires = "piv_slot")]
+    protect_management_key: bool,
+    /// keyholderd's native YubiKey backend: the vault key's PIN policy,
+    /// once (default) or always (the PIN is verified again before each use;
+    /// such a vault does not open through ykcs11).
+    #[arg(long, requires = "piv_slot", value_parser = ["once", "always"])]
+    pin_policy: Option<String>,
+    /// keyholderd's native YubiKey backend: the vault key's touch policy,
+    /// never (default), cached (a touch, then none for 15 s) or always (a
+    /// touch for every unlock).
+    #[arg(long, requires = "piv_slot", value_parser = ["never", "cached", "always"])]
+    touch_policy: Option<String>,
+    /// Enroll a key the card reports as imported (or will not attest, which
+    /// a YubiKey does for imported keys): a copy of it may exist elsewhere.
+    #[arg(long)]
+    allow_imported_key: bool,
+    /// Also trust the PEM certificate(s) in FILE as roots for the key's
+    /// attestation (a test root, or the issuer of an organisation's own
+    /// attestation certificate in slot f9), besides Yubico's.
+    #[arg(long, value_name = "FILE")]
+    attestation_root: Option<PathBuf>,
     #[command(flatten)]
     pin: PinSource,
+}
+
+/// `keyholder tokens` arguments.
+#[derive(clap::Args, Debug)]
+pub(crate) struct TokensArgs {
+    /// Also print what the vault key's attestation showed when it was
+    /// enrolled (native YubiKey backend), or why it is not attested.
+    #[arg(long)]
+    attestation: bool,
 }
 
 /// `keyholder unlock` arguments.
@@ -272,7 +313,57 @@ fn token_json(t: &v1::TokenInfo) -> serde_json::Value {
             "off" => serde_json::Value::Bool(false),
             _ => serde_json::Value::Null,
         },
+        "vault_key": t.vault_key.as_ref().map(piv_key_json),
     })
+}
+
+fn piv_key_json(k: &v1::PivKeyInfo) -> serde_json::Value {
+    let text = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    serde_json::json!({
+        "slot": k.slot,
+        "firmware": text(&k.firmware),
+        "pin_policy": text(&k.pin_policy),
+        "touch_policy": text(&k.touch_policy),
+        "form_factor": text(&k.form_factor),
+        "origin": text(&k.origin),
+        "attested": k.attested,
+        "attestation": k.attestation,
+        "management_key": text(&k.management_key),
+    })
+}
+
+fn or_unknown(s: &str) -> &str {
+    if s.is_empty() { "unknown" } else { s }
+}
+
+/// One line about a PIV vault key: its slot and policies.
+fn piv_key_line(k: &v1::PivKeyInfo) -> String {
+    let mut line = format!(
+        "PIV slot {}, PIN policy {}, touch policy {}",
+        k.slot,
+        or_unknown(&k.pin_policy),
+        or_unknown(&k.touch_policy)
+    );
+    if k.management_key == "pin-protected" {
+        line.push_str(", management key PIN-protected on the card");
+    }
+    line
+}
+
+/// One line about a PIV vault key's attestation.
+fn attestation_line(k: &v1::PivKeyInfo) -> String {
+    if k.attested {
+        format!("verified: {}", k.attestation)
+    } else if k.attestation.is_empty() {
+        "not known (unlock once to read the vault's record)".to_owned()
+    } else {
+        format!("not attested: {}", k.attestation)
+    }
+}
+
+/// Whether the vault key waits for a touch.
+fn needs_touch(k: &v1::PivKeyInfo) -> bool {
+    matches!(k.touch_policy.as_str(), "cached" | "always")
 }
 
 fn unlocked(s: &v1::StatusResponse) -> bool {
@@ -291,6 +382,7 @@ fn status_json(s: &v1::StatusResponse) -> serde_json::Value {
         "secret_count": s.secret_count,
         "rollback_protection": unlocked(s).then_some(s.rollback_protection),
         "lock_reason": s.lock_reason,
+        "vault_key": s.vault_key.as_ref().map(piv_key_json),
     })
 }
 
@@ -322,6 +414,10 @@ fn print_status(s: &v1::StatusResponse, json: bool) {
     } else if !s.lock_reason.is_empty() {
         println!("locked by:   {}", s.lock_reason);
     }
+    if let Some(k) = &s.vault_key {
+        println!("vault key:   {}", piv_key_line(k));
+        println!("attestation: {}", attestation_line(k));
+    }
     println!("vault:       {}", s.vault_path);
     if s.state == v1::SessionState::Uninitialized as i32 {
         println!("hint:        run `keyholder init --token-label <label>` to create the vault");
@@ -331,7 +427,7 @@ fn print_status(s: &v1::StatusResponse, json: bool) {
 /// The PIV management key for `init --piv-slot`: from its file, or asked
 /// for without echo.
 fn read_management_key(args: &InitArgs) -> CliResult<SecretString> {
-    if args.piv_slot.is_none() {
+    if args.piv_slot.is_none() || args.management_key_on_card {
         return Ok(SecretString::from(String::new()));
     }
     if let Some(path) = &args.management_key_file {
@@ -354,6 +450,11 @@ fn read_management_key(args: &InitArgs) -> CliResult<SecretString> {
 
 pub(crate) async fn init(channel: Channel, args: InitArgs, json: bool) -> CliResult {
     let management_key = read_management_key(&args)?;
+    let attestation_roots_pem = match &args.attestation_root {
+        None => String::new(),
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| io_failure("cannot read the attestation root from", path, e))?,
+    };
     let mut prompt = PinPrompt::new(&args.pin, "keyholder init");
     let mut pin = prompt.first()?;
     let mut admin = v1::admin_client::AdminClient::new(channel);
@@ -371,6 +472,11 @@ pub(crate) async fn init(channel: Channel, args: InitArgs, json: bool) -> CliRes
             piv_slot: args.piv_slot.clone().unwrap_or_default(),
             management_key: management_key.expose_secret().to_owned(),
             allow_default_management_key: args.allow_default_management_key,
+            pin_policy: args.pin_policy.clone().unwrap_or_default(),
+            touch_policy: args.touch_policy.clone().unwrap_or_default(),
+            allow_imported_key: args.allow_imported_key,
+            attestation_roots_pem: attestation_roots_pem.clone(),
+            protect_management_key: args.protect_management_key,
         };
         match admin.init(request).await {
             Ok(r) => break r.into_inner(),
@@ -387,12 +493,17 @@ pub(crate) async fn init(channel: Channel, args: InitArgs, json: bool) -> CliRes
                 "vault_path": resp.vault_path,
                 "token_recipient": resp.token_recipient,
                 "token": resp.token.as_ref().map(token_json),
+                "vault_key": resp.vault_key.as_ref().map(piv_key_json),
             })
         );
     } else {
         let label = resp.token.as_ref().map(|t| t.label.as_str()).unwrap_or("");
         println!("created vault {}", resp.vault_path);
         println!("token {label:?} recipient: {}", resp.token_recipient);
+        if let Some(k) = &resp.vault_key {
+            println!("vault key: {}", piv_key_line(k));
+            println!("attestation: {}", attestation_line(k));
+        }
         println!("next: keyholder unlock");
     }
     Ok(())
@@ -402,6 +513,18 @@ pub(crate) async fn unlock(channel: Channel, args: UnlockArgs, json: bool) -> Cl
     let mut prompt = PinPrompt::new(&args.pin, "keyholder unlock");
     let mut pin = prompt.first()?;
     let mut session = v1::session_client::SessionClient::new(channel);
+    // A key that waits for a touch: say so rather than hang silently.
+    if let Ok(s) = session.status(v1::StatusRequest {}).await {
+        let s = s.into_inner();
+        if let Some(k) = s.vault_key.as_ref().filter(|k| needs_touch(k))
+            && !unlocked(&s)
+        {
+            eprintln!(
+                "Touch the YubiKey when it blinks: its vault key (PIV slot {}) has touch policy {}.",
+                k.slot, k.touch_policy
+            );
+        }
+    }
     let resp = loop {
         let request = v1::UnlockRequest {
             pin: pin.expose_secret().to_owned(),
@@ -449,7 +572,7 @@ pub(crate) async fn status(channel: Channel, args: StatusArgs, json: bool) -> Cl
     Ok(())
 }
 
-pub(crate) async fn tokens(channel: Channel, json: bool) -> CliResult {
+pub(crate) async fn tokens(channel: Channel, args: TokensArgs, json: bool) -> CliResult {
     let mut admin = v1::admin_client::AdminClient::new(channel);
     let resp = admin
         .list_tokens(v1::ListTokensRequest {})
@@ -466,6 +589,23 @@ pub(crate) async fn tokens(channel: Channel, json: bool) -> CliResult {
             );
             for r in &t.recipients {
                 println!("  keyholder key: {r}");
+            }
+            if let Some(k) = &t.vault_key {
+                println!("  vault key: {}", piv_key_line(k));
+                if args.attestation {
+                    println!("  attestation: {}", attestation_line(k));
+                    if !k.firmware.is_empty() {
+                        println!("  firmware: {}", k.firmware);
+                    }
+                    if !k.form_factor.is_empty() {
+                        println!("  form factor: {}", k.form_factor);
+                    }
+                    if !k.origin.is_empty() {
+                        println!("  origin: {}", k.origin);
+                    }
+                }
+            } else if args.attestation {
+                println!("  attestation: none recorded for this token");
             }
             match t.rollback_protection.as_str() {
                 "on" => {
@@ -512,5 +652,43 @@ mod tests {
         }
         s.state = 99;
         assert_eq!(state_name(&s), "unknown");
+    }
+
+    #[test]
+    fn a_piv_vault_key_is_described_in_words() {
+        let mut k = v1::PivKeyInfo {
+            slot: "9d".into(),
+            pin_policy: "once".into(),
+            touch_policy: "cached".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            piv_key_line(&k),
+            "PIV slot 9d, PIN policy once, touch policy cached"
+        );
+        assert!(needs_touch(&k));
+        assert_eq!(
+            attestation_line(&k),
+            "not known (unlock once to read the vault's record)"
+        );
+        k.attestation = "the card has no attestation certificate (slot f9)".into();
+        assert!(attestation_line(&k).starts_with("not attested: the card has no"));
+        k.attested = true;
+        k.attestation = "generated on the card: YubiKey serial 1".into();
+        assert_eq!(
+            attestation_line(&k),
+            "verified: generated on the card: YubiKey serial 1"
+        );
+        k.touch_policy = "never".into();
+        k.pin_policy.clear();
+        k.management_key = "pin-protected".into();
+        assert!(!needs_touch(&k));
+        assert_eq!(
+            piv_key_line(&k),
+            "PIV slot 9d, PIN policy unknown, touch policy never, management key PIN-protected on the card"
+        );
+        let json = piv_key_json(&k);
+        assert_eq!(json["pin_policy"], serde_json::Value::Null);
+        assert_eq!(json["attested"], true);
     }
 }

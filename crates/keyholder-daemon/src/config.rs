@@ -107,6 +107,9 @@ pub struct Config {
     /// How long an on-demand prompt waits for the PIN (`60s`).
     #[serde(deserialize_with = "de_duration")]
     pub pinentry_timeout: Duration,
+    /// PEM certificates trusted, besides Yubico's roots, as roots for the
+    /// attestation of a key enrolled at init (native YubiKey backend).
+    pub attestation_roots: Option<PathBuf>,
     /// The audit log: a path, or `off`. Default: `audit.log` next to the
     /// vault file (docs/audit.md).
     pub audit_log: Option<String>,
@@ -223,6 +226,7 @@ impl Default for Config {
             unlock_on_demand: false,
             pinentry: PathBuf::from("pinentry"),
             pinentry_timeout: Duration::from_secs(60),
+            attestation_roots: None,
             audit_log: None,
             audit_max_bytes: 64 << 20,
             listen_tcp: None,
@@ -383,7 +387,13 @@ mod tests {
         // The native YubiKey backend needs no module; PKCS#11 does.
         let c: Config = toml::from_str("token_backend = \"yubikey\"").unwrap();
         assert_eq!(c.token_backend, TokenBackend::Yubikey);
+        assert_eq!(c.attestation_roots, None);
         c.validate().unwrap();
+        let c: Config = toml::from_str("attestation_roots = \"/etc/keyholder/roots.pem\"").unwrap();
+        assert_eq!(
+            c.attestation_roots.as_deref(),
+            Some(Path::new("/etc/keyholder/roots.pem"))
+        );
         let c: Config = toml::from_str("token_backend = \"pkcs11\"").unwrap();
         assert!(c.validate().is_err());
         assert!(toml::from_str::<Config>("token_backend = \"piv\"").is_err());

@@ -17,10 +17,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use keyholder_token::{
-    Backend, KeyPurpose, ObjectSelector, PivSlot, Selector, Session, TokenDescription, TokenKey,
+    Backend, KeyPurpose, ObjectSelector, PivGeneration, PivKeyFacts, PivKeyOrigin, PivSlot,
+    Selector, Session, TokenDescription, TokenKey,
 };
 use keyholder_vault::{
-    Body, OpenVault, Revision, Storage, TokenAgreement, TokenRecipient, VaultError,
+    Body, OpenVault, PivKeyRecord, Revision, Storage, TokenAgreement, TokenRecipient, VaultError,
 };
 use secrecy::SecretString;
 use tokio::sync::watch;
@@ -107,6 +108,9 @@ pub struct Core {
     /// rollback detection, as last seen at init or unlock: for `tokens`,
     /// which is answered while locked too.
     vault_token: Mutex<Option<(String, String, bool)>>,
+    /// The vault key's PIV details (native YubiKey backend), as recorded at
+    /// init or read at unlock, or as the card showed them while locked.
+    vault_key: Mutex<Option<PivKeyRecord>>,
     /// Unlock on demand: the prompt shown and its back-off.
     on_demand: crate::ondemand::OnDemand,
     /// Policy, grants, the step-up PIN check and the audit sink.
@@ -132,6 +136,7 @@ impl Core {
             state: SessionState::Locked(LockReason::Start),
             vault_path: String::new(),
             ssh_agent_socket: None,
+            vault_key: None,
         });
         let core = Arc::new(Self {
             config,
@@ -148,6 +153,7 @@ impl Core {
             gate_hooks: RwLock::new(Vec::new()),
             lock_hooks: Mutex::new(Vec::new()),
             vault_token: Mutex::new(None),
+            vault_key: Mutex::new(None),
             on_demand: Default::default(),
             trust: Default::default(),
         });
@@ -326,6 +332,67 @@ impl Core {
                 .config
                 .ssh_agent
                 .then(|| self.config.ssh_agent_socket.clone()),
+            vault_key: self.known_vault_key(),
+        }
+    }
+
+    /// The vault key's PIV details, when known.
+    pub fn known_vault_key(&self) -> Option<PivKeyRecord> {
+        self.vault_key
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn remember_vault_key(&self, record: Option<PivKeyRecord>) {
+        *self
+            .vault_key
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = record;
+    }
+
+    /// Reads the vault key's slot and policies from the card (no PIN, no
+    /// attestation) when they are not known yet, so a locked daemon can tell
+    /// a client that the key waits for a touch. For the native YubiKey
+    /// backend; card errors are only logged. Called once at start.
+    pub fn probe_vault_key(&self) {
+        if self.known_vault_key().is_some() {
+            return;
+        }
+        let Some(stanzas) = self
+            .storage
+            .load()
+            .ok()
+            .flatten()
+            .and_then(|(bytes, _)| keyholder_vault::probe(&bytes).ok())
+        else {
+            return;
+        };
+        let found = token_call(|| -> Result<Option<PivKeyRecord>> {
+            for token in self.tokens.tokens()? {
+                let session = self.tokens.open(&token)?;
+                let key = session
+                    .find_p256_keys(None)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .find(|k| keyholder_vault::addressed_to(&stanzas, &k.public));
+                let facts = match &key {
+                    Some(k) => session.piv_key_facts(k, false),
+                    None => Ok(None),
+                };
+                session.close();
+                if key.is_some() {
+                    return Ok(facts?.map(|f| live_record(&f)));
+                }
+            }
+            Ok(None)
+        });
+        match found {
+            Ok(Some(record)) => self.remember_vault_key(Some(record)),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(error = %crate::escape::Escaped(&e), "vault key details not read from the card")
+            }
         }
     }
 
@@ -367,6 +434,7 @@ impl Core {
             let mut out = Vec::new();
             for token in self.tokens.tokens()? {
                 let mut recipients = Vec::new();
+                let mut holds_vault = false;
                 if let Ok(session) = self.tokens.open(&token) {
                     let mut keys = session.find_p256_keys(Some(KEY_LABEL)).unwrap_or_default();
                     if !stanzas.is_empty() {
@@ -381,6 +449,9 @@ impl Core {
                             .collect();
                         keys.extend(others);
                     }
+                    holds_vault = keys
+                        .iter()
+                        .any(|k| keyholder_vault::addressed_to(&stanzas, &k.public));
                     recipients = keys
                         .iter()
                         .map(|k| keyholder_vault::recipient_string(&k.public))
@@ -394,10 +465,14 @@ impl Core {
                     .as_ref()
                     .filter(|(label, serial, _)| *label == token.label && *serial == token.serial)
                     .map(|(_, _, on)| *on);
+                let vault_key = (holds_vault || rollback_protection.is_some())
+                    .then(|| self.known_vault_key())
+                    .flatten();
                 out.push(TokenListing {
                     token,
                     recipients,
                     rollback_protection,
+                    vault_key,
                 });
             }
             Ok(out)
@@ -414,6 +489,7 @@ impl Core {
         token: &TokenDescription,
         key: &SecretString,
         allowed: bool,
+        protect: bool,
     ) -> Result<()> {
         use secrecy::ExposeSecret;
         let default = key
@@ -427,9 +503,108 @@ impl Core {
             tracing::warn!(token = ?token.label, "vault key generated with the factory default management key, as requested");
             return Ok(());
         }
+        if protect {
+            // Replaced by a PIN-protected random key before the key is made.
+            return Ok(());
+        }
         Err(Error::DefaultManagementKey {
             token: token.label.clone(),
         })
+    }
+
+    /// For a key in a PIV card reached natively: reads what the card says
+    /// of it (slot, policies, origin, attestation), decides whether it is
+    /// enrolled (see `keyholder_pki::attestation::enroll`) and returns the
+    /// record kept in the vault. `None` for other tokens.
+    fn enroll(
+        &self,
+        token: &TokenDescription,
+        session: &dyn Session,
+        key: &TokenKey,
+        how: &NewVaultKey,
+        roots: &keyholder_pki::attestation::AttestationRoots,
+        enrollment: &Enrollment,
+    ) -> Result<Option<PivKeyRecord>> {
+        use keyholder_pki::attestation::enroll::{Evidence, Outcome, decide, describe};
+        let Some(facts) = session.piv_key_facts(key, true)? else {
+            return Ok(None);
+        };
+        let slot = u8::from_str_radix(&facts.slot, 16).unwrap_or_default();
+        let point = {
+            use p256::elliptic_curve::sec1::ToEncodedPoint;
+            key.public.to_encoded_point(false)
+        };
+        let attestation = facts
+            .attestation
+            .as_ref()
+            .map(|r| r.as_ref().map(Vec::as_slice).map_err(String::as_str));
+        let evidence = Evidence {
+            slot,
+            enrolled_key: point.as_bytes(),
+            imported: facts.origin.map(|o| o == PivKeyOrigin::Imported),
+            card_certificate: facts.card_certificate.as_deref(),
+            attestation,
+        };
+        let outcome =
+            decide(&evidence, roots, &[], enrollment.allow_imported_key).map_err(|e| {
+                let generated = matches!(how, NewVaultKey::PivSlot { .. });
+                Error::NotEnrolled {
+                    token: token.label.clone(),
+                    reason: if generated {
+                        format!(
+                            "{e} (the key generated in slot {} stays on the card)",
+                            facts.slot
+                        )
+                    } else {
+                        e.to_string()
+                    },
+                }
+            })?;
+        let mut record = live_record(&facts);
+        if let NewVaultKey::PivSlot {
+            generation,
+            management_key,
+            ..
+        } = how
+        {
+            use secrecy::ExposeSecret;
+            if generation.protect_management_key || management_key.expose_secret().trim().is_empty()
+            {
+                record.management_key = "pin-protected".into();
+            }
+            // What the card was told, where it does not say.
+            if record.pin_policy.is_empty() {
+                record.pin_policy = generation.pin_policy.to_string();
+            }
+            if record.touch_policy.is_empty() {
+                record.touch_policy = generation.touch_policy.to_string();
+            }
+        }
+        match outcome {
+            Outcome::Attested(a) => {
+                record.attested = true;
+                record.attestation = describe(&a);
+                record.firmware = a.firmware.to_string();
+                record.pin_policy = a.pin_policy.to_string();
+                record.touch_policy = a.touch_policy.to_string();
+                record.form_factor = a.form_factor.map(|f| f.to_string()).unwrap_or_default();
+                if a.serial.to_string() != facts.serial {
+                    return Err(Error::NotEnrolled {
+                        token: token.label.clone(),
+                        reason: format!(
+                            "the attestation names YubiKey serial {}, but the card says {}",
+                            a.serial, facts.serial
+                        ),
+                    });
+                }
+                tracing::info!(token = ?token.label, attestation = %record.attestation, "vault key attested");
+            }
+            Outcome::NotAttested { reason } => {
+                record.attestation = reason;
+                tracing::warn!(token = ?token.label, reason = %record.attestation, "vault key not attested");
+            }
+        }
+        Ok(Some(record))
     }
 
     fn remember_vault_token(&self, token: &TokenDescription, rollback_protection: bool) {
@@ -454,6 +629,39 @@ impl Core {
         without_rollback_protection: bool,
         vault_key: NewVaultKey,
     ) -> Result<Initialized> {
+        self.init_with(
+            selector,
+            pin,
+            allow_final_try,
+            recovery,
+            without_rollback_protection,
+            vault_key,
+            Enrollment::default(),
+        )
+        .await
+    }
+
+    /// [`Core::init`], with what decides the enrollment of a PIV key.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn init_with(
+        &self,
+        selector: Selector,
+        pin: SecretString,
+        allow_final_try: bool,
+        recovery: Vec<String>,
+        without_rollback_protection: bool,
+        vault_key: NewVaultKey,
+        mut enrollment: Enrollment,
+    ) -> Result<Initialized> {
+        if let Some(path) = &self.config.attestation_roots {
+            let pem = std::fs::read_to_string(path).map_err(|e| Error::InvalidArgument {
+                field: "attestation_roots",
+                reason: format!("keyholderd's attestation_roots {}: {e}", path.display()),
+            })?;
+            enrollment.attestation_roots_pem.push('\n');
+            enrollment.attestation_roots_pem.push_str(&pem);
+        }
+        let roots = enrollment.roots()?;
         let _writer = self.writer.lock().await;
         for r in &recovery {
             keyholder_vault::check_recovery_recipient(r)?;
@@ -490,27 +698,31 @@ impl Core {
                         slot,
                         management_key,
                         allow_default_management_key,
+                        generation,
                     } => {
                         self.check_management_key(
                             &token,
                             management_key,
                             *allow_default_management_key,
+                            generation.protect_management_key,
                         )?;
-                        session.generate_p256_in_piv_slot(
-                        KEY_LABEL,
-                        KeyPurpose::Derive,
-                        *slot,
-                        management_key,
-                        &pin,
-                        &|public| {
-                            use p256::elliptic_curve::sec1::ToEncodedPoint;
-                            let point = public.to_encoded_point(false);
-                            keyholder_pki::x509::slot_certificate(point.as_bytes(), KEY_LABEL)
-                                .map_err(|e| e.to_string())
-                        },
-                    )?
+                        session.generate_p256_in_piv_slot_with(
+                            KEY_LABEL,
+                            KeyPurpose::Derive,
+                            *slot,
+                            management_key,
+                            &pin,
+                            generation,
+                            &|public| {
+                                use p256::elliptic_curve::sec1::ToEncodedPoint;
+                                let point = public.to_encoded_point(false);
+                                keyholder_pki::x509::slot_certificate(point.as_bytes(), KEY_LABEL)
+                                    .map_err(|e| e.to_string())
+                            },
+                        )?
                     }
                 };
+                let piv = self.enroll(&token, session.as_ref(), &key, &vault_key, &roots, &enrollment)?;
                 let agreement = TokenAgreement {
                     session: session.as_ref(),
                     key: &key,
@@ -523,6 +735,7 @@ impl Core {
                         label: token.label.clone(),
                         serial: token.serial.clone(),
                         key_id: keyholder_pki::hex(&key.id),
+                        piv: piv.clone(),
                     },
                     recovery,
                 )?;
@@ -534,11 +747,13 @@ impl Core {
                     rollback::record(session.as_ref(), vault.vault_id(), body.generation);
                 }
                 self.remember_vault_token(&token, protected);
+                self.remember_vault_key(piv.clone());
                 tracing::info!(token = ?token.label, %recipient, vault = %self.storage.location(), "vault created");
                 Ok(Initialized {
                     vault_path: self.storage.location(),
                     token_recipient: recipient,
                     token: token.clone(),
+                    vault_key: piv,
                 })
             })();
             session.close();
@@ -690,6 +905,17 @@ impl Core {
             "unlocked"
         );
         self.remember_vault_token(&unlocked.token, unlocked.vault.body.rollback_protection);
+        let recorded = unlocked
+            .vault
+            .body
+            .recipients
+            .tokens
+            .iter()
+            .find(|t| t.recipient == unlocked.vault.token_recipient())
+            .and_then(|t| t.piv.clone());
+        if recorded.is_some() {
+            self.remember_vault_key(recorded);
+        }
         *self.token_slot() = Some(session);
         self.trust.remember_pin(&pin);
         self.touch();
@@ -989,7 +1215,57 @@ pub enum NewVaultKey {
         /// Go on with the factory default management key (the native
         /// YubiKey backend refuses it otherwise).
         allow_default_management_key: bool,
+        /// Policies and management-key handling (native YubiKey backend).
+        generation: PivGeneration,
     },
+}
+
+/// What decides whether a PIV key's attestation enrolls it.
+#[derive(Clone, Debug, Default)]
+pub struct Enrollment {
+    /// Enroll a key the card reports as imported, or will not attest.
+    pub allow_imported_key: bool,
+    /// PEM certificates trusted as attestation roots besides Yubico's.
+    pub attestation_roots_pem: String,
+}
+
+impl Enrollment {
+    fn roots(&self) -> Result<keyholder_pki::attestation::AttestationRoots> {
+        let mut roots = keyholder_pki::attestation::AttestationRoots::yubico();
+        if self.attestation_roots_pem.trim().is_empty() {
+            return Ok(roots);
+        }
+        let ders = keyholder_pki::attestation::pem_certificates(&self.attestation_roots_pem)
+            .map_err(|e| Error::InvalidArgument {
+                field: "attestation_roots_pem",
+                reason: e.to_string(),
+            })?;
+        for der in ders {
+            roots = roots
+                .with_root_der(&der)
+                .map_err(|e| Error::InvalidArgument {
+                    field: "attestation_roots_pem",
+                    reason: e.to_string(),
+                })?;
+        }
+        Ok(roots)
+    }
+}
+
+/// The record of a PIV key from what the card says, before attestation.
+fn live_record(facts: &PivKeyFacts) -> PivKeyRecord {
+    PivKeyRecord {
+        slot: facts.slot.clone(),
+        firmware: facts.firmware.clone(),
+        pin_policy: facts.pin_policy.clone().unwrap_or_default(),
+        touch_policy: facts.touch_policy.clone().unwrap_or_default(),
+        origin: match facts.origin {
+            Some(PivKeyOrigin::Generated) => "generated".into(),
+            Some(PivKeyOrigin::Imported) => "imported".into(),
+            None => String::new(),
+        },
+        ..PivKeyRecord::default()
+    }
 }
 
 /// What to do instead of generating the vault key with a chosen id on a

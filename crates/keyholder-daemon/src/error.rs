@@ -124,12 +124,21 @@ pub enum Error {
         "token {token:?} still has the factory default PIV management key, with which anyone \
          holding the card can replace its keys without the PIN. Change it first, e.g. \
          `yubico-piv-tool -a set-mgm-key -n $(openssl rand -hex 24)` (keep the new key), and \
-         give the new key to init; or pass --allow-default-management-key to go on anyway \
-         (see docs/yubikey.md)"
+         give the new key to init; or add --protect-management-key to have init replace it \
+         by a random key kept on the card behind the PIN; or pass \
+         --allow-default-management-key to go on anyway (see docs/yubikey.md)"
     )]
     DefaultManagementKey {
         /// The token's label.
         token: String,
+    },
+    /// The key's attestation refuses it (imported, or not verifying).
+    #[error("token {token:?}: {reason}")]
+    NotEnrolled {
+        /// The token's label.
+        token: String,
+        /// Why, and what to do.
+        reason: String,
     },
     /// A request presented credentials (a grant token) that are not valid.
     #[error("{0}")]
@@ -155,7 +164,8 @@ impl Error {
             | Error::Rollback { .. }
             | Error::NoRollbackRecord { .. }
             | Error::PivNeedsSlot { .. }
-            | Error::DefaultManagementKey { .. } => Code::FailedPrecondition,
+            | Error::DefaultManagementKey { .. }
+            | Error::NotEnrolled { .. } => Code::FailedPrecondition,
             Error::VaultExists(_) | Error::AlreadyExists { .. } => Code::AlreadyExists,
             Error::NotFound { .. } => Code::NotFound,
             Error::InvalidArgument { .. } => Code::InvalidArgument,

@@ -68,6 +68,9 @@ pub fn open(config: Config) -> Result<Arc<Core>, StartError> {
             }
             let storage = FileStorage::open(&config.vault)?;
             let core = Core::new(config, YubiKeyBackend::new(), storage);
+            // So that a client can tell the user to touch the key before
+            // the first unlock (card errors are only logged).
+            core.probe_vault_key();
             crate::audit::install(&core);
             Ok(core)
         }

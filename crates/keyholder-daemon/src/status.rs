@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::SystemTime;
 
 use keyholder_token::TokenDescription;
+use keyholder_vault::PivKeyRecord;
 
 /// Why the session is locked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,6 +83,8 @@ pub struct SessionStatus {
     pub vault_path: String,
     /// The ssh-agent socket, when served.
     pub ssh_agent_socket: Option<PathBuf>,
+    /// The vault key's PIV details (native YubiKey backend), when known.
+    pub vault_key: Option<PivKeyRecord>,
 }
 
 /// A token the backend sees, with the Keyholder vault keys found on it.
@@ -94,6 +97,8 @@ pub struct TokenListing {
     /// Whether the vault on this token has rollback detection, when this
     /// daemon has seen the vault open (or created it) on this token.
     pub rollback_protection: Option<bool>,
+    /// The vault key's PIV details, for the vault's token when known.
+    pub vault_key: Option<PivKeyRecord>,
 }
 
 /// A vault just created.
@@ -105,4 +110,6 @@ pub struct Initialized {
     pub token_recipient: String,
     /// The token.
     pub token: TokenDescription,
+    /// The vault key's PIV details (native YubiKey backend).
+    pub vault_key: Option<PivKeyRecord>,
 }

@@ -118,6 +118,30 @@ Vpmq2Sh/xT5HiFuhf4wJb0bK
 pub const YUBICO_ATTESTATION_ROOT_1_SHA256: &str =
     "62760C6A6EF91679F454C8902B80FD009825B3F25DA90F1FBACE2EC6586CD5A8";
 
+/// Yubico's PIV intermediates for firmware 5.7.4 and later, which the
+/// card does not carry: `CN=Yubico PIV Attestation A 1` and `B 1` (the
+/// issuers of f9 certificates) and their issuers `CN=Yubico Attestation
+/// Intermediate A 1` and `B 1` (issued by Attestation Root 1).
+///
+/// Source: Yubico's bundle developers.yubico.com/PKI/yubico-intermediate.pem,
+/// as embedded in smallstep's crypto library (`kms/yubikey/yubikey.go`,
+/// `yubicoPIVAttestationA1` and `B1`). SHA-256 fingerprints, checked by a
+/// unit test against [`YUBICO_PIV_INTERMEDIATES_SHA256`], match those
+/// published independently alongside the bundle. Yubico's bundle also holds
+/// `CN=Yubico PIV Attestation B2 1`, which is not here (its bytes were not
+/// at hand): a card whose f9 it issued verifies once Yubico's bundle is
+/// given as extra intermediates (see `ATTESTATION.md`).
+pub const YUBICO_PIV_INTERMEDIATES_PEM: &str =
+    include_str!("attestation/yubico-piv-intermediates.pem");
+
+/// SHA-256 of each certificate of [`YUBICO_PIV_INTERMEDIATES_PEM`], in order.
+pub const YUBICO_PIV_INTERMEDIATES_SHA256: [&str; 4] = [
+    "6DE693F05376F5D8CA29069261E1C8626C75D503BD2EDBFD75354CAD1F722870",
+    "4698A1D3389C3EC60016C216250F1D0439922832D65142327436376DC2942B55",
+    "2D55B7998F4E42569D6D8FA382B6DC77D1DACF07358B19701163892922B17052",
+    "D4CC3F456FDAF4E7812A21AAB1DFE9D8E27D24E2FD2D6F21C9940109F0DAA754",
+];
+
 /// At most this many intermediates between f9 and a root. Yubico's newer
 /// chain uses two, but its published bundle holds the intermediates of all
 /// its applications, and passing it whole is expected; the bound keeps the
@@ -852,6 +876,8 @@ fn ext_name(arcs: &[u64]) -> &'static str {
         "form factor"
     }
 }
+
+pub mod enroll;
 
 #[cfg(test)]
 mod tests;

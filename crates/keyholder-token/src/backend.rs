@@ -9,8 +9,8 @@ use secrecy::SecretString;
 use zeroize::Zeroizing;
 
 use crate::{
-    KeyPurpose, ObjectSelector, PivSlot, Result, Selector, SlotCertifier, TokenDescription,
-    TokenKey,
+    Error, KeyPurpose, ObjectSelector, PivGeneration, PivKeyFacts, PivSlot, Result, Selector,
+    SlotCertifier, TokenDescription, TokenKey,
 };
 
 /// A family of tokens: lists them and opens sessions on them.
@@ -47,6 +47,45 @@ pub trait Session: Send + fmt::Debug {
         pin: &SecretString,
         certify: &SlotCertifier<'_>,
     ) -> Result<TokenKey>;
+    /// Like [`Session::generate_p256_in_piv_slot`], with the key's PIN and
+    /// touch policies and the management-key handling of `how`. An empty
+    /// `management_key` means the PIN-protected one stored on the card.
+    /// Backends that cannot choose policies (a PKCS#11 module) accept only
+    /// the plain defaults.
+    #[allow(clippy::too_many_arguments)]
+    fn generate_p256_in_piv_slot_with(
+        &mut self,
+        label: &str,
+        purpose: KeyPurpose,
+        slot: PivSlot,
+        management_key: &SecretString,
+        pin: &SecretString,
+        how: &PivGeneration,
+        certify: &SlotCertifier<'_>,
+    ) -> Result<TokenKey> {
+        if !how.is_plain() {
+            return Err(Error::Piv(
+                "PIN and touch policies and a PIN-protected management key are set by the \
+                 native YubiKey backend only (keyholderd --token-backend yubikey); through a \
+                 PKCS#11 module the key gets PIN policy once and touch policy never"
+                    .into(),
+            ));
+        }
+        if secrecy::ExposeSecret::expose_secret(management_key).is_empty() {
+            return Err(Error::Piv(
+                "a PIN-protected management key is read by the native YubiKey backend only: \
+                 give the management key"
+                    .into(),
+            ));
+        }
+        self.generate_p256_in_piv_slot(label, purpose, slot, management_key, pin, certify)
+    }
+    /// What a PIV card says about `key` (slot, policies, origin, firmware)
+    /// and, when `attest`, its attestation material; `None` for tokens that
+    /// are not PIV cards reached natively.
+    fn piv_key_facts(&self, _key: &TokenKey, _attest: bool) -> Result<Option<PivKeyFacts>> {
+        Ok(None)
+    }
     /// The P-256 key-agreement keys labelled `label` (any label: `None`).
     fn find_p256_keys(&self, label: Option<&str>) -> Result<Vec<TokenKey>>;
     /// The one P-256 signing key `object` names.

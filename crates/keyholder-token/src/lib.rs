@@ -43,7 +43,7 @@ use secrecy::{ExposeSecret, SecretString};
 use zeroize::Zeroizing;
 
 pub use backend::{Backend, Session};
-pub use piv::PivSlot;
+pub use piv::{PivGeneration, PivKeyFacts, PivKeyOrigin, PivPinPolicy, PivSlot, PivTouchPolicy};
 pub use uri::{ObjectSelector, Selector};
 #[cfg(feature = "yubikey")]
 pub use yubikey_piv::{DEFAULT_MANAGEMENT_KEY, YubiKeyBackend, YubiKeySession};

@@ -79,6 +79,137 @@ impl FromStr for PivSlot {
     }
 }
 
+/// A PIV key's PIN policy, as chosen at generation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PivPinPolicy {
+    /// The PIN once per session (what ykcs11 can use).
+    #[default]
+    Once,
+    /// The PIN before every use of the key (the native backend verifies it
+    /// again before each operation; ykcs11 cannot use such a vault key).
+    Always,
+}
+
+impl fmt::Display for PivPinPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Once => "once",
+            Self::Always => "always",
+        })
+    }
+}
+
+impl FromStr for PivPinPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "" | "once" => Ok(Self::Once),
+            "always" => Ok(Self::Always),
+            other => Err(format!("{other:?} is not a PIN policy: use once or always")),
+        }
+    }
+}
+
+/// A PIV key's touch policy, as chosen at generation (YubiKey 4 and 5).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PivTouchPolicy {
+    /// No touch.
+    #[default]
+    Never,
+    /// A touch, then none for 15 seconds.
+    Cached,
+    /// A touch for every operation with the key.
+    Always,
+}
+
+impl PivTouchPolicy {
+    /// Whether an operation with the key may wait for a touch.
+    pub fn needs_touch(self) -> bool {
+        self != Self::Never
+    }
+}
+
+impl fmt::Display for PivTouchPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Never => "never",
+            Self::Cached => "cached",
+            Self::Always => "always",
+        })
+    }
+}
+
+impl FromStr for PivTouchPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "" | "never" => Ok(Self::Never),
+            "cached" => Ok(Self::Cached),
+            "always" => Ok(Self::Always),
+            other => Err(format!(
+                "{other:?} is not a touch policy: use never, cached or always"
+            )),
+        }
+    }
+}
+
+/// How a key is generated in a PIV slot.
+#[derive(Clone, Debug, Default)]
+pub struct PivGeneration {
+    /// PIN policy of the new key.
+    pub pin_policy: PivPinPolicy,
+    /// Touch policy of the new key.
+    pub touch_policy: PivTouchPolicy,
+    /// Before generating, replace the factory default management key by a
+    /// random one kept in the card's PIN-protected data object (the scheme
+    /// `ykman piv access change-management-key --protect` uses).
+    pub protect_management_key: bool,
+}
+
+impl PivGeneration {
+    /// Whether this asks for nothing beyond what any PIV module can do.
+    pub fn is_plain(&self) -> bool {
+        self.pin_policy == PivPinPolicy::Once
+            && self.touch_policy == PivTouchPolicy::Never
+            && !self.protect_management_key
+    }
+}
+
+/// Where a PIV key came from, as the card says (GET METADATA).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PivKeyOrigin {
+    /// Generated on the card.
+    Generated,
+    /// Imported into the card: it existed outside it.
+    Imported,
+}
+
+/// What a PIV card tells about one of its keys, for enrollment: the card,
+/// the key's policies and origin, and the material to verify its
+/// attestation with.
+#[derive(Clone, Debug, Default)]
+pub struct PivKeyFacts {
+    /// The key's slot, as PIV names it ("9d").
+    pub slot: String,
+    /// The card's serial.
+    pub serial: String,
+    /// The card's firmware version ("5.4.3").
+    pub firmware: String,
+    /// The key's PIN policy as the card reports it ("once"), if it does.
+    pub pin_policy: Option<String>,
+    /// The key's touch policy as the card reports it ("cached"), if it does.
+    pub touch_policy: Option<String>,
+    /// Generated or imported, if the card says.
+    pub origin: Option<PivKeyOrigin>,
+    /// DER of the card's attestation certificate (slot f9), when it has one.
+    pub card_certificate: Option<Vec<u8>>,
+    /// DER of the card's attestation of the key (ATTEST), or why the card
+    /// gave none; `None` when there is no f9 certificate to check it with.
+    pub attestation: Option<Result<Vec<u8>, String>>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,6 +25,7 @@
 //! `--piv-slot`), and AES management keys (the `yubikey` crate 0.8 speaks
 //! 3DES only).
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 use p256::elliptic_curve::sec1::ToEncodedPoint;
@@ -36,8 +37,9 @@ use zeroize::Zeroizing;
 
 use crate::backend::{Backend, Session};
 use crate::{
-    Error, KeyPurpose, ObjectSelector, PinStatus, PivSlot, Result, Selector, SlotCertifier,
-    TokenDescription, TokenKey,
+    Error, KeyPurpose, ObjectSelector, PinStatus, PivGeneration, PivKeyFacts, PivKeyOrigin,
+    PivPinPolicy, PivSlot, PivTouchPolicy, Result, Selector, SlotCertifier, TokenDescription,
+    TokenKey,
 };
 
 /// The manufacturer every YubiKey reports here.
@@ -206,6 +208,7 @@ impl Backend for YubiKeyBackend {
             token: token.clone(),
             serial,
             pin: Mutex::new(None),
+            touch: Mutex::new(HashMap::new()),
             reader,
             events,
         }))
@@ -237,6 +240,9 @@ pub struct YubiKeySession {
     serial: Serial,
     /// The PIN while logged in, to verify again on each connection.
     pin: Mutex<Option<SecretString>>,
+    /// The touch policy of each slot whose key was looked at, to say
+    /// "touch the key" before an operation that waits for one.
+    touch: Mutex<HashMap<u8, TouchPolicy>>,
     /// The reader the card sat in at open, and its event counter then.
     reader: String,
     events: u32,
@@ -251,10 +257,13 @@ impl std::fmt::Debug for YubiKeySession {
     }
 }
 
-/// A P-256 key found in a slot, with its PIN policy when the card says.
+/// A P-256 key found in a slot, with its policies and origin when the
+/// card says.
 struct SlotKey {
     public: p256::PublicKey,
     pin_policy: Option<PinPolicy>,
+    touch_policy: Option<TouchPolicy>,
+    origin: Option<piv::Origin>,
 }
 
 /// The P-256 key in `slot`, if any: from the slot's metadata (firmware
@@ -267,6 +276,8 @@ fn key_in_slot(yk: &mut YubiKey, slot: PivSlot) -> Result<Option<SlotKey>> {
                 return Ok(None);
             }
             let pin_policy = m.policy.map(|(pin, _)| pin);
+            let touch_policy = m.policy.map(|(_, touch)| touch);
+            let origin = m.origin;
             let from_metadata = m
                 .public
                 .as_ref()
@@ -276,12 +287,19 @@ fn key_in_slot(yk: &mut YubiKey, slot: PivSlot) -> Result<Option<SlotKey>> {
                 Some(p) => Some(p),
                 None => certificate_key(yk, id)?,
             };
-            Ok(public.map(|public| SlotKey { public, pin_policy }))
+            Ok(public.map(|public| SlotKey {
+                public,
+                pin_policy,
+                touch_policy,
+                origin,
+            }))
         }
         // Older firmware: no metadata, so the certificate tells.
         Err(yubikey::Error::NotSupported) => Ok(certificate_key(yk, id)?.map(|public| SlotKey {
             public,
             pin_policy: None,
+            touch_policy: None,
+            origin: None,
         })),
         Err(e @ yubikey::Error::PcscError { .. }) => Err(map_err(e)),
         // The card says there is no key there.
@@ -353,7 +371,184 @@ const PIN_ALWAYS: &str = "the key's PIN policy is \"always\" (the PIN before eve
      there), so a vault or key using it would not work through ykcs11: use a key whose PIN \
      policy is once per session (PIV slot 9a or a retired slot 82 to 95)";
 
+/// A PIN policy's name, `None` for the slot's default (which the card
+/// reports only for keys it did not make).
+fn pin_policy_name(p: PinPolicy, slot: PivSlot) -> Option<&'static str> {
+    match p {
+        PinPolicy::Never => Some("never"),
+        PinPolicy::Once => Some("once"),
+        PinPolicy::Always => Some("always"),
+        // Slot 9c's default is "always", every other slot's "once".
+        PinPolicy::Default if slot.number() == 0x9c => Some("always"),
+        PinPolicy::Default => Some("once"),
+    }
+}
+
+fn touch_policy_name(t: TouchPolicy) -> &'static str {
+    match t {
+        TouchPolicy::Always => "always",
+        TouchPolicy::Cached => "cached",
+        TouchPolicy::Never | TouchPolicy::Default => "never",
+    }
+}
+
+/// The data object of the attestation certificate (slot f9).
+const OBJ_ATTESTATION_CERTIFICATE: u32 = 0x005f_ff01;
+
+/// The value of the first BER-TLV in `data` if its tag is `tag` (one-byte
+/// tag, definite length of up to two bytes).
+fn first_tlv(data: &[u8], tag: u8) -> Option<&[u8]> {
+    let (&t, rest) = data.split_first()?;
+    if t != tag {
+        return None;
+    }
+    let (&l, rest) = rest.split_first()?;
+    let (len, rest) = match l {
+        0x00..=0x7f => (usize::from(l), rest),
+        0x81 => {
+            let (&n, rest) = rest.split_first()?;
+            (usize::from(n), rest)
+        }
+        0x82 => {
+            let (n, rest) = rest.split_at_checked(2)?;
+            (usize::from(u16::from_be_bytes([n[0], n[1]])), rest)
+        }
+        _ => return None,
+    };
+    rest.get(..len)
+}
+
+/// Where the PIN-protected management key lives: PIV's "printed
+/// information" object, readable only after PIN verification.
+const OBJ_PROTECTED_DATA: u32 = 0x005f_c109;
+
+/// Replaces the card's management key (authenticated already with the
+/// current one) by a random 3DES key kept in the PIN-protected data object
+/// and flagged in the PIVMAN data object, as `ykman ... --protect` does.
+/// The object is written first, so a card that cannot hold it keeps its old
+/// key; the key is read back after PIN verification before it is relied on.
+fn protect_management_key(yk: &mut YubiKey, pin: &SecretString) -> Result<MgmKey> {
+    let new = MgmKey::generate();
+    let key: &[u8; 24] = new.as_ref();
+    let mut object = Zeroizing::new(Vec::with_capacity(28));
+    object.extend_from_slice(&[0x88, 26, 0x89, 24]);
+    object.extend_from_slice(key);
+    yk.save_object(OBJ_PROTECTED_DATA, object.as_mut_slice())
+        .map_err(|e| {
+            Error::Piv(format!(
+                "this card cannot store a PIN-protected management key (writing its \
+                 protected data object failed: {e}); its management key is unchanged: set \
+                 one with yubico-piv-tool -a set-mgm-key and give it with \
+                 --management-key-file"
+            ))
+        })?;
+    new.set_protected(yk).map_err(map_err)?;
+    yk.verify_pin(pin.expose_secret().as_bytes())
+        .map_err(map_err)?;
+    let stored = MgmKey::get_protected(yk).map_err(map_err)?;
+    if stored.as_ref() != new.as_ref() {
+        return Err(Error::Piv(
+            "the PIN-protected management key read back from the card differs from the one \
+             set"
+            .into(),
+        ));
+    }
+    tracing::info!(
+        "the card's management key is now a random one, kept on the card behind the PIN"
+    );
+    if !pivman_says_protected(yk) {
+        tracing::warn!(
+            "the card did not keep the PIVMAN flag that marks its management key as \
+             PIN-protected (data object 5FFF00): ykman will not know the key is on the card; \
+             Keyholder reads it all the same (init --management-key-on-card)"
+        );
+    }
+    Ok(new)
+}
+
+/// PIVMAN data object (ykman's admin data): 80 { 81 flags, ... }.
+const OBJ_PIVMAN_DATA: u32 = 0x005f_ff00;
+/// Its flag "the management key is stored in the protected data object".
+const PIVMAN_PROTECTED_MGM: u8 = 0x02;
+
+/// Whether the PIVMAN data object flags the management key as PIN-protected.
+fn pivman_says_protected(yk: &mut YubiKey) -> bool {
+    let Ok(data) = yk.fetch_object(OBJ_PIVMAN_DATA) else {
+        return false;
+    };
+    // 80 len { 81 01 flags ... }, short lengths only (the object is small).
+    let inner = match data.as_slice() {
+        [0x80, len, rest @ ..] if usize::from(*len) <= rest.len() => &rest[..usize::from(*len)],
+        _ => return false,
+    };
+    let mut rest = inner;
+    while let [tag, len, tail @ ..] = rest {
+        let n = usize::from(*len);
+        let Some(value) = tail.get(..n) else {
+            return false;
+        };
+        if *tag == 0x81 {
+            return value.first().is_some_and(|f| f & PIVMAN_PROTECTED_MGM != 0);
+        }
+        rest = tail.get(n..).unwrap_or_default();
+    }
+    false
+}
+
+/// The management key stored on the card behind the PIN (after verifying
+/// it), as `ykman ... --protect` leaves it.
+fn protected_management_key(yk: &mut YubiKey, pin: &SecretString, label: &str) -> Result<MgmKey> {
+    match yk.verify_pin(pin.expose_secret().as_bytes()) {
+        Ok(()) => {}
+        Err(yubikey::Error::WrongPin { tries }) => {
+            return Err(Error::PinIncorrect {
+                label: label.to_owned(),
+                count_low: true,
+                final_try: tries == 1,
+            });
+        }
+        Err(e) => return Err(map_err(e)),
+    }
+    MgmKey::get_protected(yk).map_err(|e| {
+        Error::Piv(format!(
+            "no management key given, and the card keeps no PIN-protected one ({e}): give \
+             the management key with --management-key-file, or, on a card still on the \
+             factory key, add --protect-management-key"
+        ))
+    })
+}
+
 impl YubiKeySession {
+    /// Remembers the touch policy of the key in `slot`.
+    fn note_touch(&self, slot: PivSlot, touch: Option<TouchPolicy>) {
+        if let Some(t) = touch {
+            self.touch
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(slot.number(), t);
+        }
+    }
+
+    /// Says, in the log, that the card waits for a touch before using the
+    /// key in `id` (when its touch policy asks for one).
+    fn say_touch(&self, id: SlotId, what: &str) {
+        let number: u8 = id.into();
+        let policy = self
+            .touch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&number)
+            .copied();
+        if let Some(p @ (TouchPolicy::Always | TouchPolicy::Cached)) = policy {
+            tracing::info!(
+                slot = %format!("{number:02x}"),
+                touch_policy = touch_policy_name(p),
+                "touch the YubiKey {:?} now: its key in slot {number:02x} waits for a touch before {what}",
+                self.token.label
+            );
+        }
+    }
+
     /// Runs `f` on a fresh connection to the card, after verifying the PIN
     /// when `with_pin`; disconnects after (resetting the card when the PIN
     /// was verified).
@@ -419,6 +614,7 @@ impl YubiKeySession {
         let found = self.with_card(false, |yk| key_in_slot(yk, slot))?;
         let key = found
             .ok_or_else(|| Error::KeyNotFound(format!("PIV slot {slot} holds no P-256 key")))?;
+        self.note_touch(slot, key.touch_policy);
         let always = match key.pin_policy {
             Some(PinPolicy::Always) => true,
             // The slot's default: "always" for 9c only.
@@ -485,38 +681,72 @@ impl Session for YubiKeySession {
 
     fn generate_p256_in_piv_slot(
         &mut self,
+        label: &str,
+        purpose: KeyPurpose,
+        slot: PivSlot,
+        management_key_hex: &SecretString,
+        pin: &SecretString,
+        certify: &SlotCertifier<'_>,
+    ) -> Result<TokenKey> {
+        self.generate_p256_in_piv_slot_with(
+            label,
+            purpose,
+            slot,
+            management_key_hex,
+            pin,
+            &PivGeneration::default(),
+            certify,
+        )
+    }
+
+    fn generate_p256_in_piv_slot_with(
+        &mut self,
         _label: &str,
         _purpose: KeyPurpose,
         slot: PivSlot,
         management_key_hex: &SecretString,
-        _pin: &SecretString,
+        pin: &SecretString,
+        how: &PivGeneration,
         certify: &SlotCertifier<'_>,
     ) -> Result<TokenKey> {
         let id = slot_id(slot)?;
         let label = self.token.label.clone();
-        self.with_card(false, |yk| {
-            if key_in_slot(yk, slot)?.is_some() {
+        let mut yk = connect(self.serial)?;
+        let result = (|| {
+            if key_in_slot(&mut yk, slot)?.is_some() {
                 return Err(Error::SlotInUse {
                     slot: slot.to_string(),
                     id: format!("%{:02x}", slot.pkcs11_id()),
                 });
             }
-            let mgm = management_key(management_key_hex)?;
-            match yk.authenticate(mgm) {
+            let mgm = if management_key_hex.expose_secret().trim().is_empty() {
+                protected_management_key(&mut yk, pin, &label)?
+            } else {
+                management_key(management_key_hex)?
+            };
+            let authenticated = yk.authenticate(mgm.clone());
+            match authenticated {
                 Ok(()) => {}
                 Err(yubikey::Error::AuthenticationError) => {
                     return Err(Error::ManagementKeyIncorrect { label });
                 }
                 Err(e) => return Err(map_err(e)),
             }
-            let spki = piv::generate(
-                yk,
-                id,
-                AlgorithmId::EccP256,
-                PinPolicy::Once,
-                TouchPolicy::Never,
-            )
-            .map_err(map_err)?;
+            if how.protect_management_key {
+                let new = protect_management_key(&mut yk, pin)?;
+                yk.authenticate(new).map_err(map_err)?;
+            }
+            let pin_policy = match how.pin_policy {
+                PivPinPolicy::Once => PinPolicy::Once,
+                PivPinPolicy::Always => PinPolicy::Always,
+            };
+            let touch_policy = match how.touch_policy {
+                PivTouchPolicy::Never => TouchPolicy::Never,
+                PivTouchPolicy::Cached => TouchPolicy::Cached,
+                PivTouchPolicy::Always => TouchPolicy::Always,
+            };
+            let spki = piv::generate(&mut yk, id, AlgorithmId::EccP256, pin_policy, touch_policy)
+                .map_err(map_err)?;
             let public = spki
                 .subject_public_key
                 .as_bytes()
@@ -524,12 +754,72 @@ impl Session for YubiKeySession {
                 .ok_or_else(|| Error::Piv("the card returned no P-256 public key".into()))?;
             let der = certify(&public).map_err(Error::Piv)?;
             let cert = Certificate::from_bytes(der).map_err(map_err)?;
-            cert.write(yk, id, CertInfo::Uncompressed)
+            cert.write(&mut yk, id, CertInfo::Uncompressed)
                 .map_err(map_err)?;
+            self.note_touch(slot, Some(touch_policy));
             Ok(TokenKey {
                 id: vec![slot.pkcs11_id()],
                 public,
             })
+        })();
+        // Reset: the PIN may have been verified (to read or check a
+        // PIN-protected management key), and the management key was.
+        release(yk, true);
+        result
+    }
+
+    fn piv_key_facts(&self, key: &TokenKey, attest: bool) -> Result<Option<PivKeyFacts>> {
+        let slot = PivSlot::from_pkcs11_id(&key.id).ok_or_else(|| {
+            Error::KeyNotFound(format!(
+                "key id {:02x?} names no PIV slot (01 to 18)",
+                key.id
+            ))
+        })?;
+        let id = slot_id(slot)?;
+        self.with_card(false, |yk| {
+            let found = key_in_slot(yk, slot)?;
+            let mut facts = PivKeyFacts {
+                slot: slot.to_string(),
+                serial: yk.serial().to_string(),
+                firmware: yk.version().to_string(),
+                ..PivKeyFacts::default()
+            };
+            if let Some(k) = &found {
+                facts.pin_policy = k
+                    .pin_policy
+                    .and_then(|p| pin_policy_name(p, slot))
+                    .map(str::to_owned);
+                facts.touch_policy = k.touch_policy.map(|t| touch_policy_name(t).to_owned());
+                facts.origin = k.origin.map(|o| match o {
+                    piv::Origin::Generated => PivKeyOrigin::Generated,
+                    piv::Origin::Imported => PivKeyOrigin::Imported,
+                });
+                self.note_touch(slot, k.touch_policy);
+            }
+            if !attest {
+                return Ok(Some(facts));
+            }
+            match yk.fetch_object(OBJ_ATTESTATION_CERTIFICATE) {
+                Ok(object) => {
+                    // 70 { certificate } 71 { info } ...: a certificate the
+                    // object does not hold in that form goes to the
+                    // verifier as it is, which refuses it.
+                    let der = first_tlv(&object, 0x70).unwrap_or(object.as_slice());
+                    facts.card_certificate = Some(der.to_vec());
+                }
+                Err(e @ yubikey::Error::PcscError { .. }) => return Err(map_err(e)),
+                Err(e) => {
+                    // NotFound: no f9 certificate, so no attestation.
+                    tracing::debug!(error = %e, "no attestation certificate in slot f9");
+                    return Ok(Some(facts));
+                }
+            }
+            facts.attestation = Some(match piv::attest(yk, id) {
+                Ok(der) => Ok(der.to_vec()),
+                Err(e @ yubikey::Error::PcscError { .. }) => return Err(map_err(e)),
+                Err(e) => Err(format!("{e} ({})", e.name().unwrap_or("YKPIV_ERROR"))),
+            });
+            Ok(Some(facts))
         })
     }
 
@@ -545,6 +835,7 @@ impl Session for YubiKeySession {
                 {
                     continue;
                 }
+                self.note_touch(slot, key.touch_policy);
                 keys.push(TokenKey {
                     id: vec![slot.pkcs11_id()],
                     public: key.public,
@@ -565,6 +856,7 @@ impl Session for YubiKeySession {
     fn ecdh(&self, key: &TokenKey, peer: &p256::PublicKey) -> Result<Zeroizing<[u8; 32]>> {
         let id = Self::key_slot(key)?;
         let point = peer.to_encoded_point(false);
+        self.say_touch(id, "ECDH (opening the vault)");
         let shared = self.with_card(true, |yk| {
             piv::decrypt_data(yk, point.as_bytes(), AlgorithmId::EccP256, id).map_err(map_err)
         })?;
@@ -581,6 +873,7 @@ impl Session for YubiKeySession {
 
     fn sign_p256_digest(&self, key: &TokenKey, digest: &[u8; 32]) -> Result<[u8; 64]> {
         let id = Self::key_slot(key)?;
+        self.say_touch(id, "signing");
         let der = self.with_card(true, |yk| {
             piv::sign_data(yk, digest, AlgorithmId::EccP256, id).map_err(map_err)
         })?;
@@ -641,6 +934,30 @@ mod tests {
         assert!(aes.to_string().contains("ykcs11"), "{aes}");
         for bad in ["", "0", "zz", "0102", &"g0".repeat(24)] {
             assert!(key(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_tlv_value_is_read_with_short_and_long_lengths() {
+        assert_eq!(
+            first_tlv(&[0x70, 2, 0xaa, 0xbb, 0x71], 0x70),
+            Some(&[0xaa, 0xbb][..])
+        );
+        let long: Vec<u8> = [0x70, 0x82, 0x01, 0x00]
+            .into_iter()
+            .chain(std::iter::repeat_n(7, 256))
+            .collect();
+        assert_eq!(first_tlv(&long, 0x70).map(<[u8]>::len), Some(256));
+        let mid: Vec<u8> = [0x70, 0x81, 0x80].into_iter().chain([1; 128]).collect();
+        assert_eq!(first_tlv(&mid, 0x70).map(<[u8]>::len), Some(128));
+        for bad in [
+            &[][..],
+            &[0x70],
+            &[0x71, 0],
+            &[0x70, 3, 1],
+            &[0x70, 0x83, 0, 0, 1],
+        ] {
+            assert_eq!(first_tlv(bad, 0x70), None, "{bad:?}");
         }
     }
 

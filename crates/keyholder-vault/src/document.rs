@@ -202,6 +202,40 @@ pub struct TokenRecipient {
     pub serial: String,
     /// Hex of the key's `CKA_ID` on the token.
     pub key_id: String,
+    /// For a key in a PIV card's slot enrolled through the native YubiKey
+    /// backend: what the card and its attestation said at enrollment.
+    /// Absent in vaults made before it existed, or on other tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub piv: Option<PivKeyRecord>,
+}
+
+/// What was known of a PIV card's key when it was enrolled. Every field is
+/// text, and defaults when absent, so entries written by later versions
+/// still read.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct PivKeyRecord {
+    /// The slot, as PIV names it ("9d").
+    pub slot: String,
+    /// The card's firmware version ("5.4.3").
+    pub firmware: String,
+    /// "once", "always", ...; empty when not known.
+    pub pin_policy: String,
+    /// "never", "cached" or "always"; empty when not known.
+    pub touch_policy: String,
+    /// The device's form factor from its attestation ("USB-C keychain").
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub form_factor: String,
+    /// "generated" or "imported" as the card said; empty when it did not.
+    pub origin: String,
+    /// Whether the card's attestation of the key was verified.
+    pub attested: bool,
+    /// What the attestation showed, or why there was none.
+    pub attestation: String,
+    /// "pin-protected" when the card's management key is kept on the card
+    /// behind the PIN (set at enrollment or found there).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub management_key: String,
 }
 
 fn yes() -> bool {

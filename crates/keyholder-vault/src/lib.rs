@@ -34,8 +34,8 @@ use sha2::Sha256;
 use zeroize::Zeroizing;
 
 pub use document::{
-    AuditHead, Body, CaEntry, CaKey, CaKind, ClusterEntry, KeyEntry, KeyUsage, Recipients,
-    SecretEntry, SshCertificateEntry, TokenRecipient,
+    AuditHead, Body, CaEntry, CaKey, CaKind, ClusterEntry, KeyEntry, KeyUsage, PivKeyRecord,
+    Recipients, SecretEntry, SshCertificateEntry, TokenRecipient,
 };
 pub use storage::{FileStorage, Revision, Storage, StorageError};
 pub use tag::{
@@ -558,7 +558,32 @@ mod tests {
             label: "test".into(),
             serial: "1".into(),
             key_id: "00".into(),
+            piv: None,
         }
+    }
+
+    #[test]
+    fn recipient_entries_without_or_with_piv_details_read() {
+        // As written before the PIV details existed: no "piv", and none
+        // written back.
+        let old = r#"{"recipient":"age1tag1x","label":"t","serial":"1","key_id":"03"}"#;
+        let entry: TokenRecipient = serde_json::from_str(old).unwrap();
+        assert_eq!(entry.piv, None);
+        assert_eq!(serde_json::to_string(&entry).unwrap(), old);
+        // With them, including fields a later version may add.
+        let new = r#"{"recipient":"age1tag1x","label":"t","serial":"1","key_id":"03",
+            "piv":{"slot":"9d","touch_policy":"cached","attested":false,
+                   "attestation":"the card has no attestation certificate (slot f9)",
+                   "later":"ignored"}}"#;
+        let entry: TokenRecipient = serde_json::from_str(new).unwrap();
+        let piv = entry.piv.clone().unwrap();
+        assert_eq!(piv.slot, "9d");
+        assert_eq!(piv.touch_policy, "cached");
+        assert_eq!(piv.pin_policy, "");
+        assert!(!piv.attested);
+        let again: TokenRecipient =
+            serde_json::from_str(&serde_json::to_string(&entry).unwrap()).unwrap();
+        assert_eq!(again, entry);
     }
 
     fn new_vault(k: &SoftwareKey, recovery: Vec<String>) -> (OpenVault, Vec<u8>) {

@@ -68,6 +68,22 @@ pub fn token_info(t: &TokenDescription, recipients: Vec<String>) -> v1::TokenInf
         pin_locked: t.pin.locked,
         recipients,
         rollback_protection: String::new(),
+        vault_key: None,
+    }
+}
+
+/// The API view of a PIV vault key's record.
+pub fn piv_key_info(r: &keyholder_vault::PivKeyRecord) -> v1::PivKeyInfo {
+    v1::PivKeyInfo {
+        slot: r.slot.clone(),
+        firmware: r.firmware.clone(),
+        pin_policy: r.pin_policy.clone(),
+        touch_policy: r.touch_policy.clone(),
+        form_factor: r.form_factor.clone(),
+        origin: r.origin.clone(),
+        attested: r.attested,
+        attestation: r.attestation.clone(),
+        management_key: r.management_key.clone(),
     }
 }
 
@@ -79,6 +95,7 @@ impl From<&TokenListing> for v1::TokenInfo {
             Some(true) => "on".into(),
             Some(false) => "off".into(),
         };
+        info.vault_key = t.vault_key.as_ref().map(piv_key_info);
         info
     }
 }
@@ -89,6 +106,7 @@ impl From<Initialized> for v1::InitResponse {
             vault_path: i.vault_path,
             token_recipient: i.token_recipient,
             token: Some(token_info(&i.token, Vec::new())),
+            vault_key: i.vault_key.as_ref().map(piv_key_info),
         }
     }
 }
@@ -102,6 +120,7 @@ impl From<&SessionStatus> for v1::StatusResponse {
                 .as_ref()
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
+            vault_key: s.vault_key.as_ref().map(piv_key_info),
             ..Default::default()
         };
         match &s.state {
@@ -115,7 +134,9 @@ impl From<&SessionStatus> for v1::StatusResponse {
             }
             SessionState::Unlocked(u) => {
                 out.state = v1::SessionState::Unlocked as i32;
-                out.token = Some(token_info(&u.token, vec![u.recipient.clone()]));
+                let mut token = token_info(&u.token, vec![u.recipient.clone()]);
+                token.vault_key = out.vault_key.clone();
+                out.token = Some(token);
                 out.unlocked_at = timestamp(u.unlocked_at);
                 out.expires_at = timestamp(u.expires_at);
                 out.idle_deadline = timestamp(u.idle_deadline);

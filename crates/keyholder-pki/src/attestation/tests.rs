@@ -595,3 +595,177 @@ fn the_slot_is_read_from_the_subject_only_in_yubico_form() {
         assert_eq!(a.slot(), want, "{subject}");
     }
 }
+
+#[test]
+fn the_builtin_yubico_intermediates_are_the_published_ones_and_chain_to_root_1() {
+    let inters = pem_certificates(YUBICO_PIV_INTERMEDIATES_PEM).expect("pem");
+    assert_eq!(inters.len(), YUBICO_PIV_INTERMEDIATES_SHA256.len());
+    for (der, expected) in inters.iter().zip(YUBICO_PIV_INTERMEDIATES_SHA256) {
+        let fp: String = Sha256::digest(der)
+            .iter()
+            .map(|b| format!("{b:02X}"))
+            .collect();
+        assert_eq!(fp, expected);
+    }
+    let parsed: Vec<_> = inters
+        .iter()
+        .map(|d| parse(d, CertRole::Intermediate).expect("parses"))
+        .collect();
+    let subjects: Vec<String> = parsed.iter().map(|c| c.subject().to_string()).collect();
+    assert_eq!(
+        subjects,
+        [
+            "CN=Yubico PIV Attestation A 1",
+            "CN=Yubico Attestation Intermediate A 1",
+            "CN=Yubico PIV Attestation B 1",
+            "CN=Yubico Attestation Intermediate B 1",
+        ]
+    );
+    // PIV A 1 <- Intermediate A 1 <- Root 1, and the same for B.
+    let root_der = pem_to_der(YUBICO_ATTESTATION_ROOT_1_PEM.as_bytes()).expect("pem");
+    let root = parse(&root_der, CertRole::Root).expect("root");
+    for pair in parsed.chunks(2) {
+        let [piv, mid] = pair else { panic!("pairs") };
+        verify_signed_by(piv, mid.public_key()).expect("PIV intermediate under its issuer");
+        verify_signed_by(mid, root.public_key()).expect("intermediate under Root 1");
+    }
+}
+
+mod enrollment {
+    use super::*;
+    use crate::attestation::enroll::{Evidence, Outcome, Refusal, decide, describe};
+
+    fn evidence<'a>(c: &'a Chain) -> Evidence<'a> {
+        Evidence {
+            slot: 0x9d,
+            enrolled_key: c.key.public_key_raw(),
+            imported: Some(false),
+            card_certificate: Some(&c.card.der),
+            attestation: Some(Ok(&c.slot)),
+        }
+    }
+
+    #[test]
+    fn a_verified_attestation_enrolls_the_key_as_attested() {
+        let c = chain();
+        let out = decide(&evidence(&c), &test_roots(&c), &[], false).expect("enrolled");
+        let Outcome::Attested(a) = out else {
+            panic!("{out:?}")
+        };
+        assert_eq!(a.serial, 12_345_678);
+        assert_eq!(a.touch_policy, TouchPolicy::Cached);
+        let text = describe(&a);
+        assert!(text.contains("serial 12345678"), "{text}");
+        assert!(text.contains("firmware 5.4.3"), "{text}");
+        assert!(text.contains("touch policy cached"), "{text}");
+        assert!(
+            text.contains("configured root \"CN=Test PIV Root\""),
+            "{text}"
+        );
+        // Without the card saying where the key came from, the same.
+        let mut e = evidence(&c);
+        e.imported = None;
+        assert!(matches!(
+            decide(&e, &test_roots(&c), &[], false),
+            Ok(Outcome::Attested(_))
+        ));
+    }
+
+    #[test]
+    fn an_imported_key_is_refused_unless_allowed() {
+        let c = chain();
+        let mut e = evidence(&c);
+        e.imported = Some(true);
+        let err = decide(&e, &test_roots(&c), &[], false).expect_err("refused");
+        assert!(matches!(err, Refusal::Imported { slot: 0x9d }), "{err}");
+        assert!(err.to_string().contains("--allow-imported-key"), "{err}");
+        let out = decide(&e, &test_roots(&c), &[], true).expect("allowed");
+        assert!(
+            matches!(&out, Outcome::NotAttested { reason } if reason.contains("imported")),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn a_card_that_will_not_attest_the_key_is_taken_for_an_imported_key() {
+        let c = chain();
+        let mut e = evidence(&c);
+        e.imported = None;
+        e.attestation = Some(Err("generic error"));
+        let err = decide(&e, &test_roots(&c), &[], false).expect_err("refused");
+        assert!(matches!(err, Refusal::NotAttestable { .. }), "{err}");
+        assert!(err.to_string().contains("generic error"), "{err}");
+        assert!(matches!(
+            decide(&e, &test_roots(&c), &[], true),
+            Ok(Outcome::NotAttested { .. })
+        ));
+    }
+
+    #[test]
+    fn a_card_without_an_attestation_certificate_enrolls_the_key_not_attested() {
+        let c = chain();
+        let mut e = evidence(&c);
+        e.card_certificate = None;
+        e.attestation = None;
+        let out = decide(&e, &AttestationRoots::yubico(), &[], false).expect("enrolled");
+        assert_eq!(
+            out,
+            Outcome::NotAttested {
+                reason: "the card has no attestation certificate (slot f9)".into()
+            }
+        );
+    }
+
+    #[test]
+    fn an_attestation_that_does_not_verify_is_refused() {
+        let c = chain();
+        // Not under Yubico's roots.
+        let err = decide(&evidence(&c), &AttestationRoots::yubico(), &[], true).expect_err("no");
+        assert!(matches!(err, Refusal::Invalid(_)), "{err}");
+        assert!(err.to_string().contains("--attestation-root"), "{err}");
+        // Another key than the one enrolled.
+        let other = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut e = evidence(&c);
+        e.enrolled_key = other.public_key_raw();
+        let err = decide(&e, &test_roots(&c), &[], false).expect_err("other key");
+        assert!(
+            matches!(err, Refusal::Invalid(AttestationError::KeyMismatch)),
+            "{err}"
+        );
+        // The attestation of another slot.
+        let mut e = evidence(&c);
+        e.slot = 0x82;
+        let err = decide(&e, &test_roots(&c), &[], false).expect_err("other slot");
+        assert!(
+            matches!(err, Refusal::WrongSlot { slot: 0x82, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_chain_through_extra_intermediates_is_followed() {
+        let root = root("Test Attestation Root");
+        let mid = sub_ca("Test PIV Attestation B 9", &root);
+        let card = sub_ca("Yubico PIV Attestation", &mid);
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let slot = slot_cert(&card, &key, &good_exts());
+        let roots = AttestationRoots::none()
+            .with_root_der(&root.der)
+            .expect("root");
+        let e = Evidence {
+            slot: 0x9d,
+            enrolled_key: key.public_key_raw(),
+            imported: Some(false),
+            card_certificate: Some(&card.der),
+            attestation: Some(Ok(&slot)),
+        };
+        assert!(matches!(
+            decide(&e, &roots, &[], false),
+            Err(Refusal::Invalid(AttestationError::UntrustedCard { .. }))
+        ));
+        assert!(matches!(
+            decide(&e, &roots, std::slice::from_ref(&mid.der), false),
+            Ok(Outcome::Attested(_))
+        ));
+    }
+}

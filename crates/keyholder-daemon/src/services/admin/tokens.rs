@@ -1,10 +1,10 @@
 //! Admin: the tokens the daemon sees, and creating the vault on one.
 
 use keyholder_proto::v1;
-use keyholder_token::{ObjectSelector, Selector};
+use keyholder_token::{ObjectSelector, PivGeneration, Selector};
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::core::{Core, NewVaultKey};
+use crate::core::{Core, Enrollment, NewVaultKey};
 use crate::error::{Error, Result};
 
 /// The token a request names: by one of label, serial or URI, or any.
@@ -53,7 +53,33 @@ pub async fn init(core: &Core, mut req: v1::InitRequest) -> Result<v1::InitRespo
         (object.label.is_some() || object.id.is_some()).then_some(object)
     };
     let management_key = SecretString::from(std::mem::take(&mut req.management_key));
+    let generation = PivGeneration {
+        pin_policy: req
+            .pin_policy
+            .parse()
+            .map_err(|reason| Error::InvalidArgument {
+                field: "pin_policy",
+                reason,
+            })?,
+        touch_policy: req
+            .touch_policy
+            .parse()
+            .map_err(|reason| Error::InvalidArgument {
+                field: "touch_policy",
+                reason,
+            })?,
+        protect_management_key: req.protect_management_key,
+    };
+    let native = core.config.token_backend == crate::config::TokenBackend::Yubikey;
     let vault_key = match (adopt, req.piv_slot.as_str()) {
+        (_, "") if !generation.is_plain() => {
+            return Err(Error::InvalidArgument {
+                field: "piv_slot",
+                reason: "PIN and touch policies and --protect-management-key apply to a key \
+                         generated in a PIV slot: give the slot"
+                    .into(),
+            });
+        }
         (None, "") => NewVaultKey::Generate,
         (Some(object), "") => NewVaultKey::Adopt(object),
         (Some(_), _) => {
@@ -68,7 +94,9 @@ pub async fn init(core: &Core, mut req: v1::InitRequest) -> Result<v1::InitRespo
                 field: "piv_slot",
                 reason,
             })?;
-            if management_key.expose_secret().is_empty() {
+            // Natively, no key means the PIN-protected one on the card.
+            if management_key.expose_secret().is_empty() && (!native || req.protect_management_key)
+            {
                 return Err(Error::InvalidArgument {
                     field: "management_key",
                     reason: "generating in a PIV slot needs the card's management key".into(),
@@ -78,6 +106,7 @@ pub async fn init(core: &Core, mut req: v1::InitRequest) -> Result<v1::InitRespo
                 slot,
                 management_key,
                 allow_default_management_key: req.allow_default_management_key,
+                generation,
             }
         }
     };
@@ -87,14 +116,19 @@ pub async fn init(core: &Core, mut req: v1::InitRequest) -> Result<v1::InitRespo
         .filter(|r| !r.is_empty())
         .into_iter()
         .collect();
+    let enrollment = Enrollment {
+        allow_imported_key: req.allow_imported_key,
+        attestation_roots_pem: std::mem::take(&mut req.attestation_roots_pem),
+    };
     Ok(core
-        .init(
+        .init_with(
             selector,
             pin,
             req.allow_final_pin_try,
             recovery,
             req.without_rollback_protection,
             vault_key,
+            enrollment,
         )
         .await?
         .into())
