@@ -5,11 +5,14 @@
 #![forbid(unsafe_code)]
 
 mod failure;
+mod inject;
 mod input;
 mod keys;
 mod kube;
+mod kube_secret;
 mod output;
 mod pki;
+mod run;
 mod secrets;
 mod session;
 mod ssh;
@@ -100,6 +103,16 @@ enum Command {
     /// Print shell commands that point SSH_AUTH_SOCK at Keyholder's agent:
     /// eval "$(keyholder ssh-env)".
     SshEnv,
+    /// Run a command with secrets in its environment (never on its command
+    /// line or in a file): keyholder execs the command once every secret is
+    /// read, so signals and the exit status are the command's own.
+    Run(run::RunArgs),
+    /// Render {{ secret "NAME" }} references in a template (stdin or --in)
+    /// to stdout or a 0600 file.
+    Inject(inject::InjectArgs),
+    /// Print a Kubernetes Secret manifest with values from the vault (or a
+    /// certificate issued now), for `| kubectl apply -f -`.
+    KubeSecret(kube_secret::KubeSecretArgs),
 }
 
 /// A channel to keyholderd and the uid it runs as, or a failure that says
@@ -148,6 +161,9 @@ async fn run(cli: Cli) -> CliResult {
         Command::SshEnv => ssh::ssh_env(channel, json).await,
         Command::Policy(cmd) => trust::policy(channel, cmd, json).await,
         Command::Grant(cmd) => trust::grant(channel, cmd, json).await,
+        Command::Run(args) => run::run(channel, args).await,
+        Command::Inject(args) => inject::inject(channel, args, json).await,
+        Command::KubeSecret(args) => kube_secret::kube_secret(channel, args, json).await,
     };
     // keyholderd closes the connection of any uid but its own; a root
     // daemon's socket reached by another user fails that way, whatever the
