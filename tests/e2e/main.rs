@@ -22,6 +22,7 @@ mod policy;
 mod policy_docs;
 mod python;
 mod round_trip;
+mod secret_history;
 mod secrets_in_processes;
 mod socket_trust;
 mod ssh;

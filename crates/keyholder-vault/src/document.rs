@@ -445,8 +445,9 @@ struct SecretData {
     /// RFC 3339, UTC.
     updated_at: String,
     /// The number of this value: 1 for the first, one more with every
-    /// replacement (version 1 documents have none: 1).
-    #[serde(default = "first_version")]
+    /// replacement. Absent when 1, so a secret never replaced is written
+    /// exactly as a version 1 document had it.
+    #[serde(default = "first_version", skip_serializing_if = "is_first_version")]
     version: u64,
     /// Earlier values, newest first (version 2 on; absent when empty).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -455,6 +456,10 @@ struct SecretData {
 
 fn first_version() -> u64 {
     1
+}
+
+fn is_first_version(v: &u64) -> bool {
+    *v == 1
 }
 
 /// A value a secret held before it was replaced.
@@ -663,6 +668,9 @@ mod tests {
         assert_eq!(e.version(), 1);
         assert!(e.history().is_empty());
         let text = serde_json::to_string(&e).unwrap();
-        assert!(!text.contains("history"), "{text}");
+        assert_eq!(
+            text,
+            r#"{"value":"hunter2","encoding":"utf8","size":7,"created_at":"2026-11-21T22:15:12Z","updated_at":"2026-11-21T22:15:12Z"}"#
+        );
     }
 }
