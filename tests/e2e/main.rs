@@ -10,6 +10,7 @@ mod crash;
 mod faults;
 mod json_everywhere;
 mod kube;
+mod kube_secret;
 mod lifetimes;
 mod matrix;
 mod memory;
