@@ -248,3 +248,68 @@ fn the_history_commands_in_the_doc_work_as_written() {
         "{out:?}"
     );
 }
+
+#[test]
+fn history_rollback_and_run_go_through_the_policy() {
+    let (env, _daemon) = Env::ready();
+    env.put("app/prod/pw", b"one");
+    put_force(&env, "app/prod/pw", b"two");
+    env.put("other/pw", b"x");
+    // A copy of the client is another executable to the policy: it may
+    // read app/prod/ and nothing else.
+    let copy = env.path().join("deploy-client");
+    std::fs::copy(crate::util::keyholder_bin(), &copy).expect("copy client");
+    let admin = std::fs::canonicalize(crate::util::keyholder_bin()).expect("path");
+    let policy = env.file(
+        "policy.toml",
+        &format!(
+            "default = \"deny\"\n\n[[rule]]\nname = \"admin\"\nexe = [\"{}\"]\nallow = [\"*\"]\n\n[[rule]]\nname = \"deploy\"\nexe = [\"{}\"]\nallow = [\"secret:read:app/prod/*\"]\n",
+            admin.display(),
+            copy.display()
+        ),
+    );
+    env.ok(&[
+        "policy",
+        "set",
+        policy.to_str().expect("utf8"),
+        "--pin-file",
+        env.pin_file.to_str().expect("utf8"),
+    ]);
+    let copy_cli = |args: &[&str]| {
+        env.command(copy.to_str().expect("utf8"))
+            .args(args)
+            .output()
+            .expect("client runs")
+    };
+    let out = copy_cli(&["secret", "get", "app/prod/pw", "--version", "1"]);
+    assert_eq!(out.stdout, b"one", "{out:?}");
+    assert!(
+        copy_cli(&["secret", "history", "app/prod/pw"])
+            .status
+            .success()
+    );
+    let out = copy_cli(&["secret", "rollback", "app/prod/pw", "--to", "1"]);
+    assert_fails(&out, 7, "denied");
+    assert_eq!(env.ok(&["secret", "get", "app/prod/pw"]), "two");
+    let out = copy_cli(&["secret", "history", "other/pw"]);
+    assert_fails(&out, 7, "denied");
+    // run: a refused secret starts nothing.
+    let marker = env.path().join("started");
+    let m = marker.to_str().expect("utf8");
+    let out = copy_cli(&["run", "--env", "A=other/pw", "--", "touch", m]);
+    assert_fails(&out, 7, "denied");
+    assert!(!marker.exists());
+    let out = copy_cli(&[
+        "run",
+        "--env-prefix",
+        "app/prod",
+        "--",
+        "sh",
+        "-c",
+        "printf %s \"$PW\"",
+    ]);
+    assert_eq!(out.stdout, b"two", "{out:?}");
+    let out = copy_cli(&["kube-secret", "s", "-n", "ns", "--from", "p=other/pw"]);
+    assert_fails(&out, 7, "denied");
+    assert!(out.stdout.is_empty());
+}
