@@ -166,6 +166,7 @@ pub(crate) async fn secret(channel: Channel, cmd: SecretCommand, json: bool) -> 
                         serde_json::json!({
                             "name": m.name,
                             "size": m.size,
+                            "version": m.version,
                             "created_at": rfc3339(m.created_at.as_ref()),
                             "updated_at": rfc3339(m.updated_at.as_ref()),
                         })

@@ -454,6 +454,29 @@ struct SecretData {
     history: Vec<OldValue>,
 }
 
+impl SecretData {
+    /// `value` at version 1 without history; text stays readable in the
+    /// JSON, other bytes are base64.
+    fn holding(value: &[u8], created_at: &str, now: &str) -> Self {
+        let (text, encoding) = match std::str::from_utf8(value) {
+            Ok(t) => (Zeroizing::new(t.to_owned()), Encoding::Utf8),
+            Err(_) => (
+                Zeroizing::new(BASE64_STANDARD.encode(value)),
+                Encoding::Base64,
+            ),
+        };
+        Self {
+            value: text,
+            encoding,
+            size: value.len() as u64,
+            created_at: created_at.to_owned(),
+            updated_at: now.to_owned(),
+            version: 1,
+            history: Vec::new(),
+        }
+    }
+}
+
 fn first_version() -> u64 {
     1
 }
@@ -534,32 +557,14 @@ impl SecretEntry {
     /// An entry holding `value`, updated `now`, first created `created_at`
     /// (the entry it replaces).
     pub fn replacing(value: &[u8], created_at: &str, now: &str) -> Self {
-        let (text, encoding) = match std::str::from_utf8(value) {
-            Ok(t) => (Zeroizing::new(t.to_owned()), Encoding::Utf8),
-            Err(_) => (
-                Zeroizing::new(BASE64_STANDARD.encode(value)),
-                Encoding::Base64,
-            ),
-        };
-        Self(Arc::new(SecretData {
-            value: text,
-            encoding,
-            size: value.len() as u64,
-            created_at: created_at.to_owned(),
-            updated_at: now.to_owned(),
-            version: 1,
-            history: Vec::new(),
-        }))
+        Self(Arc::new(SecretData::holding(value, created_at, now)))
     }
 
     /// `old` replaced by `value` at `now`: the new value is numbered one
     /// above `old`'s, and `old`'s value leads the history, which keeps at
     /// most `keep` earlier values (the oldest are dropped).
     pub fn superseding(old: &SecretEntry, value: &[u8], now: &str, keep: usize) -> Self {
-        let fresh = Self::replacing(value, old.created_at(), now);
-        let Ok(mut data) = Arc::try_unwrap(fresh.0) else {
-            unreachable!("a new entry is not shared");
-        };
+        let mut data = SecretData::holding(value, old.created_at(), now);
         data.version = old.0.version.saturating_add(1);
         let mut history = Vec::with_capacity(keep.min(old.0.history.len().saturating_add(1)));
         if keep > 0 {
