@@ -95,6 +95,10 @@ struct Args {
     /// 127.0.0.1:7443 (off by default; see docs/remote.md).
     #[arg(long)]
     listen_tcp: Option<std::net::SocketAddr>,
+    /// The audit log file, or "off" (default: audit.log next to the vault;
+    /// see docs/audit.md).
+    #[arg(long, value_name = "PATH|off")]
+    audit_log: Option<String>,
     /// Log filter (tracing syntax), e.g. info or keyholder_daemon=debug.
     #[arg(long, env = "KEYHOLDER_LOG", default_value = "info")]
     log: String,
@@ -158,6 +162,9 @@ fn settings(args: &Args) -> Result<Config, config::ConfigError> {
     }
     if let Some(v) = args.listen_tcp {
         cfg.listen_tcp = Some(v);
+    }
+    if let Some(v) = &args.audit_log {
+        cfg.audit_log = Some(v.clone());
     }
     cfg.validate()?;
     Ok(cfg)
@@ -267,6 +274,7 @@ fn main() -> ExitCode {
             vault = %cfg.vault.display(),
             backend = cfg.token_backend.as_str(),
             module = %module_path.display(),
+            audit = ?cfg.audit_log_path(),
             "keyholderd serving"
         );
         let result = run(core, listener, agent, shutdown_signal()).await;

@@ -174,6 +174,18 @@ fn every_command_prints_one_json_value_with_json() {
         ),
         ("ca create", vec!["kube".into()], None),
         (
+            "client issue",
+            vec![
+                "--ca".into(),
+                "kube".into(),
+                "--name".into(),
+                "ci".into(),
+                "--out-dir".into(),
+                s(&dir.join("client")),
+            ],
+            None,
+        ),
+        (
             "ca create",
             vec!["ssh-users".into(), "--kind".into(), "ssh".into()],
             None,

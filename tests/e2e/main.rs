@@ -4,6 +4,7 @@
 mod util;
 
 mod api_docs;
+mod audit;
 mod bad_input;
 mod connections;
 mod crash;
@@ -22,6 +23,8 @@ mod pinentry;
 mod policy;
 mod policy_docs;
 mod python;
+mod remote;
+mod remote_docs;
 mod round_trip;
 mod secret_history;
 mod secrets_in_processes;

@@ -131,7 +131,7 @@ impl Sshd {
 
     /// `ssh -A` running `remote` on the server, whose agent requests come
     /// back to Keyholder over the forwarded channel.
-    fn ssh_forwarding(&self, env: &Env, identity: &Path, remote: &str) -> Output {
+    pub(crate) fn ssh_forwarding(&self, env: &Env, identity: &Path, remote: &str) -> Output {
         let mut c = self.ssh_command(env, identity);
         c.args(["-A", "root@127.0.0.1", remote]);
         run(&mut c)

@@ -365,6 +365,21 @@ pub fn output_within(mut command: Command, limit: Duration) -> Option<Output> {
     Some(child.wait_with_output().expect("output"))
 }
 
+/// Waits (bounded) for an already started `child` with piped output; kills
+/// it at the deadline.
+pub fn output_within_waiting(mut child: std::process::Child, limit: Duration) -> Option<Output> {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Some(child.wait_with_output().expect("output"))
+}
+
 /// Prints what ran and what it said, then fails, unless `out` succeeded.
 pub fn assert_ok(out: &Output, args: &[&str]) {
     assert!(

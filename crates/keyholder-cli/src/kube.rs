@@ -177,10 +177,18 @@ pub(crate) async fn cluster(channel: Channel, cmd: ClusterCommand, json: bool) -
     Ok(())
 }
 
+/// How the daemon was reached, so the exec plugin reaches it the same way.
+pub(crate) enum Reach {
+    /// The local socket.
+    Socket(PathBuf),
+    /// Another machine's TCP listener.
+    Remote(crate::remote::Remote),
+}
+
 pub(crate) async fn kubeconfig(
     channel: Channel,
     args: KubeconfigArgs,
-    socket: &Path,
+    reach: &Reach,
     json: bool,
 ) -> CliResult {
     let user = default_user(args.who.user)?;
@@ -188,9 +196,11 @@ pub(crate) async fn kubeconfig(
         let exe = std::env::current_exe().map_err(|e| {
             Failure::new(1, format!("cannot find the keyholder binary's path: {e}"))
         })?;
-        let mut a = vec![
-            "--socket".to_owned(),
-            socket.display().to_string(),
+        let mut a = match reach {
+            Reach::Socket(socket) => vec!["--socket".to_owned(), socket.display().to_string()],
+            Reach::Remote(remote) => remote.args()?,
+        };
+        a.extend([
             "kube-credential".to_owned(),
             "--cluster".to_owned(),
             args.cluster.clone(),
@@ -198,7 +208,7 @@ pub(crate) async fn kubeconfig(
             user.clone(),
             "--api-version".to_owned(),
             args.exec_api_version.clone(),
-        ];
+        ]);
         for g in &args.who.groups {
             a.push("--group".to_owned());
             a.push(g.clone());

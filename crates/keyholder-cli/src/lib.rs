@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+mod audit;
 mod failure;
 mod inject;
 mod input;
@@ -12,6 +13,7 @@ mod kube;
 mod kube_secret;
 mod output;
 mod pki;
+mod remote;
 mod run;
 mod secrets;
 mod session;
@@ -54,6 +56,20 @@ struct Cli {
     /// prints its ExecCredential JSON).
     #[arg(long, global = true)]
     json: bool,
+    /// A keyholderd on another machine, reached over TCP with mutual TLS:
+    /// https://HOST:PORT (needs --remote-cert, --remote-key, --remote-ca;
+    /// see docs/remote.md).
+    #[arg(long, global = true, env = "KEYHOLDER_REMOTE", requires_all = ["remote_cert", "remote_key", "remote_ca"])]
+    remote: Option<String>,
+    /// The client certificate for --remote (PEM).
+    #[arg(long, global = true, env = "KEYHOLDER_REMOTE_CERT")]
+    remote_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, global = true, env = "KEYHOLDER_REMOTE_KEY")]
+    remote_key: Option<PathBuf>,
+    /// The CA that issued the remote keyholderd's certificate (PEM).
+    #[arg(long, global = true, env = "KEYHOLDER_REMOTE_CA")]
+    remote_ca: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -100,9 +116,15 @@ enum Command {
     /// Create, list and revoke scoped grants for scripts.
     #[command(subcommand)]
     Grant(trust::GrantCommand),
+    /// Issue keys and certificates for remote tools (the TCP listener's clients).
+    #[command(subcommand)]
+    Client(remote::ClientCommand),
     /// Print shell commands that point SSH_AUTH_SOCK at Keyholder's agent:
     /// eval "$(keyholder ssh-env)".
     SshEnv,
+    /// Read and verify the audit log.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
     /// Run a command with secrets in its environment (never on its command
     /// line or in a file): keyholder execs the command once every secret is
     /// read, so signals and the exit status are the command's own.
@@ -142,8 +164,32 @@ async fn run(cli: Cli) -> CliResult {
         .socket
         .unwrap_or_else(keyholder_proto::socket::default_socket);
     let json = cli.json;
-    let (channel, peer) = connect(&socket).await?;
-    let result = match cli.command {
+    // `audit verify` checks a log file's chain without a daemon too.
+    let command = match cli.command {
+        Command::Audit(cmd) => return audit::audit(&socket, cmd, json).await,
+        other => other,
+    };
+    let remote = match (cli.remote, cli.remote_cert, cli.remote_key, cli.remote_ca) {
+        (Some(server), Some(cert), Some(key), Some(server_ca)) => Some(remote::Remote {
+            server,
+            cert,
+            key,
+            server_ca,
+        }),
+        _ => None,
+    };
+    let (channel, peer) = match &remote {
+        Some(r) => (
+            remote::connect(r).await?,
+            keyholder_proto::socket::own_uid(),
+        ),
+        None => connect(&socket).await?,
+    };
+    let reach = match &remote {
+        Some(r) => kube::Reach::Remote(r.clone()),
+        None => kube::Reach::Socket(socket.clone()),
+    };
+    let result = match command {
         Command::Init(args) => session::init(channel, args, json).await,
         Command::Unlock(args) => session::unlock(channel, args, json).await,
         Command::Lock => session::lock(channel, json).await,
@@ -153,7 +199,7 @@ async fn run(cli: Cli) -> CliResult {
         Command::Ca(cmd) => pki::ca(channel, cmd, json).await,
         Command::Cert(cmd) => pki::cert(channel, cmd, json).await,
         Command::Cluster(cmd) => kube::cluster(channel, cmd, json).await,
-        Command::Kubeconfig(args) => kube::kubeconfig(channel, args, &socket, json).await,
+        Command::Kubeconfig(args) => kube::kubeconfig(channel, args, &reach, json).await,
         Command::KubeCredential(args) => kube::kube_credential(channel, args).await,
         Command::Key(cmd) => keys::key(channel, cmd, json).await,
         Command::Sign(args) => keys::sign(channel, args, json).await,
@@ -161,6 +207,9 @@ async fn run(cli: Cli) -> CliResult {
         Command::SshEnv => ssh::ssh_env(channel, json).await,
         Command::Policy(cmd) => trust::policy(channel, cmd, json).await,
         Command::Grant(cmd) => trust::grant(channel, cmd, json).await,
+        Command::Client(cmd) => remote::client(channel, cmd, json).await,
+        // Answered above, before connecting.
+        Command::Audit(_) => Ok(()),
         Command::Run(args) => run::run(channel, args).await,
         Command::Inject(args) => inject::inject(channel, args, json).await,
         Command::KubeSecret(args) => kube_secret::kube_secret(channel, args, json).await,

@@ -177,6 +177,10 @@ pub trait AuditSink: Send + Sync {
     fn ready(&self) -> Result<()>;
     /// Makes `event` durable.
     async fn record(&self, event: Event) -> Result<()>;
+    /// The log file behind this sink, for anchors, tail and verify.
+    fn log(&self) -> Option<&crate::audit::AuditLog> {
+        None
+    }
 }
 
 /// A request that passed policy, on its way to its audit record.

@@ -110,6 +110,11 @@ pub struct Config {
     /// How long an on-demand prompt waits for the PIN (`60s`).
     #[serde(deserialize_with = "de_duration")]
     pub pinentry_timeout: Duration,
+    /// The audit log: a path, or `off`. Default: `audit.log` next to the
+    /// vault file (docs/audit.md).
+    pub audit_log: Option<String>,
+    /// The audit log's active file is rotated past this size (64 MiB).
+    pub audit_max_bytes: u64,
     /// Serve gRPC over TCP with mutual TLS on this address (off by
     /// default). See docs/remote.md.
     pub listen_tcp: Option<std::net::SocketAddr>,
@@ -172,6 +177,9 @@ impl TcpConfig {
     }
 }
 
+/// The smallest `audit_max_bytes`: 4 KiB.
+pub const MIN_AUDIT_MAX_BYTES: u64 = 4096;
+
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     humantime::parse_duration(&s).map_err(serde::de::Error::custom)
@@ -221,6 +229,8 @@ impl Default for Config {
             unlock_on_demand: false,
             pinentry: PathBuf::from("pinentry"),
             pinentry_timeout: Duration::from_secs(60),
+            audit_log: None,
+            audit_max_bytes: 64 << 20,
             listen_tcp: None,
             tcp: TcpConfig::default(),
             secret_history: 5,
@@ -254,6 +264,20 @@ impl Config {
         }
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         (cpus / 2).max(1)
+    }
+
+    /// The audit log's path: `audit_log`, or `audit.log` next to the vault;
+    /// `None` when it is `off`.
+    pub fn audit_log_path(&self) -> Option<PathBuf> {
+        match self.audit_log.as_deref() {
+            Some("off") => None,
+            Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
+            _ => Some(
+                self.vault
+                    .parent()
+                    .map_or_else(|| PathBuf::from("audit.log"), |d| d.join("audit.log")),
+            ),
+        }
     }
 
     /// Checks values that TOML cannot.
@@ -303,6 +327,11 @@ impl Config {
             return Err(ConfigError(
                 "unlock_on_demand needs a pinentry program".into(),
             ));
+        }
+        if self.audit_max_bytes < MIN_AUDIT_MAX_BYTES {
+            return Err(ConfigError(format!(
+                "audit_max_bytes must be at least {MIN_AUDIT_MAX_BYTES}"
+            )));
         }
         if self.token_poll_interval < Duration::from_millis(100)
             || self.token_poll_interval > MAX_TOKEN_POLL_INTERVAL

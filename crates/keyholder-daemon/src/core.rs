@@ -701,6 +701,11 @@ impl Core {
             self.key_pool.fill();
         }
         self.publish();
+        // The session's first anchor; should it fail, the unlock's own
+        // record fails too and the caller hears of it.
+        if let Err(e) = self.audit_anchor().await {
+            tracing::warn!(error = %crate::escape::Escaped(&e), "no audit anchor at unlock");
+        }
         Ok(Some(self.status()))
     }
 
@@ -736,6 +741,7 @@ impl Core {
     /// Locks: wipes the open vault and everything derived from it, logs out
     /// and closes the token session. Returns whether it was unlocked.
     pub fn lock(&self, reason: LockReason) -> bool {
+        self.audit_on_lock(reason);
         let previous = {
             let mut state = self.write_state();
             self.key_pool.drain();
@@ -769,6 +775,9 @@ impl Core {
     /// `change` returned and the new generation.
     pub async fn write<T>(&self, change: impl FnOnce(&mut Body) -> Result<T>) -> Result<(T, u64)> {
         let _writer = self.writer.lock().await;
+        // The audit log's head goes into the vault with every write, after
+        // an anchor: a log that cannot be written stops the write here.
+        let audit_head = self.audit_anchor().await?;
         let (body_new, out, bytes, expected, vault_id) = {
             let state = self.read_state();
             let State::Unlocked(u) = &*state else {
@@ -776,6 +785,9 @@ impl Core {
             };
             let mut body = u.vault.body.clone();
             let out = change(&mut body)?;
+            if let Some(head) = audit_head {
+                body.audit_head = Some(head);
+            }
             let bytes = u.vault.next(&mut body)?;
             (
                 body,
@@ -820,6 +832,91 @@ impl Core {
         }
         self.publish();
         Ok((out, generation))
+    }
+
+    /// Writes an audit anchor keyed by the open vault and returns the
+    /// head to record in the vault; `None` without an audit log.
+    async fn audit_anchor(&self) -> Result<Option<keyholder_vault::AuditHead>> {
+        let Some(sink) = self.audit_sink() else {
+            return Ok(None);
+        };
+        let Some(log) = sink.log() else {
+            return Ok(None);
+        };
+        let key = self.with_unlocked(|u| Ok(u.vault.audit_key()))?;
+        let head = log.anchor(&key).await?;
+        Ok(Some(keyholder_vault::AuditHead {
+            seq: head.seq,
+            hash: head.hash,
+        }))
+    }
+
+    /// While unlocked: records the lock and its reason, anchors the log and
+    /// writes its head into the vault, so that `audit verify` detects the
+    /// log cut back behind this point. Never fails the lock: what cannot
+    /// be recorded is logged and skipped.
+    fn audit_on_lock(&self, reason: LockReason) {
+        let Some(sink) = self.audit_sink() else {
+            return;
+        };
+        let Some(log) = sink.log() else {
+            return;
+        };
+        let Ok(key) = self.with_unlocked(|u| Ok(u.vault.audit_key())) else {
+            return;
+        };
+        let Some(head) = log.lock_records(reason.as_str(), Some(&key)) else {
+            return;
+        };
+        // A write in progress keeps the writer lock: its own head stands.
+        let Ok(_writer) = self.writer.try_lock() else {
+            return;
+        };
+        let prepared = {
+            let state = self.read_state();
+            let State::Unlocked(u) = &*state else {
+                return;
+            };
+            let mut body = u.vault.body.clone();
+            body.audit_head = Some(keyholder_vault::AuditHead {
+                seq: head.seq,
+                hash: head.hash,
+            });
+            u.vault.next(&mut body).map(|bytes| {
+                (
+                    bytes,
+                    body.generation,
+                    body.rollback_protection,
+                    u.revision.clone(),
+                    u.vault.vault_id().to_owned(),
+                )
+            })
+        };
+        let (bytes, generation, protected, expected, vault_id) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "the audit head was not written into the vault");
+                return;
+            }
+        };
+        token_call(|| {
+            match self
+                .storage
+                .compare_and_store(Some(&expected), &bytes, generation)
+            {
+                Ok(_) => {
+                    if protected
+                        && reason != LockReason::TokenRemoved
+                        && let Some(session) = &*self.token_slot()
+                    {
+                        rollback::record(session.as_ref(), &vault_id, generation);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the audit head was not written into the vault");
+                }
+            }
+        });
     }
 
     /// Checks expiry, idleness and token presence; locks when one is due.

@@ -5,6 +5,8 @@
 //! - [`gate`]: the one gate every operation passes (gRPC and ssh-agent),
 //!   and who is calling; [`access`]: what a request asks for, decided by
 //!   [`policy`] and [`grants`] (through [`trust`]) and recorded by audit.
+//! - [`audit`]: the audit log, hash-chained, anchored in the vault,
+//!   durable before a result is released.
 //! - [`signers`]: every key that signs, the keyring that caches them, and
 //!   where slow signatures run.
 //! - [`status`]: what the session shows of itself (domain types).
@@ -28,6 +30,7 @@
 
 pub mod access;
 pub mod agent;
+pub mod audit;
 pub mod config;
 pub mod core;
 mod damage;

@@ -45,7 +45,7 @@ impl StartError {
 
 /// Loads the configured PKCS#11 module (or takes the native YubiKey
 /// backend), takes the vault file (locking out any other keyholderd) and
-/// builds the core over them, locked.
+/// builds the core over them, locked, with its audit log installed.
 pub fn open(config: Config) -> Result<Arc<Core>, StartError> {
     match config.token_backend {
         TokenBackend::Pkcs11 => {
@@ -55,7 +55,9 @@ pub fn open(config: Config) -> Result<Arc<Core>, StartError> {
                 .ok_or(StartError::NoModule)?;
             let module = Module::load_with_args(path, config.pkcs11_init_args.as_deref())?;
             let storage = FileStorage::open(&config.vault)?;
-            Ok(Core::new(config, module, storage))
+            let core = Core::new(config, module, storage);
+            crate::audit::install(&core);
+            Ok(core)
         }
         TokenBackend::Yubikey => {
             if let Some(path) = &config.pkcs11_module {
@@ -65,7 +67,9 @@ pub fn open(config: Config) -> Result<Arc<Core>, StartError> {
                 );
             }
             let storage = FileStorage::open(&config.vault)?;
-            Ok(Core::new(config, YubiKeyBackend::new(), storage))
+            let core = Core::new(config, YubiKeyBackend::new(), storage);
+            crate::audit::install(&core);
+            Ok(core)
         }
     }
 }

@@ -115,12 +115,18 @@ impl ClientCertVerifier for Verifier {
             .verify_client_cert(end_entity, intermediates, now)?;
         let serial = identity(end_entity)
             .map(|(_, serial)| serial)
-            .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))?;
+            .map_err(|_| {
+                rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+            })?;
         let denied = self
             .core
             .upgrade()
             .and_then(|core| core.policy().ok().flatten())
-            .is_some_and(|p| p.deny_serials.iter().any(|s| s.eq_ignore_ascii_case(&serial)));
+            .is_some_and(|p| {
+                p.deny_serials
+                    .iter()
+                    .any(|s| s.eq_ignore_ascii_case(&serial))
+            });
         if denied {
             return Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::Revoked,

@@ -129,9 +129,9 @@ pub async fn run(
     let ticker = tokio::spawn(supervised_ticks(core.clone()));
     let tcp_task = match core.config.listen_tcp {
         Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-                format!("cannot listen on {addr} (listen_tcp): {e}")
-            })?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr} (listen_tcp): {e}"))?;
             tracing::info!(%addr, client_ca = ?core.config.tcp.client_ca, "TCP listener (mutual TLS) bound; it serves while the session is unlocked");
             Some(tokio::spawn(serve_tcp(
                 core.clone(),

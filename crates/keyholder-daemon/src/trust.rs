@@ -194,11 +194,9 @@ impl Core {
             rule: "the TCP listener".into(),
             reason: reason.into(),
         };
-        let policy = self
-            .policy()
-            .ok()
-            .flatten()
-            .ok_or_else(|| denied("the vault has no policy: nothing but health is served over TCP"))?;
+        let policy = self.policy().ok().flatten().ok_or_else(|| {
+            denied("the vault has no policy: nothing but health is served over TCP")
+        })?;
         match access {
             Access::Session => Ok(()),
             Access::Unlock | Access::Trust { .. } => Err(denied("not served over TCP")),

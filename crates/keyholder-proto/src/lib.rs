@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod socket;
+pub mod tls;
 
 /// Generated messages, clients and servers of package `keyholder.v1`.
 pub mod v1 {

@@ -249,6 +249,19 @@ pub struct Body {
     /// The access policy (TOML, as the admin wrote it), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
+    /// The audit log's last durable record at this write (or at the last
+    /// lock): what `keyholder audit verify` detects truncation against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_head: Option<AuditHead>,
+}
+
+/// The head of the audit log's chain (docs/audit.md).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditHead {
+    /// The record's sequence number.
+    pub seq: u64,
+    /// The record's hash (hex SHA-256).
+    pub hash: String,
 }
 
 /// What a signing key may be used for.

@@ -34,8 +34,8 @@ use sha2::Sha256;
 use zeroize::Zeroizing;
 
 pub use document::{
-    Body, CaEntry, CaKey, CaKind, ClusterEntry, KeyEntry, KeyUsage, OldValue, Recipients,
-    SecretEntry, SshCertificateEntry, TokenRecipient,
+    AuditHead, Body, CaEntry, CaKey, CaKind, ClusterEntry, KeyEntry, KeyUsage, OldValue,
+    Recipients, SecretEntry, SshCertificateEntry, TokenRecipient,
 };
 pub use storage::{FileStorage, Revision, Storage, StorageError};
 pub use tag::{
@@ -46,6 +46,9 @@ pub use tag::{
 const AUTH_POINT_DST: &[u8] = b"keyholder-vault-auth-point-v1_P256_XMD:SHA-256_SSWU_RO_";
 /// HKDF salt for the MAC key.
 const AUTH_KEY_SALT: &[u8] = b"keyholder-vault-auth-key-v1";
+/// HKDF salt of the audit anchor key (a label distinct from every other use
+/// of the MAC key).
+const AUDIT_KEY_SALT: &[u8] = b"keyholder-audit-anchor-key-v1";
 /// Prefix of the MACed message.
 const MAC_CONTEXT: &[u8] = b"keyholder-vault-mac-v1\n";
 /// The MAC algorithm name written in the file.
@@ -237,6 +240,7 @@ impl OpenVault {
                 ssh_certificates: Default::default(),
                 rollback_protection: true,
                 policy: None,
+                audit_head: None,
             },
             vault_id,
             token_recipient,
@@ -305,7 +309,20 @@ impl OpenVault {
         })
     }
 
-    /// The vault's random id.
+    /// The key that anchors the audit log (docs/audit.md): derived from the
+    /// vault's MAC key, so it exists only while the vault is open, and only
+    /// the token's holder can make it.
+    pub fn audit_key(&self) -> Zeroizing<[u8; 32]> {
+        let hk = hkdf::Hkdf::<Sha256>::new(Some(AUDIT_KEY_SALT), self.mac_key.as_ref());
+        let mut out = Zeroizing::new([0u8; 32]);
+        // 32 bytes is far below HKDF-SHA256's limit of 8160.
+        if hk.expand(self.vault_id.as_bytes(), out.as_mut()).is_err() {
+            unreachable!("HKDF output length");
+        }
+        out
+    }
+
+    /// The vault's id (random, fixed at creation).
     pub fn vault_id(&self) -> &str {
         &self.vault_id
     }

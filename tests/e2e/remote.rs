@@ -1,0 +1,361 @@
+//! The TCP listener with mutual TLS, from the outside: a Python grpcio tool
+//! with a Keyholder-issued client certificate gets what the policy grants
+//! its certificate (a kubeconfig kubectl uses) and nothing else, never
+//! Unlock; `openssl s_client` without a certificate, with one from another
+//! CA, an expired one or a denied serial is refused in the handshake and
+//! the refusal logged; and the kubectl exec plugin works on "another
+//! machine" (another HOME, no socket) through the listener.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::kube::{ApiServer, kubectl};
+use crate::util::{Daemon, Env};
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf8 path")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A daemon with the TCP listener on, unlocked, with the client CA, a
+/// cluster `prod` served by a test API server, and a client certificate
+/// `ci-runner` in `dir/ci`.
+struct Remote {
+    env: Env,
+    daemon: Daemon,
+    port: u16,
+    api: ApiServer,
+    ci: PathBuf,
+}
+
+impl Remote {
+    fn start() -> Self {
+        let env = Env::new();
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let daemon = env.start_daemon(&["--listen-tcp", &listen]);
+        env.init();
+        env.unlock();
+        env.put("db/prod", b"canary-remote-1");
+        env.ok(&["ca", "create", "admin-clients"]);
+        env.ok(&["ca", "create", "kube-prod"]);
+        let dir = env.path().join("kube");
+        env.ok(&[
+            "cert",
+            "issue",
+            "--ca",
+            "kube-prod",
+            "--profile",
+            "server",
+            "--cn",
+            "kube-apiserver",
+            "--san",
+            "127.0.0.1",
+            "--out-dir",
+            p(&dir.join("server")),
+        ]);
+        let server = dir.join("server");
+        let api = ApiServer::start(
+            &server.join("ca.pem"),
+            &server.join("cert.pem"),
+            &server.join("key.pem"),
+        );
+        env.ok(&[
+            "cluster",
+            "add",
+            "prod",
+            "--server",
+            &format!("https://127.0.0.1:{}", api.port),
+            "--ca",
+            "kube-prod",
+        ]);
+        let ci = env.path().join("ci");
+        env.ok(&[
+            "client",
+            "issue",
+            "--ca",
+            "admin-clients",
+            "--name",
+            "ci-runner",
+            "--ttl",
+            "1h",
+            "--out-dir",
+            p(&ci),
+        ]);
+        let remote = Self {
+            env,
+            daemon,
+            port,
+            api,
+            ci,
+        };
+        remote.set_policy("");
+        remote.wait_for_listener();
+        remote
+    }
+
+    fn set_policy(&self, extra: &str) {
+        let policy = self.env.file(
+            "remote-policy.toml",
+            &format!(
+                "default = \"allow\"\n{extra}\n[[rule]]\nname = \"ci\"\nclients = [\"ci-runner\"]\n\
+                 allow = [\"kubeconfig:prod:ci\"]\nmax_ttl = \"15m\"\n"
+            ),
+        );
+        self.env.ok(&[
+            "policy",
+            "set",
+            p(&policy),
+            "--pin-file",
+            p(&self.env.pin_file),
+        ]);
+    }
+
+    /// s_client with `cert`/`key` (or none); returns its output and
+    /// status.
+    fn s_client(&self, client: Option<(&Path, &Path)>) -> (bool, String) {
+        let mut c = Command::new("openssl");
+        c.args(["s_client", "-connect"])
+            .arg(format!("127.0.0.1:{}", self.port))
+            .args(["-tls1_3", "-servername", "localhost", "-CAfile"])
+            .arg(self.ci.join("server-ca.pem"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some((cert, key)) = client {
+            c.arg("-cert").arg(cert).arg("-key").arg(key);
+        }
+        let mut child = c.spawn().expect("openssl runs");
+        // An HTTP/2 preface: a server that accepted the client answers it;
+        // one that refused it has already sent its alert.
+        if let Some(mut stdin) = child.stdin.take() {
+            use std::io::Write;
+            let _ = stdin.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        }
+        let out = crate::util::output_within_waiting(child, Duration::from_secs(20))
+            .expect("s_client finishes");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    fn wait_for_listener(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, text) =
+                self.s_client(Some((&self.ci.join("cert.pem"), &self.ci.join("key.pem"))));
+            if text.contains("Verify return code: 0") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the TCP listener never completed a handshake: {text}\n{}",
+                self.daemon.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    fn refusals(&self) -> usize {
+        self.daemon
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("refused in the TLS handshake"))
+            .count()
+    }
+}
+
+#[test]
+fn a_python_tool_with_a_keyholder_client_certificate_gets_only_what_policy_grants_it() {
+    let r = Remote::start();
+    let stubs = crate::python::generate_stubs(&r.env);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let kubeconfig = r.env.path().join("remote.kubeconfig");
+    let out = Command::new("python3")
+        .arg(root.join("tests/python/tcp_client.py"))
+        .arg(format!("127.0.0.1:{}", r.port))
+        .arg(r.ci.join("server-ca.pem"))
+        .arg(r.ci.join("cert.pem"))
+        .arg(r.ci.join("key.pem"))
+        .arg(&stubs)
+        .arg(&kubeconfig)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "tcp_client.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["health"], "OK", "{v}");
+    assert_eq!(v["health_status"], "SERVING", "{v}");
+    assert_eq!(v["kubeconfig"], "OK", "{v}");
+    assert_eq!(v["kubeconfig_admin"], "PERMISSION_DENIED", "{v}");
+    assert_eq!(v["secret"], "PERMISSION_DENIED", "{v}");
+    assert!(!v.to_string().contains("canary"), "{v}");
+    assert_eq!(v["unlock"], "PERMISSION_DENIED", "{v}");
+    assert!(
+        v["unlock_message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not served over TCP"),
+        "{v}"
+    );
+    assert_eq!(v["lock"], "PERMISSION_DENIED", "{v}");
+    assert_eq!(v["set_policy"], "UNIMPLEMENTED", "{v}");
+    // Still unlocked: nothing from the network locked it.
+    assert!(r.env.ok(&["status"]).contains("unlocked"));
+    let dir = r.env.path().join("kube");
+    let out = kubectl(&kubeconfig, &dir).output().expect("kubectl runs");
+    assert!(
+        out.status.success(),
+        "kubectl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(r.api.seen.lock().expect("seen").iter().any(|cn| cn == "ci"));
+}
+
+#[test]
+fn handshakes_without_a_valid_client_certificate_are_refused_and_logged() {
+    let r = Remote::start();
+    let good = (r.ci.join("cert.pem"), r.ci.join("key.pem"));
+    let (_, text) = r.s_client(Some((&good.0, &good.1)));
+    assert!(text.contains("Verify return code: 0"), "{text}");
+    let mut refused = r.refusals();
+    let mut expect_refused = |what: &str, text: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while r.refusals() == refused && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(
+            r.refusals(),
+            refused + 1,
+            "{what}: not refused in the handshake\n{text}\n{}",
+            r.daemon.log_text()
+        );
+        refused += 1;
+    };
+
+    // No certificate at all.
+    let (_, text) = r.s_client(None);
+    expect_refused("no certificate", &text);
+
+    // A certificate from another CA.
+    r.env.ok(&["ca", "create", "impostor"]);
+    let other = r.env.path().join("other");
+    r.env.ok(&[
+        "client",
+        "issue",
+        "--ca",
+        "impostor",
+        "--name",
+        "ci-runner",
+        "--out-dir",
+        p(&other),
+    ]);
+    let (_, text) = r.s_client(Some((&other.join("cert.pem"), &other.join("key.pem"))));
+    expect_refused("another CA", &text);
+
+    // An expired certificate.
+    let short = r.env.path().join("short");
+    r.env.ok(&[
+        "client",
+        "issue",
+        "--ca",
+        "admin-clients",
+        "--name",
+        "ci-runner",
+        "--ttl",
+        "1s",
+        "--out-dir",
+        p(&short),
+    ]);
+    // Issued certificates are backdated by the clock skew allowance; one of
+    // 1s is past its end two seconds later.
+    std::thread::sleep(Duration::from_secs(3));
+    let (_, text) = r.s_client(Some((&short.join("cert.pem"), &short.join("key.pem"))));
+    expect_refused("expired", &text);
+
+    // A serial on the policy's deny list.
+    let serial = {
+        let out = Command::new("openssl")
+            .args(["x509", "-noout", "-serial", "-in"])
+            .arg(&good.0)
+            .output()
+            .expect("openssl");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .trim_start_matches("serial=")
+            .to_owned()
+    };
+    r.set_policy(&format!("deny_serials = [\"{serial}\"]"));
+    let (_, text) = r.s_client(Some((&good.0, &good.1)));
+    expect_refused("denied serial", &text);
+    let log = r.daemon.log_text();
+    assert!(
+        log.contains("peer=127.0.0.1:"),
+        "refusals name the peer: {log}"
+    );
+}
+
+#[test]
+fn the_kubectl_exec_plugin_on_another_machine_reaches_keyholder_over_tcp() {
+    let r = Remote::start();
+    // "Another machine": another HOME and runtime directory, no socket.
+    let elsewhere = r.env.path().join("elsewhere");
+    std::fs::create_dir_all(elsewhere.join("run")).expect("dir");
+    let kubeconfig = elsewhere.join("exec.kubeconfig");
+    let server = format!("https://127.0.0.1:{}", r.port);
+    let out = Command::new(crate::util::keyholder_bin())
+        .env("HOME", &elsewhere)
+        .env("XDG_RUNTIME_DIR", elsewhere.join("run"))
+        .env_remove("KEYHOLDER_SOCKET")
+        .args(["--remote", &server, "--remote-cert"])
+        .arg(r.ci.join("cert.pem"))
+        .arg("--remote-key")
+        .arg(r.ci.join("key.pem"))
+        .arg("--remote-ca")
+        .arg(r.ci.join("server-ca.pem"))
+        .args([
+            "kubeconfig",
+            "prod",
+            "--user",
+            "ci",
+            "--exec",
+            "--exec-api-version",
+            "v1beta1",
+            "--out",
+        ])
+        .arg(&kubeconfig)
+        .output()
+        .expect("keyholder runs");
+    assert!(
+        out.status.success(),
+        "remote kubeconfig: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&kubeconfig).expect("kubeconfig");
+    assert!(text.contains("--remote"), "{text}");
+    assert!(!text.contains("--socket"), "{text}");
+    let out = kubectl(&kubeconfig, &elsewhere)
+        .env("XDG_RUNTIME_DIR", elsewhere.join("run"))
+        .output()
+        .expect("kubectl runs");
+    assert!(
+        out.status.success(),
+        "kubectl through the exec plugin over TCP: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(r.api.seen.lock().expect("seen").iter().any(|cn| cn == "ci"));
+}
