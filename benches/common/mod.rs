@@ -178,3 +178,71 @@ impl tower::Service<http::Request<tonic::body::Body>> for Direct {
         Box::pin(self.0.send_request(req))
     }
 }
+
+/// A gRPC transport like [`Direct`], over TLS to the TCP listener.
+pub async fn connect_direct_tls(port: u16, config: std::sync::Arc<rustls::ClientConfig>) -> Direct {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    tcp.set_nodelay(true).expect("nodelay");
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake");
+    let (send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .expect("HTTP/2 handshake");
+    tokio::spawn(conn);
+    Direct(send)
+}
+
+/// One keep-alive HTTP/1.1 connection to `cfssl serve`, over any stream.
+pub struct CfsslHttp<S: std::io::Read + std::io::Write> {
+    pub stream: std::io::BufReader<S>,
+}
+
+impl<S: std::io::Read + std::io::Write> CfsslHttp<S> {
+    pub fn new(stream: S) -> Self {
+        Self {
+            stream: std::io::BufReader::new(stream),
+        }
+    }
+
+    /// POSTs `body` to `path`; insists on 200 and a certificate in the
+    /// answer; returns the body's length.
+    pub fn post(&mut self, port: u16, path: &str, body: &str) -> usize {
+        use std::io::{BufRead, Read};
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        self.stream
+            .get_mut()
+            .write_all(req.as_bytes())
+            .expect("send");
+        let mut status = String::new();
+        self.stream.read_line(&mut status).expect("status");
+        assert!(status.contains(" 200 "), "cfssl answered {status:?}");
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            self.stream.read_line(&mut line).expect("header");
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().expect("length");
+            }
+        }
+        let mut body = vec![0u8; length];
+        self.stream.read_exact(&mut body).expect("body");
+        assert!(
+            body.windows(11).any(|w| w == b"BEGIN CERTI"),
+            "cfssl returned no certificate"
+        );
+        length
+    }
+}

@@ -38,10 +38,16 @@ struct Remote {
 
 impl Remote {
     fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// With `config` as keyholderd.toml.
+    fn start_with(config: &str) -> Self {
         let env = Env::new();
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
-        let daemon = env.start_daemon(&["--listen-tcp", &listen]);
+        let config = env.file("keyholderd.toml", config);
+        let daemon = env.start_daemon(&["--config", p(&config), "--listen-tcp", &listen]);
         env.init();
         env.unlock();
         env.put("db/prod", b"canary-remote-1");
@@ -150,12 +156,30 @@ impl Remote {
         (out.status.success(), text)
     }
 
+    /// `keyholder --remote ... status` with the ci-runner certificate: a
+    /// client the listener accepted gets an answer.
+    fn remote_status(&self) -> std::process::Output {
+        let mut c = Command::new(crate::util::keyholder_bin());
+        c.args(["--remote", &format!("https://localhost:{}", self.port)])
+            .arg("--remote-cert")
+            .arg(self.ci.join("cert.pem"))
+            .arg("--remote-key")
+            .arg(self.ci.join("key.pem"))
+            .arg("--remote-ca")
+            .arg(self.ci.join("server-ca.pem"))
+            .arg("status")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        crate::util::output_within(c, Duration::from_secs(30)).expect("keyholder finishes")
+    }
+
     fn wait_for_listener(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let (_, text) =
-                self.s_client(Some((&self.ci.join("cert.pem"), &self.ci.join("key.pem"))));
-            if text.contains("Verify return code: 0") {
+            let out = self.remote_status();
+            let text = String::from_utf8_lossy(&out.stderr).into_owned();
+            if out.status.success() {
                 return;
             }
             assert!(
@@ -230,8 +254,14 @@ fn a_python_tool_with_a_keyholder_client_certificate_gets_only_what_policy_grant
 fn handshakes_without_a_valid_client_certificate_are_refused_and_logged() {
     let r = Remote::start();
     let good = (r.ci.join("cert.pem"), r.ci.join("key.pem"));
+    let before = r.refusals();
     let (_, text) = r.s_client(Some((&good.0, &good.1)));
-    assert!(text.contains("Verify return code: 0"), "{text}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        r.refusals(),
+        before,
+        "the good certificate was refused: {text}"
+    );
     let mut refused = r.refusals();
     let mut expect_refused = |what: &str, text: &str| {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -358,4 +388,123 @@ fn the_kubectl_exec_plugin_on_another_machine_reaches_keyholder_over_tcp() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(r.api.seen.lock().expect("seen").iter().any(|cn| cn == "ci"));
+}
+
+#[test]
+fn connections_that_never_finish_a_handshake_do_not_hold_the_listener() {
+    let r = Remote::start_with("[tcp]\nmax_connections = 16\nhandshake_timeout = \"3s\"\n");
+    let addr = format!("127.0.0.1:{}", r.port);
+    // A slowloris: three times as many connections as there are slots, each
+    // sending one byte of a ClientHello and then nothing.
+    let mut held = Vec::new();
+    for _ in 0..48 {
+        let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+        use std::io::Write;
+        let _ = s.write_all(&[0x16]);
+        held.push(s);
+    }
+    // An honest client still gets through, at once: a connection that has
+    // not finished its handshake gives way to a new one.
+    let t = Instant::now();
+    let out = r.remote_status();
+    assert!(
+        out.status.success(),
+        "the honest client was not served: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "the honest client waited {:?}",
+        t.elapsed()
+    );
+    // The local socket is served meanwhile.
+    assert!(r.env.ok(&["status"]).contains("unlocked"));
+    // The held connections are closed: evicted, or at the handshake deadline.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut closed = 0;
+    for mut s in held {
+        use std::io::Read;
+        let left = deadline.saturating_duration_since(Instant::now());
+        s.set_read_timeout(Some(left.max(Duration::from_millis(10))))
+            .expect("timeout");
+        let mut buf = [0u8; 64];
+        // Until the server closes it (an alert may come first).
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => {
+                    closed += 1;
+                    break;
+                }
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break;
+                }
+                Err(_) => {
+                    closed += 1;
+                    break;
+                }
+            }
+        }
+    }
+    assert_eq!(closed, 48, "every stalled connection is closed");
+    assert!(
+        r.daemon
+            .log_text()
+            .contains("no TLS handshake within the deadline"),
+        "{}",
+        r.daemon.log_text()
+    );
+}
+
+/// The serial of the certificate the listener presents.
+fn listener_serial(r: &Remote) -> String {
+    let (_, text) = r.s_client(Some((&r.ci.join("cert.pem"), &r.ci.join("key.pem"))));
+    let pem_start = text
+        .find("-----BEGIN CERTIFICATE-----")
+        .expect("server certificate shown");
+    let pem_end = text[pem_start..]
+        .find("-----END CERTIFICATE-----")
+        .expect("end of certificate")
+        + pem_start
+        + "-----END CERTIFICATE-----".len();
+    let pem = r.env.file("listener.pem", &text[pem_start..pem_end]);
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-serial", "-in"])
+        .arg(&pem)
+        .output()
+        .expect("openssl");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn the_listener_certificate_is_renewed_before_it_expires_and_made_anew_at_unlock() {
+    let r = Remote::start_with("[tcp]\nserver_cert_ttl = \"1m\"\n");
+    let first = listener_serial(&r);
+    // Renewed when a third of its minute is left: within about 40 s.
+    let deadline = Instant::now() + Duration::from_secs(70);
+    let mut renewed = first.clone();
+    while renewed == first && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_secs(2));
+        renewed = listener_serial(&r);
+    }
+    assert_ne!(renewed, first, "the listener certificate was not renewed");
+    assert!(
+        r.daemon
+            .log_text()
+            .matches("TCP listener certificate issued")
+            .count()
+            >= 2
+    );
+    // Locked, no handshake completes; unlocked again, a new certificate.
+    r.env.ok(&["lock"]);
+    let (_, text) = r.s_client(Some((&r.ci.join("cert.pem"), &r.ci.join("key.pem"))));
+    assert!(text.contains("no peer certificate available"), "{text}");
+    r.env.unlock();
+    r.wait_for_listener();
+    assert_ne!(listener_serial(&r), renewed);
 }

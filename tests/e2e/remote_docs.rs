@@ -81,29 +81,15 @@ fn the_ci_runner_setup_in_the_docs_works_as_written() {
     // The listener makes its certificate once the CA exists; wait for it.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let out = Command::new("openssl")
-            .args([
-                "s_client",
-                "-connect",
-                &format!("127.0.0.1:{port}"),
-                "-tls1_3",
-            ])
-            .args([
-                "-servername",
-                "localhost",
-                "-CAfile",
-                p(&ci.join("server-ca.pem")),
-            ])
-            .args([
-                "-cert",
-                p(&ci.join("cert.pem")),
-                "-key",
-                p(&ci.join("key.pem")),
-            ])
+        let out = Command::new(crate::util::keyholder_bin())
+            .args(["--remote", &format!("https://localhost:{port}")])
+            .args(["--remote-cert", p(&ci.join("cert.pem"))])
+            .args(["--remote-key", p(&ci.join("key.pem"))])
+            .args(["--remote-ca", p(&ci.join("server-ca.pem")), "status"])
             .stdin(Stdio::null())
             .output()
-            .expect("openssl runs");
-        if String::from_utf8_lossy(&out.stdout).contains("Verify return code: 0") {
+            .expect("keyholder runs");
+        if out.status.success() {
             break;
         }
         assert!(Instant::now() < deadline, "the listener never served");

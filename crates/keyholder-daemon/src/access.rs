@@ -249,6 +249,14 @@ impl Core {
             sink.ready()?;
         }
         if let Err(denied) = self.decide(caller, &access) {
+            match &caller.remote {
+                Some(peer) => {
+                    tracing::warn!(op, peer = %peer.addr, client = ?peer.name, object = ?access.object(), rule = ?denied.rule, "TCP request refused by policy");
+                }
+                None => {
+                    tracing::info!(op, pid = ?caller.pid, exe = ?caller.exe, object = ?access.object(), rule = ?denied.rule, "request refused by policy");
+                }
+            }
             let event = Event {
                 caller: caller.clone(),
                 op,

@@ -80,6 +80,14 @@ impl TlsState {
             .is_none_or(|c| Instant::now() >= c.renew_at)
     }
 
+    fn renew_at(&self) -> Option<Instant> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|c| c.renew_at)
+    }
+
     fn clear(&self) {
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = None;
     }
@@ -280,10 +288,14 @@ pub async fn keep_current(core: Arc<Core>, state: Arc<TlsState>) {
         } else {
             state.clear();
         }
+        let wait = state.renew_at().map_or(Duration::from_secs(30), |at| {
+            at.saturating_duration_since(Instant::now())
+                .clamp(Duration::from_secs(1), Duration::from_secs(30))
+        });
         tokio::select! {
             _ = status.changed() => {}
             _ = shutdown.changed() => return,
-            () = tokio::time::sleep(Duration::from_secs(30)) => {}
+            () = tokio::time::sleep(wait) => {}
         }
     }
 }
