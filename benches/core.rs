@@ -161,7 +161,7 @@ fn main() {
             );
             let t = Instant::now();
             let r = secrets
-                .get(v1::GetSecretRequest { name })
+                .get(v1::GetSecretRequest { name, version: 0 })
                 .await
                 .expect("get");
             gets.push(t.elapsed());

@@ -123,6 +123,55 @@ fn every_command_prints_one_json_value_with_json() {
             None,
         ),
         ("secret list", vec![], None),
+        (
+            "secret put",
+            vec!["db/pw".into(), "--force".into()],
+            Some(b"hunter3"),
+        ),
+        (
+            "secret get",
+            vec!["db/pw".into(), "--version".into(), "1".into()],
+            None,
+        ),
+        ("secret history", vec!["db/pw".into()], None),
+        (
+            "secret rollback",
+            vec!["db/pw".into(), "--to".into(), "1".into()],
+            None,
+        ),
+        (
+            "run",
+            vec![
+                "--env".into(),
+                "PW=db/pw".into(),
+                "--".into(),
+                "sh".into(),
+                "-c".into(),
+                "printf '{\"length\": %d}' ${#PW}".into(),
+            ],
+            None,
+        ),
+        (
+            "inject",
+            vec![
+                "--in".into(),
+                s(&env.file("app.tpl", "pw={{ secret \"db/pw\" }}\n")),
+                "--out".into(),
+                s(&dir.join("app.conf")),
+            ],
+            None,
+        ),
+        (
+            "kube-secret",
+            vec![
+                "db".into(),
+                "--namespace".into(),
+                "default".into(),
+                "--from".into(),
+                "password=db/pw".into(),
+            ],
+            None,
+        ),
         ("ca create", vec!["kube".into()], None),
         (
             "client issue",

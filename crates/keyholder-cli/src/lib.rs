@@ -6,12 +6,15 @@
 
 mod audit;
 mod failure;
+mod inject;
 mod input;
 mod keys;
 mod kube;
+mod kube_secret;
 mod output;
 mod pki;
 mod remote;
+mod run;
 mod secrets;
 mod session;
 mod ssh;
@@ -122,6 +125,16 @@ enum Command {
     /// Read and verify the audit log.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Run a command with secrets in its environment (never on its command
+    /// line or in a file): keyholder execs the command once every secret is
+    /// read, so signals and the exit status are the command's own.
+    Run(run::RunArgs),
+    /// Render {{ secret "NAME" }} references in a template (stdin or --in)
+    /// to stdout or a 0600 file.
+    Inject(inject::InjectArgs),
+    /// Print a Kubernetes Secret manifest with values from the vault (or a
+    /// certificate issued now), for `| kubectl apply -f -`.
+    KubeSecret(kube_secret::KubeSecretArgs),
 }
 
 /// A channel to keyholderd and the uid it runs as, or a failure that says
@@ -200,6 +213,9 @@ async fn run(cli: Cli) -> CliResult {
         Command::Client(cmd) => remote::client(channel, cmd, json).await,
         // Answered above, before connecting.
         Command::Audit(_) => Ok(()),
+        Command::Run(args) => run::run(channel, args).await,
+        Command::Inject(args) => inject::inject(channel, args, json).await,
+        Command::KubeSecret(args) => kube_secret::kube_secret(channel, args, json).await,
     };
     // keyholderd closes the connection of any uid but its own; a root
     // daemon's socket reached by another user fails that way, whatever the

@@ -1,5 +1,5 @@
-//! `keyholder secret put`, `get`, `list` and `rm`. A value comes from a
-//! file or stdin, never from the command line.
+//! `keyholder secret put`, `get`, `list`, `rm`, `history` and `rollback`.
+//! A value comes from a file or stdin, never from the command line.
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
@@ -34,16 +34,34 @@ pub(crate) enum SecretCommand {
         /// Write the value to this file (mode 0600) instead of stdout.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// An earlier value, by its number in `keyholder secret history`.
+        #[arg(long)]
+        version: Option<u64>,
     },
     /// List secret names, optionally only those starting with PREFIX.
     List {
         /// Name prefix, e.g. db/.
         prefix: Option<String>,
     },
-    /// Remove a secret.
+    /// Remove a secret, and the earlier values kept with it.
     Rm {
         /// The secret's name.
         name: String,
+    },
+    /// List a secret's current and earlier values (numbers, sizes and
+    /// times; never the values).
+    History {
+        /// The secret's name.
+        name: String,
+    },
+    /// Store an earlier value again, as a new version (the current value is
+    /// kept in the history like any replaced value).
+    Rollback {
+        /// The secret's name.
+        name: String,
+        /// The version to go back to (see `keyholder secret history`).
+        #[arg(long)]
+        to: u64,
     },
 }
 
@@ -97,18 +115,21 @@ pub(crate) async fn secret(channel: Channel, cmd: SecretCommand, json: bool) -> 
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({"name": meta.name, "size": meta.size, "generation": resp.generation})
+                    serde_json::json!({"name": meta.name, "size": meta.size, "version": meta.version, "generation": resp.generation})
                 );
             } else {
                 println!(
-                    "stored {} ({} bytes, generation {})",
-                    meta.name, meta.size, resp.generation
+                    "stored {} ({} bytes, version {}, generation {})",
+                    meta.name, meta.size, meta.version, resp.generation
                 );
             }
         }
-        SecretCommand::Get { name, out } => {
+        SecretCommand::Get { name, out, version } => {
             let resp = secrets
-                .get(v1::GetSecretRequest { name: name.clone() })
+                .get(v1::GetSecretRequest {
+                    name: name.clone(),
+                    version: version.unwrap_or(0),
+                })
                 .await?
                 .into_inner();
             let value = Zeroizing::new(resp.value);
@@ -145,6 +166,7 @@ pub(crate) async fn secret(channel: Channel, cmd: SecretCommand, json: bool) -> 
                         serde_json::json!({
                             "name": m.name,
                             "size": m.size,
+                            "version": m.version,
                             "created_at": rfc3339(m.created_at.as_ref()),
                             "updated_at": rfc3339(m.updated_at.as_ref()),
                         })
@@ -165,10 +187,86 @@ pub(crate) async fn secret(channel: Channel, cmd: SecretCommand, json: bool) -> 
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({"name": name, "generation": resp.generation})
+                    serde_json::json!({
+                        "name": name,
+                        "generation": resp.generation,
+                        "history_removed": resp.history_removed,
+                    })
                 );
             } else {
-                println!("removed {name} (generation {})", resp.generation);
+                let earlier = match resp.history_removed {
+                    0 => String::new(),
+                    1 => " and its 1 earlier value".to_owned(),
+                    n => format!(" and its {n} earlier values"),
+                };
+                println!("removed {name}{earlier} (generation {})", resp.generation);
+            }
+        }
+        SecretCommand::History { name } => {
+            let resp = secrets
+                .history(v1::SecretHistoryRequest { name: name.clone() })
+                .await?
+                .into_inner();
+            if json {
+                let list: Vec<_> = resp
+                    .versions
+                    .iter()
+                    .map(|v| {
+                        serde_json::json!({
+                            "version": v.version,
+                            "size": v.size,
+                            "current": v.current,
+                            "stored_at": rfc3339(v.stored_at.as_ref()),
+                            "replaced_at": rfc3339(v.replaced_at.as_ref()),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::json!({"name": name, "versions": list}));
+            } else {
+                println!("VERSION\tSIZE\tSTORED\tREPLACED");
+                for v in &resp.versions {
+                    let replaced = if v.current {
+                        "current".to_owned()
+                    } else {
+                        rfc3339(v.replaced_at.as_ref())
+                            .as_str()
+                            .unwrap_or("-")
+                            .to_owned()
+                    };
+                    println!(
+                        "{}\t{}\t{}\t{replaced}",
+                        v.version,
+                        v.size,
+                        rfc3339(v.stored_at.as_ref()).as_str().unwrap_or("-"),
+                    );
+                }
+            }
+        }
+        SecretCommand::Rollback { name, to } => {
+            let resp = secrets
+                .rollback(v1::RollbackSecretRequest {
+                    name: name.clone(),
+                    to,
+                })
+                .await?
+                .into_inner();
+            let meta = resp.metadata.unwrap_or_default();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "name": name,
+                        "to": to,
+                        "version": meta.version,
+                        "size": meta.size,
+                        "generation": resp.generation,
+                    })
+                );
+            } else {
+                println!(
+                    "{name} now holds the value of version {to}, as version {} (generation {})",
+                    meta.version, resp.generation
+                );
             }
         }
     }

@@ -49,6 +49,9 @@ impl std::str::FromStr for TokenBackend {
     }
 }
 
+/// The most earlier values `secret_history` may keep per secret.
+pub const MAX_SECRET_HISTORY: usize = 100;
+
 /// The longest `pinentry_timeout`: ten minutes.
 pub const MAX_PINENTRY_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -120,6 +123,9 @@ pub struct Config {
     pub listen_tcp: Option<std::net::SocketAddr>,
     /// Settings of the TCP listener.
     pub tcp: TcpConfig,
+    /// How many earlier values a secret keeps when it is replaced (5); 0
+    /// keeps none.
+    pub secret_history: usize,
 }
 
 /// The TCP listener's settings (`[tcp]` in the config file).
@@ -231,6 +237,7 @@ impl Default for Config {
             audit_max_bytes: 64 << 20,
             listen_tcp: None,
             tcp: TcpConfig::default(),
+            secret_history: 5,
         }
     }
 }
@@ -359,6 +366,11 @@ impl Config {
             return Err(ConfigError(
                 "tcp.server_cert_ttl must be between 1m and 30 days".into(),
             ));
+        }
+        if self.secret_history > MAX_SECRET_HISTORY {
+            return Err(ConfigError(format!(
+                "secret_history must be at most {MAX_SECRET_HISTORY}"
+            )));
         }
         if self.listen_tcp.is_some() && (tcp.client_ca.is_empty() || tcp.server_names.is_empty()) {
             return Err(ConfigError(

@@ -26,8 +26,11 @@ use zeroize::Zeroizing;
 
 /// The `format` value of every vault.
 pub const FORMAT: &str = "keyholder-vault";
-/// The document version this code writes and reads.
-pub const VERSION: u32 = 1;
+/// The document version this code writes.
+pub const VERSION: u32 = 2;
+/// The oldest document version this code reads (version 1 has no secret
+/// history; it opens as is and is written back as version 2).
+pub const MIN_VERSION: u32 = 1;
 
 /// The outer document, as parsed (before the MAC is checked).
 #[derive(Deserialize)]
@@ -488,6 +491,88 @@ struct SecretData {
     created_at: String,
     /// RFC 3339, UTC.
     updated_at: String,
+    /// The number of this value: 1 for the first, one more with every
+    /// replacement. Absent when 1, so a secret never replaced is written
+    /// exactly as a version 1 document had it.
+    #[serde(default = "first_version", skip_serializing_if = "is_first_version")]
+    version: u64,
+    /// Earlier values, newest first (version 2 on; absent when empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    history: Vec<OldValue>,
+}
+
+impl SecretData {
+    /// `value` at version 1 without history; text stays readable in the
+    /// JSON, other bytes are base64.
+    fn holding(value: &[u8], created_at: &str, now: &str) -> Self {
+        let (text, encoding) = match std::str::from_utf8(value) {
+            Ok(t) => (Zeroizing::new(t.to_owned()), Encoding::Utf8),
+            Err(_) => (
+                Zeroizing::new(BASE64_STANDARD.encode(value)),
+                Encoding::Base64,
+            ),
+        };
+        Self {
+            value: text,
+            encoding,
+            size: value.len() as u64,
+            created_at: created_at.to_owned(),
+            updated_at: now.to_owned(),
+            version: 1,
+            history: Vec::new(),
+        }
+    }
+}
+
+fn first_version() -> u64 {
+    1
+}
+
+fn is_first_version(v: &u64) -> bool {
+    *v == 1
+}
+
+/// A value a secret held before it was replaced.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct OldValue {
+    /// Its number (see [`SecretEntry::version`]).
+    pub version: u64,
+    #[serde(serialize_with = "ser_secret", deserialize_with = "de_secret")]
+    value: Zeroizing<String>,
+    encoding: Encoding,
+    /// Decoded length in bytes.
+    pub size: u64,
+    /// When it was stored, RFC 3339 UTC.
+    pub stored_at: String,
+    /// When it was replaced, RFC 3339 UTC.
+    pub replaced_at: String,
+}
+
+impl fmt::Debug for OldValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OldValue")
+            .field("version", &self.version)
+            .field("value", &"<redacted>")
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+impl OldValue {
+    /// The value's bytes; `None` when a base64 value does not decode.
+    pub fn value(&self) -> Option<Zeroizing<Vec<u8>>> {
+        decode(&self.value, self.encoding)
+    }
+}
+
+fn decode(value: &str, encoding: Encoding) -> Option<Zeroizing<Vec<u8>>> {
+    match encoding {
+        Encoding::Utf8 => Some(Zeroizing::new(value.as_bytes().to_vec())),
+        Encoding::Base64 => BASE64_STANDARD
+            .decode(value.as_bytes())
+            .ok()
+            .map(Zeroizing::new),
+    }
 }
 
 impl fmt::Debug for SecretEntry {
@@ -495,6 +580,8 @@ impl fmt::Debug for SecretEntry {
         f.debug_struct("SecretEntry")
             .field("value", &"<redacted>")
             .field("size", &self.0.size)
+            .field("version", &self.0.version)
+            .field("history", &self.0.history.len())
             .finish()
     }
 }
@@ -517,20 +604,40 @@ impl SecretEntry {
     /// An entry holding `value`, updated `now`, first created `created_at`
     /// (the entry it replaces).
     pub fn replacing(value: &[u8], created_at: &str, now: &str) -> Self {
-        let (text, encoding) = match std::str::from_utf8(value) {
-            Ok(t) => (Zeroizing::new(t.to_owned()), Encoding::Utf8),
-            Err(_) => (
-                Zeroizing::new(BASE64_STANDARD.encode(value)),
-                Encoding::Base64,
-            ),
-        };
-        Self(Arc::new(SecretData {
-            value: text,
-            encoding,
-            size: value.len() as u64,
-            created_at: created_at.to_owned(),
-            updated_at: now.to_owned(),
-        }))
+        Self(Arc::new(SecretData::holding(value, created_at, now)))
+    }
+
+    /// `old` replaced by `value` at `now`: the new value is numbered one
+    /// above `old`'s, and `old`'s value leads the history, which keeps at
+    /// most `keep` earlier values (the oldest are dropped).
+    pub fn superseding(old: &SecretEntry, value: &[u8], now: &str, keep: usize) -> Self {
+        let mut data = SecretData::holding(value, old.created_at(), now);
+        data.version = old.0.version.saturating_add(1);
+        let mut history = Vec::with_capacity(keep.min(old.0.history.len().saturating_add(1)));
+        if keep > 0 {
+            history.push(OldValue {
+                version: old.0.version,
+                value: old.0.value.clone(),
+                encoding: old.0.encoding,
+                size: old.0.size,
+                stored_at: old.0.updated_at.clone(),
+                replaced_at: now.to_owned(),
+            });
+            history.extend(old.0.history.iter().take(keep - 1).cloned());
+        }
+        data.history = history;
+        Self(Arc::new(data))
+    }
+
+    /// This value's number: 1 for the first value stored under the name,
+    /// one more with every replacement.
+    pub fn version(&self) -> u64 {
+        self.0.version
+    }
+
+    /// Earlier values, newest first.
+    pub fn history(&self) -> &[OldValue] {
+        &self.0.history
     }
 
     /// Decoded length in bytes.
@@ -551,13 +658,7 @@ impl SecretEntry {
     /// The value's bytes. `None` when a base64 value does not decode (a
     /// hand-edited vault), which callers report as damage.
     pub fn value(&self) -> Option<Zeroizing<Vec<u8>>> {
-        match self.0.encoding {
-            Encoding::Utf8 => Some(Zeroizing::new(self.0.value.as_bytes().to_vec())),
-            Encoding::Base64 => BASE64_STANDARD
-                .decode(self.0.value.as_bytes())
-                .ok()
-                .map(Zeroizing::new),
-        }
+        decode(&self.0.value, self.0.encoding)
     }
 }
 
@@ -579,5 +680,49 @@ mod tests {
         assert_eq!(b.0.encoding, Encoding::Base64);
         assert_eq!(b.value().unwrap().as_slice(), &[0xff, 0, 1]);
         assert!(!format!("{t:?}").contains("word"));
+    }
+
+    #[test]
+    fn replacing_keeps_numbered_old_values_up_to_the_limit() {
+        let mut e = SecretEntry::new(b"v1", "2026-01-01T00:00:00Z");
+        for (i, v) in ["v2", "v3", "v4"].iter().enumerate() {
+            e = SecretEntry::superseding(
+                &e,
+                v.as_bytes(),
+                &format!("2026-01-0{}T00:00:00Z", i + 2),
+                2,
+            );
+        }
+        assert_eq!(e.version(), 4);
+        assert_eq!(e.value().unwrap().as_slice(), b"v4");
+        let h: Vec<_> = e
+            .history()
+            .iter()
+            .map(|o| (o.version, o.value().unwrap().to_vec()))
+            .collect();
+        assert_eq!(h, [(3, b"v3".to_vec()), (2, b"v2".to_vec())]);
+        assert_eq!(e.history()[0].stored_at, "2026-01-03T00:00:00Z");
+        assert_eq!(e.history()[0].replaced_at, "2026-01-04T00:00:00Z");
+        assert_eq!(e.created_at(), "2026-01-01T00:00:00Z");
+        let none = SecretEntry::superseding(&e, b"v5", "2026-01-05T00:00:00Z", 0);
+        assert!(none.history().is_empty());
+        assert_eq!(none.version(), 5);
+        assert!(!format!("{e:?}").contains("v3"));
+    }
+
+    #[test]
+    fn a_version_1_secret_reads_as_version_1_without_history() {
+        let e: SecretEntry = serde_json::from_str(
+            r#"{ "value": "hunter2", "encoding": "utf8", "size": 7,
+                 "created_at": "2026-11-21T22:15:12Z", "updated_at": "2026-11-21T22:15:12Z" }"#,
+        )
+        .unwrap();
+        assert_eq!(e.version(), 1);
+        assert!(e.history().is_empty());
+        let text = serde_json::to_string(&e).unwrap();
+        assert_eq!(
+            text,
+            r#"{"value":"hunter2","encoding":"utf8","size":7,"created_at":"2026-11-21T22:15:12Z","updated_at":"2026-11-21T22:15:12Z"}"#
+        );
     }
 }

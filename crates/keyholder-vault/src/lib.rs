@@ -34,8 +34,8 @@ use sha2::Sha256;
 use zeroize::Zeroizing;
 
 pub use document::{
-    AuditHead, Body, CaEntry, CaKey, CaKind, ClusterEntry, KeyEntry, KeyUsage, PivKeyRecord,
-    Recipients, SecretEntry, SshCertificateEntry, TokenRecipient,
+    AuditHead, Body, CaEntry, CaKey, CaKind, ClusterEntry, KeyEntry, KeyUsage, OldValue,
+    PivKeyRecord, Recipients, SecretEntry, SshCertificateEntry, TokenRecipient,
 };
 pub use storage::{FileStorage, Revision, Storage, StorageError};
 pub use tag::{
@@ -72,7 +72,7 @@ pub enum VaultError {
     )]
     NotAuthentic,
     /// Written by a newer Keyholder.
-    #[error("the vault has format version {0}; this Keyholder reads version 1")]
+    #[error("the vault has format version {0}; this Keyholder reads versions 1 and 2")]
     UnsupportedVersion(u32),
     /// A recipient string did not parse.
     #[error("invalid recipient {0:?}: expected an X25519 age recipient (age1...)")]
@@ -280,7 +280,7 @@ impl OpenVault {
                 document::FORMAT
             )));
         }
-        if envelope.version != document::VERSION {
+        if !(document::MIN_VERSION..=document::VERSION).contains(&envelope.version) {
             return Err(VaultError::UnsupportedVersion(envelope.version));
         }
         let token_recipient = recipient_string(&key.public_key());
@@ -597,6 +597,58 @@ mod tests {
         (v, bytes)
     }
 
+    /// A document as a version 1 writer made it: `"version": 1` and
+    /// secrets without a number or history.
+    fn version_1_file(k: &SoftwareKey, version: u32) -> Vec<u8> {
+        let v = OpenVault::create(k, token(k), vec![]).unwrap();
+        let recipients = serde_json::to_string(&v.body.recipients).unwrap();
+        let body = format!(
+            "{{\n    \"generation\": 4,\n    \"created_at\": \"2026-11-21T22:15:12Z\",\n    \"updated_at\": \"2026-11-21T22:15:12Z\",\n    \"recipients\": {recipients},\n    \"secrets\": {{\n      \"db/prod/password\": {{ \"value\": \"hunter2\", \"encoding\": \"utf8\", \"size\": 7, \"created_at\": \"2026-11-21T22:15:12Z\", \"updated_at\": \"2026-11-21T22:15:12Z\" }}\n    }}\n  }}"
+        );
+        let tag = mac(&v.mac_key, v.vault_id(), body.as_bytes())
+            .finalize()
+            .into_bytes();
+        let doc = format!(
+            "{{\n  \"format\": \"keyholder-vault\",\n  \"version\": {version},\n  \"vault_id\": \"{}\",\n  \"body\": {body},\n  \"auth\": [{{ \"recipient\": \"{}\", \"alg\": \"HMAC-SHA256\", \"mac\": \"{}\" }}]\n}}\n",
+            v.vault_id(),
+            v.token_recipient(),
+            BASE64_STANDARD.encode(tag)
+        );
+        let parsed = ParsedRecipients::parse(&v.body.recipients).unwrap();
+        let enc = age::Encryptor::with_recipients(
+            parsed
+                .list
+                .iter()
+                .map(|b| b.as_ref() as &dyn age::Recipient),
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        let mut w = enc.wrap_output(&mut out).unwrap();
+        w.write_all(doc.as_bytes()).unwrap();
+        w.finish().unwrap();
+        out
+    }
+
+    #[test]
+    fn a_version_1_vault_opens_and_is_written_back_as_version_2() {
+        let k = key();
+        let opened = OpenVault::open(&version_1_file(&k, 1), &k).unwrap();
+        let e = &opened.body.secrets["db/prod/password"];
+        assert_eq!(e.value().unwrap().as_slice(), b"hunter2");
+        assert_eq!(e.version(), 1);
+        assert!(e.history().is_empty());
+        let mut body = opened.body.clone();
+        let replaced = SecretEntry::superseding(e, b"hunter3", "2026-12-01T00:00:00Z", 5);
+        body.secrets.insert("db/prod/password".into(), replaced);
+        let bytes = opened.next(&mut body).unwrap();
+        let again = OpenVault::open(&bytes, &k).unwrap();
+        let e = &again.body.secrets["db/prod/password"];
+        assert_eq!(e.version(), 2);
+        assert_eq!(e.history()[0].value().unwrap().as_slice(), b"hunter2");
+        let err = OpenVault::open(&version_1_file(&k, 3), &k).unwrap_err();
+        assert!(matches!(err, VaultError::UnsupportedVersion(3)), "{err}");
+    }
+
     #[test]
     fn round_trip_and_generation() {
         let k = key();
@@ -730,7 +782,7 @@ mod tests {
             .unwrap()
             .replace('\n', "\n  ");
         let expected_head = format!(
-            "{{\n  \"format\": \"keyholder-vault\",\n  \"version\": 1,\n  \"vault_id\": \"{}\",\n  \"body\": {body},\n  \"auth\": [\n    {{\n      \"recipient\": ",
+            "{{\n  \"format\": \"keyholder-vault\",\n  \"version\": 2,\n  \"vault_id\": \"{}\",\n  \"body\": {body},\n  \"auth\": [\n    {{\n      \"recipient\": ",
             v.vault_id()
         );
         assert!(plain.starts_with(&expected_head), "{plain}");

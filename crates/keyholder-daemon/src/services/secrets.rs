@@ -1,4 +1,4 @@
-//! `keyholder.v1.Secrets`: Put, Get, List, Delete.
+//! `keyholder.v1.Secrets`: Put, Get, List, Delete, History, Rollback.
 
 use std::sync::Arc;
 
@@ -25,6 +25,7 @@ fn metadata(name: &str, e: &SecretEntry) -> v1::SecretMetadata {
         size: e.size(),
         created_at: rfc3339_timestamp(e.created_at()),
         updated_at: rfc3339_timestamp(e.updated_at()),
+        version: e.version(),
     }
 }
 
@@ -64,6 +65,7 @@ impl v1::secrets_server::Secrets for SecretsService {
         let caller = enter(&self.0, &request, OP, Needs::Unlocked).await?;
         let put = Put::parse(request.into_inner(), self.0.config.max_secret_bytes)?;
         let max_secrets = self.0.config.max_secrets;
+        let keep = self.0.config.secret_history;
         let name = put.name.as_str();
         let access = Access::SecretWrite {
             name: name.to_owned(),
@@ -81,7 +83,7 @@ impl v1::secrets_server::Secrets for SecretsService {
                             name: name.to_owned(),
                         });
                     }
-                    Some(old) => entry = SecretEntry::replacing(&put.value, old.created_at(), &now),
+                    Some(old) => entry = SecretEntry::superseding(old, &put.value, &now, keep),
                     None if body.secrets.len() >= max_secrets => {
                         return Err(Error::LimitReached(format!(
                             "the vault holds {max_secrets} secrets, the configured maximum"
@@ -115,13 +117,27 @@ impl v1::secrets_server::Secrets for SecretsService {
     ) -> Result<Response<v1::GetSecretResponse>, Status> {
         const OP: &str = "Secrets.Get";
         let caller = enter(&self.0, &request, OP, Needs::Unlocked).await?;
-        let name = SecretName::parse(request.into_inner().name)?;
+        let request = request.into_inner();
+        let version = request.version;
+        let name = SecretName::parse(request.name)?;
         let access = Access::SecretRead {
             name: name.as_str().to_owned(),
         };
         let ticket = self.0.authorize(&caller, OP, access).await?;
         let response = self.0.with_body(|body| {
             let entry = lookup(&body.secrets, "secret", name.as_str())?;
+            if version != 0 && version != entry.version() {
+                let old = old_value(entry, name.as_str(), version)?;
+                let value = old.value().ok_or_else(|| damaged(name.as_str()))?;
+                let mut meta = metadata(name.as_str(), entry);
+                meta.size = old.size;
+                meta.updated_at = rfc3339_timestamp(&old.stored_at);
+                meta.version = old.version;
+                return Ok(v1::GetSecretResponse {
+                    value: value.to_vec(),
+                    metadata: Some(meta),
+                });
+            }
             let value = entry.value().ok_or_else(|| {
                 Error::Vault(keyholder_vault::VaultError::Damaged(format!(
                     "secret {:?} has a value that is not valid base64",
@@ -137,7 +153,11 @@ impl v1::secrets_server::Secrets for SecretsService {
         });
         let response = response.map(|r| {
             let size = r.value.len().to_string();
-            (r, vec![("size", size)])
+            let mut details = vec![("size", size)];
+            if version != 0 {
+                details.push(("version", version.to_string()));
+            }
+            (r, details)
         });
         Ok(Response::new(ticket.finish(response).await?))
     }
@@ -189,18 +209,141 @@ impl v1::secrets_server::Secrets for SecretsService {
         let deleted = self
             .0
             .write(|body| {
-                lookup(&body.secrets, "secret", name.as_str())?;
+                let history = lookup(&body.secrets, "secret", name.as_str())?
+                    .history()
+                    .len();
                 body.secrets.remove(name.as_str());
-                Ok(())
+                Ok(u32::try_from(history).unwrap_or(u32::MAX))
             })
             .await
-            .map(|((), generation)| {
-                tracing::info!(name = ?name, generation, "secret deleted");
+            .map(|(history_removed, generation)| {
+                tracing::info!(name = ?name, generation, history_removed, "secret deleted");
                 (
-                    v1::DeleteSecretResponse { generation },
-                    vec![("generation", generation.to_string())],
+                    v1::DeleteSecretResponse {
+                        generation,
+                        history_removed,
+                    },
+                    vec![
+                        ("generation", generation.to_string()),
+                        ("history_removed", history_removed.to_string()),
+                    ],
                 )
             });
         Ok(Response::new(ticket.finish(deleted).await?))
     }
+
+    async fn history(
+        &self,
+        request: Request<v1::SecretHistoryRequest>,
+    ) -> Result<Response<v1::SecretHistoryResponse>, Status> {
+        const OP: &str = "Secrets.History";
+        let caller = enter(&self.0, &request, OP, Needs::Unlocked).await?;
+        let name = SecretName::parse(request.into_inner().name)?;
+        let access = Access::SecretRead {
+            name: name.as_str().to_owned(),
+        };
+        let ticket = self.0.authorize(&caller, OP, access).await?;
+        let response = self.0.with_body(|body| {
+            let entry = lookup(&body.secrets, "secret", name.as_str())?;
+            let mut versions = vec![v1::SecretVersion {
+                version: entry.version(),
+                size: entry.size(),
+                stored_at: rfc3339_timestamp(entry.updated_at()),
+                replaced_at: None,
+                current: true,
+            }];
+            versions.extend(entry.history().iter().map(|o| v1::SecretVersion {
+                version: o.version,
+                size: o.size,
+                stored_at: rfc3339_timestamp(&o.stored_at),
+                replaced_at: rfc3339_timestamp(&o.replaced_at),
+                current: false,
+            }));
+            let count = versions.len().to_string();
+            Ok((
+                v1::SecretHistoryResponse { versions },
+                vec![("versions", count)],
+            ))
+        });
+        Ok(Response::new(ticket.finish(response).await?))
+    }
+
+    async fn rollback(
+        &self,
+        request: Request<v1::RollbackSecretRequest>,
+    ) -> Result<Response<v1::RollbackSecretResponse>, Status> {
+        const OP: &str = "Secrets.Rollback";
+        let caller = enter(&self.0, &request, OP, Needs::Unlocked).await?;
+        let request = request.into_inner();
+        let to = request.to;
+        let name = SecretName::parse(request.name)?;
+        if to == 0 {
+            return Err(Error::InvalidArgument {
+                field: "to",
+                reason: "name an earlier version (see `keyholder secret history`)".into(),
+            }
+            .into());
+        }
+        let access = Access::SecretWrite {
+            name: name.as_str().to_owned(),
+        };
+        let ticket = self.0.authorize(&caller, OP, access).await?;
+        let keep = self.0.config.secret_history;
+        let written = self
+            .0
+            .write(|body| {
+                let entry = lookup(&body.secrets, "secret", name.as_str())?;
+                if to == entry.version() {
+                    return Err(Error::InvalidArgument {
+                        field: "to",
+                        reason: format!("version {to} is the current value already"),
+                    });
+                }
+                let old = old_value(entry, name.as_str(), to)?;
+                let value = old.value().ok_or_else(|| damaged(name.as_str()))?;
+                let now = now_rfc3339();
+                let rolled = SecretEntry::superseding(entry, &value, &now, keep);
+                let meta = metadata(name.as_str(), &rolled);
+                body.secrets.insert(name.as_str().to_owned(), rolled);
+                Ok(meta)
+            })
+            .await
+            .map(|(meta, generation)| {
+                tracing::info!(name = ?meta.name, to, version = meta.version, generation, "secret rolled back");
+                let details = vec![
+                    ("to", to.to_string()),
+                    ("version", meta.version.to_string()),
+                    ("generation", generation.to_string()),
+                ];
+                let response = v1::RollbackSecretResponse {
+                    metadata: Some(meta),
+                    generation,
+                };
+                (response, details)
+            });
+        Ok(Response::new(ticket.finish(written).await?))
+    }
+}
+
+/// Version `version` among `entry`'s earlier values.
+fn old_value<'a>(
+    entry: &'a SecretEntry,
+    name: &str,
+    version: u64,
+) -> Result<&'a keyholder_vault::OldValue> {
+    entry
+        .history()
+        .iter()
+        .find(|o| o.version == version)
+        .ok_or_else(|| Error::NotFound {
+            kind: "secret version",
+            name: format!("{name} version {version} (see `keyholder secret history {name}`)"),
+        })
+}
+
+/// A stored value that does not decode: a hand-edited vault.
+fn damaged(name: &str) -> Error {
+    Error::Vault(keyholder_vault::VaultError::Damaged(format!(
+        "secret {name:?} has a value that is not valid base64"
+    )))
 }
