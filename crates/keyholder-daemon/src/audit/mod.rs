@@ -631,6 +631,12 @@ impl AuditLog {
     }
 }
 
+impl Drop for AuditLog {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
 fn writer_thread(log: Weak<AuditLog>) {
     loop {
         let Some(log) = log.upgrade() else { return };
