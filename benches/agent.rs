@@ -123,6 +123,10 @@ fn main() {
     env_off.init();
     env_off.unlock();
     let ours_off = env_off.runtime.join("keyholder/ssh-agent.sock");
+    // A policy of realistic size on both (BENCH_POLICY_RULES, default 50).
+    let rules = common::set_bench_policy(&env);
+    common::set_bench_policy(&env_off);
+    eprintln!("policy: {rules} rules");
 
     // OpenSSH's agent, with keys of the same types.
     let openssh_sock = env.path().join("openssh-agent.sock");

@@ -259,6 +259,10 @@ fn main() {
     env_off.init();
     env_off.unlock();
     env_off.ok(&["ca", "create", "bench"]);
+    // A policy of realistic size on both (BENCH_POLICY_RULES, default 50).
+    let rules = common::set_bench_policy(&env);
+    common::set_bench_policy(&env_off);
+    eprintln!("policy: {rules} rules");
     let mut cfssl = with_peer.then(|| start_cfssl(env.path()));
 
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -246,3 +246,47 @@ impl<S: std::io::Read + std::io::Write> CfsslHttp<S> {
         length
     }
 }
+
+/// Sets a policy of `rules` rules (`BENCH_POLICY_RULES`, default 50; 0
+/// sets none) in which the benchmark's own process matches only the last
+/// one, so every request is decided after matching all of them: rules for
+/// other executables, each with a few capabilities, one for the admin's
+/// client, then one for this benchmark allowing everything.
+pub fn set_bench_policy(env: &crate::util::Env) -> usize {
+    let rules: usize = std::env::var("BENCH_POLICY_RULES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    if rules == 0 {
+        return 0;
+    }
+    let me = std::env::current_exe().expect("own path");
+    let admin = std::fs::canonicalize(crate::util::keyholder_bin()).expect("client path");
+    let mut text = String::from("default = \"deny\"\n");
+    for i in 1..rules.saturating_sub(1) {
+        text.push_str(&format!(
+            "\n[[rule]]\nname = \"tool-{i}\"\nexe = [\"/opt/tool-{i}/bin/*\", \"/usr/local/bin/tool-{i}\"]\n\
+             allow = [\"kubeconfig:prod-{i}:deployer\", \"secret:read:app/{i}/*\", \"cert:ca-{i}:client\", \"agent:key-{i}\"]\n\
+             max_ttl = \"15m\"\n"
+        ));
+    }
+    // The admin's client (the benchmark's setup commands), then the
+    // benchmark itself, last.
+    text.push_str(&format!(
+        "\n[[rule]]\nname = \"admin-cli\"\nexe = [\"{}\"]\nallow = [\"*\"]\n",
+        admin.display()
+    ));
+    text.push_str(&format!(
+        "\n[[rule]]\nname = \"bench\"\nexe = [\"{}\"]\nallow = [\"*\"]\n",
+        me.display()
+    ));
+    let path = env.file("bench-policy.toml", &text);
+    env.ok(&[
+        "policy",
+        "set",
+        path.to_str().expect("utf8"),
+        "--pin-file",
+        env.pin_file.to_str().expect("utf8"),
+    ]);
+    rules
+}

@@ -269,8 +269,10 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// Why `access` exceeds these limits, if it does.
-    pub fn exceeded(&self, access: &Access) -> Option<String> {
+    /// Why `access` exceeds these limits, if it does. With `implicit`, an
+    /// unset `groups` still means "the profile's groups and no
+    /// organisation"; a rule allowing `*` has only the limits it states.
+    pub fn exceeded(&self, access: &Access, implicit: bool) -> Option<String> {
         let ttl = match access {
             Access::Kubeconfig { ttl, .. }
             | Access::Certificate { ttl, .. }
@@ -285,6 +287,9 @@ impl Limits {
                 humantime::format_duration(ttl),
                 humantime::format_duration(max)
             ));
+        }
+        if !implicit && self.groups.is_none() {
+            return self.sans_exceeded(access);
         }
         if let Access::Kubeconfig {
             groups,
@@ -312,6 +317,10 @@ impl Limits {
                 ));
             }
         }
+        self.sans_exceeded(access)
+    }
+
+    fn sans_exceeded(&self, access: &Access) -> Option<String> {
         if let (Access::Certificate { names, .. }, Some(sans)) = (access, &self.sans)
             && let Some(n) = names.iter().find(|n| !sans.iter().any(|p| p.matches(n)))
         {
@@ -452,7 +461,7 @@ impl Policy {
             }
             matched.push(rule.name.as_str());
             match rule.allow.iter().find(|c| c.covers(access)) {
-                Some(cap) => match rule.limits.exceeded(access) {
+                Some(cap) => match rule.limits.exceeded(access, *cap != Cap::All) {
                     None => {
                         return Decision {
                             allowed: true,

@@ -483,6 +483,7 @@ pub const TCP_OPS: &[&str] = &[
     "Session.Status",
     "Secrets.Get",
     "Secrets.List",
+    "Secrets.History",
     "Admin.ListCas",
     "Admin.GetCa",
     "Admin.ListClusters",

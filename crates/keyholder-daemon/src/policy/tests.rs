@@ -178,3 +178,22 @@ max_ttl = "720h"
     assert!(d.reason.contains("system:masters"), "{d:?}");
     assert!(!p.decide(&c, &cert("admin", "system:nodes")).allowed);
 }
+
+#[test]
+fn a_rule_allowing_everything_has_only_the_limits_it_states() {
+    let p =
+        Policy::parse("default = \"deny\"\n[[rule]]\nname = \"admin\"\nallow = [\"*\"]\n").unwrap();
+    let cert = Access::Certificate {
+        ca: "kubernetes".into(),
+        profile: "client".into(),
+        names: vec!["system:node:w1".into()],
+        organizations: vec!["system:nodes".into()],
+        ttl: Duration::from_secs(86400),
+    };
+    assert!(p.decide(&Caller::default(), &cert).allowed);
+    let p = Policy::parse(
+        "default = \"deny\"\n[[rule]]\nname = \"admin\"\nallow = [\"*\"]\nmax_ttl = \"1h\"\n",
+    )
+    .unwrap();
+    assert!(!p.decide(&Caller::default(), &cert).allowed);
+}
