@@ -62,6 +62,8 @@ pub struct Peer {
     /// SHA-256 of the destination host key of the last verified
     /// `session-bind` (the host the user's ssh is logging in to).
     pub host_key: Option<[u8; 32]>,
+    /// A number unique to the connection in this process.
+    pub connection: u64,
 }
 
 impl Peer {
@@ -374,6 +376,11 @@ pub async fn serve<B: Backend>(
                 pid: c.pid(),
                 forwarded: false,
                 host_key: None,
+                connection: {
+                    static NEXT: std::sync::atomic::AtomicU64 =
+                        std::sync::atomic::AtomicU64::new(1);
+                    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                },
             },
             Ok(c) => {
                 tracing::warn!(uid = c.uid(), pid = ?c.pid(), "refused agent connection from another uid");

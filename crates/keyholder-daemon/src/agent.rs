@@ -120,9 +120,14 @@ impl AgentIndex {
     }
 }
 
+/// Connections whose caller identity the agent keeps.
+const CALLER_CACHE: usize = 64;
+
 /// Adapts [`Core`] to the agent server.
 pub struct AgentBackend {
     core: Arc<Core>,
+    /// Caller identities of recent connections, oldest first.
+    callers: Mutex<std::collections::VecDeque<(u64, Caller)>>,
     /// The index and the vault generation it was built from.
     index: Mutex<Option<(u64, Arc<AgentIndex>)>>,
 }
@@ -132,19 +137,36 @@ impl AgentBackend {
     pub fn new(core: Arc<Core>) -> Self {
         Self {
             core,
+            callers: Mutex::new(std::collections::VecDeque::new()),
             index: Mutex::new(None),
         }
     }
 
-    fn caller(peer: Peer) -> Caller {
-        let mut caller = Caller::from_peer(peer.uid, peer.pid, Channel::Agent);
+    /// Who is calling: the process read from `/proc` once per connection
+    /// (kept for [`CALLER_CACHE`] connections), the connection's binding
+    /// as it is now.
+    fn caller(&self, peer: Peer) -> Caller {
+        let mut caller = {
+            let mut cache = self.callers.lock().unwrap_or_else(|p| p.into_inner());
+            match cache.iter().find(|(c, _)| *c == peer.connection) {
+                Some((_, known)) => known.clone(),
+                None => {
+                    let fresh = Caller::from_peer(peer.uid, peer.pid, Channel::Agent);
+                    if cache.len() >= CALLER_CACHE {
+                        cache.pop_front();
+                    }
+                    cache.push_back((peer.connection, fresh.clone()));
+                    fresh
+                }
+            }
+        };
         caller.forwarded = peer.forwarded;
         caller.host_key = peer.host_key_fingerprint();
         caller
     }
 
     fn enter(&self, peer: Peer, op: &'static str, needs: Needs) -> Result<()> {
-        self.core.enter(&Self::caller(peer), op, needs)
+        self.core.enter(&self.caller(peer), op, needs)
     }
 
     /// Like `enter`, but with `unlock_on_demand` a locked session is first
@@ -152,7 +174,7 @@ impl AgentBackend {
     /// reached with `ssh -A` never makes a prompt appear.
     async fn enter_or_prompt(&self, peer: Peer, op: &'static str, needs: Needs) -> Result<()> {
         self.core
-            .enter_or_prompt(&Self::caller(peer), op, needs, !peer.forwarded)
+            .enter_or_prompt(&self.caller(peer), op, needs, !peer.forwarded)
             .await
     }
 
@@ -194,7 +216,7 @@ impl Backend for AgentBackend {
         };
         // Only the keys this caller (and the host it is logging in to) may
         // sign with: ssh then never offers a key the policy would refuse.
-        let caller = Self::caller(peer);
+        let caller = self.caller(peer);
         index.identities_where(|key| {
             self.core
                 .decide(
@@ -209,7 +231,7 @@ impl Backend for AgentBackend {
 
     async fn sign(&self, key_blob: &[u8], data: &[u8], flags: u32, peer: Peer) -> Option<Vec<u8>> {
         const OP: &str = "Agent.Sign";
-        let caller = Self::caller(peer);
+        let caller = self.caller(peer);
         self.core
             .enter_or_prompt(&caller, OP, Needs::Unlocked, !peer.forwarded)
             .await

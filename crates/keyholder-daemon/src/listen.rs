@@ -219,6 +219,9 @@ pub struct GrpcConnectInfo {
     pub uds: UdsConnectInfo,
     /// The connection's slot.
     pub slot: SlotHandle,
+    /// Who is calling, read from `/proc` at the connection's first request
+    /// and kept for its others (the peer process does not change).
+    pub caller: std::sync::Arc<std::sync::OnceLock<crate::gate::Caller>>,
 }
 
 impl Connected for Counted {
@@ -228,6 +231,7 @@ impl Connected for Counted {
         GrpcConnectInfo {
             uds: self.stream.connect_info(),
             slot: self.slot.handle(),
+            caller: Default::default(),
         }
     }
 }

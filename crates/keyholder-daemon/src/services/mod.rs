@@ -66,10 +66,8 @@ fn caller<T>(core: &Core, request: &Request<T>, op: &'static str) -> Result<Call
             ..Caller::default()
         });
     }
-    let cred = request
-        .extensions()
-        .get::<crate::listen::GrpcConnectInfo>()
-        .and_then(|info| info.uds.peer_cred);
+    let info = request.extensions().get::<crate::listen::GrpcConnectInfo>();
+    let cred = info.and_then(|info| info.uds.peer_cred);
     let Some(cred) = cred else {
         // Every listener Keyholder runs is a Unix socket; a request
         // without peer credentials did not come through one.
@@ -78,7 +76,13 @@ fn caller<T>(core: &Core, request: &Request<T>, op: &'static str) -> Result<Call
             "peer credentials unavailable".into(),
         ));
     };
-    let mut caller = Caller::from_peer(cred.uid(), cred.pid(), Channel::Grpc);
+    let mut caller = match info {
+        Some(info) => info
+            .caller
+            .get_or_init(|| Caller::from_peer(cred.uid(), cred.pid(), Channel::Grpc))
+            .clone(),
+        None => Caller::from_peer(cred.uid(), cred.pid(), Channel::Grpc),
+    };
     caller.grant = crate::grants::presented(&core.trust().grants, request)?;
     Ok(caller)
 }
