@@ -99,6 +99,10 @@ struct Args {
     /// 127.0.0.1:7443 (off by default; see docs/remote.md).
     #[arg(long)]
     listen_tcp: Option<std::net::SocketAddr>,
+    /// Serve Prometheus metrics on this loopback address, e.g.
+    /// 127.0.0.1:9464 (off by default).
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// The audit log file, or "off" (default: audit.log next to the vault;
     /// see docs/audit.md).
     #[arg(long, value_name = "PATH|off")]
@@ -169,6 +173,9 @@ fn settings(args: &Args) -> Result<Config, config::ConfigError> {
     }
     if let Some(v) = args.listen_tcp {
         cfg.listen_tcp = Some(v);
+    }
+    if let Some(v) = args.metrics_listen {
+        cfg.metrics_listen = Some(v);
     }
     if let Some(v) = &args.audit_log {
         cfg.audit_log = Some(v.clone());

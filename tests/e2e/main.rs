@@ -16,6 +16,7 @@ mod lifetimes;
 mod matrix;
 mod memory;
 mod message_size;
+mod metrics;
 mod nss;
 mod output_paths;
 mod peer;

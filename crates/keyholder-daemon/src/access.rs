@@ -277,6 +277,7 @@ impl Core {
 
     /// Records `event` if an audit log is configured.
     pub async fn record(&self, event: Event) -> Result<()> {
+        self.trust().metrics.observe(&event);
         match self.audit_sink() {
             Some(sink) => sink.record(event).await,
             None => Ok(()),

@@ -151,6 +151,7 @@ impl AgentBackend {
             match cache.iter().find(|(c, _)| *c == peer.connection) {
                 Some((_, known)) => known.clone(),
                 None => {
+                    self.core.trust().metrics.agent_connection();
                     let fresh = Caller::from_peer(peer.uid, peer.pid, Channel::Agent);
                     if cache.len() >= CALLER_CACHE {
                         cache.pop_front();

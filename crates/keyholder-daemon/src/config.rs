@@ -126,6 +126,8 @@ pub struct Config {
     /// How many earlier values a secret keeps when it is replaced (5); 0
     /// keeps none.
     pub secret_history: usize,
+    /// Serve Prometheus metrics on this loopback address (off by default).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// The TCP listener's settings (`[tcp]` in the config file).
@@ -238,6 +240,7 @@ impl Default for Config {
             listen_tcp: None,
             tcp: TcpConfig::default(),
             secret_history: 5,
+            metrics_listen: None,
         }
     }
 }
@@ -343,6 +346,14 @@ impl Config {
             return Err(ConfigError(
                 "token_poll_interval must be between 100ms and 1h".into(),
             ));
+        }
+        if let Some(addr) = self.metrics_listen
+            && !addr.ip().is_loopback()
+        {
+            return Err(ConfigError(format!(
+                "metrics_listen {addr}: metrics are served on a loopback address only (they \
+                 show activity, CA, cluster and key names); scrape through a local agent"
+            )));
         }
         let tcp = &self.tcp;
         if tcp.max_connections == 0 || tcp.max_connections > 10_000 {

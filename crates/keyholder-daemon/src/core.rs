@@ -991,6 +991,7 @@ impl Core {
         }
         if was_unlocked {
             tracing::info!(reason = reason.as_str(), "locked");
+            self.trust.metrics.locked(reason.as_str());
         }
         self.publish();
         was_unlocked

@@ -40,6 +40,7 @@ pub mod gate;
 pub mod grants;
 mod keypool;
 pub mod listen;
+pub mod metrics;
 pub mod names;
 pub mod ondemand;
 pub mod open;

@@ -127,6 +127,16 @@ pub async fn run(
 
     let max_message = core.config.max_secret_bytes + 64 * 1024;
     let ticker = tokio::spawn(supervised_ticks(core.clone()));
+    let metrics_task = match core.config.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr} (metrics_listen): {e}"))?;
+            tracing::info!(%addr, "metrics served at /metrics");
+            Some(tokio::spawn(crate::metrics::serve(core.clone(), listener)))
+        }
+        None => None,
+    };
     let tcp_task = match core.config.listen_tcp {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -205,6 +215,9 @@ pub async fn run(
         t.abort();
     }
     if let Some(t) = tcp_task {
+        t.abort();
+    }
+    if let Some(t) = metrics_task {
         t.abort();
     }
     core.lock(crate::core::LockReason::Shutdown);

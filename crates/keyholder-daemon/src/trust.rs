@@ -67,6 +67,8 @@ pub struct Trust {
     /// The grants of the open session.
     pub grants: Grants,
     pin: Mutex<Option<PinCheck>>,
+    /// Counters for the metrics endpoint.
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Trust {
