@@ -26,13 +26,11 @@ mod common;
 #[allow(dead_code)]
 mod util;
 
-use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Run, connect_direct};
-use keyholder_proto::v1;
+use common::{CfsslHttp, Run, connect_direct};
 use util::Env;
 
 /// Each measurement stops at this many operations or this much time, split
@@ -70,76 +68,8 @@ fn keyholder_run(
         let channels: Vec<_> = (0..concurrency)
             .map(|i| open[i % connections].clone())
             .collect();
-        let start = Instant::now();
-        let mut tasks = Vec::new();
-        for channel in channels {
-            tasks.push(tokio::spawn(async move {
-                let mut client = v1::credentials_client::CredentialsClient::new(channel);
-                let mut lat = Vec::with_capacity(per_task);
-                let begin = Instant::now();
-                while lat.len() < per_task && begin.elapsed() < max_time {
-                    let t = Instant::now();
-                    let r = client
-                        .issue_certificate(v1::IssueCertificateRequest {
-                            ca: "bench".into(),
-                            profile: "client".into(),
-                            common_name: "bench-client".into(),
-                            organizations: vec!["bench".into()],
-                            ..Default::default()
-                        })
-                        .await
-                        .expect("issue");
-                    lat.push(t.elapsed());
-                    assert!(!r.into_inner().private_key_pem.is_empty());
-                }
-                lat
-            }));
-        }
-        let mut parts = Vec::new();
-        for t in tasks {
-            parts.push(t.await.expect("task"));
-        }
-        Run::new(parts.into_iter().flatten().collect(), start.elapsed())
+        common::issue_run(channels, per_task.max(1), max_time).await
     })
-}
-
-/// One keep-alive HTTP/1.1 connection to cfssl.
-struct Http {
-    stream: BufReader<TcpStream>,
-}
-
-impl Http {
-    fn post(&mut self, port: u16, path: &str, body: &str) -> usize {
-        let req = format!(
-            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        self.stream
-            .get_mut()
-            .write_all(req.as_bytes())
-            .expect("send");
-        let mut status = String::new();
-        self.stream.read_line(&mut status).expect("status");
-        assert!(status.contains(" 200 "), "cfssl answered {status:?}");
-        let mut length = 0usize;
-        loop {
-            let mut line = String::new();
-            self.stream.read_line(&mut line).expect("header");
-            if line == "\r\n" {
-                break;
-            }
-            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                length = v.trim().parse().expect("length");
-            }
-        }
-        let mut body = vec![0u8; length];
-        self.stream.read_exact(&mut body).expect("body");
-        assert!(
-            body.windows(11).any(|w| w == b"BEGIN CERTI"),
-            "cfssl returned no certificate"
-        );
-        length
-    }
 }
 
 fn cfssl_run(port: u16, concurrency: usize, max_ops: usize, max_time: Duration) -> Run {
@@ -151,9 +81,7 @@ fn cfssl_run(port: u16, concurrency: usize, max_ops: usize, max_time: Duration) 
         || {
             let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect cfssl");
             stream.set_nodelay(true).expect("nodelay");
-            Http {
-                stream: BufReader::new(stream),
-            }
+            CfsslHttp::new(stream)
         },
         |http| {
             http.post(port, "/api/v1/cfssl/newcert", body);

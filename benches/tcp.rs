@@ -85,36 +85,7 @@ fn keyholder_run(
         for _ in 0..concurrency {
             channels.push(connect_direct_tls(port, tls.clone()).await);
         }
-        let start = Instant::now();
-        let mut tasks = Vec::new();
-        for channel in channels {
-            tasks.push(tokio::spawn(async move {
-                let mut client = v1::credentials_client::CredentialsClient::new(channel);
-                let mut lat = Vec::with_capacity(per_task);
-                let begin = Instant::now();
-                while lat.len() < per_task && begin.elapsed() < max_time {
-                    let t = Instant::now();
-                    let r = client
-                        .issue_certificate(v1::IssueCertificateRequest {
-                            ca: "bench".into(),
-                            profile: "client".into(),
-                            common_name: "bench-client".into(),
-                            organizations: vec!["bench".into()],
-                            ..Default::default()
-                        })
-                        .await
-                        .expect("issue over TCP");
-                    lat.push(t.elapsed());
-                    assert!(!r.into_inner().private_key_pem.is_empty());
-                }
-                lat
-            }));
-        }
-        let mut parts = Vec::new();
-        for t in tasks {
-            parts.push(t.await.expect("task"));
-        }
-        Run::new(parts.into_iter().flatten().collect(), start.elapsed())
+        common::issue_run(channels, per_task, max_time).await
     })
 }
 

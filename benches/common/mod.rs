@@ -290,3 +290,40 @@ pub fn set_bench_policy(env: &crate::util::Env) -> usize {
     ]);
     rules
 }
+
+/// Each of `channels` issues client certificates from the CA `bench`
+/// (organisation `bench`, a key generated per call) until it has done
+/// `per_task` or `max_time` has passed; every call timed.
+pub async fn issue_run(channels: Vec<Direct>, per_task: usize, max_time: Duration) -> Run {
+    use keyholder_proto::v1;
+    let start = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for channel in channels {
+        tasks.push(tokio::spawn(async move {
+            let mut client = v1::credentials_client::CredentialsClient::new(channel);
+            let mut lat = Vec::with_capacity(per_task);
+            let begin = std::time::Instant::now();
+            while lat.len() < per_task && begin.elapsed() < max_time {
+                let t = std::time::Instant::now();
+                let r = client
+                    .issue_certificate(v1::IssueCertificateRequest {
+                        ca: "bench".into(),
+                        profile: "client".into(),
+                        common_name: "bench-client".into(),
+                        organizations: vec!["bench".into()],
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("issue");
+                lat.push(t.elapsed());
+                assert!(!r.into_inner().private_key_pem.is_empty());
+            }
+            lat
+        }));
+    }
+    let mut parts = Vec::new();
+    for t in tasks {
+        parts.push(t.await.expect("task"));
+    }
+    Run::new(parts.into_iter().flatten().collect(), start.elapsed())
+}

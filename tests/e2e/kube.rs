@@ -606,6 +606,43 @@ fn x509_cn(der: &[u8]) -> String {
     last
 }
 
+/// A cluster profile `prod` whose API server is a test server on loopback
+/// trusting the CA `kube-prod` (created here), its server certificate in
+/// `dir/server`.
+pub(crate) fn prod_cluster(env: &Env, dir: &Path) -> ApiServer {
+    env.ok(&["ca", "create", "kube-prod"]);
+    let server = dir.join("server");
+    env.ok(&[
+        "cert",
+        "issue",
+        "--ca",
+        "kube-prod",
+        "--profile",
+        "server",
+        "--cn",
+        "kube-apiserver",
+        "--san",
+        "127.0.0.1",
+        "--out-dir",
+        p(&server),
+    ]);
+    let api = ApiServer::start(
+        &server.join("ca.pem"),
+        &server.join("cert.pem"),
+        &server.join("key.pem"),
+    );
+    env.ok(&[
+        "cluster",
+        "add",
+        "prod",
+        "--server",
+        &format!("https://127.0.0.1:{}", api.port),
+        "--ca",
+        "kube-prod",
+    ]);
+    api
+}
+
 pub(crate) fn kubectl(kubeconfig: &Path, dir: &Path) -> Command {
     let mut c = Command::new("kubectl");
     c.env("KUBECONFIG", kubeconfig).env("HOME", dir).args([

@@ -77,7 +77,13 @@ fn the_metrics_endpoint_counts_what_the_session_did_and_names_no_secret() {
     ]);
     env.ok(&["key", "generate", "deploy", "--type", "ed25519", "--sign"]);
     let data = env.file("data", "x");
-    env.ok(&["sign", "--key", "deploy", "--in", data.to_str().expect("utf8")]);
+    env.ok(&[
+        "sign",
+        "--key",
+        "deploy",
+        "--in",
+        data.to_str().expect("utf8"),
+    ]);
 
     let m = scrape(port);
     assert_eq!(value(&m, "keyholder_unlocked:gauge", &[]), 1.0);

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::kube::{ApiServer, kubectl};
+use crate::kube::kubectl;
 use crate::util::{Env, assert_fails, keyholder_bin};
 
 fn p(path: &Path) -> &str {
@@ -213,37 +213,8 @@ fn create_grant(env: &Env, extra: &[&str]) -> String {
 fn a_python_script_with_a_grant_gets_exactly_its_scope_while_the_grant_lives() {
     let (env, _daemon) = Env::ready();
     env.put("db/prod", b"canary-value-2");
-    env.ok(&["ca", "create", "kube-prod"]);
     let dir = env.path().join("kube");
-    env.ok(&[
-        "cert",
-        "issue",
-        "--ca",
-        "kube-prod",
-        "--profile",
-        "server",
-        "--cn",
-        "kube-apiserver",
-        "--san",
-        "127.0.0.1",
-        "--out-dir",
-        p(&dir.join("server")),
-    ]);
-    let server = dir.join("server");
-    let api = ApiServer::start(
-        &server.join("ca.pem"),
-        &server.join("cert.pem"),
-        &server.join("key.pem"),
-    );
-    env.ok(&[
-        "cluster",
-        "add",
-        "prod",
-        "--server",
-        &format!("https://127.0.0.1:{}", api.port),
-        "--ca",
-        "kube-prod",
-    ]);
+    let api = crate::kube::prod_cluster(&env, &dir);
     let stubs = crate::python::generate_stubs(&env);
     let token = create_grant(&env, &["--name", "deploy", "--expires", "2h"]);
 

@@ -52,37 +52,7 @@ impl Remote {
         env.unlock();
         env.put("db/prod", b"canary-remote-1");
         env.ok(&["ca", "create", "admin-clients"]);
-        env.ok(&["ca", "create", "kube-prod"]);
-        let dir = env.path().join("kube");
-        env.ok(&[
-            "cert",
-            "issue",
-            "--ca",
-            "kube-prod",
-            "--profile",
-            "server",
-            "--cn",
-            "kube-apiserver",
-            "--san",
-            "127.0.0.1",
-            "--out-dir",
-            p(&dir.join("server")),
-        ]);
-        let server = dir.join("server");
-        let api = ApiServer::start(
-            &server.join("ca.pem"),
-            &server.join("cert.pem"),
-            &server.join("key.pem"),
-        );
-        env.ok(&[
-            "cluster",
-            "add",
-            "prod",
-            "--server",
-            &format!("https://127.0.0.1:{}", api.port),
-            "--ca",
-            "kube-prod",
-        ]);
+        let api = crate::kube::prod_cluster(&env, &env.path().join("kube"));
         let ci = env.path().join("ci");
         env.ok(&[
             "client",

@@ -7,7 +7,6 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::kube::ApiServer;
 use crate::util::{DocBlocks, Env};
 
 const DOCS: DocBlocks = DocBlocks {
@@ -41,36 +40,7 @@ fn the_ci_runner_setup_in_the_docs_works_as_written() {
     env.init();
     env.unlock();
     std::fs::copy(&env.pin_file, env.path().join("pin.txt")).expect("pin.txt");
-    env.ok(&["ca", "create", "kube-prod"]);
-    let server = env.path().join("api");
-    env.ok(&[
-        "cert",
-        "issue",
-        "--ca",
-        "kube-prod",
-        "--profile",
-        "server",
-        "--cn",
-        "kube-apiserver",
-        "--san",
-        "127.0.0.1",
-        "--out-dir",
-        p(&server),
-    ]);
-    let api = ApiServer::start(
-        &server.join("ca.pem"),
-        &server.join("cert.pem"),
-        &server.join("key.pem"),
-    );
-    env.ok(&[
-        "cluster",
-        "add",
-        "prod",
-        "--server",
-        &format!("https://127.0.0.1:{}", api.port),
-        "--ca",
-        "kube-prod",
-    ]);
+    let api = crate::kube::prod_cluster(&env, &env.path().join("api"));
 
     DOCS.run(&env, "client", &[]);
     DOCS.run(&env, "policy", &[]);

@@ -170,35 +170,14 @@ pub async fn run(
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(
-            v1::session_server::SessionServer::new(services::session::SessionService(core.clone()))
-                .max_decoding_message_size(max_message),
-        )
-        .add_service(
-            v1::secrets_server::SecretsServer::new(services::secrets::SecretsService(core.clone()))
-                .max_decoding_message_size(max_message),
-        )
-        .add_service(
-            v1::admin_server::AdminServer::new(services::admin::AdminService(core.clone()))
-                .max_decoding_message_size(max_message),
-        )
-        .add_service(
-            v1::signer_server::SignerServer::new(services::signer::SignerService(core.clone()))
-                .max_decoding_message_size(max_message),
-        )
         .add_service(v1::trust_server::TrustServer::new(
             services::trust::TrustService(core.clone()),
         ))
         .add_service(v1::audit_server::AuditServer::new(
             services::audit::AuditService(core.clone()),
-        ))
-        .add_service(
-            v1::credentials_server::CredentialsServer::new(
-                services::credentials::CredentialsService::new(core.clone()),
-            )
-            .max_decoding_message_size(max_message),
-        )
-        .serve_with_incoming_shutdown(incoming, signal);
+        ));
+    let server =
+        vault_services(server, &core, max_message).serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(server);
     let result = tokio::select! {
         r = &mut server => r,
@@ -227,6 +206,38 @@ pub async fn run(
         log.close();
     }
     result.map_err(Into::into)
+}
+
+/// The services both listeners serve (the TCP listener then refuses, at
+/// the gate, the operations it does not serve).
+fn vault_services<L>(
+    router: tonic::transport::server::Router<L>,
+    core: &Arc<Core>,
+    max_message: usize,
+) -> tonic::transport::server::Router<L> {
+    router
+        .add_service(
+            v1::session_server::SessionServer::new(services::session::SessionService(core.clone()))
+                .max_decoding_message_size(max_message),
+        )
+        .add_service(
+            v1::secrets_server::SecretsServer::new(services::secrets::SecretsService(core.clone()))
+                .max_decoding_message_size(max_message),
+        )
+        .add_service(
+            v1::admin_server::AdminServer::new(services::admin::AdminService(core.clone()))
+                .max_decoding_message_size(max_message),
+        )
+        .add_service(
+            v1::signer_server::SignerServer::new(services::signer::SignerService(core.clone()))
+                .max_decoding_message_size(max_message),
+        )
+        .add_service(
+            v1::credentials_server::CredentialsServer::new(
+                services::credentials::CredentialsService::new(core.clone()),
+            )
+            .max_decoding_message_size(max_message),
+        )
 }
 
 /// Serves gRPC over TCP with mutual TLS (crate::remote): the services that
@@ -277,29 +288,8 @@ async fn serve_tcp<H>(
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                 .build_v1()
                 .ok(),
-        )
-        .add_service(
-            v1::session_server::SessionServer::new(services::session::SessionService(core.clone()))
-                .max_decoding_message_size(max_message),
-        )
-        .add_service(
-            v1::secrets_server::SecretsServer::new(services::secrets::SecretsService(core.clone()))
-                .max_decoding_message_size(max_message),
-        )
-        .add_service(
-            v1::admin_server::AdminServer::new(services::admin::AdminService(core.clone()))
-                .max_decoding_message_size(max_message),
-        )
-        .add_service(
-            v1::signer_server::SignerServer::new(services::signer::SignerService(core.clone()))
-                .max_decoding_message_size(max_message),
-        )
-        .add_service(
-            v1::credentials_server::CredentialsServer::new(
-                services::credentials::CredentialsService::new(core.clone()),
-            )
-            .max_decoding_message_size(max_message),
-        )
+        );
+    let served = vault_services(served, &core, max_message)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|s| *s).await;
         })
