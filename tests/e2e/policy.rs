@@ -456,3 +456,71 @@ allow = ["agent:deploy"]
     let out = explain(&host_fingerprint(&other_dir));
     assert_fails(&out, 7, "");
 }
+
+#[test]
+fn a_csr_cannot_carry_names_or_groups_the_policy_does_not_allow() {
+    let (env, _daemon) = Env::ready();
+    env.ok(&["ca", "create", "kube"]);
+    let copy = copied_client(&env);
+    let policy = env.file(
+        "csr-policy.toml",
+        &format!(
+            "default = \"deny\"\n\n[[rule]]\nname = \"admin-cli\"\nexe = [\"{}\"]\nallow = [\"*\"]\n\n\
+             [[rule]]\nname = \"nodes\"\nexe = [\"{}\"]\nallow = [\"cert:kube:client\"]\n\
+             groups = [\"system:nodes\"]\nsans = [\"system:node:*\"]\n",
+            admin_exe(),
+            p(&copy)
+        ),
+    );
+    env.ok(&["policy", "set", p(&policy), "--pin-file", p(&env.pin_file)]);
+    let csr = |subject: &str| {
+        let key = env.path().join("csr.key");
+        let csr = env.path().join(format!("{}.csr", subject.len()));
+        let out = Command::new("openssl")
+            .args([
+                "req",
+                "-new",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+            ])
+            .args([
+                "-nodes",
+                "-keyout",
+                p(&key),
+                "-out",
+                p(&csr),
+                "-subj",
+                subject,
+            ])
+            .output()
+            .expect("openssl");
+        assert!(out.status.success());
+        csr
+    };
+    let issue = |csr: &Path| {
+        run_copy(
+            &env,
+            &copy,
+            &[
+                "cert",
+                "issue",
+                "--ca",
+                "kube",
+                "--profile",
+                "client",
+                "--csr",
+                p(csr),
+                "--out-dir",
+                p(&env.path().join("out")),
+            ],
+        )
+    };
+    // The CSR's subject is what the certificate would carry: judged as such.
+    let out = issue(&csr("/CN=admin/O=system:masters"));
+    assert_eq!(out.status.code(), Some(7), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("system:masters"));
+    let out = issue(&csr("/CN=system:node:w1/O=system:nodes"));
+    assert!(out.status.success(), "{out:?}");
+}

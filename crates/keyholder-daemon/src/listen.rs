@@ -219,8 +219,8 @@ pub struct GrpcConnectInfo {
     pub uds: UdsConnectInfo,
     /// The connection's slot.
     pub slot: SlotHandle,
-    /// Who is calling, read from `/proc` at the connection's first request
-    /// and kept for its others (the peer process does not change).
+    /// Who is calling, read from `/proc` when the connection was accepted
+    /// and kept for its requests.
     pub caller: std::sync::Arc<std::sync::OnceLock<crate::gate::Caller>>,
 }
 
@@ -228,10 +228,21 @@ impl Connected for Counted {
     type ConnectInfo = GrpcConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
+        let uds = self.stream.connect_info();
+        // Read at accept (this runs once per connection), as close to the
+        // connect as the server gets, and kept for its requests.
+        let caller = std::sync::OnceLock::new();
+        if let Some(cred) = uds.peer_cred {
+            let _ = caller.set(crate::gate::Caller::from_peer(
+                cred.uid(),
+                cred.pid(),
+                crate::gate::Channel::Grpc,
+            ));
+        }
         GrpcConnectInfo {
-            uds: self.stream.connect_info(),
+            uds,
             slot: self.slot.handle(),
-            caller: Default::default(),
+            caller: std::sync::Arc::new(caller),
         }
     }
 }

@@ -189,8 +189,12 @@ impl Cap {
                     prefix,
                 },
             ) => {
-                // Listing names under a prefix inside what the rule may read.
-                prefix.starts_with(g.literal_prefix())
+                // Listing names under a prefix inside what the rule may
+                // read: only for a pattern `LITERAL*` (one trailing star),
+                // whose every name under such a prefix it may read.
+                g.0.ends_with('*')
+                    && g.0.matches('*').count() == 1
+                    && prefix.starts_with(g.literal_prefix())
             }
             (Self::SecretWrite(g), Access::SecretWrite { name }) => g.matches(name),
             (Self::Kubeconfig(c, u), Access::Kubeconfig { cluster, user, .. }) => {

@@ -40,6 +40,11 @@ pub struct RemotePeer {
     pub name: String,
     /// The client certificate's serial (hex).
     pub serial: String,
+    /// The client certificate's end.
+    pub not_after: SystemTime,
+    /// The session epoch the connection was made in
+    /// ([`crate::trust::Trust::tcp_epoch`]).
+    pub epoch: u64,
 }
 
 /// What a gRPC request over TCP knows of its connection.
@@ -122,7 +127,7 @@ impl ClientCertVerifier for Verifier {
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
         let serial = identity(end_entity)
-            .map(|(_, serial)| serial)
+            .map(|(_, serial, _)| serial)
             .map_err(|_| {
                 rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
             })?;
@@ -166,8 +171,10 @@ impl ClientCertVerifier for Verifier {
     }
 }
 
-/// The common name and hex serial of a certificate.
-fn identity(cert: &CertificateDer<'_>) -> std::result::Result<(String, String), String> {
+/// The common name, hex serial and end of validity of a certificate.
+fn identity(
+    cert: &CertificateDer<'_>,
+) -> std::result::Result<(String, String, SystemTime), String> {
     let (_, parsed) =
         x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| e.to_string())?;
     let name = parsed
@@ -177,7 +184,11 @@ fn identity(cert: &CertificateDer<'_>) -> std::result::Result<(String, String), 
         .and_then(|cn| cn.as_str().ok())
         .unwrap_or_default()
         .to_owned();
-    Ok((name, keyholder_pki::hex(parsed.raw_serial())))
+    let not_after = u64::try_from(parsed.validity().not_after.timestamp())
+        .ok()
+        .and_then(|secs| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs)))
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    Ok((name, keyholder_pki::hex(parsed.raw_serial()), not_after))
 }
 
 fn pem_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>> {
@@ -330,6 +341,7 @@ pub fn incoming(
                     continue;
                 }
             };
+            let epoch = core.trust().tcp_epoch();
             let Some(config) = state.config() else {
                 tracing::info!(peer = %addr, "TCP connection refused: the session is locked");
                 continue;
@@ -361,7 +373,7 @@ pub fn incoming(
                     .peer_certificates()
                     .and_then(|c| c.first())
                     .map(identity);
-                let (name, serial) = match peer {
+                let (name, serial, not_after) = match peer {
                     Some(Ok(id)) => id,
                     _ => {
                         tracing::warn!(peer = %addr, "TCP connection refused: no readable client certificate");
@@ -372,7 +384,13 @@ pub fn incoming(
                 tracing::debug!(peer = %addr, client = ?name, serial = %serial, "TCP client authenticated");
                 let conn = TlsConn {
                     info: TcpConnectInfo {
-                        peer: Arc::new(RemotePeer { addr, name, serial }),
+                        peer: Arc::new(RemotePeer {
+                            addr,
+                            name,
+                            serial,
+                            not_after,
+                            epoch,
+                        }),
                         slot: tls.get_ref().0.slot.handle(),
                     },
                     tls,

@@ -69,6 +69,8 @@ pub struct Trust {
     pin: Mutex<Option<PinCheck>>,
     /// Counters for the metrics endpoint.
     pub metrics: crate::metrics::Metrics,
+    /// Raised at every lock: TCP connections made before it are refused.
+    tcp_epoch: std::sync::atomic::AtomicU64,
 }
 
 impl Trust {
@@ -86,7 +88,14 @@ impl Trust {
 
     /// Forgets everything of the session: grants, the PIN check, the
     /// parsed policy.
+    /// The TCP epoch now (see `tcp_epoch`).
+    pub fn tcp_epoch(&self) -> u64 {
+        self.tcp_epoch.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub(crate) fn on_lock(&self) {
+        self.tcp_epoch
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.grants.clear();
         *self.pin.lock().unwrap_or_else(|p| p.into_inner()) = None;
         *self.policy.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -168,8 +177,16 @@ impl Core {
         }
         let policy = match self.policy() {
             Ok(p) => p,
-            // Locked: operations that need the vault fail on that already.
-            Err(_) => return Ok(()),
+            // Locked or not created: operations that need the vault fail on
+            // that already.
+            Err(Error::Locked | Error::NotInitialized(_)) => return Ok(()),
+            // A policy that cannot be read allows nothing.
+            Err(e) => {
+                return Err(Denied {
+                    rule: "the policy".into(),
+                    reason: format!("it cannot be read: {e}"),
+                });
+            }
         };
         let Some(policy) = policy else {
             return Ok(());
@@ -199,6 +216,28 @@ impl Core {
         let policy = self.policy().ok().flatten().ok_or_else(|| {
             denied("the vault has no policy: nothing but health is served over TCP")
         })?;
+        let Some(peer) = &caller.remote else {
+            return Err(denied("no client certificate"));
+        };
+        // Checked at every request, not only in the handshake, so a
+        // connection opened before cannot outlive these.
+        if peer.epoch != self.trust().tcp_epoch() {
+            return Err(denied(
+                "the session was locked since this connection was made: connect again",
+            ));
+        }
+        if std::time::SystemTime::now() > peer.not_after {
+            return Err(denied("the client certificate has expired"));
+        }
+        if policy
+            .deny_serials
+            .iter()
+            .any(|s| s.eq_ignore_ascii_case(&peer.serial))
+        {
+            return Err(denied(
+                "the client certificate's serial is on the deny list",
+            ));
+        }
         match access {
             Access::Session => Ok(()),
             Access::Unlock | Access::Trust { .. } => Err(denied("not served over TCP")),
@@ -230,13 +269,22 @@ impl Core {
             let Some(check) = slot.as_mut() else {
                 return Err(self.locked());
             };
+            // Never another guess once the limit is reached, even while the
+            // lock it started is still under way.
+            if check.failures >= MAX_STEP_UP_FAILURES {
+                return Err(self.locked());
+            }
             let mac = pin_mac(&check.key, pin);
             if bool::from(mac.ct_eq(&check.mac)) {
                 check.failures = 0;
                 return Ok(());
             }
             check.failures = check.failures.saturating_add(1);
-            check.failures >= MAX_STEP_UP_FAILURES
+            let spent = check.failures >= MAX_STEP_UP_FAILURES;
+            if spent {
+                *slot = None;
+            }
+            spent
         };
         if lock_now {
             tracing::warn!(

@@ -30,7 +30,7 @@ pub use rcgen::{PublicKeyData, SigningKey};
 pub use x509::{
     CaIssuer, CertificateInfo, FreshP256, IssueRequest, Issued, Profile, PublicKeySource,
     certificate_bundle, certificate_info, certificate_public_key, create_ca_certificate, import_ca,
-    issue, issuer,
+    issue, issuer, with_csr_names,
 };
 
 /// Errors from building or parsing certificates. Messages name fields.

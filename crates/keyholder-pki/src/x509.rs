@@ -382,6 +382,52 @@ fn check_dns(name: &str) -> Result<()> {
     }
 }
 
+fn parse_csr(pem: &str) -> Result<CertificateSigningRequestParams> {
+    CertificateSigningRequestParams::from_pem(pem).map_err(|e| {
+        PkiError::Csr(match e {
+            rcgen::Error::UnsupportedSignatureAlgorithm => {
+                "unsupported key or signature algorithm (use P-256, P-384, Ed25519 or RSA)".into()
+            }
+            other => format!("does not parse or its signature does not verify ({other})"),
+        })
+    })
+}
+
+/// What a CSR adds to a request: its CN and O when the request names no
+/// CN, and its DNS and IP SANs always.
+fn merge_csr_names(csr: &CertificateSigningRequestParams, req: &mut IssueRequest) -> Result<()> {
+    if req.common_name.is_empty() {
+        for (ty, value) in csr.params.distinguished_name.iter() {
+            let text = dn_text(value);
+            match ty {
+                DnType::CommonName => req.common_name = text,
+                DnType::OrganizationName => req.organizations.push(text),
+                _ => {}
+            }
+        }
+    }
+    for san in &csr.params.subject_alt_names {
+        match san {
+            SanType::DnsName(n) => req.dns_names.push(n.as_str().to_owned()),
+            SanType::IpAddress(ip) => req.ip_addresses.push(*ip),
+            _ => {
+                return Err(PkiError::Csr(
+                    "only DNS and IP subject alternative names are accepted".into(),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `request` as [`issue`] will see it with the CSR `pem`: the names the
+/// certificate will carry, for a policy to decide on before issuing.
+pub fn with_csr_names(request: &IssueRequest, pem: &str) -> Result<IssueRequest> {
+    let mut req = request.clone();
+    merge_csr_names(&parse_csr(pem)?, &mut req)?;
+    Ok(req)
+}
+
 /// Issues a certificate signed by `issuer` whose validity ends no later than
 /// `ca_not_after`.
 pub fn issue<S: SigningKey>(
@@ -397,36 +443,8 @@ pub fn issue<S: SigningKey>(
         PublicKeySource::Generate(alg) => generated = Some(Fresh::generate(alg)?),
         PublicKeySource::Pregenerated(key) => generated = Some(Fresh::P256(key)),
         PublicKeySource::Csr(pem) => {
-            let csr = CertificateSigningRequestParams::from_pem(pem).map_err(|e| {
-                PkiError::Csr(match e {
-                    rcgen::Error::UnsupportedSignatureAlgorithm => {
-                        "unsupported key or signature algorithm (use P-256, P-384, Ed25519 or RSA)"
-                            .into()
-                    }
-                    other => format!("does not parse or its signature does not verify ({other})"),
-                })
-            })?;
-            if req.common_name.is_empty() {
-                for (ty, value) in csr.params.distinguished_name.iter() {
-                    let text = dn_text(value);
-                    match ty {
-                        DnType::CommonName => req.common_name = text,
-                        DnType::OrganizationName => req.organizations.push(text),
-                        _ => {}
-                    }
-                }
-            }
-            for san in &csr.params.subject_alt_names {
-                match san {
-                    SanType::DnsName(n) => req.dns_names.push(n.as_str().to_owned()),
-                    SanType::IpAddress(ip) => req.ip_addresses.push(*ip),
-                    _ => {
-                        return Err(PkiError::Csr(
-                            "only DNS and IP subject alternative names are accepted".into(),
-                        ));
-                    }
-                }
-            }
+            let csr = parse_csr(pem)?;
+            merge_csr_names(&csr, &mut req)?;
             csr_key = Some(csr.public_key);
         }
     }

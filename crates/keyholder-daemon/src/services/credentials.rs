@@ -368,15 +368,30 @@ impl v1::credentials_server::Credentials for CredentialsService {
         let order = CertificateOrder::try_from(request.into_inner())?;
         let ca = self.core.x509_ca(&order.ca)?;
         let ttl = order.ttl.unwrap_or(DEFAULT_COMPONENT_TTL.min(ca.max_ttl));
+        // Policy decides on the names the certificate will carry: with a
+        // CSR, those the CSR adds too.
+        let named = IssueRequest {
+            profile: order.profile,
+            common_name: order.common_name.clone(),
+            organizations: order.organizations.clone(),
+            dns_names: order.dns_names.clone(),
+            ip_addresses: order.ip_addresses.clone(),
+            ttl,
+            backdate: self.core.config.clock_skew,
+        };
+        let named = match &order.csr_pem {
+            Some(csr) => keyholder_pki::with_csr_names(&named, csr).map_err(Error::from)?,
+            None => named,
+        };
         let access = Access::Certificate {
             ca: order.ca.clone(),
             profile: format!("{:?}", order.profile).to_lowercase(),
-            names: std::iter::once(order.common_name.clone())
+            names: std::iter::once(named.common_name.clone())
                 .filter(|n| !n.is_empty())
-                .chain(order.dns_names.iter().cloned())
-                .chain(order.ip_addresses.iter().map(|ip| ip.to_string()))
+                .chain(named.dns_names.iter().cloned())
+                .chain(named.ip_addresses.iter().map(|ip| ip.to_string()))
                 .collect(),
-            organizations: order.organizations.clone(),
+            organizations: named.organizations,
             ttl,
         };
         let ticket = self.core.authorize(&caller, OP, access).await?;

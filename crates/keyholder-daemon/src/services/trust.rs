@@ -221,6 +221,8 @@ impl v1::trust_server::Trust for TrustService {
                     addr: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
                     name: req.client.clone(),
                     serial: String::new(),
+                    not_after: std::time::SystemTime::now() + Duration::from_secs(3600),
+                    epoch: self.0.trust().tcp_epoch(),
                 })
             });
             let subject = Caller {
@@ -289,6 +291,12 @@ impl v1::trust_server::Trust for TrustService {
                 exe: Some(req.exe),
                 unit: Some(req.unit),
             })?;
+            // A lock between the PIN check and here would have cleared
+            // the grants before this one joined them.
+            if !self.0.is_unlocked() {
+                self.0.trust().grants.revoke(&grant.name);
+                return Err(self.0.locked());
+            }
             tracing::info!(grant = ?grant.name, allow = ?grant.caps.iter().map(|c| c.to_string()).collect::<Vec<_>>(), "grant created");
             let info = grant_info(&grant);
             let details = vec![
