@@ -27,8 +27,7 @@ mod common;
 mod util;
 
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{CfsslHttp, Run, connect_direct};
 use util::Env;
@@ -89,72 +88,6 @@ fn cfssl_run(port: u16, concurrency: usize, max_ops: usize, max_time: Duration) 
     )
 }
 
-/// `cfssl serve` on a loopback port with its own P-256 CA made by openssl.
-fn start_cfssl(dir: &std::path::Path) -> (std::process::Child, u16) {
-    let (ca, ca_key) = (dir.join("cfssl-ca.pem"), dir.join("cfssl-ca-key.pem"));
-    let ok = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "30",
-            "-subj",
-            "/CN=cfssl-bench",
-        ])
-        .arg("-keyout")
-        .arg(&ca_key)
-        .arg("-out")
-        .arg(&ca)
-        .output()
-        .expect("openssl");
-    assert!(ok.status.success());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let mut cfssl = Command::new("cfssl")
-        .args([
-            "serve",
-            "-address",
-            "127.0.0.1",
-            "-port",
-            &port.to_string(),
-            "-loglevel",
-            "5",
-        ])
-        .arg(format!("-ca={}", ca.display()))
-        .arg(format!("-ca-key={}", ca_key.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("cfssl runs (apt-get install golang-cfssl)");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            let _ = cfssl.kill();
-            let _ = cfssl.wait();
-            panic!("cfssl did not start");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (cfssl, port)
-}
-
-fn print_row(name: &str, c: usize, r: &Run) {
-    println!(
-        "{name:<10} {c:>4} {:>10.0} {:>10.3} {:>10.3}",
-        r.rate(),
-        r.pct(0.5),
-        r.pct(0.99)
-    );
-}
-
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -191,7 +124,7 @@ fn main() {
     let rules = common::set_bench_policy(&env);
     common::set_bench_policy(&env_off);
     eprintln!("policy: {rules} rules");
-    let mut cfssl = with_peer.then(|| start_cfssl(env.path()));
+    let mut cfssl = with_peer.then(|| common::start_cfssl(env.path(), &[]));
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -237,13 +170,13 @@ fn main() {
             ks.push(k);
         }
         let k = Run::merge(ks);
-        print_row("keyholder", c, &k);
+        common::print_issue_row("keyholder", c, &k);
         let off = Run::merge(offs);
-        print_row("kh-noaudit", c, &off);
+        common::print_issue_row("kh-noaudit", c, &off);
         audit.push((c, k.rate() / off.rate()));
         if !fs.is_empty() {
             let f = Run::merge(fs);
-            print_row("cfssl", c, &f);
+            common::print_issue_row("cfssl", c, &f);
             rows.push((c, k.rate() / f.rate(), per_round));
         }
     }

@@ -24,7 +24,6 @@ mod util;
 
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -114,65 +113,6 @@ fn cfssl_run(
             http.post(port, "/api/v1/cfssl/newcert", body);
         },
     )
-}
-
-/// `cfssl serve` with HTTPS and client certificates required: its own
-/// P-256 CA signs what it issues; `tls` holds its listener's certificate
-/// and the CA of the clients it accepts.
-fn start_cfssl(dir: &Path, tls: &Path) -> (std::process::Child, u16) {
-    let (ca, ca_key) = (dir.join("cfssl-ca.pem"), dir.join("cfssl-ca-key.pem"));
-    let ok = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .args(["-nodes", "-days", "30", "-subj", "/CN=cfssl-bench"])
-        .arg("-keyout")
-        .arg(&ca_key)
-        .arg("-out")
-        .arg(&ca)
-        .output()
-        .expect("openssl");
-    assert!(ok.status.success());
-    let port = free_port();
-    let mut cfssl = Command::new("cfssl")
-        .args(["serve", "-address", "127.0.0.1", "-port", &port.to_string()])
-        .args(["-loglevel", "5"])
-        .arg(format!("-ca={}", ca.display()))
-        .arg(format!("-ca-key={}", ca_key.display()))
-        .arg(format!("-tls-cert={}", tls.join("cert.pem").display()))
-        .arg(format!("-tls-key={}", tls.join("key.pem").display()))
-        .arg(format!(
-            "-mutual-tls-ca={}",
-            tls.join("clients-ca.pem").display()
-        ))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("cfssl runs (apt-get install golang-cfssl)");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            let _ = cfssl.kill();
-            let _ = cfssl.wait();
-            panic!("cfssl did not start");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (cfssl, port)
-}
-
-fn print_row(name: &str, c: usize, r: &Run) {
-    println!(
-        "{name:<10} {c:>4} {:>10.0} {:>10.3} {:>10.3}",
-        r.rate(),
-        r.pct(0.5),
-        r.pct(0.99)
-    );
 }
 
 /// Waits until the listener completes a handshake with `tls`.
@@ -389,7 +329,19 @@ fn main() {
         cfssl_tls.join("clients-ca.pem"),
     )
     .expect("clients CA");
-    let mut cfssl = with_peer.then(|| start_cfssl(env.path(), &cfssl_tls));
+    let mut cfssl = with_peer.then(|| {
+        common::start_cfssl(
+            env.path(),
+            &[
+                format!("-tls-cert={}", cfssl_tls.join("cert.pem").display()),
+                format!("-tls-key={}", cfssl_tls.join("key.pem").display()),
+                format!(
+                    "-mutual-tls-ca={}",
+                    cfssl_tls.join("clients-ca.pem").display()
+                ),
+            ],
+        )
+    });
 
     // The same client certificate, speaking HTTP/1.1 (cfssl's API).
     let cfssl_client = {
@@ -419,10 +371,10 @@ fn main() {
             }
         }
         let k = Run::merge(ks);
-        print_row("keyholder", c, &k);
+        common::print_issue_row("keyholder", c, &k);
         if !fs.is_empty() {
             let f = Run::merge(fs);
-            print_row("cfssl", c, &f);
+            common::print_issue_row("cfssl", c, &f);
             rows.push((c, k.rate() / f.rate()));
         }
     }

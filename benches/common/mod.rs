@@ -327,3 +327,62 @@ pub async fn issue_run(channels: Vec<Direct>, per_task: usize, max_time: Duratio
     }
     Run::new(parts.into_iter().flatten().collect(), start.elapsed())
 }
+
+/// `cfssl serve` on a loopback port with its own P-256 CA made by openssl
+/// in `dir`; `extra` are further flags (HTTPS and client certificates).
+pub fn start_cfssl(dir: &std::path::Path, extra: &[String]) -> (std::process::Child, u16) {
+    use std::process::{Command, Stdio};
+    let (ca, ca_key) = (dir.join("cfssl-ca.pem"), dir.join("cfssl-ca-key.pem"));
+    let ok = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "30", "-subj", "/CN=cfssl-bench"])
+        .arg("-keyout")
+        .arg(&ca_key)
+        .arg("-out")
+        .arg(&ca)
+        .output()
+        .expect("openssl");
+    assert!(ok.status.success());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let mut cfssl = Command::new("cfssl")
+        .args(["serve", "-address", "127.0.0.1", "-port", &port.to_string()])
+        .args(["-loglevel", "5"])
+        .arg(format!("-ca={}", ca.display()))
+        .arg(format!("-ca-key={}", ca_key.display()))
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cfssl runs (apt-get install golang-cfssl)");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if std::time::Instant::now() > deadline {
+            let _ = cfssl.kill();
+            let _ = cfssl.wait();
+            panic!("cfssl did not start");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (cfssl, port)
+}
+
+/// One row of an issuance table: server, concurrency, rate, p50, p99.
+pub fn print_issue_row(name: &str, c: usize, r: &Run) {
+    println!(
+        "{name:<10} {c:>4} {:>10.0} {:>10.3} {:>10.3}",
+        r.rate(),
+        r.pct(0.5),
+        r.pct(0.99)
+    );
+}

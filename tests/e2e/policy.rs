@@ -60,6 +60,11 @@ fn wrong_pin(env: &Env) -> PathBuf {
     env.file("wrong-pin", "999999\n")
 }
 
+/// `policy set FILE` with a wrong PIN.
+fn set_with_wrong_pin(env: &Env, policy: &Path) -> std::process::Output {
+    env.cli(&["policy", "set", p(policy), "--pin-file", p(&wrong_pin(env))])
+}
+
 #[test]
 fn a_copied_client_is_denied_what_policy_does_not_give_it_and_explain_agrees() {
     let (env, _daemon) = Env::ready();
@@ -71,13 +76,7 @@ fn a_copied_client_is_denied_what_policy_does_not_give_it_and_explain_agrees() {
 
     let policy = policy_file(&env);
     // The PIN is asked again: a wrong one is refused and nothing changes.
-    let out = env.cli(&[
-        "policy",
-        "set",
-        p(&policy),
-        "--pin-file",
-        p(&wrong_pin(&env)),
-    ]);
+    let out = set_with_wrong_pin(&env, &policy);
     assert_fails(&out, 7, "wrong PIN");
     assert_eq!(env.ok(&["policy", "get"]), "");
     let set = env.ok(&["policy", "set", p(&policy), "--pin-file", p(&env.pin_file)]);
@@ -142,21 +141,9 @@ fn a_copied_client_is_denied_what_policy_does_not_give_it_and_explain_agrees() {
     ]);
     assert_fails(&out, 7, "wrong PIN");
     // The third wrong PIN in a row locks the session.
-    let out = env.cli(&[
-        "policy",
-        "set",
-        p(&policy),
-        "--pin-file",
-        p(&wrong_pin(&env)),
-    ]);
+    let out = set_with_wrong_pin(&env, &policy);
     assert_fails(&out, 7, "wrong PIN");
-    let out = env.cli(&[
-        "policy",
-        "set",
-        p(&policy),
-        "--pin-file",
-        p(&wrong_pin(&env)),
-    ]);
+    let out = set_with_wrong_pin(&env, &policy);
     assert_fails(&out, 7, "session was locked");
     let out = env.cli(&["secret", "get", "db/prod"]);
     assert_fails(&out, 3, "locked");
