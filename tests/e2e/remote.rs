@@ -522,3 +522,51 @@ fn a_remote_profile_in_the_cli_config_sends_every_command_to_the_listener() {
     assert_eq!(out.status.code(), Some(7), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("not served over TCP"));
 }
+
+#[test]
+fn a_connection_made_before_a_lock_gets_nothing_after_it() {
+    let r = Remote::start();
+    let stubs = crate::python::generate_stubs(&r.env);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (ready, go) = (r.env.path().join("ready"), r.env.path().join("go"));
+    let child = Command::new("python3")
+        .arg(root.join("tests/python/tcp_hold.py"))
+        .arg(format!("127.0.0.1:{}", r.port))
+        .arg(r.ci.join("server-ca.pem"))
+        .arg(r.ci.join("cert.pem"))
+        .arg(r.ci.join("key.pem"))
+        .arg(&stubs)
+        .arg(&ready)
+        .arg(&go)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "the script never connected");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Lock and unlock while the script holds its connection open.
+    r.env.ok(&["lock"]);
+    r.env.unlock();
+    r.wait_for_listener();
+    std::fs::write(&go, "go").expect("go");
+    let out = crate::util::output_within_waiting(child, Duration::from_secs(90))
+        .expect("the script finishes");
+    assert!(
+        out.status.success(),
+        "tcp_hold.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(v["before"], "OK", "{v}");
+    assert_eq!(v["after"], "PERMISSION_DENIED", "{v}");
+    assert!(
+        v["after_message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("locked since this connection was made"),
+        "{v}"
+    );
+}

@@ -136,6 +136,7 @@ impl Core {
                     "a TCP request without a client certificate".into(),
                 ));
             };
+            self.check_remote_peer(peer)?;
             if !crate::remote::TCP_OPS.contains(&op) {
                 tracing::warn!(op, peer = %peer.addr, client = ?peer.name, "request refused: not served over TCP");
                 return Err(Error::PermissionDenied(format!(

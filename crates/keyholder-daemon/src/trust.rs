@@ -216,28 +216,6 @@ impl Core {
         let policy = self.policy().ok().flatten().ok_or_else(|| {
             denied("the vault has no policy: nothing but health is served over TCP")
         })?;
-        let Some(peer) = &caller.remote else {
-            return Err(denied("no client certificate"));
-        };
-        // Checked at every request, not only in the handshake, so a
-        // connection opened before cannot outlive these.
-        if peer.epoch != self.trust().tcp_epoch() {
-            return Err(denied(
-                "the session was locked since this connection was made: connect again",
-            ));
-        }
-        if std::time::SystemTime::now() > peer.not_after {
-            return Err(denied("the client certificate has expired"));
-        }
-        if policy
-            .deny_serials
-            .iter()
-            .any(|s| s.eq_ignore_ascii_case(&peer.serial))
-        {
-            return Err(denied(
-                "the client certificate's serial is on the deny list",
-            ));
-        }
         match access {
             Access::Session => Ok(()),
             Access::Unlock | Access::Trust { .. } => Err(denied("not served over TCP")),
@@ -257,6 +235,31 @@ impl Core {
                 }
             }
         }
+    }
+
+    /// What a TCP connection's every request must still satisfy, not only
+    /// its handshake: made in this session (no lock since), its client
+    /// certificate unexpired and not on the deny list.
+    pub fn check_remote_peer(&self, peer: &crate::remote::RemotePeer) -> Result<()> {
+        let refuse = |why: &str| {
+            tracing::warn!(peer = %peer.addr, client = ?peer.name, why, "TCP request refused");
+            Err(Error::PermissionDenied(format!("TCP listener: {why}")))
+        };
+        if peer.epoch != self.trust().tcp_epoch() {
+            return refuse("the session was locked since this connection was made: connect again");
+        }
+        if std::time::SystemTime::now() > peer.not_after {
+            return refuse("the client certificate has expired");
+        }
+        let denied = self.policy().ok().flatten().is_some_and(|p| {
+            p.deny_serials
+                .iter()
+                .any(|s| s.eq_ignore_ascii_case(&peer.serial))
+        });
+        if denied {
+            return refuse("the client certificate's serial is on the deny list");
+        }
+        Ok(())
     }
 
     /// The PIN again, for changing policy or grants: checked against the
