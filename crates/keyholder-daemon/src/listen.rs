@@ -91,12 +91,7 @@ pub fn grpc_incoming(
             let Some(slot) = slots.admit() else {
                 continue;
             };
-            let counted = Counted {
-                stream,
-                slot,
-                touched: Instant::now(),
-                read: 0,
-            };
+            let counted = Counted::new(stream, slot, true);
             if tx.send(Ok(counted)).await.is_err() {
                 return;
             }
@@ -105,20 +100,38 @@ pub fn grpc_incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// A gRPC connection holding its slot; evicted, it reads as closed.
-pub struct Counted {
-    stream: UnixStream,
+/// A connection holding its slot; evicted, it reads as closed.
+pub struct Counted<S = UnixStream> {
+    stream: S,
     slot: Slot,
     touched: Instant,
-    /// Bytes read, up to [`PROVEN_AFTER`].
-    read: usize,
+    /// Bytes read, up to [`PROVEN_AFTER`]; `None` when the connection is
+    /// marked proven by its owner instead (the TCP listener, after the TLS
+    /// handshake: a ClientHello alone proves nothing).
+    read: Option<usize>,
 }
 
 /// A client that sent more than the HTTP/2 preface (24 bytes) and a frame
 /// header (9) has made a request; it is evicted after those that did not.
 const PROVEN_AFTER: usize = 33;
 
-impl Counted {
+impl<S> Counted<S> {
+    /// `stream` in `slot`; with `prove_by_reading`, proven once it has read
+    /// more than a request's first bytes.
+    pub fn new(stream: S, slot: Slot, prove_by_reading: bool) -> Self {
+        Self {
+            stream,
+            slot,
+            touched: Instant::now(),
+            read: prove_by_reading.then_some(0),
+        }
+    }
+
+    /// The connection's slot.
+    pub fn slot(&self) -> &Slot {
+        &self.slot
+    }
+
     fn touch(&mut self) {
         if self.touched.elapsed() >= TOUCH_EVERY {
             self.touched = Instant::now();
@@ -127,9 +140,11 @@ impl Counted {
     }
 
     fn count_read(&mut self, n: usize) {
-        if self.read <= PROVEN_AFTER {
-            self.read = self.read.saturating_add(n);
-            if self.read > PROVEN_AFTER {
+        if let Some(read) = self.read.as_mut()
+            && *read <= PROVEN_AFTER
+        {
+            *read = read.saturating_add(n);
+            if *read > PROVEN_AFTER {
                 self.slot.proven();
             }
         }
@@ -144,7 +159,7 @@ fn evicted() -> io::Error {
     )
 }
 
-impl AsyncRead for Counted {
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -165,7 +180,7 @@ impl AsyncRead for Counted {
     }
 }
 
-impl AsyncWrite for Counted {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

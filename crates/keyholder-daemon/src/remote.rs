@@ -20,7 +20,9 @@ use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
-use keyholder_agent::slots::{AcceptBackoff, Slot, SlotHandle, Slots};
+use keyholder_agent::slots::{AcceptBackoff, SlotHandle, Slots};
+
+use crate::listen::Counted;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -354,7 +356,7 @@ pub fn incoming(
             let tx = tx.clone();
             let deadline = tcp.handshake_timeout;
             tokio::spawn(async move {
-                let counted = Counted { stream, slot };
+                let counted = Counted::new(stream, slot, false);
                 let acceptor = tokio_rustls::TlsAcceptor::from(config);
                 let tls = match tokio::time::timeout(deadline, acceptor.accept(counted)).await {
                     Ok(Ok(tls)) => tls,
@@ -380,7 +382,7 @@ pub fn incoming(
                         return;
                     }
                 };
-                tls.get_ref().0.slot.proven();
+                tls.get_ref().0.slot().proven();
                 tracing::debug!(peer = %addr, client = ?name, serial = %serial, "TCP client authenticated");
                 let conn = TlsConn {
                     info: TcpConnectInfo {
@@ -391,7 +393,7 @@ pub fn incoming(
                             not_after,
                             epoch,
                         }),
-                        slot: tls.get_ref().0.slot.handle(),
+                        slot: tls.get_ref().0.slot().handle(),
                     },
                     tls,
                 };
@@ -402,59 +404,9 @@ pub fn incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// A TCP stream holding its connection slot; evicted, it reads as closed.
-pub struct Counted {
-    stream: TcpStream,
-    slot: Slot,
-}
-
-impl AsyncRead for Counted {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.slot.poll_evicted(cx).is_ready() {
-            return Poll::Ready(Ok(()));
-        }
-        let before = buf.filled().len();
-        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            this.slot.touch();
-        }
-        read
-    }
-}
-
-impl AsyncWrite for Counted {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.slot.is_evicted() {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "connection closed to make room for a new one",
-            )));
-        }
-        Pin::new(&mut this.stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
-    }
-}
-
 /// An authenticated TLS connection for the gRPC server.
 pub struct TlsConn {
-    tls: tokio_rustls::server::TlsStream<Counted>,
+    tls: tokio_rustls::server::TlsStream<Counted<TcpStream>>,
     info: TcpConnectInfo,
 }
 
