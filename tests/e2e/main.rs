@@ -8,6 +8,8 @@ mod audit;
 mod bad_input;
 mod connections;
 mod crash;
+mod etcd_cluster;
+mod etcd_storage;
 mod faults;
 mod json_everywhere;
 mod kube;

@@ -792,8 +792,8 @@ impl Inner {
             )
             .await?;
         if existing.count > 0 {
-            return Err(StorageError::Changed(format!(
-                "{} (it already holds {} keys; migrate into an empty prefix)",
+            return Err(StorageError::Unavailable(format!(
+                "{} already holds {} keys: migrate into an empty prefix",
                 self.location, existing.count
             )));
         }

@@ -532,7 +532,11 @@ impl Storage for FileStorage {
             return Err(StorageError::Unavailable("nothing to import".into()));
         };
         if self.exists()? || !self.backup_files().is_empty() {
-            return Err(StorageError::Conflict(self.path.clone()));
+            return Err(StorageError::Io {
+                what: "a vault or its backups are there already; migrate to a new path, not",
+                path: self.path.clone(),
+                source: io::ErrorKind::AlreadyExists.into(),
+            });
         }
         let mut written = Vec::new();
         let result = (|| {
