@@ -23,7 +23,7 @@ pub(crate) const EXPIRING: u8 = 11;
 /// The default window of `cluster certs`.
 const DEFAULT_WINDOW: Duration = Duration::from_secs(30 * 86400);
 /// Most files looked at under the output directory.
-const MAX_FILES: usize = 100_000;
+const MAX_FILES: usize = 10_000;
 /// Files larger than this are not hashed (nothing Keyholder writes is).
 const MAX_FILE_BYTES: u64 = 1 << 20;
 

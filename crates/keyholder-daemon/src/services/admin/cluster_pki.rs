@@ -33,8 +33,9 @@ pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(365 * 86400);
 /// The renewal window unless asked otherwise (capped at a third of a
 /// certificate's lifetime).
 pub const DEFAULT_RENEW_BEFORE: Duration = Duration::from_secs(30 * 86400);
-/// Most hosts in one spec.
-const MAX_HOSTS: usize = 1000;
+/// Most hosts in one spec (the response, every kubelet's files in it,
+/// stays well under gRPC's usual 4 MiB).
+const MAX_HOSTS: usize = 500;
 /// Most addresses of one host.
 const MAX_ADDRESSES: usize = 64;
 
@@ -346,8 +347,8 @@ impl Item {
 
     /// What the certificate is issued for; a record with another one is
     /// re-issued.
-    fn requirement(&self, key_algorithm: &str) -> String {
-        format!(
+    fn requirement(&self, key_algorithm: &str, server: &str) -> String {
+        let mut r = format!(
             "{:?} cn={} o={:?} dns={:?} ip={:?} ttl={} key={key_algorithm}",
             self.profile,
             self.cn,
@@ -355,7 +356,13 @@ impl Item {
             self.dns,
             self.ips,
             self.ttl.as_secs()
-        )
+        );
+        // A kubeconfig holds the server URL too.
+        if self.conf.is_some() {
+            r.push_str(" server=");
+            r.push_str(server);
+        }
+        r
     }
 
     fn subject(&self) -> String {
@@ -672,6 +679,18 @@ pub async fn pki(
     if !out_dir.starts_with('/') {
         return Err(bad("out_dir", "must be an absolute path"));
     }
+    if let Some(p) = previous
+        .as_ref()
+        .filter(|p| req.renew && p.out_dir != out_dir)
+    {
+        return Err(bad(
+            "out_dir",
+            format!(
+                "--renew renews the files in {}, where they were written",
+                p.out_dir
+            ),
+        ));
+    }
     let renew_before =
         (req.renew_before_seconds > 0).then(|| Duration::from_secs(req.renew_before_seconds));
     let on_disk: BTreeMap<String, String> = req.on_disk.into_iter().collect();
@@ -724,7 +743,7 @@ pub async fn pki(
     let mut decisions = Vec::with_capacity(items.len());
     let mut foreign = Vec::new();
     for it in &items {
-        let requirement = it.requirement(key_alg.as_str());
+        let requirement = it.requirement(key_alg.as_str(), &spec.server);
         let fp = &fingerprints[&(it.role as u8)];
         let window = renew_before.unwrap_or(DEFAULT_RENEW_BEFORE.min(it.ttl / 3));
         let files = it.files();
