@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod audit;
+mod cluster;
 mod failure;
 mod inject;
 mod input;
@@ -41,7 +42,8 @@ Exit status:
      yours (PERMISSION_DENIED)
   8  keyholderd or the token cannot be reached (UNAVAILABLE)
   9  the vault file is damaged or not authentic (DATA_LOSS)
-  10 the pinentry PIN dialog was cancelled or timed out";
+  10 the pinentry PIN dialog was cancelled or timed out
+  11 cluster certs: a certificate expires within the window";
 
 /// Keyholder: keys and secrets in one vault that opens only through a
 /// hardware token session. This command talks to keyholderd over gRPC.

@@ -116,6 +116,20 @@ impl Metrics {
                  # TYPE keyholder_vault_generation gauge\nkeyholder_vault_generation {}",
                 u.generation
             );
+            let expiries = crate::services::admin::cluster_pki::earliest_expiries(core);
+            let _ = writeln!(
+                out,
+                "# HELP keyholder_cluster_cert_earliest_expiry_seconds The earliest notAfter (Unix time) \
+                 among the certificates `cluster pki` issued for each cluster.\n\
+                 # TYPE keyholder_cluster_cert_earliest_expiry_seconds gauge"
+            );
+            for (cluster, t) in expiries {
+                let _ = writeln!(
+                    out,
+                    "keyholder_cluster_cert_earliest_expiry_seconds{{cluster=\"{}\"}} {t}",
+                    escape(&cluster)
+                );
+            }
         }
         family(
             &mut out,
