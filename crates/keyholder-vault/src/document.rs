@@ -27,9 +27,10 @@ use zeroize::Zeroizing;
 /// The `format` value of every vault.
 pub const FORMAT: &str = "keyholder-vault";
 /// The document version this code writes.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// The oldest document version this code reads (version 1 has no secret
-/// history; it opens as is and is written back as version 2).
+/// history, version 2 no cluster PKI records; both open as they are and are
+/// written back as version 3).
 pub const MIN_VERSION: u32 = 1;
 
 /// The outer document, as parsed (before the MAC is checked).
@@ -287,6 +288,10 @@ pub struct Body {
     /// lock): what `keyholder audit verify` detects truncation against.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit_head: Option<AuditHead>,
+    /// What `cluster pki` issued, by cluster name (version 3; absent when
+    /// empty).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub cluster_pki: crate::cluster_pki::ClusterPkis,
 }
 
 /// The head of the audit log's chain (docs/audit.md).
@@ -586,11 +591,11 @@ impl fmt::Debug for SecretEntry {
     }
 }
 
-fn ser_secret<S: Serializer>(v: &Zeroizing<String>, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn ser_secret<S: Serializer>(v: &Zeroizing<String>, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(v)
 }
 
-fn de_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Zeroizing<String>, D::Error> {
+pub(crate) fn de_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Zeroizing<String>, D::Error> {
     String::deserialize(d).map(Zeroizing::new)
 }
 

@@ -18,6 +18,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cluster_pki;
 pub mod document;
 pub mod storage;
 pub mod tag;
@@ -72,7 +73,7 @@ pub enum VaultError {
     )]
     NotAuthentic,
     /// Written by a newer Keyholder.
-    #[error("the vault has format version {0}; this Keyholder reads versions 1 and 2")]
+    #[error("the vault has format version {0}; this Keyholder reads versions 1 to 3")]
     UnsupportedVersion(u32),
     /// A recipient string did not parse.
     #[error("invalid recipient {0:?}: expected an X25519 age recipient (age1...)")]
@@ -241,6 +242,7 @@ impl OpenVault {
                 rollback_protection: true,
                 policy: None,
                 audit_head: None,
+                cluster_pki: Default::default(),
             },
             vault_id,
             token_recipient,
@@ -645,8 +647,8 @@ mod tests {
         let e = &again.body.secrets["db/prod/password"];
         assert_eq!(e.version(), 2);
         assert_eq!(e.history()[0].value().unwrap().as_slice(), b"hunter2");
-        let err = OpenVault::open(&version_1_file(&k, 3), &k).unwrap_err();
-        assert!(matches!(err, VaultError::UnsupportedVersion(3)), "{err}");
+        let err = OpenVault::open(&version_1_file(&k, 4), &k).unwrap_err();
+        assert!(matches!(err, VaultError::UnsupportedVersion(4)), "{err}");
     }
 
     #[test]
@@ -782,7 +784,7 @@ mod tests {
             .unwrap()
             .replace('\n', "\n  ");
         let expected_head = format!(
-            "{{\n  \"format\": \"keyholder-vault\",\n  \"version\": 2,\n  \"vault_id\": \"{}\",\n  \"body\": {body},\n  \"auth\": [\n    {{\n      \"recipient\": ",
+            "{{\n  \"format\": \"keyholder-vault\",\n  \"version\": 3,\n  \"vault_id\": \"{}\",\n  \"body\": {body},\n  \"auth\": [\n    {{\n      \"recipient\": ",
             v.vault_id()
         );
         assert!(plain.starts_with(&expected_head), "{plain}");
