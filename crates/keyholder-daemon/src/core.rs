@@ -42,6 +42,9 @@ pub use crate::status::{
 /// How many times a write is re-applied after another writer got in first.
 pub const WRITE_ATTEMPTS: u32 = 32;
 
+/// How many times a reload of a changed vault is tried again.
+const RELOAD_ATTEMPTS: u32 = 5;
+
 /// Label of the vault key objects Keyholder creates on tokens.
 pub const KEY_LABEL: &str = "keyholder-vault";
 
@@ -1009,13 +1012,36 @@ impl Core {
     /// `change` returned and the new generation.
     ///
     /// In a shared store (etcd) another daemon may have written first: the
-    /// store refuses the write ([`StorageError::Changed`]), and the vault
-    /// is read again and `change` applied to the new version, up to
+    /// store refuses the write ([`StorageError::Changed`], ABORTED), and
+    /// the vault is read again, so that the caller can retry. Writes whose
+    /// change can be applied again use [`Core::write_retrying`].
+    pub async fn write<T>(&self, change: impl FnOnce(&mut Body) -> Result<T>) -> Result<(T, u64)> {
+        let mut once = Some(change);
+        self.write_attempts(
+            |body| match once.take() {
+                Some(change) => change(body),
+                None => Err(Error::Internal("a one-time change applied twice".into())),
+            },
+            0,
+        )
+        .await
+    }
+
+    /// Like [`Core::write`], but when another writer got in first the
+    /// vault is read again and `change` applied to the new version, up to
     /// [`WRITE_ATTEMPTS`] times; so `change` must decide from the body it
-    /// is given (it is, for every write of the services).
-    pub async fn write<T>(
+    /// is given alone.
+    pub async fn write_retrying<T>(
+        &self,
+        change: impl FnMut(&mut Body) -> Result<T>,
+    ) -> Result<(T, u64)> {
+        self.write_attempts(change, WRITE_ATTEMPTS).await
+    }
+
+    async fn write_attempts<T>(
         &self,
         mut change: impl FnMut(&mut Body) -> Result<T>,
+        retries: u32,
     ) -> Result<(T, u64)> {
         let _writer = self.writer.lock().await;
         // The audit log's head goes into the vault with every write, after
@@ -1063,7 +1089,7 @@ impl Core {
             });
             match stored {
                 Ok(revision) => break (out, body_new, revision, generation),
-                Err(Error::Storage(StorageError::Changed(_))) if attempt < WRITE_ATTEMPTS => {
+                Err(Error::Storage(StorageError::Changed(_))) if attempt < retries => {
                     attempt += 1;
                     self.storage_conflicts.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(
@@ -1071,6 +1097,16 @@ impl Core {
                         "write conflict: another keyholderd wrote the vault first; reading it again and re-applying the change"
                     );
                     self.reload_locked()?;
+                }
+                Err(e @ Error::Storage(StorageError::Changed(_))) => {
+                    self.storage_conflicts.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        "write conflict: another keyholderd wrote the vault first; the write is refused (ABORTED) and the vault read again"
+                    );
+                    if let Err(reload) = self.reload_locked() {
+                        tracing::warn!(error = %crate::escape::Escaped(&reload), "the vault was not read again after a conflict");
+                    }
+                    return Err(e);
                 }
                 Err(e) => return Err(e),
             }
@@ -1158,12 +1194,47 @@ impl Core {
             State::Unlocked(u) => u.revision.clone(),
             State::Locked(_) => return Ok(false),
         };
-        let loaded = token_call(|| -> Result<Option<(OpenVault, Revision)>> {
+        // Read, open and check again on failure, a few times: another
+        // daemon on the same token may commit and move the token's
+        // generation record up between this read and the check (which
+        // then looks like an older vault), or rewrite the record while it
+        // is read. A real rollback or damage stays and is reported.
+        let mut attempt = 0;
+        let loaded = loop {
+            match self.reload_once(&current) {
+                Err(e) if attempt < RELOAD_ATTEMPTS => {
+                    attempt += 1;
+                    tracing::debug!(attempt, error = %crate::escape::Escaped(&e), "vault not reloaded; reading it again");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => break other?,
+            }
+        };
+        let Some((vault, revision)) = loaded else {
+            return Ok(false);
+        };
+        let replaced = match &mut *self.write_state() {
+            State::Unlocked(u) => {
+                u.revision = revision;
+                u.keyring.clear();
+                Some(std::mem::replace(&mut u.vault, vault))
+            }
+            State::Locked(_) => None,
+        };
+        drop(replaced);
+        self.publish();
+        Ok(true)
+    }
+
+    /// One read of the stored vault for [`Core::reload_locked`]: `None`
+    /// when it is the version `current`.
+    fn reload_once(&self, current: &Revision) -> Result<Option<(OpenVault, Revision)>> {
+        token_call(|| -> Result<Option<(OpenVault, Revision)>> {
             let (bytes, revision) = self
                 .storage
                 .load()?
                 .ok_or_else(|| Error::NotInitialized(self.storage.location()))?;
-            if revision == current {
+            if revision == *current {
                 return Ok(None);
             }
             let stanzas = keyholder_vault::probe(&bytes)?;
@@ -1185,21 +1256,7 @@ impl Core {
             )?;
             rollback::check(session.as_ref(), &vault, false)?;
             Ok(Some((vault, revision)))
-        })?;
-        let Some((vault, revision)) = loaded else {
-            return Ok(false);
-        };
-        let replaced = match &mut *self.write_state() {
-            State::Unlocked(u) => {
-                u.revision = revision;
-                u.keyring.clear();
-                Some(std::mem::replace(&mut u.vault, vault))
-            }
-            State::Locked(_) => None,
-        };
-        drop(replaced);
-        self.publish();
-        Ok(true)
+        })
     }
 
     /// Writes an audit anchor keyed by the open vault and returns the

@@ -38,7 +38,7 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -196,6 +196,8 @@ struct Inner {
     highest_seen: AtomicI64,
     exists: AtomicU8,
     notify: Mutex<Option<Notifier>>,
+    /// A clean-up of old pieces is under way.
+    collecting: AtomicBool,
 }
 
 /// The vault in etcd. See the crate documentation.
@@ -362,6 +364,7 @@ impl EtcdStorage {
                 highest_seen: AtomicI64::new(highest),
                 exists: AtomicU8::new(UNKNOWN),
                 notify: Mutex::new(None),
+                collecting: AtomicBool::new(false),
             }),
             runtime: Some(runtime),
         })
@@ -625,7 +628,7 @@ impl Inner {
     }
 
     async fn compare_and_store(
-        &self,
+        self: Arc<Self>,
         expected: Option<i64>,
         bytes: Vec<u8>,
         generation: u64,
@@ -673,8 +676,16 @@ impl Inner {
             }
         };
         self.exists.store(YES, Ordering::Relaxed);
-        if let Err(e) = self.collect(committed).await {
-            tracing::warn!(error = %e, "old vault pieces not removed from etcd (removed at a later write)");
+        // Old backups and pieces go after the answer, one clean-up at a
+        // time; one that fails is made good by the next.
+        if !self.collecting.swap(true, Ordering::AcqRel) {
+            let me = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = me.collect(committed).await {
+                    tracing::warn!(error = %e, "old vault pieces not removed from etcd (removed after a later write)");
+                }
+                me.collecting.store(false, Ordering::Release);
+            });
         }
         Ok(committed)
     }

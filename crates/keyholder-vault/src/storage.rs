@@ -133,7 +133,7 @@ pub enum StorageError {
     /// write started from: another daemon wrote in between. The caller
     /// re-reads, re-applies its change and tries again.
     #[error(
-        "the vault at {0} was changed by another writer since it was read; the write was not stored"
+        "the vault at {0} was changed by another writer since it was read; the write was not stored. The new version has been read: retry"
     )]
     Changed(String),
     /// The store cannot be reached (every etcd endpoint failed or timed

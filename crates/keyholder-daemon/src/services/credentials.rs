@@ -325,7 +325,7 @@ impl v1::credentials_server::Credentials for CredentialsService {
                 self.core
                     .write(|body| {
                         body.ssh_certificates.retain(|c| c.valid_before > now);
-                        body.ssh_certificates.push(entry.clone());
+                        body.ssh_certificates.push(entry);
                         Ok(())
                     })
                     .await?;

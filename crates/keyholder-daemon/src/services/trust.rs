@@ -168,7 +168,7 @@ impl v1::trust_server::Trust for TrustService {
             let ((), generation) = self
                 .0
                 .write(|body| {
-                    body.policy = stored.clone();
+                    body.policy = stored;
                     Ok(())
                 })
                 .await?;

@@ -64,7 +64,7 @@ async fn store(core: &Core, name: &ObjectName, entry: CaEntry) -> Result<v1::CaI
                 name: name.to_string(),
             });
         }
-        body.cas.insert(name.to_string(), entry.clone());
+        body.cas.insert(name.to_string(), entry);
         Ok(())
     })
     .await?;

@@ -75,7 +75,7 @@ pub async fn add(core: &Core, req: v1::AddClusterRequest) -> Result<v1::ClusterI
                 name: name.to_string(),
             });
         }
-        body.clusters.insert(name.to_string(), entry.clone());
+        body.clusters.insert(name.to_string(), entry);
         Ok(())
     })
     .await?;

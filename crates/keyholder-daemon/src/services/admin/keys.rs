@@ -138,7 +138,7 @@ async fn store(core: &Core, name: &ObjectName, entry: KeyEntry) -> Result<v1::Ke
                 name: name.to_string(),
             });
         }
-        body.keys.insert(name.to_string(), entry.clone());
+        body.keys.insert(name.to_string(), entry);
         Ok(())
     })
     .await?;
