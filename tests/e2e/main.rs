@@ -10,6 +10,7 @@ mod cluster_pki;
 mod connections;
 mod crash;
 mod etcd_cluster;
+mod etcd_docs;
 mod etcd_storage;
 mod faults;
 mod json_everywhere;
