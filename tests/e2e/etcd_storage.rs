@@ -214,6 +214,12 @@ fn two_daemons_share_a_vault_in_a_three_member_cluster_without_losing_an_update(
         !secret_names(&a).contains("outage/write"),
         "a refused write shows up"
     );
+    // A daemon locked meanwhile unlocks from its local read-only copy.
+    b.ok(&["lock"]);
+    b.unlock();
+    assert_eq!(b.ok(&["secret", "get", "shared/greeting"]), "hello from a");
+    let out = b.cli_with_stdin(&["secret", "put", "outage/b"], Some(b"never"));
+    assert_fails(&out, 8, "etcd is unreachable");
     // Service resumes when they return.
     for i in 0..3 {
         cluster.restart(i);
@@ -232,6 +238,9 @@ fn two_daemons_share_a_vault_in_a_three_member_cluster_without_losing_an_update(
         std::thread::sleep(Duration::from_millis(200));
     }
     wait_for_secret(&b, "outage/write", "after", Duration::from_secs(10));
+    // The session opened from the copy writes once etcd is back.
+    b.put("outage/b", b"after the outage");
+    wait_for_secret(&a, "outage/b", "after the outage", Duration::from_secs(10));
     assert_ok(&b.cli(&["status"]), &["status"]);
     daemon_a.stop();
     daemon_b.stop();
