@@ -1,0 +1,174 @@
+//! Several tokens open one vault (docs/team.md): SoftHSM2 and NSS softokn,
+//! two different PKCS#11 implementations, each in a daemon of its own over
+//! the same vault file; enrolment and revocation need the PIN again, the
+//! last token cannot be revoked, and a revoked token still opens copies of
+//! the file made before.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::util::{Env, NSS_LABEL, NSS_SOFTOKN, assert_fails, assert_ok};
+
+fn records(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).expect("audit log");
+    text.trim_end_matches('\0')
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect()
+}
+
+fn enrolled(env: &Env) -> Vec<Value> {
+    let list: Value =
+        serde_json::from_str(&env.ok(&["--json", "token", "list"])).expect("json list");
+    list.as_array().expect("array").clone()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf8")
+}
+
+#[test]
+fn a_second_token_of_another_make_opens_the_vault_and_a_revoked_one_does_not() {
+    let mut env = Env::new();
+    let pin = env.pin_file.clone();
+    let nss_args = env.nss_db();
+    let wrong = env.file("wrong-pin", "0000\n");
+
+    // The first daemon: SoftHSM2, as any vault starts.
+    let softhsm = env.start_daemon(&[]);
+    env.init();
+    env.unlock();
+    env.put("db/pw", b"written under SoftHSM2");
+    let enrol = |step_up: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "token",
+            "enrol",
+            "--token-label",
+            NSS_LABEL,
+            "--pkcs11-module",
+            NSS_SOFTOKN,
+            "--pkcs11-init-args",
+            &nss_args,
+            "--token-pin-file",
+            s(&pin),
+            "--pin-file",
+            s(step_up),
+        ];
+        args.extend_from_slice(extra);
+        env.cli(&args)
+    };
+
+    // Without the session's PIN again, nothing is enrolled.
+    let out = enrol(&wrong, &["--without-rollback-record"]);
+    assert_fails(&out, 7, "wrong PIN");
+    let out = env.cli(&[
+        "token",
+        "enrol",
+        "--token-label",
+        NSS_LABEL,
+        "--pkcs11-module",
+        NSS_SOFTOKN,
+        "--pkcs11-init-args",
+        &nss_args,
+        "--token-pin-file",
+        s(&pin),
+    ]);
+    assert!(!out.status.success(), "no step-up PIN: {out:?}");
+    assert_eq!(enrolled(&env).len(), 1);
+    // NSS cannot hold the rollback record: said, and refused unless asked.
+    let out = enrol(&pin, &[]);
+    assert_fails(&out, 3, "--without-rollback-record");
+    assert_eq!(enrolled(&env).len(), 1);
+
+    let out = enrol(&pin, &["--without-rollback-record"]);
+    assert_ok(&out, &["token", "enrol"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("enrolled token \"NSS Certificate DB\""),
+        "{text}"
+    );
+    let list = enrolled(&env);
+    assert_eq!(list.len(), 2, "{list:?}");
+    assert_eq!(list[0]["label"], "ops");
+    assert_eq!(list[0]["current"], true);
+    assert_eq!(list[0]["module"], crate::util::MODULE);
+    assert_eq!(list[1]["label"], NSS_LABEL);
+    assert_eq!(list[1]["backend"], "pkcs11");
+    assert_eq!(list[1]["module"], NSS_SOFTOKN);
+    assert_eq!(list[1]["rollback_record"], false);
+    assert_eq!(list[1]["current"], false);
+    assert!(list[1]["enrolled_at"].is_string(), "{list:?}");
+    // Enrolling the same token again adds nothing.
+    let out = enrol(&pin, &["--without-rollback-record"]);
+    assert_fails(&out, 5, "already exists");
+    env.ok(&["lock"]);
+    assert_eq!(softhsm.stop().code(), Some(0));
+    // What a revoked token's holder may have kept.
+    let before_revocation = std::fs::read(&env.vault).expect("vault");
+
+    // The second daemon: only NSS configured, the same vault file.
+    env.module = PathBuf::from(NSS_SOFTOKN);
+    let nss = env.start_daemon(&["--pkcs11-init-args", &nss_args]);
+    env.unlock();
+    assert_eq!(
+        env.ok(&["secret", "get", "db/pw"]),
+        "written under SoftHSM2"
+    );
+    env.put("db/nss", b"written under NSS");
+    let list = enrolled(&env);
+    assert_eq!(list[1]["current"], true);
+    assert!(list[1]["last_used"].is_string(), "{list:?}");
+    let status: Value = serde_json::from_str(&env.ok(&["--json", "status"])).expect("json");
+    assert_eq!(status["rollback_protection"], false, "{status}");
+
+    // Revoking needs the PIN again, and never takes the last token.
+    let out = env.cli(&["token", "revoke", "ops", "--pin-file", s(&wrong)]);
+    assert_fails(&out, 7, "wrong PIN");
+    assert_eq!(enrolled(&env).len(), 2);
+    let out = env.cli(&["token", "revoke", "ops", "--pin-file", s(&pin)]);
+    assert_ok(&out, &["token", "revoke"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("1 token(s) remain"), "{text}");
+    assert!(text.contains("rotate the secrets"), "{text}");
+    let out = env.cli(&["token", "revoke", NSS_LABEL, "--pin-file", s(&pin)]);
+    assert_fails(&out, 3, "only token enrolled");
+    assert_eq!(enrolled(&env).len(), 1);
+    // The audit log has both changes, and its chain verifies across the
+    // two daemons and tokens.
+    let log = records(&env.vault.parent().expect("dir").join("audit.log"));
+    for op in ["Admin.EnrolToken", "Admin.RevokeToken"] {
+        assert!(
+            log.iter().any(|r| r["op"] == op && r["outcome"] == "ok"),
+            "no successful {op}: {log:#?}"
+        );
+    }
+    assert!(
+        log.iter()
+            .any(|r| r["op"] == "Admin.RevokeToken" && r["outcome"] != "ok"),
+        "the refused revocations are recorded too"
+    );
+    let verified = env.ok(&["audit", "verify"]);
+    assert!(verified.contains("audit log intact"), "{verified}");
+    env.ok(&["lock"]);
+    assert_eq!(nss.stop().code(), Some(0));
+
+    // SoftHSM2 again: the current vault no longer opens with it...
+    env.module = PathBuf::from(crate::util::MODULE);
+    let softhsm = env.start_daemon(&[]);
+    let out = env.cli(&["unlock", "--pin-file", s(&pin)]);
+    assert_fails(&out, 3, "not encrypted to this token");
+    // ...but the copy made before the revocation does, as docs/team.md says.
+    let current = std::fs::read(&env.vault).expect("vault");
+    std::fs::write(&env.vault, &before_revocation).expect("old copy");
+    env.unlock();
+    assert_eq!(
+        env.ok(&["secret", "get", "db/pw"]),
+        "written under SoftHSM2"
+    );
+    let out = env.cli(&["secret", "get", "db/nss"]);
+    assert_fails(&out, 4, "db/nss");
+    env.ok(&["lock"]);
+    drop(softhsm);
+    std::fs::write(&env.vault, &current).expect("current back");
+}
