@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::util::{Env, NSS_LABEL, NSS_SOFTOKN, assert_fails, assert_ok};
+use crate::util::{DocBlocks, Env, NSS_LABEL, NSS_SOFTOKN, assert_fails, assert_ok};
 
 fn records(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).expect("audit log");
@@ -35,8 +35,13 @@ fn a_second_token_of_another_make_opens_the_vault_and_a_revoked_one_does_not() {
     let nss_args = env.nss_db();
     let wrong = env.file("wrong-pin", "0000\n");
 
-    // The first daemon: SoftHSM2, as any vault starts.
-    let softhsm = env.start_daemon(&[]);
+    // The first daemon: SoftHSM2, as any vault starts; its configuration
+    // names the module it may load for an enrolment.
+    let config = env.file(
+        "keyholderd.toml",
+        &format!("enrol_modules = [\"{NSS_SOFTOKN}\"]\n"),
+    );
+    let softhsm = env.start_daemon(&["--config", s(&config)]);
     env.init();
     env.unlock();
     env.put("db/pw", b"written under SoftHSM2");
@@ -76,6 +81,20 @@ fn a_second_token_of_another_make_opens_the_vault_and_a_revoked_one_does_not() {
     ]);
     assert!(!out.status.success(), "no step-up PIN: {out:?}");
     assert_eq!(enrolled(&env).len(), 1);
+    // A module the configuration does not name is never loaded.
+    let out = env.cli(&[
+        "token",
+        "enrol",
+        "--token-label",
+        NSS_LABEL,
+        "--pkcs11-module",
+        "/usr/lib/x86_64-linux-gnu/libnssckbi.so",
+        "--token-pin-file",
+        s(&pin),
+        "--pin-file",
+        s(&pin),
+    ]);
+    assert_fails(&out, 7, "enrol_modules");
     // NSS cannot hold the rollback record: said, and refused unless asked.
     let out = enrol(&pin, &[]);
     assert_fails(&out, 3, "--without-rollback-record");
@@ -171,4 +190,59 @@ fn a_second_token_of_another_make_opens_the_vault_and_a_revoked_one_does_not() {
     env.ok(&["lock"]);
     drop(softhsm);
     std::fs::write(&env.vault, &current).expect("current back");
+}
+
+const DOCS: DocBlocks = DocBlocks {
+    path: "docs/team.md",
+    text: include_str!("../../docs/team.md"),
+    mark: "<!-- run by tests/e2e/team.rs: ",
+};
+
+#[test]
+fn every_marked_team_block_is_run_here() {
+    assert_eq!(
+        DOCS.marked(),
+        ["config", "enrol", "second-daemon", "unlock", "revoke"]
+    );
+}
+
+#[test]
+fn the_team_procedure_in_the_docs_works_as_written() {
+    let mut env = Env::new();
+    env.nss_db();
+    std::fs::copy(&env.pin_file, env.path().join("pin.txt")).expect("pin.txt");
+    std::fs::copy(&env.pin_file, env.path().join("nss-pin.txt")).expect("nss-pin.txt");
+    DOCS.run(&env, "config", &[]);
+    // keyholderd reads the config file the block wrote.
+    let first = env.start_daemon(&[]);
+    env.init();
+    env.unlock();
+    env.put("db/password", b"hunter2");
+    let out = DOCS.run(&env, "enrol", &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("enrolled token \"NSS Certificate DB\""),
+        "{text}"
+    );
+    assert!(text.contains("ops (serial "), "{text}");
+    assert!(
+        text.contains("backend:     pkcs11 (/usr/lib/x86_64-linux-gnu/libsoftokn3.so)"),
+        "{text}"
+    );
+    DOCS.run(&env, "second-daemon", &[]);
+    env.ok(&["lock"]);
+    assert_eq!(first.stop().code(), Some(0));
+
+    // As the docs start it: `keyholderd --config "$HOME/nss-daemon/keyholderd.toml"`.
+    env.module = PathBuf::new();
+    let config = env.path().join("nss-daemon/keyholderd.toml");
+    let _second = env.start_daemon(&["--config", s(&config)]);
+    let out = DOCS.run(&env, "unlock", &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("token:       NSS Certificate DB"), "{text}");
+    assert!(text.ends_with("hunter2"), "{text}");
+    DOCS.run(&env, "revoke", &[]);
+    let list = enrolled(&env);
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["label"], NSS_LABEL);
 }

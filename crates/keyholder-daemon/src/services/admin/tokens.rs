@@ -261,11 +261,17 @@ fn enrol_backend(core: &Core, req: &v1::EnrolTokenRequest) -> Result<EnrolBacken
             if is_own {
                 return Ok((None, wanted, name));
             }
-            if !module.is_absolute() {
-                return Err(Error::InvalidArgument {
-                    field: "pkcs11_module",
-                    reason: "give the module's absolute path".into(),
-                });
+            // Only a module the configuration names is ever loaded.
+            if !core
+                .config
+                .enrol_modules
+                .iter()
+                .any(|m| same_file(m, &module))
+            {
+                return Err(Error::PermissionDenied(format!(
+                    "keyholderd loads only the PKCS#11 modules its configuration names: add \
+                     {name:?} to enrol_modules in keyholderd's config file (docs/team.md)"
+                )));
             }
             let loaded = crate::core::token_call(|| Module::load_with_args(&module, init_args))?;
             Ok((Some(Box::new(loaded)), wanted, name))
