@@ -246,3 +246,73 @@ fn the_team_procedure_in_the_docs_works_as_written() {
     assert_eq!(list.len(), 1, "{list:?}");
     assert_eq!(list[0]["label"], NSS_LABEL);
 }
+
+/// A YubiKey (the virtual PIV card) enrolled natively beside SoftHSM2: its
+/// key generated in a slot, the card's attestation decided and recorded as
+/// at init, and the vault then opens through the card alone.
+#[test]
+fn a_piv_card_is_enrolled_natively_with_its_attestation_recorded() {
+    let mut env = Env::new();
+    let stack = crate::util::Stack::up("piv", &env.path().join("piv"));
+    stack.configure(&mut env);
+    let card_pin = env.pin_file.clone();
+    let key = env.file("management-key", &format!("{}\n", stack.settings["SO_PIN"]));
+    let softhsm_pin = env.file("softhsm-pin", &format!("{}\n", crate::util::PIN));
+    env.module = PathBuf::from(crate::util::MODULE);
+    env.label = "ops".to_owned();
+    env.pin_file = softhsm_pin.clone();
+    let softhsm = env.start_daemon(&[]);
+    env.init();
+    env.unlock();
+    env.put("db/pw", b"made on SoftHSM2");
+    let enrol = [
+        "token",
+        "enrol",
+        "--token-backend",
+        "yubikey",
+        "--piv-slot",
+        "9d",
+        "--management-key-file",
+        s(&key),
+        "--allow-default-management-key",
+        "--touch-policy",
+        "cached",
+        "--without-rollback-record",
+        "--token-pin-file",
+        s(&card_pin),
+        "--pin-file",
+        s(&softhsm_pin),
+    ];
+    let out = env.cli(&enrol);
+    assert_ok(&out, &enrol);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(
+            "attestation: not attested: the card has no attestation certificate (slot f9)"
+        ),
+        "{text}"
+    );
+    let list = enrolled(&env);
+    assert_eq!(list.len(), 2, "{list:?}");
+    assert_eq!(list[1]["backend"], "yubikey");
+    assert_eq!(list[1]["attestation"]["slot"], "9d");
+    assert_eq!(list[1]["attestation"]["touch_policy"], "cached");
+    assert_eq!(list[1]["attestation"]["attested"], false);
+    let text = env.ok(&["token", "list"]);
+    assert!(
+        text.contains("vault key:   PIV slot 9d, PIN policy once, touch policy cached"),
+        "{text}"
+    );
+    env.ok(&["lock"]);
+    assert_eq!(softhsm.stop().code(), Some(0));
+
+    // The card alone, through the native backend.
+    env.module = PathBuf::new();
+    env.daemon_args = vec!["--token-backend".to_owned(), "yubikey".to_owned()];
+    env.pin_file = card_pin;
+    let _card = env.start_daemon(&[]);
+    env.unlock();
+    assert_eq!(env.ok(&["secret", "get", "db/pw"]), "made on SoftHSM2");
+    let list = enrolled(&env);
+    assert_eq!(list[1]["current"], true, "{list:?}");
+}
