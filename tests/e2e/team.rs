@@ -316,3 +316,79 @@ fn a_piv_card_is_enrolled_natively_with_its_attestation_recorded() {
     let list = enrolled(&env);
     assert_eq!(list[1]["current"], true, "{list:?}");
 }
+
+/// Copies `from` into `to`, directories included.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+/// A vault written by Keyholder before enrolment existed (a fixture made by
+/// that version, with its SoftHSM2 token): it opens as it is, lists its one
+/// token, takes a second, and opens with that one alone; its audit chain
+/// goes on verifying.
+#[test]
+fn a_vault_written_before_enrolment_existed_opens_and_takes_a_second_token() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/fixtures/vault-before-team");
+    copy_tree(&fixture.join("tokens"), &env.path().join("tokens"));
+    let dir = env.vault.parent().expect("vault dir");
+    copy_tree(&fixture.join("vault"), dir);
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    env.add_token("second");
+    let pin = env.pin_file.clone();
+
+    let old = env.start_daemon(&[]);
+    env.unlock();
+    assert_eq!(
+        env.ok(&["secret", "get", "db/old"]),
+        "written before tokens could be enrolled"
+    );
+    let list = enrolled(&env);
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["label"], "ops");
+    assert_eq!(
+        list[0]["backend"],
+        Value::Null,
+        "not recorded then: {list:?}"
+    );
+    assert_eq!(list[0]["rollback_record"], true);
+    let args = [
+        "token",
+        "enrol",
+        "--token-label",
+        "second",
+        "--token-pin-file",
+        s(&pin),
+        "--pin-file",
+        s(&pin),
+    ];
+    assert_ok(&env.cli(&args), &args);
+    let verified = env.ok(&["audit", "verify"]);
+    assert!(verified.contains("audit log intact"), "{verified}");
+    env.ok(&["lock"]);
+    assert_eq!(old.stop().code(), Some(0));
+
+    // Restricted to the new token, it opens all the same.
+    let _second = env.start_daemon(&["--token", "second"]);
+    env.unlock();
+    let status: Value = serde_json::from_str(&env.ok(&["--json", "status"])).expect("json");
+    assert_eq!(status["token"]["label"], "second", "{status}");
+    assert_eq!(status["rollback_protection"], true, "{status}");
+    assert_eq!(
+        env.ok(&["secret", "get", "db/old"]),
+        "written before tokens could be enrolled"
+    );
+    let verified = env.ok(&["audit", "verify"]);
+    assert!(verified.contains("audit log intact"), "{verified}");
+}
