@@ -966,3 +966,83 @@ fn the_cluster_pki_commands_in_the_docs_work_as_written() {
     .expect("JSON");
     assert_eq!(v["expiring"], 13, "{v}");
 }
+
+#[test]
+fn cluster_pki_needs_the_admin_capability_and_is_audited_with_its_serials() {
+    let (env, _daemon) = Env::ready();
+    let spec = loopback_spec(&env, "https://127.0.0.1:6443", &["w-1"], &["etcd-a"]);
+    let dir = env.path().join("lab");
+    env.ok(&[
+        "cluster",
+        "pki",
+        "lab",
+        "--spec",
+        p(&spec),
+        "--out-dir",
+        p(&dir),
+    ]);
+    // Another program that may list and issue client certificates, but is
+    // not an admin: it can read what was issued, not issue a cluster's PKI.
+    let copy = env.path().join("other-client");
+    std::fs::copy(crate::util::keyholder_bin(), &copy).expect("copy client");
+    let admin_exe = std::fs::canonicalize(crate::util::keyholder_bin()).expect("client path");
+    let policy = env.file(
+        "policy.toml",
+        &format!(
+            "default = \"deny\"\n\n[[rule]]\nname = \"admin-cli\"\nexe = [\"{}\"]\nallow = [\"*\"]\n\n\
+             [[rule]]\nname = \"monitor\"\nexe = [\"{}\"]\nallow = [\"list\", \"cert:*:*\"]\n",
+            p(&admin_exe),
+            p(&copy)
+        ),
+    );
+    env.ok(&["policy", "set", p(&policy), "--pin-file", p(&env.pin_file)]);
+    let run = |args: &[&str]| {
+        let mut c = env.command(p(&copy));
+        c.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        crate::util::output_within(c, Duration::from_secs(60)).expect("client finishes")
+    };
+    let other = env.path().join("other");
+    let out = run(&[
+        "cluster",
+        "pki",
+        "stolen",
+        "--spec",
+        p(&spec),
+        "--out-dir",
+        p(&other),
+    ]);
+    assert_fails(&out, 7, "");
+    assert!(!other.exists(), "nothing was written");
+    assert_fails(
+        &env.cli(&["cluster", "certs", "stolen"]),
+        4,
+        "cluster PKI \"stolen\" does not exist",
+    );
+    let out = run(&["cluster", "certs", "lab"]);
+    assert_ok(&out, &["cluster", "certs", "lab"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 13);
+
+    // The audit log has the issuance with every serial, and the refusal.
+    let log = std::fs::read_to_string(env.vault.parent().expect("vault dir").join("audit.log"))
+        .expect("audit log");
+    let records: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|r: &serde_json::Value| r["op"] == "Admin.ClusterPki")
+        .collect();
+    assert_eq!(records.len(), 2, "{log}");
+    let issued = records[0].to_string();
+    let certs = json(&env, &["cluster", "certs", "lab"]);
+    for c in certs["certificates"].as_array().expect("certs") {
+        let serial = c["serial"].as_str().expect("serial");
+        assert!(issued.contains(serial), "{serial} not in {issued}");
+    }
+    let denied = records[1].to_string();
+    assert!(
+        denied.contains("cluster-pki:stolen") && denied.contains("denied"),
+        "{denied}"
+    );
+}
