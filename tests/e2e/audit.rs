@@ -514,6 +514,81 @@ fn an_agent_signature_over_a_forwarded_connection_is_recorded_as_forwarded() {
     );
 }
 
+/// A process that connects to the agent and then execs another program is
+/// judged and recorded as the program that connected: the caller is read
+/// when the connection is accepted, not at its first request.
+#[test]
+fn an_agent_connection_keeps_the_identity_it_had_when_it_was_accepted() {
+    let (env, _daemon) = Env::ready();
+    env.ok(&["key", "generate", "deploy", "--type", "ed25519", "--ssh"]);
+    let python = std::fs::canonicalize("/usr/bin/python3").expect("python3");
+    // The same interpreter at another path: another executable to policy.
+    let other = env.path().join("elsewhere").join("python3");
+    std::fs::create_dir_all(other.parent().expect("dir")).expect("dir");
+    std::fs::copy(&python, &other).expect("copy python3");
+    let admin = std::fs::canonicalize(crate::util::keyholder_bin()).expect("cli");
+    let policy = env.file(
+        "policy.toml",
+        &format!(
+            "default = \"deny\"\n\n[[rule]]\nname = \"admin-cli\"\nexe = [\"{}\"]\nallow = [\"*\"]\n\n\
+             [[rule]]\nname = \"first-program\"\nexe = [\"{}\"]\nallow = [\"agent:deploy\"]\n",
+            admin.display(),
+            python.display()
+        ),
+    );
+    env.ok(&[
+        "policy",
+        "set",
+        policy.to_str().expect("utf8"),
+        "--pin-file",
+        env.pin_file.to_str().expect("utf8"),
+    ]);
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/agent_exec.py");
+    let deploy_pub = public_file(&env, "deploy");
+    let run = |first: &Path| {
+        Command::new(first)
+            .arg(&script)
+            .arg(agent_socket(&env))
+            .arg(if first == python { &other } else { &python })
+            .arg(&deploy_pub)
+            .stdin(Stdio::null())
+            .output()
+            .expect("python3 runs")
+    };
+    // Connected as the allowed program, signing after exec of the other.
+    let out = run(&python);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "signed",
+        "{out:?}"
+    );
+    let records = records_in(&log_path(&env));
+    let sign = find(&records, "Agent.Sign", "agent:deploy");
+    assert_eq!(sign["outcome"], "ok", "{sign}");
+    assert_eq!(
+        sign["caller"]["exe"],
+        python.to_str().expect("utf8"),
+        "{sign}"
+    );
+    // Connected as the other program, it stays the other program after
+    // exec of the allowed one.
+    let out = run(&other);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "refused",
+        "{out:?}"
+    );
+    let records = records_in(&log_path(&env));
+    let denied = find(&records, "Agent.Sign", "agent:deploy");
+    assert_eq!(denied["outcome"], "denied", "{denied}");
+    assert_eq!(
+        denied["caller"]["exe"],
+        other.to_str().expect("utf8"),
+        "{denied}"
+    );
+}
+
 #[test]
 fn tail_follows_new_records() {
     let (env, _daemon) = Env::ready();

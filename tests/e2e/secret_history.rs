@@ -30,7 +30,7 @@ fn overwrite_read_old_versions_roll_back_and_remove() {
     let config = env.path().join("config/keyholder");
     std::fs::create_dir_all(&config).expect("config dir");
     std::fs::write(config.join("keyholderd.toml"), "secret_history = 2\n").expect("config");
-    let _daemon = env.start_daemon(&[]);
+    let daemon = env.start_daemon(&[]);
     env.init();
     env.unlock();
     env.put("db/pw", b"v1");
@@ -119,6 +119,16 @@ fn overwrite_read_old_versions_roll_back_and_remove() {
         env.cli(&["secret", "get", "k", "--version", "1"]).stdout,
         b"a"
     );
+
+    // secret_history lowered to 0: the kept value is no longer served.
+    drop(daemon);
+    std::fs::write(config.join("keyholderd.toml"), "secret_history = 0\n").expect("config");
+    let _daemon = env.start_daemon(&[]);
+    env.unlock();
+    let out = env.cli(&["secret", "get", "k", "--version", "1"]);
+    assert_fails(&out, 4, "version 1");
+    let h = json(&env, &["secret", "history", "k"]);
+    assert_eq!(h["versions"].as_array().expect("versions").len(), 1, "{h}");
 }
 
 #[test]

@@ -103,6 +103,25 @@ pub trait Backend: Send + Sync + 'static {
     ) -> impl Future<Output = bool> + Send;
     /// A verified session binding, for audit.
     fn record_binding(&self, peer: Peer, host_key_fingerprint: &str, forwarding: bool);
+    /// A connection from `peer` was accepted, before any of its messages is
+    /// read: where the backend learns who is calling (the process may exec
+    /// another program before its first request).
+    fn connected(&self, _peer: Peer) {}
+    /// The connection `peer.connection` is gone.
+    fn closed(&self, _peer: Peer) {}
+}
+
+/// Tells the backend a connection is gone when its task ends, however it
+/// ends.
+struct Closing<'a, B: Backend> {
+    backend: &'a B,
+    peer: Peer,
+}
+
+impl<B: Backend> Drop for Closing<'_, B> {
+    fn drop(&mut self) {
+        self.backend.closed(self.peer);
+    }
 }
 
 /// Per-connection state.
@@ -279,6 +298,11 @@ async fn serve_connection<B: Backend>(
     peer: Peer,
     slot: Slot,
 ) {
+    backend.connected(peer);
+    let _closing = Closing {
+        backend: &*backend,
+        peer,
+    };
     let mut conn = Connection::default();
     loop {
         // Between messages a client may wait (an ssh between requests), but

@@ -183,6 +183,15 @@ async fn run(cli: Cli) -> CliResult {
         _ if !explicit_socket => remote::profile()?,
         _ => None,
     };
+    if remote.is_some() && !served_remotely(&command) {
+        // Refused here, before any PIN is asked: the PIN never leaves this
+        // machine, and keyholderd refuses these over TCP anyway.
+        return Err(Failure::new(
+            2,
+            "this command is only for the machine keyholderd runs on (it takes the PIN or changes who may do what); \
+             run it there, without --remote",
+        ));
+    }
     let (channel, peer) = match &remote {
         Some(r) => (
             remote::connect(r).await?,
@@ -230,6 +239,29 @@ async fn run(cli: Cli) -> CliResult {
         ),
         _ => f,
     })
+}
+
+/// Whether `command` may go to a remote keyholderd: what issues, signs or
+/// reads within the policy. Everything else (init, unlock, lock, policy,
+/// grants, client certificates, and any command added later until it is
+/// listed here) is for the daemon's own machine.
+fn served_remotely(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Status(_)
+            | Command::Secret(_)
+            | Command::Ca(_)
+            | Command::Cluster(_)
+            | Command::Kubeconfig(_)
+            | Command::KubeCredential(_)
+            | Command::Cert(_)
+            | Command::Key(_)
+            | Command::Sign(_)
+            | Command::SshCert(_)
+            | Command::Run(_)
+            | Command::Inject(_)
+            | Command::KubeSecret(_)
+    )
 }
 
 /// Runs the `keyholder` command with the process's arguments: parses them,

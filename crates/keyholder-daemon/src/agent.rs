@@ -120,8 +120,9 @@ impl AgentIndex {
     }
 }
 
-/// Connections whose caller identity the agent keeps.
-const CALLER_CACHE: usize = 64;
+/// Open connections whose caller identity the agent keeps (as many as the
+/// agent serves at once; a connection past it is read again at each request).
+const CALLER_CACHE: usize = keyholder_agent::MAX_CONNECTIONS;
 
 /// Adapts [`Core`] to the agent server.
 pub struct AgentBackend {
@@ -142,24 +143,33 @@ impl AgentBackend {
         }
     }
 
-    /// Who is calling: the process read from `/proc` once per connection
-    /// (kept for [`CALLER_CACHE`] connections), the connection's binding
-    /// as it is now.
+    /// Reads who is on the other end of a new connection from `/proc`,
+    /// once, at accept.
+    fn remember(&self, peer: Peer) -> Caller {
+        self.core.trust().metrics.agent_connection();
+        let fresh = Caller::from_peer(peer.uid, peer.pid, Channel::Agent);
+        let mut cache = self.callers.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= CALLER_CACHE {
+            cache.pop_front();
+        }
+        cache.push_back((peer.connection, fresh.clone()));
+        fresh
+    }
+
+    /// Who is calling: the process as read at accept, the connection's
+    /// binding as it is now.
     fn caller(&self, peer: Peer) -> Caller {
-        let mut caller = {
-            let mut cache = self.callers.lock().unwrap_or_else(|p| p.into_inner());
-            match cache.iter().find(|(c, _)| *c == peer.connection) {
-                Some((_, known)) => known.clone(),
-                None => {
-                    self.core.trust().metrics.agent_connection();
-                    let fresh = Caller::from_peer(peer.uid, peer.pid, Channel::Agent);
-                    if cache.len() >= CALLER_CACHE {
-                        cache.pop_front();
-                    }
-                    cache.push_back((peer.connection, fresh.clone()));
-                    fresh
-                }
-            }
+        let known = {
+            let cache = self.callers.lock().unwrap_or_else(|p| p.into_inner());
+            cache
+                .iter()
+                .find(|(c, _)| *c == peer.connection)
+                .map(|(_, known)| known.clone())
+        };
+        let mut caller = match known {
+            Some(known) => known,
+            // Only a connection evicted from a full cache: read again.
+            None => Caller::from_peer(peer.uid, peer.pid, Channel::Agent),
         };
         caller.forwarded = peer.forwarded;
         caller.host_key = peer.host_key_fingerprint();
@@ -309,6 +319,15 @@ impl Backend for AgentBackend {
                 false
             }
         }
+    }
+
+    fn connected(&self, peer: Peer) {
+        self.remember(peer);
+    }
+
+    fn closed(&self, peer: Peer) {
+        let mut cache = self.callers.lock().unwrap_or_else(|p| p.into_inner());
+        cache.retain(|(c, _)| *c != peer.connection);
     }
 
     fn record_binding(&self, _peer: Peer, _host_key_fingerprint: &str, _forwarding: bool) {
