@@ -818,20 +818,40 @@ fn a_second_run_changes_nothing_and_renew_replaces_exactly_what_expires() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(v["expiring"], 3, "{v}");
 
-    // The metrics gauge shows the earliest expiry: a kubelet's.
+    // The metrics gauge shows the earliest expiry, a kubelet's, and
+    // prometheus_client's parser takes it.
     let m = scrape(metrics_port);
-    let gauge = m
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("keyholder_cluster_cert_earliest_expiry_seconds{cluster=\"lab\"} ")
+    let t = m["keyholder_cluster_cert_earliest_expiry_seconds:gauge"]
+        .as_array()
+        .and_then(|samples| {
+            samples
+                .iter()
+                .find(|s| s[0]["cluster"] == "lab")
+                .and_then(|s| s[1].as_f64())
         })
-        .unwrap_or_else(|| panic!("no gauge: {m}"));
+        .unwrap_or_else(|| panic!("no gauge for lab: {m}"));
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .expect("now")
-        .as_secs();
-    let t: u64 = gauge.trim().parse().expect("number");
-    assert!(t > now + 7000 && t <= now + 7200, "{t} vs {now}");
+        .as_secs_f64();
+    assert!(t > now + 7000.0 && t <= now + 7200.0, "{t} vs {now}");
+    // Its issuances count by CA and profile: 14 + 3 kubelets so far.
+    let issued = |ca: &str, profile: &str| {
+        m["keyholder_issued:counter"]
+            .as_array()
+            .and_then(|samples| {
+                samples
+                    .iter()
+                    .find(|s| s[0]["issuer"] == ca && s[0]["profile"] == profile)
+                    .and_then(|s| s[1].as_f64())
+            })
+            .unwrap_or(0.0)
+    };
+    assert_eq!(issued("lab-ca", "peer"), 6.0, "{m}");
+    assert_eq!(issued("lab-ca", "server"), 1.0, "{m}");
+    assert_eq!(issued("lab-ca", "client"), 5.0, "{m}");
+    assert_eq!(issued("lab-etcd-ca", "client"), 2.0, "{m}");
+    assert_eq!(issued("lab-front-proxy-ca", "client"), 1.0, "{m}");
 
     // --renew re-issues exactly the expiring ones.
     let renewed = json(
@@ -863,16 +883,20 @@ fn a_second_run_changes_nothing_and_renew_replaces_exactly_what_expires() {
     );
 }
 
-fn scrape(port: u16) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    s.write_all(format!("GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").as_bytes())
-        .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    out
+/// The metrics endpoint, parsed by prometheus_client (tests/python/scrape.py).
+fn scrape(port: u16) -> serde_json::Value {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("python3")
+        .arg(root.join("tests/python/scrape.py"))
+        .arg(format!("http://127.0.0.1:{port}/metrics"))
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "scrape.py (pip install prometheus_client): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON")
 }
 
 #[test]

@@ -884,6 +884,7 @@ pub async fn pki(
     let mut records: BTreeMap<String, IssuedCertificate> = BTreeMap::new();
     let mut certs = Vec::with_capacity(items.len());
     let mut serials = Vec::new();
+    let mut issued_by = Vec::new();
     for (it, decision) in items.iter().zip(decisions) {
         let Some((reason, requirement)) = decision else {
             continue;
@@ -951,6 +952,10 @@ pub async fn pki(
             "cluster certificate issued"
         );
         serials.push(format!("{}={}", it.id, issued.serial));
+        issued_by.push(format!(
+            "{ca_name}:{}",
+            format!("{:?}", it.profile).to_lowercase()
+        ));
         let record = IssuedCertificate {
             component: it.component.to_owned(),
             ca: ca_name,
@@ -1024,6 +1029,7 @@ pub async fn pki(
         ("issued", issued_count.to_string()),
         ("kept", kept_count.to_string()),
         ("serials", serials.join(",")),
+        ("issued_by", issued_by.join(" ")),
     ];
     Ok((
         v1::ClusterPkiResponse {
