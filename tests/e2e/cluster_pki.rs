@@ -1070,3 +1070,60 @@ fn cluster_pki_needs_the_admin_capability_and_is_audited_with_its_serials() {
         "{denied}"
     );
 }
+
+#[test]
+fn a_cluster_of_four_hundred_workers_is_issued_and_kept_within_the_message_limits() {
+    let (env, _daemon) = Env::ready();
+    let workers: Vec<String> = (1..=400).map(|i| format!("w-{i}")).collect();
+    let workers: Vec<&str> = workers.iter().map(String::as_str).collect();
+    let spec = loopback_spec(&env, "https://127.0.0.1:6443", &workers, &["etcd-a"]);
+    let dir = env.path().join("big");
+    let started = Instant::now();
+    let first = json(
+        &env,
+        &[
+            "cluster",
+            "pki",
+            "big",
+            "--spec",
+            p(&spec),
+            "--out-dir",
+            p(&dir),
+        ],
+    );
+    eprintln!(
+        "cluster pki, 1 control-plane, 400 workers, 1 etcd: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(first["issued"], 412, "{}", first["issued"]);
+    let before = snapshot(&dir);
+    // A re-run sends only what changed (nothing) and keeps everything.
+    let again = json(&env, &["cluster", "pki", "big"]);
+    assert_eq!(
+        (again["issued"].as_u64(), again["kept"].as_u64()),
+        (Some(0), Some(412))
+    );
+    assert_eq!(changed(&before, &snapshot(&dir)), Vec::<String>::new());
+    // A removed kubeconfig is issued again, and nothing else.
+    std::fs::remove_file(dir.join("nodes/w-200/kubelet.conf")).expect("rm");
+    let out = json(&env, &["cluster", "pki", "big"]);
+    assert_eq!(out["issued"], 1);
+    let c = out["certificates"]
+        .as_array()
+        .expect("certs")
+        .iter()
+        .find(|c| c["action"] == "issued")
+        .expect("one issued")
+        .clone();
+    assert_eq!(
+        (c["id"].as_str(), c["reason"].as_str()),
+        (Some("kubelet/w-200"), Some("missing"))
+    );
+    let mut want = vec![
+        "nodes/w-200/kubelet.conf".to_owned(),
+        "nodes/w-200/pki/kubelet.crt".to_owned(),
+        "nodes/w-200/pki/kubelet.key".to_owned(),
+    ];
+    want.sort();
+    assert_eq!(changed(&before, &snapshot(&dir)), want);
+}

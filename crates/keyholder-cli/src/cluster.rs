@@ -354,33 +354,49 @@ fn cert_json(c: &v1::ClusterCert) -> serde_json::Value {
 pub(crate) async fn pki(channel: Channel, args: PkiArgs, json: bool) -> CliResult {
     let mut admin = v1::admin_client::AdminClient::new(channel);
     let spec = spec(&args)?;
-    let out_dir = match &args.out_dir {
-        Some(d) => absolute(d)?,
-        None => {
-            let listed = admin
-                .list_cluster_certs(v1::ListClusterCertsRequest {
-                    name: args.name.clone(),
-                })
-                .await
-                .map_err(|s| match s.code() {
-                    tonic::Code::NotFound => Failure::new(
-                        4,
-                        format!(
-                            "no cluster PKI {:?} yet: give --spec and --out-dir",
-                            args.name
-                        ),
-                    ),
-                    _ => Failure::from(s),
-                })?
-                .into_inner();
-            PathBuf::from(listed.out_dir)
+    // What was written last time, to send only what differs from it.
+    let listed = match admin
+        .list_cluster_certs(v1::ListClusterCertsRequest {
+            name: args.name.clone(),
+        })
+        .await
+    {
+        Ok(r) => Some(r.into_inner()),
+        Err(s) if s.code() == tonic::Code::NotFound => None,
+        // A policy that allows `admin` but not `list`: every hash is sent.
+        Err(s) if s.code() == tonic::Code::PermissionDenied && args.out_dir.is_some() => None,
+        Err(s) => return Err(s.into()),
+    };
+    let out_dir = match (&args.out_dir, &listed) {
+        (Some(d), _) => absolute(d)?,
+        (None, Some(l)) => PathBuf::from(&l.out_dir),
+        (None, None) => {
+            return Err(Failure::new(
+                4,
+                format!(
+                    "no cluster PKI {:?} yet: give --spec and --out-dir",
+                    args.name
+                ),
+            ));
         }
     };
     let out_dir_text = out_dir
         .to_str()
         .ok_or_else(|| Failure::new(6, "--out-dir must be UTF-8"))?
         .to_owned();
-    let on_disk = hash_tree(&out_dir)?;
+    let mut on_disk = hash_tree(&out_dir)?;
+    let mut missing = Vec::new();
+    if let Some(l) = listed.filter(|l| l.out_dir == out_dir_text) {
+        for (path, hash) in l.written {
+            match on_disk.get(&path) {
+                None => missing.push(path),
+                Some(h) if *h == hash => {
+                    on_disk.remove(&path);
+                }
+                Some(_) => {}
+            }
+        }
+    }
     let response = admin
         .cluster_pki(v1::ClusterPkiRequest {
             name: args.name.clone(),
@@ -390,6 +406,7 @@ pub(crate) async fn pki(channel: Channel, args: PkiArgs, json: bool) -> CliResul
             renew_before_seconds: seconds(args.before),
             renew: args.renew,
             force: args.force,
+            missing,
         })
         .await?
         .into_inner();
