@@ -795,7 +795,11 @@ fn a_second_run_changes_nothing_and_renew_replaces_exactly_what_expires() {
     let old = serials(&env);
     assert_eq!(old.len(), 14);
     let out = env.cli(&["cluster", "certs", "lab"]);
-    assert_fails(&out, 11, "3 certificate(s) of lab expire within 30days");
+    assert_fails(
+        &out,
+        11,
+        "3 certificate(s) of lab expire within 30d: run `keyholder cluster pki lab --renew --before 30d`",
+    );
     let listing = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(listing.lines().count(), 14, "{listing}");
     assert_eq!(

@@ -315,13 +315,44 @@ fn write_file(path: &Path, bytes: &[u8], private: bool) -> CliResult {
     std::fs::rename(&tmp, path).map_err(|e| io_failure("cannot write", path, e))
 }
 
+/// `p` made absolute, without `.` components (so `./pki` is recorded as
+/// the same directory however it is named next time).
 fn absolute(p: &Path) -> CliResult<PathBuf> {
-    if p.is_absolute() {
-        return Ok(p.to_path_buf());
+    let full = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|d| d.join(p))
+            .map_err(|e| Failure::new(1, format!("cannot find the current directory: {e}")))?
+    };
+    Ok(full
+        .components()
+        .filter(|c| !matches!(c, Component::CurDir))
+        .collect())
+}
+
+/// A window as `--before` takes it back: whole days, hours or seconds.
+fn short_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if s > 0 && s.is_multiple_of(86400) {
+        format!("{}d", s / 86400)
+    } else if s > 0 && s.is_multiple_of(3600) {
+        format!("{}h", s / 3600)
+    } else {
+        format!("{s}s")
     }
-    std::env::current_dir()
-        .map(|d| d.join(p))
-        .map_err(|e| Failure::new(1, format!("cannot find the current directory: {e}")))
+}
+
+/// Prints `text` to stdout; a reader that went away (`| head`) is not an error.
+fn print(text: &str) -> CliResult {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(Failure::new(1, format!("cannot write to stdout: {e}")))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn cert_json(c: &v1::ClusterCert) -> serde_json::Value {
@@ -433,21 +464,23 @@ pub(crate) async fn pki(channel: Channel, args: PkiArgs, json: bool) -> CliResul
             })
         );
     } else {
+        let mut text = String::new();
         for c in response.certs.iter().filter(|c| c.action == "issued") {
-            println!(
-                "issued {} ({}): {}, expires {}",
+            text.push_str(&format!(
+                "issued {} ({}): {}, expires {}\n",
                 c.id,
                 c.reason,
                 c.subject,
                 when(c.not_after.as_ref())
-            );
+            ));
         }
-        println!(
-            "{}: {issued} certificates issued, {kept} kept, {} files written to {}",
+        text.push_str(&format!(
+            "{}: {issued} certificates issued, {kept} kept, {} files written to {}\n",
             args.name,
             response.files.len(),
             response.out_dir
-        );
+        ));
+        print(&text)?;
     }
     Ok(())
 }
@@ -491,16 +524,18 @@ pub(crate) async fn certs(channel: Channel, args: CertsArgs, json: bool) -> CliR
             })
         );
     } else {
+        let mut text = String::new();
         for c in &list.certs {
-            println!(
-                "{}{}\t{}\t{}\t{}",
+            text.push_str(&format!(
+                "{}{}\t{}\t{}\t{}\n",
                 if expiring(c) { "! " } else { "" },
                 c.id,
                 c.subject,
                 when(c.not_after.as_ref()),
                 c.files.join(",")
-            );
+            ));
         }
+        print(&text)?;
     }
     if n > 0 {
         return Err(Failure::new(
@@ -508,9 +543,9 @@ pub(crate) async fn certs(channel: Channel, args: CertsArgs, json: bool) -> CliR
             format!(
                 "{n} certificate(s) of {} expire within {}: run `keyholder cluster pki {} --renew --before {}`",
                 args.name,
-                humantime::format_duration(window),
+                short_duration(window),
                 args.name,
-                humantime::format_duration(window)
+                short_duration(window)
             ),
         ));
     }
@@ -531,6 +566,14 @@ mod tests {
         for bad in ["", "../x", "/etc/passwd", "pki/../../x", "./a"] {
             assert!(under(d, bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn windows_print_as_before_takes_them() {
+        assert_eq!(short_duration(Duration::from_secs(30 * 86400)), "30d");
+        assert_eq!(short_duration(Duration::from_secs(3 * 3600)), "3h");
+        assert_eq!(short_duration(Duration::from_secs(90)), "90s");
+        assert_eq!(absolute(Path::new("/a/./b/.")).unwrap(), Path::new("/a/b"));
     }
 
     #[test]
