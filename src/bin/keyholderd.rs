@@ -40,7 +40,8 @@ struct Args {
     #[arg(long, value_name = "pkcs11|yubikey")]
     token_backend: Option<config::TokenBackend>,
     /// The PKCS#11 module to load (e.g. /usr/lib/softhsm/libsofthsm2.so).
-    /// Only this file is ever loaded; no request can name another.
+    /// Only this file is ever loaded (and, for `keyholder token enrol`, the
+    /// config file's `enrol_modules`); no request can name another.
     #[arg(long)]
     pkcs11_module: Option<PathBuf>,
     /// Arguments for the module's C_Initialize, for modules that need them:

@@ -61,6 +61,7 @@ fn openssl(args: &[&str]) {
 #[test]
 fn every_command_prints_one_json_value_with_json() {
     let env = Env::new();
+    env.add_token("second");
     let _daemon = env.start_daemon(&[]);
     let dir = env.path();
     let s = |p: &std::path::Path| p.to_str().expect("utf8").to_owned();
@@ -115,6 +116,24 @@ fn every_command_prints_one_json_value_with_json() {
         ("unlock", vec!["--pin-file".into(), pin.clone()], None),
         ("status", vec![], None),
         ("tokens", vec![], None),
+        (
+            "token enrol",
+            vec![
+                "--token-label".into(),
+                "second".into(),
+                "--token-pin-file".into(),
+                pin.clone(),
+                "--pin-file".into(),
+                pin.clone(),
+            ],
+            None,
+        ),
+        ("token list", vec![], None),
+        (
+            "token revoke",
+            vec!["second".into(), "--pin-file".into(), pin.clone()],
+            None,
+        ),
         ("secret put", vec!["db/pw".into()], Some(b"hunter2")),
         ("secret get", vec!["db/pw".into()], None),
         (

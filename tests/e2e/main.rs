@@ -33,6 +33,7 @@ mod secrets_in_processes;
 mod socket_trust;
 mod ssh;
 mod stock_grpc;
+mod team;
 mod token_docs;
 mod vault_files;
 mod yubikey;

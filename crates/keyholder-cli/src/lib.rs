@@ -19,6 +19,7 @@ mod run;
 mod secrets;
 mod session;
 mod ssh;
+mod token;
 mod trust;
 
 use std::path::{Path, PathBuf};
@@ -89,8 +90,12 @@ enum Command {
     /// Store, read, list and remove secrets.
     #[command(subcommand)]
     Secret(secrets::SecretCommand),
-    /// List the tokens keyholderd's PKCS#11 module sees.
+    /// List the tokens keyholderd's PKCS#11 module sees on this machine,
+    /// enrolled or not (`keyholder token list`: those the vault is enrolled to).
     Tokens(session::TokensArgs),
+    /// Enrol, list and revoke the tokens that open the vault (docs/team.md).
+    #[command(subcommand)]
+    Token(token::TokenCommand),
     /// Create, import, list and export X.509 CAs.
     #[command(subcommand)]
     Ca(pki::CaCommand),
@@ -209,6 +214,7 @@ async fn run(cli: Cli) -> CliResult {
         Command::Lock => session::lock(channel, json).await,
         Command::Status(args) => session::status(channel, args, json).await,
         Command::Tokens(args) => session::tokens(channel, args, json).await,
+        Command::Token(cmd) => token::token(channel, cmd, json).await,
         Command::Secret(cmd) => secrets::secret(channel, cmd, json).await,
         Command::Ca(cmd) => pki::ca(channel, cmd, json).await,
         Command::Cert(cmd) => pki::cert(channel, cmd, json).await,

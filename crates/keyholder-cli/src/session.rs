@@ -38,6 +38,21 @@ pub(crate) struct PinSource {
     allow_final_pin_try: bool,
 }
 
+impl PinSource {
+    /// The pinentry program, unless a file or descriptor gives the PIN.
+    /// Whether the final PIN try may be spent.
+    pub(crate) fn allow_final_pin_try(&self) -> bool {
+        self.allow_final_pin_try
+    }
+
+    pub(crate) fn pinentry_program(&self) -> Option<&PathBuf> {
+        if self.pin_file.is_some() || self.pin_fd.is_some() {
+            return None;
+        }
+        self.pinentry.as_ref().filter(|p| !p.as_os_str().is_empty())
+    }
+}
+
 /// `keyholder init` arguments.
 #[derive(clap::Args, Debug)]
 pub(crate) struct InitArgs {
@@ -147,7 +162,7 @@ pub(crate) struct StatusArgs {
     watch: bool,
 }
 
-fn first_line(bytes: &[u8], what: &str) -> CliResult<SecretString> {
+pub(crate) fn first_line(bytes: &[u8], what: &str) -> CliResult<SecretString> {
     let text = std::str::from_utf8(bytes)
         .map_err(|_| Failure::new(6, format!("the {what} is not UTF-8")))?;
     let line = text.lines().next().unwrap_or("");
@@ -241,7 +256,7 @@ pub(crate) fn ask_pin(src: &PinSource, purpose: &'static str) -> CliResult<Secre
     PinPrompt::new(src, purpose).first()
 }
 
-fn ask_pinentry(
+pub(crate) fn ask_pinentry(
     program: &std::path::Path,
     purpose: &str,
     error: Option<String>,
@@ -317,7 +332,7 @@ fn token_json(t: &v1::TokenInfo) -> serde_json::Value {
     })
 }
 
-fn piv_key_json(k: &v1::PivKeyInfo) -> serde_json::Value {
+pub(crate) fn piv_key_json(k: &v1::PivKeyInfo) -> serde_json::Value {
     let text = |s: &str| (!s.is_empty()).then(|| s.to_owned());
     serde_json::json!({
         "slot": k.slot,
@@ -337,7 +352,7 @@ fn or_unknown(s: &str) -> &str {
 }
 
 /// One line about a PIV vault key: its slot and policies.
-fn piv_key_line(k: &v1::PivKeyInfo) -> String {
+pub(crate) fn piv_key_line(k: &v1::PivKeyInfo) -> String {
     let mut line = format!(
         "PIV slot {}, PIN policy {}, touch policy {}",
         k.slot,
@@ -351,7 +366,7 @@ fn piv_key_line(k: &v1::PivKeyInfo) -> String {
 }
 
 /// One line about a PIV vault key's attestation.
-fn attestation_line(k: &v1::PivKeyInfo) -> String {
+pub(crate) fn attestation_line(k: &v1::PivKeyInfo) -> String {
     if k.attested {
         format!("verified: {}", k.attestation)
     } else if k.attestation.is_empty() {

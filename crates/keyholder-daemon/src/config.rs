@@ -62,8 +62,11 @@ pub struct Config {
     /// How tokens are reached: `pkcs11` (the default) or `yubikey`.
     pub token_backend: TokenBackend,
     /// Path of the PKCS#11 module. Required with the `pkcs11` backend; only
-    /// this file is ever loaded.
+    /// this file, and those of `enrol_modules`, is ever loaded.
     pub pkcs11_module: Option<PathBuf>,
+    /// Further PKCS#11 modules `keyholder token enrol --pkcs11-module` may
+    /// name (absolute paths), loaded for the enrolment only (docs/team.md).
+    pub enrol_modules: Vec<PathBuf>,
     /// Arguments for the module's `C_Initialize` (NSS softokn reads its
     /// database from them); none for most modules.
     pub pkcs11_init_args: Option<String>,
@@ -216,6 +219,7 @@ impl Default for Config {
         Self {
             token_backend: TokenBackend::Pkcs11,
             pkcs11_module: None,
+            enrol_modules: Vec::new(),
             pkcs11_init_args: None,
             token: None,
             vault: xdg("XDG_DATA_HOME", ".local/share").join("keyholder/vault.age"),
@@ -289,6 +293,12 @@ impl Config {
 
     /// Checks values that TOML cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(m) = self.enrol_modules.iter().find(|m| !m.is_absolute()) {
+            return Err(ConfigError(format!(
+                "enrol_modules: {} is not an absolute path",
+                m.display()
+            )));
+        }
         if self.token_backend == TokenBackend::Pkcs11 && self.pkcs11_module.is_none() {
             return Err(ConfigError(
                 "no PKCS#11 module configured: pass --pkcs11-module PATH or set pkcs11_module in \

@@ -321,7 +321,7 @@ impl Core {
                     idle_deadline: wall(idle_at),
                     generation: u.vault.body.generation,
                     secret_count: u64::try_from(u.vault.body.secrets.len()).unwrap_or(u64::MAX),
-                    rollback_protection: u.vault.body.rollback_protection,
+                    rollback_protection: rollback::protected(&u.vault),
                 }))
             }
         };
@@ -411,6 +411,25 @@ impl Core {
         self.shutdown_tx.subscribe()
     }
 
+    /// The token backend the daemon was started with.
+    pub(crate) fn backend(&self) -> &dyn Backend {
+        self.tokens.as_ref()
+    }
+
+    /// The configured PKCS#11 module's path, as recorded in a token's
+    /// entry (empty with the native YubiKey backend).
+    pub(crate) fn module_name(&self) -> String {
+        match self.config.token_backend {
+            crate::config::TokenBackend::Pkcs11 => self
+                .config
+                .pkcs11_module
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            crate::config::TokenBackend::Yubikey => String::new(),
+        }
+    }
+
     fn selector(&self) -> Result<Option<Selector>> {
         let Some(t) = self.config.token.as_deref().filter(|t| !t.is_empty()) else {
             return Ok(None);
@@ -484,7 +503,7 @@ impl Core {
     /// holding the card replaces its keys without the PIN. (Through ykcs11
     /// Keyholder cannot tell which backend's card it is; docs/yubikey.md
     /// says to change the key there too.)
-    fn check_management_key(
+    pub(crate) fn check_management_key(
         &self,
         token: &TokenDescription,
         key: &SecretString,
@@ -516,7 +535,7 @@ impl Core {
     /// of it (slot, policies, origin, attestation), decides whether it is
     /// enrolled (see `keyholder_pki::attestation::enroll`) and returns the
     /// record kept in the vault. `None` for other tokens.
-    fn enroll(
+    pub(crate) fn enroll(
         &self,
         token: &TokenDescription,
         session: &dyn Session,
@@ -736,6 +755,11 @@ impl Core {
                         serial: token.serial.clone(),
                         key_id: keyholder_pki::hex(&key.id),
                         piv: piv.clone(),
+                        backend: self.config.token_backend.as_str().to_owned(),
+                        module: self.module_name(),
+                        enrolled_at: String::new(),
+                        last_used: String::new(),
+                        rollback_record: true,
                     },
                     recovery,
                 )?;
@@ -904,7 +928,7 @@ impl Core {
             elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
             "unlocked"
         );
-        self.remember_vault_token(&unlocked.token, unlocked.vault.body.rollback_protection);
+        self.remember_vault_token(&unlocked.token, rollback::protected(&unlocked.vault));
         let recorded = unlocked
             .vault
             .body
@@ -932,6 +956,8 @@ impl Core {
         if let Err(e) = self.audit_anchor().await {
             tracing::warn!(error = %crate::escape::Escaped(&e), "no audit anchor at unlock");
         }
+        drop(_writer);
+        self.record_last_used().await;
         Ok(Some(self.status()))
     }
 
@@ -1005,7 +1031,7 @@ impl Core {
         // The audit log's head goes into the vault with every write, after
         // an anchor: a log that cannot be written stops the write here.
         let audit_head = self.audit_anchor().await?;
-        let (body_new, out, bytes, expected, vault_id) = {
+        let (body_new, out, bytes, expected, vault_id, own_recipient) = {
             let state = self.read_state();
             let State::Unlocked(u) = &*state else {
                 return Err(self.locked());
@@ -1022,10 +1048,17 @@ impl Core {
                 bytes,
                 u.revision.clone(),
                 u.vault.vault_id().to_owned(),
+                u.vault.token_recipient().to_owned(),
             )
         };
         let generation = body_new.generation;
-        let protected = body_new.rollback_protection;
+        let protected = body_new.rollback_protection
+            && body_new
+                .recipients
+                .tokens
+                .iter()
+                .find(|t| t.recipient == own_recipient)
+                .is_none_or(|t| t.rollback_record);
         let revision = token_call(|| {
             let revision = self
                 .storage
@@ -1119,7 +1152,7 @@ impl Core {
                 (
                     bytes,
                     body.generation,
-                    body.rollback_protection,
+                    rollback::protected(&u.vault),
                     u.revision.clone(),
                     u.vault.vault_id().to_owned(),
                 )
@@ -1231,7 +1264,7 @@ pub struct Enrollment {
 }
 
 impl Enrollment {
-    fn roots(&self) -> Result<keyholder_pki::attestation::AttestationRoots> {
+    pub(crate) fn roots(&self) -> Result<keyholder_pki::attestation::AttestationRoots> {
         let mut roots = keyholder_pki::attestation::AttestationRoots::yubico();
         if self.attestation_roots_pem.trim().is_empty() {
             return Ok(roots);
@@ -1271,7 +1304,7 @@ fn live_record(facts: &PivKeyFacts) -> PivKeyRecord {
 
 /// What to do instead of generating the vault key with a chosen id on a
 /// PIV card.
-const PIV_INIT_ADVICE: &str = "Pass --piv-slot 9d (or an empty retired slot 82 to 95) and \
+pub(crate) const PIV_INIT_ADVICE: &str = "Pass --piv-slot 9d (or an empty retired slot 82 to 95) and \
      --management-key-file, or adopt a key already in a slot with \
      --token-uri 'pkcs11:token=...;id=%03'";
 

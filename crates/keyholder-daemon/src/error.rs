@@ -190,7 +190,7 @@ impl Error {
                 VaultError::Damaged(_)
                 | VaultError::NotAuthentic
                 | VaultError::UnsupportedVersion(_) => Code::DataLoss,
-                VaultError::NotForThisToken => Code::FailedPrecondition,
+                VaultError::NotForThisToken | VaultError::NoTokens => Code::FailedPrecondition,
                 VaultError::InvalidRecipient(_) => Code::InvalidArgument,
                 VaultError::Token(TokenError::TokenRemoved(_)) => Code::Unavailable,
                 VaultError::Token(TokenError::Unsupported { .. }) => Code::FailedPrecondition,

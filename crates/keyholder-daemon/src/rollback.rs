@@ -18,6 +18,12 @@ fn label(vault_id: &str) -> String {
 /// it; a newer one (a crash after the file was written, or a token without
 /// a record yet) moves the record up.
 pub fn check(session: &dyn Session, vault: &OpenVault, accept_older: bool) -> Result<Option<u64>> {
+    if vault.body.rollback_protection && !protected(vault) {
+        tracing::info!(
+            "rollback detection is off while this token is in use (it was enrolled without the record)"
+        );
+        return Ok(None);
+    }
     if !vault.body.rollback_protection {
         // Created so on purpose, on a token that cannot hold the record;
         // Status shows it.
@@ -56,6 +62,13 @@ pub fn check(session: &dyn Session, vault: &OpenVault, accept_older: bool) -> Re
             Ok(None)
         }
     }
+}
+
+/// Whether the token `vault` was opened with keeps the vault's generation
+/// record: the vault has rollback detection, and the token was not enrolled
+/// without the record.
+pub fn protected(vault: &OpenVault) -> bool {
+    vault.body.rollback_protection && vault.own_entry().is_none_or(|t| t.rollback_record)
 }
 
 /// Whether the token can hold a generation record: one is written and

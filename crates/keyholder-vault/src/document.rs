@@ -211,6 +211,57 @@ pub struct TokenRecipient {
     /// Absent in vaults made before it existed, or on other tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub piv: Option<PivKeyRecord>,
+    /// How the token is reached: `pkcs11` or `yubikey` (native PIV).
+    /// Empty in entries written before enrolment existed (informational).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub backend: String,
+    /// The PKCS#11 module the token was enrolled through (informational;
+    /// empty when not recorded).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub module: String,
+    /// When the token was enrolled by `keyholder token enrol`, RFC 3339 UTC
+    /// (empty for the token the vault was created on).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub enrolled_at: String,
+    /// When the token last opened the vault, RFC 3339 UTC; recorded only in
+    /// vaults with more than the token they were created on.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub last_used: String,
+    /// Whether the token holds the vault's generation record (rollback
+    /// detection while it is the token in use). `false` only for a token
+    /// enrolled, on request, though it cannot store the record.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub rollback_record: bool,
+}
+
+/// The MAC keys of every enrolled token and the audit key, for a vault
+/// with more than the token it was created on: whoever opens the vault
+/// with one token writes an authentication entry for every token, and
+/// keeps the audit chain's key whatever token opened it. Kept in the
+/// authenticated, encrypted body; absent from single-token vaults.
+#[derive(Clone, Default, Serialize, Deserialize)]
+pub struct TeamKeys {
+    /// Base64 of the audit anchor key (see `OpenVault::audit_key`).
+    #[serde(serialize_with = "ser_secret", deserialize_with = "de_secret")]
+    pub audit: Zeroizing<String>,
+    /// Base64 of each token's MAC key, by its recipient (`age1tag1...`).
+    #[serde(default)]
+    pub tokens: BTreeMap<String, TeamKey>,
+}
+
+/// One token's MAC key, base64.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TeamKey(
+    #[serde(serialize_with = "ser_secret", deserialize_with = "de_secret")] pub Zeroizing<String>,
+);
+
+impl fmt::Debug for TeamKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TeamKeys")
+            .field("tokens", &self.tokens.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
 }
 
 /// What was known of a PIV card's key when it was enrolled. Every field is
@@ -292,6 +343,10 @@ pub struct Body {
     /// empty).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub cluster_pki: crate::cluster_pki::ClusterPkis,
+    /// The keys a vault with several tokens needs (see [`TeamKeys`]);
+    /// absent until a second token is enrolled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team_keys: Option<TeamKeys>,
 }
 
 /// The head of the audit log's chain (docs/audit.md).

@@ -36,7 +36,7 @@ use zeroize::Zeroizing;
 
 pub use document::{
     AuditHead, Body, CaEntry, CaKey, CaKind, ClusterEntry, KeyEntry, KeyUsage, OldValue,
-    PivKeyRecord, Recipients, SecretEntry, SshCertificateEntry, TokenRecipient,
+    PivKeyRecord, Recipients, SecretEntry, SshCertificateEntry, TeamKey, TeamKeys, TokenRecipient,
 };
 pub use storage::{FileStorage, Revision, Storage, StorageError};
 pub use tag::{
@@ -84,6 +84,13 @@ pub enum VaultError {
     /// Encrypting failed.
     #[error("cannot encrypt the vault: {0}")]
     Encrypt(String),
+    /// The body lists no token: no token may open it (every one was
+    /// revoked, or the file was made by hand).
+    #[error(
+        "the vault lists no enrolled token, so no token may open it; open a copy that lists \
+         one, or recover it with the recovery identity"
+    )]
+    NoTokens,
 }
 
 /// The age file's `p256tag` stanzas, read without any token operation; see
@@ -243,6 +250,7 @@ impl OpenVault {
                 policy: None,
                 audit_head: None,
                 cluster_pki: Default::default(),
+                team_keys: None,
             },
             vault_id,
             token_recipient,
@@ -300,6 +308,9 @@ impl OpenVault {
             .map_err(|_| VaultError::NotAuthentic)?;
         let body: Body = serde_json::from_str(envelope.body.get())
             .map_err(|e| VaultError::Damaged(format!("body does not parse ({e})")))?;
+        if body.recipients.tokens.is_empty() {
+            return Err(VaultError::NoTokens);
+        }
         let parsed = ParsedRecipients::parse(&body.recipients).ok();
         Ok(Self {
             body,
@@ -315,6 +326,16 @@ impl OpenVault {
     /// vault's MAC key, so it exists only while the vault is open, and only
     /// the token's holder can make it.
     pub fn audit_key(&self) -> Zeroizing<[u8; 32]> {
+        // A vault with several tokens keeps the key it had before the
+        // second token came, so the chain verifies whichever token opens it.
+        if let Some(key) = self
+            .body
+            .team_keys
+            .as_ref()
+            .and_then(|t| decode_key(&t.audit))
+        {
+            return key;
+        }
         let hk = hkdf::Hkdf::<Sha256>::new(Some(AUDIT_KEY_SALT), self.mac_key.as_ref());
         let mut out = Zeroizing::new([0u8; 32]);
         // 32 bytes is far below HKDF-SHA256's limit of 8160.
@@ -332,6 +353,60 @@ impl OpenVault {
     /// The token recipient this vault was opened with.
     pub fn token_recipient(&self) -> &str {
         &self.token_recipient
+    }
+
+    /// The body's entry for the token this vault was opened with.
+    pub fn own_entry(&self) -> Option<&TokenRecipient> {
+        self.body
+            .recipients
+            .tokens
+            .iter()
+            .find(|t| t.recipient == self.token_recipient)
+    }
+
+    /// The MAC key of another token `key` for this vault (one token
+    /// operation on that token): what it checks this vault's
+    /// authentication entry with once enrolled.
+    pub fn mac_key_of<K: KeyAgreement>(&self, key: &K) -> Result<TeamKey, VaultError> {
+        let k = mac_key(key, &self.vault_id)?;
+        Ok(TeamKey(Zeroizing::new(BASE64_STANDARD.encode(&k[..]))))
+    }
+
+    /// The team keys of `body` with `recipient`'s key added: on the first
+    /// enrolment, with this token's own MAC key and the audit key the vault
+    /// had so far, so neither changes for the tokens already there.
+    pub fn team_keys_with(&self, body: &Body, recipient: &str, key: TeamKey) -> TeamKeys {
+        let mut team = body.team_keys.clone().unwrap_or_else(|| TeamKeys {
+            audit: Zeroizing::new(BASE64_STANDARD.encode(&self.audit_key()[..])),
+            tokens: Default::default(),
+        });
+        team.tokens
+            .entry(self.token_recipient.clone())
+            .or_insert_with(|| TeamKey(Zeroizing::new(BASE64_STANDARD.encode(&self.mac_key[..]))));
+        team.tokens.insert(recipient.to_owned(), key);
+        team
+    }
+
+    /// The MAC key of every token of `body` this vault can write an
+    /// authentication entry for: its own, and those of the team keys.
+    fn mac_keys(&self, body: &Body) -> Result<Vec<MacKey>, VaultError> {
+        let mut out = Vec::with_capacity(body.recipients.tokens.len().max(1));
+        let Some(team) = &body.team_keys else {
+            // A single-token vault: the entry of the token that opened it.
+            out.push((self.token_recipient.clone(), self.mac_key.clone()));
+            return Ok(out);
+        };
+        for t in &body.recipients.tokens {
+            if t.recipient == self.token_recipient {
+                out.push((t.recipient.clone(), self.mac_key.clone()));
+            } else if let Some(k) = team.tokens.get(&t.recipient) {
+                let key = decode_key(&k.0).ok_or_else(|| {
+                    VaultError::Encrypt(format!("the MAC key of {} is malformed", t.recipient))
+                })?;
+                out.push((t.recipient.clone(), key));
+            }
+        }
+        Ok(out)
     }
 
     /// Encrypts `body` with generation and update time set for the next
@@ -409,16 +484,25 @@ impl OpenVault {
 
     /// Writes the document (head, MACed body, MAC, tail) into `doc`.
     fn write_document<W: Write>(&self, doc: &mut Staged<W>, body: &Body) -> Result<(), VaultError> {
+        let keys = self.mac_keys(body)?;
         document::write_head(doc, &self.vault_id).map_err(encrypt_err)?;
-        doc.start_mac(mac_init(&self.mac_key, &self.vault_id))
-            .map_err(encrypt_err)?;
+        doc.start_macs(
+            keys.iter()
+                .map(|(_, k)| mac_init(k, &self.vault_id))
+                .collect(),
+        )
+        .map_err(encrypt_err)?;
         document::write_body(doc, body).map_err(encrypt_err)?;
-        let tag = doc.take_mac().map_err(encrypt_err)?.finalize().into_bytes();
-        let auth = [document::AuthTag {
-            recipient: self.token_recipient.clone(),
-            alg: MAC_ALG.into(),
-            mac: BASE64_STANDARD.encode(tag),
-        }];
+        let macs = doc.take_macs().map_err(encrypt_err)?;
+        let auth: Vec<document::AuthTag> = keys
+            .into_iter()
+            .zip(macs)
+            .map(|((recipient, _), m)| document::AuthTag {
+                recipient,
+                alg: MAC_ALG.into(),
+                mac: BASE64_STANDARD.encode(m.finalize().into_bytes()),
+            })
+            .collect();
         document::write_tail(doc, &auth).map_err(encrypt_err)
     }
 }
@@ -443,6 +527,20 @@ impl Write for Blocks {
     }
 }
 
+/// A token's recipient and its MAC key.
+type MacKey = (String, Zeroizing<[u8; 32]>);
+
+/// A 32-byte key from its base64.
+fn decode_key(b64: &str) -> Option<Zeroizing<[u8; 32]>> {
+    let bytes = Zeroizing::new(BASE64_STANDARD.decode(b64.as_bytes()).ok()?);
+    let mut out = Zeroizing::new([0u8; 32]);
+    if bytes.len() != out.len() {
+        return None;
+    }
+    out.copy_from_slice(&bytes);
+    Some(out)
+}
+
 fn encrypt_err(e: impl std::fmt::Display) -> VaultError {
     VaultError::Encrypt(e.to_string())
 }
@@ -456,7 +554,7 @@ const STAGE: usize = 64 * 1024;
 struct Staged<W: Write> {
     out: W,
     buf: Zeroizing<Vec<u8>>,
-    mac: Option<Hmac<Sha256>>,
+    macs: Vec<Hmac<Sha256>>,
     total: usize,
 }
 
@@ -465,13 +563,13 @@ impl<W: Write> Staged<W> {
         Self {
             out,
             buf: Zeroizing::new(Vec::with_capacity(STAGE)),
-            mac: None,
+            macs: Vec::new(),
             total: 0,
         }
     }
 
     fn pass_on(&mut self) -> std::io::Result<()> {
-        if let Some(m) = &mut self.mac {
+        for m in &mut self.macs {
             m.update(&self.buf);
         }
         self.out.write_all(&self.buf)?;
@@ -482,19 +580,24 @@ impl<W: Write> Staged<W> {
         Ok(())
     }
 
-    /// Everything written from now on is also MACed.
-    fn start_mac(&mut self, mac: Hmac<Sha256>) -> std::io::Result<()> {
+    /// Everything written from now on is also MACed, by each of `macs`
+    /// (one per token).
+    fn start_macs(&mut self, macs: Vec<Hmac<Sha256>>) -> std::io::Result<()> {
         self.pass_on()?;
-        self.mac = Some(mac);
+        if macs.is_empty() {
+            return Err(std::io::Error::other("no MAC key"));
+        }
+        self.macs = macs;
         Ok(())
     }
 
-    /// The MAC over what was written since [`Staged::start_mac`].
-    fn take_mac(&mut self) -> std::io::Result<Hmac<Sha256>> {
+    /// The MACs over what was written since [`Staged::start_macs`].
+    fn take_macs(&mut self) -> std::io::Result<Vec<Hmac<Sha256>>> {
         self.pass_on()?;
-        self.mac
-            .take()
-            .ok_or_else(|| std::io::Error::other("no MAC was started"))
+        if self.macs.is_empty() {
+            return Err(std::io::Error::other("no MAC was started"));
+        }
+        Ok(std::mem::take(&mut self.macs))
     }
 
     /// The inner writer, and how many bytes went through.
@@ -514,7 +617,7 @@ impl<W: Write> Staged<W> {
             self.buf.extend_from_slice(data);
             return Ok(());
         }
-        if let Some(m) = &mut self.mac {
+        for m in &mut self.macs {
             m.update(data);
         }
         self.out.write_all(data)?;
@@ -561,6 +664,11 @@ mod tests {
             serial: "1".into(),
             key_id: "00".into(),
             piv: None,
+            backend: String::new(),
+            module: String::new(),
+            enrolled_at: String::new(),
+            last_used: String::new(),
+            rollback_record: true,
         }
     }
 
@@ -649,6 +757,91 @@ mod tests {
         assert_eq!(e.history()[0].value().unwrap().as_slice(), b"hunter2");
         let err = OpenVault::open(&version_1_file(&k, 4), &k).unwrap_err();
         assert!(matches!(err, VaultError::UnsupportedVersion(4)), "{err}");
+    }
+
+    #[test]
+    fn an_enrolled_token_opens_and_writes_for_every_token_and_a_revoked_one_does_not() {
+        let (a, b) = (key(), key());
+        let (_, bytes) = new_vault(&a, vec![]);
+        let va = OpenVault::open(&bytes, &a).unwrap();
+        let audit_before = va.audit_key();
+        // Enrol b: its MAC key, its entry, the team keys.
+        let mut body = va.body.clone();
+        let entry_b = token(&b);
+        body.team_keys =
+            Some(va.team_keys_with(&body, &entry_b.recipient, va.mac_key_of(&b).unwrap()));
+        body.recipients.tokens.push(entry_b.clone());
+        let two = va.next(&mut body).unwrap();
+        assert_eq!(probe(&two).unwrap().len(), 2);
+        let by_a = OpenVault::open(&two, &a).unwrap();
+        let by_b = OpenVault::open(&two, &b).unwrap();
+        assert_eq!(
+            by_b.body.secrets["db/pw"].value().unwrap().as_slice(),
+            b"hunter2"
+        );
+        assert_eq!(by_b.own_entry().unwrap().recipient, entry_b.recipient);
+        // The audit key is the one the vault had, whoever opens it.
+        assert_eq!(*by_a.audit_key(), *audit_before);
+        assert_eq!(*by_b.audit_key(), *audit_before);
+        // b writes; a still authenticates it.
+        let mut body = by_b.body.clone();
+        body.secrets.insert(
+            "b/wrote".into(),
+            SecretEntry::new(b"yes", "2026-01-01T00:00:00Z"),
+        );
+        let written_by_b = by_b.next(&mut body).unwrap();
+        let again = OpenVault::open(&written_by_b, &a).unwrap();
+        assert_eq!(
+            again.body.secrets["b/wrote"].value().unwrap().as_slice(),
+            b"yes"
+        );
+        // b revokes a: the new file does not open with a, the old one does.
+        let mut body = again.body.clone();
+        body.recipients
+            .tokens
+            .retain(|t| t.recipient != va.token_recipient());
+        if let Some(team) = &mut body.team_keys {
+            team.tokens.remove(va.token_recipient());
+        }
+        let without_a = by_b.next(&mut body).unwrap();
+        assert!(matches!(
+            OpenVault::open(&without_a, &a),
+            Err(VaultError::NotForThisToken)
+        ));
+        OpenVault::open(&without_a, &b).unwrap();
+        OpenVault::open(&written_by_b, &a).unwrap();
+        // No token left: refused on open, even by a token that decrypts it.
+        let mut body = by_b.body.clone();
+        body.recipients.tokens.clear();
+        body.team_keys = None;
+        let to_b = Recipients {
+            tokens: vec![entry_b.clone()],
+            recovery: vec![],
+        };
+        let empty = seal_to(&by_b, &body, &to_b);
+        assert!(matches!(
+            OpenVault::open(&empty, &b),
+            Err(VaultError::NoTokens)
+        ));
+    }
+
+    /// `body` as `v` writes it, encrypted to `to` whatever it lists.
+    fn seal_to(v: &OpenVault, body: &Body, to: &Recipients) -> Vec<u8> {
+        let parsed = ParsedRecipients::parse(to).unwrap();
+        let enc = age::Encryptor::with_recipients(
+            parsed
+                .list
+                .iter()
+                .map(|b| b.as_ref() as &dyn age::Recipient),
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        let mut w = enc.wrap_output(&mut out).unwrap();
+        let mut doc = Staged::new(&mut w);
+        v.write_document(&mut doc, body).unwrap();
+        doc.finish().unwrap();
+        w.finish().unwrap();
+        out
     }
 
     #[test]

@@ -21,6 +21,34 @@ use crate::gate::Needs;
 /// The Admin service.
 pub struct AdminService(pub Arc<Core>);
 
+/// The token a request names, for policy and audit (`token:LABEL`).
+fn token_name(t: Option<&v1::TokenSelector>) -> String {
+    t.map(|t| {
+        [&t.label, &t.serial, &t.uri]
+            .into_iter()
+            .find(|v| !v.is_empty())
+            .cloned()
+            .unwrap_or_default()
+    })
+    .unwrap_or_default()
+}
+
+/// Enrolling and revoking tokens change who opens the vault: like policy,
+/// never from another machine (and EnrolToken loads a module the caller
+/// names, which only a local caller of keyholderd's own uid may).
+fn not_over_tcp<T>(request: &Request<T>) -> crate::error::Result<()> {
+    if request
+        .extensions()
+        .get::<crate::remote::TcpConnectInfo>()
+        .is_some()
+    {
+        return Err(crate::error::Error::PermissionDenied(
+            "tokens are enrolled and revoked through the local socket only".into(),
+        ));
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl v1::admin_server::Admin for AdminService {
     async fn init(
@@ -57,6 +85,72 @@ impl v1::admin_server::Admin for AdminService {
         Ok(Response::new(
             ticket.finish(result.map(|r| (r, Vec::new()))).await?,
         ))
+    }
+
+    async fn enrol_token(
+        &self,
+        request: Request<v1::EnrolTokenRequest>,
+    ) -> Result<Response<v1::EnrolTokenResponse>, Status> {
+        let access = Access::Admin {
+            object: format!("token:{}", token_name(request.get_ref().token.as_ref())),
+        };
+        let ticket = admit(
+            &self.0,
+            &request,
+            "Admin.EnrolToken",
+            Needs::Unlocked,
+            access,
+        )
+        .await?;
+        let result = not_over_tcp(&request).map(|()| request.into_inner());
+        let result = match result {
+            Ok(req) => tokens::enrol(&self.0, req).await,
+            Err(e) => Err(e),
+        };
+        Ok(Response::new(ticket.finish(result).await?))
+    }
+
+    async fn list_enrolled_tokens(
+        &self,
+        request: Request<v1::ListEnrolledTokensRequest>,
+    ) -> Result<Response<v1::ListEnrolledTokensResponse>, Status> {
+        let ticket = admit(
+            &self.0,
+            &request,
+            "Admin.ListEnrolledTokens",
+            Needs::Unlocked,
+            Access::List {
+                what: "tokens",
+                prefix: String::new(),
+            },
+        )
+        .await?;
+        let result = tokens::list_enrolled(&self.0);
+        Ok(Response::new(
+            ticket.finish(result.map(|r| (r, Vec::new()))).await?,
+        ))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<v1::RevokeTokenRequest>,
+    ) -> Result<Response<v1::RevokeTokenResponse>, Status> {
+        let ticket = admit(
+            &self.0,
+            &request,
+            "Admin.RevokeToken",
+            Needs::Unlocked,
+            Access::Admin {
+                object: format!("token:{}", request.get_ref().token),
+            },
+        )
+        .await?;
+        let result = not_over_tcp(&request).map(|()| request.into_inner());
+        let result = match result {
+            Ok(req) => tokens::revoke(&self.0, req).await,
+            Err(e) => Err(e),
+        };
+        Ok(Response::new(ticket.finish(result).await?))
     }
 
     async fn create_ca(
