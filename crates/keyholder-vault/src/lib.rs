@@ -159,6 +159,14 @@ fn mac(key: &[u8; 32], vault_id: &str, body: &[u8]) -> Hmac<Sha256> {
     m
 }
 
+/// The MAC key of the token `key` for the vault `vault_id` (one token
+/// operation), as the vault's team keys keep it: what the token checks its
+/// authentication entry with.
+pub fn team_key<K: KeyAgreement>(key: &K, vault_id: &str) -> Result<TeamKey, VaultError> {
+    let k = mac_key(key, vault_id)?;
+    Ok(TeamKey(Zeroizing::new(BASE64_STANDARD.encode(&k[..]))))
+}
+
 /// An open vault: the decrypted body and what is needed to write it back.
 pub struct OpenVault {
     /// The decrypted, authenticated content.
@@ -368,8 +376,7 @@ impl OpenVault {
     /// operation on that token): what it checks this vault's
     /// authentication entry with once enrolled.
     pub fn mac_key_of<K: KeyAgreement>(&self, key: &K) -> Result<TeamKey, VaultError> {
-        let k = mac_key(key, &self.vault_id)?;
-        Ok(TeamKey(Zeroizing::new(BASE64_STANDARD.encode(&k[..]))))
+        team_key(key, &self.vault_id)
     }
 
     /// The team keys of `body` with `recipient`'s key added: on the first
