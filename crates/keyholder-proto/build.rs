@@ -29,6 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "keyholder.v1.SetPolicyRequest",
             "keyholder.v1.CreateGrantRequest",
             "keyholder.v1.CreateGrantResponse",
+            "keyholder.v1.ClusterPkiFile",
         ])
         .file_descriptor_set_path(&descriptor_path)
         .skip_protoc_run()

@@ -205,7 +205,7 @@ fn free_port() -> u16 {
 }
 
 /// A process stopped by PID when dropped.
-pub(crate) struct Running(Child);
+pub(crate) struct Running(pub(crate) Child);
 
 impl Drop for Running {
     fn drop(&mut self) {
@@ -477,11 +477,18 @@ pub(crate) struct ApiServer {
     pub(crate) port: u16,
     stop: Arc<std::sync::atomic::AtomicBool>,
     pub(crate) seen: Arc<std::sync::Mutex<Vec<String>>>,
+    /// The client certificates (DER) it was shown, in order.
+    pub(crate) seen_certs: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl ApiServer {
     pub(crate) fn start(ca_pem: &Path, cert: &Path, key: &Path) -> Self {
+        Self::start_on(0, ca_pem, cert, key)
+    }
+
+    /// [`ApiServer::start`] on the loopback port `port` (0: any).
+    pub(crate) fn start_on(port: u16, ca_pem: &Path, cert: &Path, key: &Path) -> Self {
         use rustls_pki_types::pem::PemObject;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = rustls::RootCertStore::empty();
@@ -507,19 +514,20 @@ impl ApiServer {
             .expect("server config");
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let config = Arc::new(config);
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind");
         listener.set_nonblocking(true).expect("nonblocking");
         let port = listener.local_addr().expect("addr").port();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (stop2, seen2) = (stop.clone(), seen.clone());
+        let seen_certs = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (stop2, seen2, certs2) = (stop.clone(), seen.clone(), seen_certs.clone());
         let thread = std::thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(120);
             while !stop2.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
                 match listener.accept() {
                     Ok((tcp, _)) => {
-                        let (config, seen) = (config.clone(), seen2.clone());
-                        std::thread::spawn(move || serve(tcp, config, seen));
+                        let (config, seen, certs) = (config.clone(), seen2.clone(), certs2.clone());
+                        std::thread::spawn(move || serve(tcp, config, seen, certs));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(10)),
                 }
@@ -529,6 +537,7 @@ impl ApiServer {
             port,
             stop,
             seen,
+            seen_certs,
             thread: Some(thread),
         }
     }
@@ -547,6 +556,7 @@ fn serve(
     tcp: TcpStream,
     config: Arc<rustls::ServerConfig>,
     seen: Arc<std::sync::Mutex<Vec<String>>>,
+    seen_certs: Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
 ) {
     let _ = tcp.set_nonblocking(false);
     let _ = tcp.set_read_timeout(Some(Duration::from_secs(10)));
@@ -573,6 +583,10 @@ fn serve(
     {
         let cn = x509_cn(first.as_ref());
         seen.lock().expect("seen").push(cn);
+        seen_certs
+            .lock()
+            .expect("seen")
+            .push(first.as_ref().to_vec());
     }
     let body = r#"{"major":"1","minor":"30","gitVersion":"v1.30.0-keyholder-test","platform":"linux/amd64"}"#;
     let response = format!(

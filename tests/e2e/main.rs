@@ -6,6 +6,7 @@ mod util;
 mod api_docs;
 mod audit;
 mod bad_input;
+mod cluster_pki;
 mod connections;
 mod crash;
 mod faults;

@@ -128,6 +128,30 @@ fn the_metrics_endpoint_counts_what_the_session_did_and_names_no_secret() {
     let text = m.to_string();
     assert!(!text.contains("very-secret-name"), "{text}");
     assert!(!text.contains("canary"), "{text}");
+    // A page in a browser reaching the port under a rebound name gets
+    // nothing.
+    let rebound = Command::new("python3")
+        .args([
+            "-c",
+            "import http.client, sys\n\
+             c = http.client.HTTPConnection('127.0.0.1', int(sys.argv[1]), timeout=10)\n\
+             c.request('GET', '/metrics', headers={'Host': 'evil.example'})\n\
+             print(c.getresponse().status, end='')",
+        ])
+        .arg(port.to_string())
+        .output()
+        .expect("python3");
+    assert_eq!(
+        String::from_utf8_lossy(&rebound.stdout),
+        "421",
+        "{rebound:?}"
+    );
+    // A second daemon whose metrics port is taken still serves its socket.
+    let other = Env::new();
+    let second = other.start_daemon(&["--metrics-listen", &format!("127.0.0.1:{port}")]);
+    other.init();
+    assert!(other.ok(&["status"]).contains("locked"));
+    drop(second);
     drop(daemon);
 
     // Metrics only on loopback.

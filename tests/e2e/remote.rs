@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::kube::{ApiServer, kubectl};
-use crate::util::{Daemon, Env};
+use crate::util::{Daemon, Env, assert_fails};
 
 fn p(path: &Path) -> &str {
     path.to_str().expect("utf8 path")
@@ -518,9 +518,33 @@ fn a_remote_profile_in_the_cli_config_sends_every_command_to_the_listener() {
     // What the policy does not grant ci-runner is refused remotely too.
     let out = run(&["secret", "get", "db/prod"]);
     assert_eq!(out.status.code(), Some(7), "{out:?}");
-    let out = run(&["lock"]);
-    assert_eq!(out.status.code(), Some(7), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not served over TCP"));
+    // What takes the PIN or changes who may do what is refused before
+    // anything is asked or sent: the PIN never leaves this machine.
+    for args in [
+        &["lock"][..],
+        &["unlock", "--pin-file", "/nonexistent/pin"],
+        &["policy", "get"],
+        &["grant", "list"],
+    ] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr)
+                .contains("only for the machine keyholderd runs on"),
+            "{out:?}"
+        );
+    }
+    assert!(r.env.ok(&["status"]).contains("unlocked"));
+    // A client key others may read is refused, as ssh refuses one.
+    use std::os::unix::fs::PermissionsExt;
+    let key = config.join("key.pem");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = run(&["status"]);
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("others may read it"),
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -569,4 +593,52 @@ fn a_connection_made_before_a_lock_gets_nothing_after_it() {
             .contains("locked since this connection was made"),
         "{v}"
     );
+}
+
+/// The listener's CAs issue through the API only what cannot pass for the
+/// listener or log in as another client: a server or peer certificate from
+/// the client CA (it would carry clientAuth under any name) is refused, so
+/// is one for a listener name, and a client certificate is still issued.
+#[test]
+fn the_listener_cas_do_not_issue_certificates_that_could_pass_for_a_client_or_the_listener() {
+    let r = Remote::start();
+    for (profile, cn, san) in [
+        ("server", "ci-runner", "ci.example"),
+        ("peer", "ci-runner", "ci.example"),
+        ("server", "impostor", "localhost"),
+    ] {
+        let out = r.env.cli(&[
+            "cert",
+            "issue",
+            "--ca",
+            "admin-clients",
+            "--profile",
+            profile,
+            "--cn",
+            cn,
+            "--san",
+            san,
+            "--ttl",
+            "1h",
+            "--out-dir",
+            p(&r.env.path().join("minted")),
+        ]);
+        assert_fails(&out, 7, "tcp.client_ca");
+        assert!(!r.env.path().join("minted/key.pem").exists());
+    }
+    let out = r.env.cli(&[
+        "cert",
+        "issue",
+        "--ca",
+        "admin-clients",
+        "--profile",
+        "client",
+        "--cn",
+        "ops",
+        "--ttl",
+        "1h",
+        "--out-dir",
+        p(&r.env.path().join("ops")),
+    ]);
+    assert!(out.status.success(), "{out:?}");
 }

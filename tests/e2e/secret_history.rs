@@ -30,7 +30,7 @@ fn overwrite_read_old_versions_roll_back_and_remove() {
     let config = env.path().join("config/keyholder");
     std::fs::create_dir_all(&config).expect("config dir");
     std::fs::write(config.join("keyholderd.toml"), "secret_history = 2\n").expect("config");
-    let _daemon = env.start_daemon(&[]);
+    let daemon = env.start_daemon(&[]);
     env.init();
     env.unlock();
     env.put("db/pw", b"v1");
@@ -119,6 +119,16 @@ fn overwrite_read_old_versions_roll_back_and_remove() {
         env.cli(&["secret", "get", "k", "--version", "1"]).stdout,
         b"a"
     );
+
+    // secret_history lowered to 0: the kept value is no longer served.
+    drop(daemon);
+    std::fs::write(config.join("keyholderd.toml"), "secret_history = 0\n").expect("config");
+    let _daemon = env.start_daemon(&[]);
+    env.unlock();
+    let out = env.cli(&["secret", "get", "k", "--version", "1"]);
+    assert_fails(&out, 4, "version 1");
+    let h = json(&env, &["secret", "history", "k"]);
+    assert_eq!(h["versions"].as_array().expect("versions").len(), 1, "{h}");
 }
 
 #[test]
@@ -152,9 +162,9 @@ fn a_version_1_vault_opens_and_gains_history_on_its_next_write() {
         .expect("recovery identity decrypts")
         .read_to_string(&mut plain)
         .expect("read");
-    assert!(plain.contains("\n  \"version\": 2,\n"), "{plain}");
+    assert!(plain.contains("\n  \"version\": 3,\n"), "{plain}");
     assert!(!plain.contains("history"), "{plain}");
-    let v1 = plain.replacen("\n  \"version\": 2,\n", "\n  \"version\": 1,\n", 1);
+    let v1 = plain.replacen("\n  \"version\": 3,\n", "\n  \"version\": 1,\n", 1);
     let doc: serde_json::Value = serde_json::from_str(&v1).expect("JSON");
     assert!(
         doc["body"]["secrets"]["db/prod/password"]
@@ -194,7 +204,7 @@ fn a_version_1_vault_opens_and_gains_history_on_its_next_write() {
         env.ok(&["secret", "get", "db/prod/password", "--version", "1"]),
         "hunter2"
     );
-    // Written back as version 2, with the history.
+    // Written back in the current version (3), with the history.
     let file = std::fs::read(&env.vault).expect("vault");
     let mut plain = String::new();
     age::Decryptor::new(&file[..])
@@ -204,7 +214,7 @@ fn a_version_1_vault_opens_and_gains_history_on_its_next_write() {
         .read_to_string(&mut plain)
         .expect("read");
     let doc: serde_json::Value = serde_json::from_str(&plain).expect("JSON");
-    assert_eq!(doc["version"], 2);
+    assert_eq!(doc["version"], 3);
     let secret = &doc["body"]["secrets"]["db/prod/password"];
     assert_eq!(secret["version"], 2);
     assert_eq!(secret["history"][0]["value"], "hunter2");

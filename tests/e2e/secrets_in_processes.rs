@@ -209,6 +209,35 @@ fn run_starts_nothing_when_a_secret_is_missing_or_the_vault_is_locked() {
     let out = run(&["--env", "1A=db/prod/password"]);
     assert_fails(&out, 2, "not a variable name");
     assert!(!marker.exists());
+    // A prefix that matches nothing is a missing secret too.
+    let out = run(&["--env-prefix", "app/prdo"]);
+    assert_fails(&out, 4, "no secret under it");
+    assert!(!marker.exists());
+    // A secret under a prefix cannot choose what runs (PATH, LD_PRELOAD).
+    env.put("app/hostile/path", b"/tmp/elsewhere");
+    env.put("app/hostile/ld-preload", b"/tmp/evil.so");
+    let out = run(&["--env-prefix", "app/hostile"]);
+    assert_fails(&out, 2, "changes what the command runs");
+    assert!(!marker.exists());
+    // Two secrets for one variable: refused, unless --env settles it.
+    env.put("app/prod/db-user", b"other_user");
+    let out = run(&["--env-prefix", "app/prod"]);
+    assert_fails(&out, 2, "would both set DB_USER");
+    assert!(!marker.exists());
+    let out = env.cli(&[
+        "run",
+        "--env-prefix",
+        "app/prod",
+        "--env",
+        "DB_USER=app/prod/db/user",
+        "--",
+        "sh",
+        "-c",
+        "printf %s \"$DB_USER\"",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "app_user");
+    env.ok(&["secret", "rm", "app/prod/db-user"]);
     let out = run(&["--env", "A=db/prod/password"]);
     assert!(out.status.success(), "{out:?}");
     assert!(marker.exists(), "the command runs once everything is there");
@@ -256,20 +285,27 @@ fn inject_renders_references_into_a_private_file_or_writes_nothing() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
 
-    // stdin to stdout; a file stdout is redirected to is made 0600.
+    // stdin to stdout: a file the shell created for others to read is
+    // refused with nothing written; under umask 077 it is written 0600.
     let redirected = env.path().join("redirected.conf");
-    let out = env
-        .command("sh")
-        .args([
-            "-c",
-            &format!(
-                "umask 022; {} inject < {t} > {}",
-                keyholder_bin(),
-                redirected.display()
-            ),
-        ])
-        .output()
-        .expect("sh");
+    let shell = |umask: &str| {
+        env.command("sh")
+            .args([
+                "-c",
+                &format!(
+                    "umask {umask}; {} inject < {t} > {}",
+                    keyholder_bin(),
+                    redirected.display()
+                ),
+            ])
+            .output()
+            .expect("sh")
+    };
+    let out = shell("022");
+    assert_fails(&out, 2, "others may open");
+    assert_eq!(std::fs::read(&redirected).expect("read"), b"");
+    std::fs::remove_file(&redirected).expect("rm");
+    let out = shell("077");
     assert!(out.status.success(), "{out:?}");
     assert_eq!(
         std::fs::read_to_string(&redirected).expect("read"),
@@ -280,6 +316,30 @@ fn inject_renders_references_into_a_private_file_or_writes_nothing() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
+
+    // --out replaces a file others could read with a new 0600 one, and a
+    // link planted at --out is refused without touching its target.
+    let loose = env.path().join("loose.conf");
+    std::fs::write(&loose, "old\n").expect("write");
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    env.ok(&["inject", "--in", t, "--out", loose.to_str().expect("utf8")]);
+    let mode = std::fs::metadata(&loose)
+        .expect("meta")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let victim = env.file("victim.txt", "untouched\n");
+    let link = env.path().join("link.conf");
+    std::os::unix::fs::symlink(&victim, &link).expect("symlink");
+    assert_fails(
+        &env.cli(&["inject", "--in", t, "--out", link.to_str().expect("utf8")]),
+        2,
+        "not a regular file",
+    );
+    assert_eq!(
+        std::fs::read_to_string(&victim).expect("victim"),
+        "untouched\n"
+    );
 
     // Failures write nothing: not the --out file, not stdout.
     std::fs::write(&out_file, "previous\n").expect("write");

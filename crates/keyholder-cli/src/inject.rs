@@ -3,7 +3,7 @@
 //! parsed and every secret read before a byte is written, so a malformed
 //! template or a missing secret leaves no output behind.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::PathBuf;
 
 use keyholder_proto::v1;
@@ -71,7 +71,8 @@ fn parse(template: &str) -> Result<Vec<Part<'_>>, String> {
                 Some(n) => parts.push(Part::Secret(n)),
                 None => {
                     return Err(format!(
-                        "line {line}: expected {{{{ secret \"NAME\" }}}}, found {{{{ {inner} }}}}"
+                        "line {line}: expected {{{{ secret \"NAME\" }}}}, found {{{{ {} }}}}",
+                        printable(inner)
                     ));
                 }
             }
@@ -106,25 +107,18 @@ fn read_template(args: &InjectArgs) -> CliResult<Zeroizing<Vec<u8>>> {
     Ok(buf)
 }
 
-/// Writes to stdout; when stdout is a regular file (`> output`), it is made
-/// 0600 first, so the rendered secrets are not left readable by others.
-fn write_stdout(bytes: &[u8]) -> CliResult {
-    use std::os::fd::AsFd;
-    use std::os::unix::fs::PermissionsExt;
-    let stdout = std::io::stdout();
-    let fd = stdout
-        .as_fd()
-        .try_clone_to_owned()
-        .map_err(|e| Failure::new(1, format!("cannot use stdout: {e}")))?;
-    let file = std::fs::File::from(fd);
-    if file.metadata().is_ok_and(|m| m.is_file()) {
-        file.set_permissions(std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| Failure::new(1, format!("cannot make the output file 0600: {e}")))?;
-    }
-    let mut out = stdout.lock();
-    out.write_all(bytes)
-        .and_then(|()| out.flush())
-        .map_err(|e| Failure::new(1, format!("cannot write to stdout: {e}")))
+/// `text` with control characters (terminal escapes among them) shown as
+/// `\u{..}`, for echoing template text in an error.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 pub(crate) async fn inject(channel: Channel, args: InjectArgs, json: bool) -> CliResult {
@@ -141,7 +135,14 @@ pub(crate) async fn inject(channel: Channel, args: InjectArgs, json: bool) -> Cl
         .collect();
     let mut secrets = v1::secrets_client::SecretsClient::new(channel);
     let values = read_secrets(&mut secrets, names.iter().cloned()).await?;
-    let mut rendered = Zeroizing::new(Vec::with_capacity(text.len()));
+    // Sized in advance: a buffer that grew would leave unwiped copies.
+    let size = parts.iter().fold(0usize, |n, part| {
+        n.saturating_add(match part {
+            Part::Text(t) => t.len(),
+            Part::Secret(name) => values.get(*name).map_or(0, |v| v.len()),
+        })
+    });
+    let mut rendered = Zeroizing::new(Vec::with_capacity(size));
     for part in &parts {
         match part {
             Part::Text(t) => rendered.extend_from_slice(t.as_bytes()),
@@ -167,7 +168,7 @@ pub(crate) async fn inject(channel: Channel, args: InjectArgs, json: bool) -> Cl
             }
             Ok(())
         }
-        None => write_stdout(&rendered),
+        None => crate::output::write_stdout_private(&rendered, "the rendered secrets"),
     }
 }
 

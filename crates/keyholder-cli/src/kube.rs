@@ -47,6 +47,12 @@ pub(crate) enum ClusterCommand {
         /// The cluster's name.
         name: String,
     },
+    /// Create the cluster's CAs and write every certificate, key and
+    /// kubeconfig its components need (kubeadm's layout); keeps what is valid.
+    Pki(crate::cluster::PkiArgs),
+    /// List the certificates `cluster pki` issued, with time left; exit 11
+    /// if any expire within the window.
+    Certs(crate::cluster::CertsArgs),
 }
 
 /// Who a Kubernetes credential is for, and for how long.
@@ -111,6 +117,11 @@ fn default_user(user: Option<String>) -> CliResult<String> {
 }
 
 pub(crate) async fn cluster(channel: Channel, cmd: ClusterCommand, json: bool) -> CliResult {
+    let cmd = match cmd {
+        ClusterCommand::Pki(args) => return crate::cluster::pki(channel, args, json).await,
+        ClusterCommand::Certs(args) => return crate::cluster::certs(channel, args, json).await,
+        other => other,
+    };
     let mut admin = v1::admin_client::AdminClient::new(channel);
     let cluster_json = |c: &v1::ClusterInfo| serde_json::json!({"name": c.name, "server": c.server, "ca": c.ca, "default_groups": c.default_groups, "max_ttl_seconds": c.max_ttl_seconds, "server_ca_pem": (!c.server_ca_pem.is_empty()).then_some(&c.server_ca_pem)});
     match cmd {
@@ -173,6 +184,7 @@ pub(crate) async fn cluster(channel: Channel, cmd: ClusterCommand, json: bool) -
                 println!("removed cluster {name}");
             }
         }
+        ClusterCommand::Pki(_) | ClusterCommand::Certs(_) => {}
     }
     Ok(())
 }

@@ -74,6 +74,28 @@ fn dns_subdomain(s: &str) -> bool {
         && s.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
 
+/// A label name or value part: at most 63 of `[-._a-zA-Z0-9]`, beginning
+/// and ending with a letter or digit; `empty_ok` for values.
+fn label_part(s: &str, empty_ok: bool) -> bool {
+    if s.is_empty() {
+        return empty_ok;
+    }
+    s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+/// Whether `s` is a label key: an optional DNS subdomain prefix and `/`,
+/// then a name ([`label_part`]).
+fn label_key(s: &str) -> bool {
+    match s.split_once('/') {
+        Some((prefix, name)) => dns_subdomain(prefix) && label_part(name, false),
+        None => label_part(s, false),
+    }
+}
+
 /// Whether `s` may be a key in a Secret's data: `[-._a-zA-Z0-9]+`, at
 /// most 253 characters.
 fn data_key(s: &str) -> bool {
@@ -110,13 +132,14 @@ fn manifest(
     })
 }
 
-/// The manifest as YAML: every scalar a JSON string or number, which YAML
-/// reads as the same value.
+/// The manifest as YAML: every key and scalar a JSON string or number,
+/// which YAML reads as the same value (a key such as `on` or `01` stays a
+/// string; nothing in a key can start a new line or document).
 fn yaml(value: &serde_json::Value, indent: usize, out: &mut String) {
     if let serde_json::Value::Object(map) = value {
         for (k, v) in map {
             out.push_str(&" ".repeat(indent));
-            out.push_str(k);
+            out.push_str(&serde_json::Value::String(k.clone()).to_string());
             out.push(':');
             match v {
                 serde_json::Value::Object(m) if m.is_empty() => out.push_str(" {}\n"),
@@ -157,6 +180,11 @@ pub(crate) async fn kube_secret(channel: Channel, args: KubeSecretArgs, json: bo
         let Some((k, v)) = pair.split_once('=') else {
             return Err(usage(format!("--label {pair:?}: expected KEY=VALUE")));
         };
+        if !label_key(k) || !label_part(v, true) {
+            return Err(usage(format!(
+                "--label {pair:?}: not a Kubernetes label (key: [prefix/]name, value: at most 63 of letters, digits, -, _ and ., starting and ending with a letter or digit)"
+            )));
+        }
         labels.insert(k.to_owned(), v.to_owned());
     }
     let mut wanted: BTreeMap<String, String> = BTreeMap::new();
@@ -245,12 +273,7 @@ pub(crate) async fn kube_secret(channel: Channel, args: KubeSecretArgs, json: bo
         yaml(&manifest, 0, &mut out);
         out
     };
-    use std::io::Write;
-    let mut stdout = std::io::stdout().lock();
-    stdout
-        .write_all(text.as_bytes())
-        .and_then(|()| stdout.flush())
-        .map_err(|e| Failure::new(1, format!("cannot write to stdout: {e}")))
+    crate::output::write_stdout_private(text.as_bytes(), "the Secret's values")
 }
 
 #[cfg(test)]
@@ -268,6 +291,12 @@ mod tests {
         assert!(data_key("DB_PASSWORD"));
         assert!(!data_key("a/b"));
         assert!(!data_key(".."));
+        assert!(label_key("app.kubernetes.io/name"));
+        assert!(label_key("tier"));
+        assert!(!label_key("x: y\n---\nkind: ConfigMap"));
+        assert!(!label_key("a/b/c"));
+        assert!(label_part("", true));
+        assert!(!label_part("v\u{7f}", true));
     }
 
     #[test]
@@ -275,6 +304,9 @@ mod tests {
         let v = serde_json::json!({"a": "x", "b": {"c": "d\"e"}, "e": {}});
         let mut out = String::new();
         yaml(&v, 0, &mut out);
-        assert_eq!(out, "a: \"x\"\nb:\n  c: \"d\\\"e\"\ne: {}\n");
+        assert_eq!(
+            out,
+            "\"a\": \"x\"\n\"b\":\n  \"c\": \"d\\\"e\"\n\"e\": {}\n"
+        );
     }
 }

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod audit;
+mod cluster;
 mod failure;
 mod inject;
 mod input;
@@ -42,7 +43,8 @@ Exit status:
      yours (PERMISSION_DENIED)
   8  keyholderd or the token cannot be reached (UNAVAILABLE)
   9  the vault file is damaged or not authentic (DATA_LOSS)
-  10 the pinentry PIN dialog was cancelled or timed out";
+  10 the pinentry PIN dialog was cancelled or timed out
+  11 cluster certs: a certificate expires within the window";
 
 /// Keyholder: keys and secrets in one vault that opens only through a
 /// hardware token session. This command talks to keyholderd over gRPC.
@@ -186,6 +188,15 @@ async fn run(cli: Cli) -> CliResult {
         _ if !explicit_socket => remote::profile()?,
         _ => None,
     };
+    if remote.is_some() && !served_remotely(&command) {
+        // Refused here, before any PIN is asked: the PIN never leaves this
+        // machine, and keyholderd refuses these over TCP anyway.
+        return Err(Failure::new(
+            2,
+            "this command is only for the machine keyholderd runs on (it takes the PIN or changes who may do what); \
+             run it there, without --remote",
+        ));
+    }
     let (channel, peer) = match &remote {
         Some(r) => (
             remote::connect(r).await?,
@@ -234,6 +245,29 @@ async fn run(cli: Cli) -> CliResult {
         ),
         _ => f,
     })
+}
+
+/// Whether `command` may go to a remote keyholderd: what issues, signs or
+/// reads within the policy. Everything else (init, unlock, lock, policy,
+/// grants, client certificates, and any command added later until it is
+/// listed here) is for the daemon's own machine.
+fn served_remotely(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Status(_)
+            | Command::Secret(_)
+            | Command::Ca(_)
+            | Command::Cluster(_)
+            | Command::Kubeconfig(_)
+            | Command::KubeCredential(_)
+            | Command::Cert(_)
+            | Command::Key(_)
+            | Command::Sign(_)
+            | Command::SshCert(_)
+            | Command::Run(_)
+            | Command::Inject(_)
+            | Command::KubeSecret(_)
+    )
 }
 
 /// Runs the `keyholder` command with the process's arguments: parses them,

@@ -113,6 +113,32 @@ fn read_pem(path: &Path) -> CliResult<Vec<u8>> {
     std::fs::read(path).map_err(|e| io_failure("cannot read", path, e))
 }
 
+/// Reads the client's private key, refusing (exit 6) one that others may
+/// read or that belongs to another user, as ssh does: such a key may
+/// already be someone else's too.
+fn read_private_key(path: &Path) -> CliResult<zeroize::Zeroizing<Vec<u8>>> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|e| io_failure("cannot read", path, e))?;
+    if meta.mode() & 0o077 != 0 {
+        return Err(Failure::new(
+            6,
+            format!(
+                "{}: others may read it (mode {:o}); make it yours alone: chmod 600 {}",
+                path.display(),
+                meta.mode() & 0o777,
+                path.display()
+            ),
+        ));
+    }
+    if meta.uid() != keyholder_proto::socket::own_uid() {
+        return Err(Failure::new(
+            6,
+            format!("{}: belongs to another user", path.display()),
+        ));
+    }
+    Ok(zeroize::Zeroizing::new(read_pem(path)?))
+}
+
 /// A channel to the remote keyholderd: TLS 1.3, the server checked against
 /// `server_ca` and the host name, the client certificate presented.
 pub(crate) async fn connect(remote: &Remote) -> CliResult<Channel> {
@@ -121,7 +147,7 @@ pub(crate) async fn connect(remote: &Remote) -> CliResult<Channel> {
     let config = client_config(
         &read_pem(&remote.server_ca)?,
         &read_pem(&remote.cert)?,
-        &read_pem(&remote.key)?,
+        &read_private_key(&remote.key)?,
     )
     .map_err(|e| Failure::new(6, format!("--remote: {e}")))?;
     keyholder_proto::tls::connect(&host, port, config)

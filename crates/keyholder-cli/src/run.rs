@@ -72,41 +72,74 @@ fn segment_prefix(prefix: &str) -> String {
     }
 }
 
-/// Which secret each variable gets: `--env-prefix` first, then `--env`
-/// over it. Two secrets under prefixes that map to one variable are an
-/// error (exit 2) rather than a silent choice.
+/// Variables a secret under a prefix may not set: they decide which program
+/// runs, what it loads or how its shell or interpreter starts, so whoever
+/// may write a secret under the prefix would choose the code that runs. An
+/// explicit `--env` may still set them.
+fn steers_execution(variable: &str) -> bool {
+    const EXACT: &[&str] = &[
+        "PATH",
+        "HOME",
+        "SHELL",
+        "ENV",
+        "BASH_ENV",
+        "IFS",
+        "PS4",
+        "SHELLOPTS",
+        "BASHOPTS",
+        "CDPATH",
+        "GCONV_PATH",
+        "LOCPATH",
+        "NLSPATH",
+        "HOSTALIASES",
+        "RESOLV_HOST_CONF",
+        "TMPDIR",
+        "GLIBC_TUNABLES",
+        "NODE_OPTIONS",
+        "NODE_PATH",
+        "PERLLIB",
+        "JAVA_TOOL_OPTIONS",
+        "_JAVA_OPTIONS",
+        "JDK_JAVA_OPTIONS",
+        "CLASSPATH",
+        "EDITOR",
+        "VISUAL",
+        "PAGER",
+        "SSH_AUTH_SOCK",
+        "SSH_ASKPASS",
+        "XDG_CONFIG_HOME",
+        "XDG_DATA_HOME",
+        "XDG_RUNTIME_DIR",
+        "KUBECONFIG",
+        "GNUPGHOME",
+        "PROMPT_COMMAND",
+    ];
+    const PREFIXES: &[&str] = &[
+        "LD_",
+        "DYLD_",
+        "MALLOC_",
+        "PYTHON",
+        "PERL5",
+        "RUBY",
+        "GEM_",
+        "LUA_",
+        "GIT_",
+        "KEYHOLDER_",
+        "BASH_FUNC_",
+    ];
+    EXACT.contains(&variable) || PREFIXES.iter().any(|p| variable.starts_with(p))
+}
+
+/// Which secret each variable gets: `--env` first, then `--env-prefix` for
+/// the variables `--env` does not name. Two secrets under prefixes that map
+/// to one variable, a prefix with no secret under it and a prefix secret
+/// that would set a variable steering execution ([`steers_execution`]) are
+/// errors, before anything starts.
 async fn plan(
     secrets: &mut v1::secrets_client::SecretsClient<Channel>,
     args: &RunArgs,
 ) -> CliResult<BTreeMap<String, String>> {
-    let mut from_prefix: BTreeMap<String, String> = BTreeMap::new();
-    for prefix in &args.env_prefix {
-        let prefix = segment_prefix(prefix);
-        let listed = secrets
-            .list(v1::ListSecretsRequest {
-                prefix: prefix.clone(),
-            })
-            .await?
-            .into_inner();
-        for meta in listed.secrets {
-            let Some(rest) = meta.name.strip_prefix(&prefix) else {
-                continue;
-            };
-            let variable = variable_for(rest);
-            if let Some(other) = from_prefix.get(&variable)
-                && *other != meta.name
-            {
-                return Err(Failure::new(
-                    2,
-                    format!(
-                        "secrets {other:?} and {:?} would both set {variable}; name one with --env",
-                        meta.name
-                    ),
-                ));
-            }
-            from_prefix.insert(variable, meta.name);
-        }
-    }
+    let mut explicit: BTreeMap<String, String> = BTreeMap::new();
     for pair in &args.env {
         let Some((variable, name)) = pair.split_once('=') else {
             return Err(Failure::new(
@@ -122,8 +155,65 @@ async fn plan(
                 ),
             ));
         }
-        from_prefix.insert(variable.to_owned(), name.to_owned());
+        if let Some(before) = explicit.insert(variable.to_owned(), name.to_owned())
+            && before != name
+        {
+            return Err(Failure::new(
+                2,
+                format!("--env gives {variable} twice ({before:?} and {name:?})"),
+            ));
+        }
     }
+    let mut from_prefix: BTreeMap<String, String> = BTreeMap::new();
+    for prefix in &args.env_prefix {
+        let prefix = segment_prefix(prefix);
+        let listed = secrets
+            .list(v1::ListSecretsRequest {
+                prefix: prefix.clone(),
+            })
+            .await?
+            .into_inner();
+        let mut found = false;
+        for meta in listed.secrets {
+            let Some(rest) = meta.name.strip_prefix(&prefix) else {
+                continue;
+            };
+            found = true;
+            let variable = variable_for(rest);
+            if explicit.contains_key(&variable) {
+                continue;
+            }
+            if steers_execution(&variable) {
+                return Err(Failure::new(
+                    2,
+                    format!(
+                        "secret {:?} would set {variable}, which changes what the command runs or loads; \
+                         refused for a prefix (name it with --env {variable}=... if that is what you mean)",
+                        meta.name
+                    ),
+                ));
+            }
+            if let Some(other) = from_prefix.get(&variable)
+                && *other != meta.name
+            {
+                return Err(Failure::new(
+                    2,
+                    format!(
+                        "secrets {other:?} and {:?} would both set {variable}; name one with --env",
+                        meta.name
+                    ),
+                ));
+            }
+            from_prefix.insert(variable, meta.name);
+        }
+        if !found {
+            return Err(Failure::new(
+                4,
+                format!("--env-prefix {prefix:?}: no secret under it; nothing was started"),
+            ));
+        }
+    }
+    from_prefix.extend(explicit);
     Ok(from_prefix)
 }
 

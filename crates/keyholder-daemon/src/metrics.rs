@@ -116,6 +116,20 @@ impl Metrics {
                  # TYPE keyholder_vault_generation gauge\nkeyholder_vault_generation {}",
                 u.generation
             );
+            let expiries = crate::services::admin::cluster_pki::earliest_expiries(core);
+            let _ = writeln!(
+                out,
+                "# HELP keyholder_cluster_cert_earliest_expiry_seconds The earliest notAfter (Unix time) \
+                 among the certificates `cluster pki` issued for each cluster.\n\
+                 # TYPE keyholder_cluster_cert_earliest_expiry_seconds gauge"
+            );
+            for (cluster, t) in expiries {
+                let _ = writeln!(
+                    out,
+                    "keyholder_cluster_cert_earliest_expiry_seconds{{cluster=\"{}\"}} {t}",
+                    escape(&cluster)
+                );
+            }
         }
         family(
             &mut out,
@@ -189,11 +203,38 @@ fn family(out: &mut String, name: &str, help: &str, labels: &[&str], values: &Fa
     }
 }
 
+/// Whether the request's `Host` header, when it has one, names a loopback
+/// address or `localhost` (with or without a port).
+fn loopback_host(request: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(request) else {
+        return false;
+    };
+    let Some(host) = text.split("\r\n").skip(1).find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("host")
+            .then(|| value.trim())
+    }) else {
+        return true;
+    };
+    // Strip a port: `[::1]:9464`, `127.0.0.1:9464`, `localhost:9464`.
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Serves `GET /metrics` on `listener`: HTTP/1.1, one request per
 /// connection, at most [`MAX_SCRAPES`] at once, each with a deadline.
 pub async fn serve(core: std::sync::Arc<Core>, listener: tokio::net::TcpListener) {
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
     let mut stop = core.shutdown_signal();
+    let mut last_warned = None;
+    let mut refused: u64 = 0;
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -204,7 +245,16 @@ pub async fn serve(core: std::sync::Arc<Core>, listener: tokio::net::TcpListener
             continue;
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "metrics scrape refused: too many at once");
+            // Said at most once a minute: any local user can open
+            // connections, and must not be able to flood the log with it.
+            refused = refused.saturating_add(1);
+            if last_warned
+                .is_none_or(|t: tokio::time::Instant| t.elapsed() >= Duration::from_secs(60))
+            {
+                tracing::warn!(%peer, refused, "metrics scrapes refused: too many at once");
+                last_warned = Some(tokio::time::Instant::now());
+                refused = 0;
+            }
             continue;
         };
         let core = core.clone();
@@ -226,7 +276,14 @@ pub async fn serve(core: std::sync::Arc<Core>, listener: tokio::net::TcpListener
                 return;
             }
             let line = request.split(|&b| b == b'\r').next().unwrap_or_default();
-            let (status, body) = if line.starts_with(b"GET /metrics ") || line == b"GET /metrics" {
+            let (status, body) = if !loopback_host(&request) {
+                // A web page whose name was rebound to 127.0.0.1 reaches
+                // this port through the user's browser, under its own name.
+                (
+                    "421 Misdirected Request",
+                    "only for a loopback name\n".to_owned(),
+                )
+            } else if line.starts_with(b"GET /metrics ") || line == b"GET /metrics" {
                 ("200 OK", core.trust().metrics.render(&core))
             } else {
                 ("404 Not Found", "GET /metrics\n".to_owned())
@@ -238,5 +295,29 @@ pub async fn serve(core: std::sync::Arc<Core>, listener: tokio::net::TcpListener
             );
             let _ = tokio::time::timeout(READ_TIMEOUT, stream.write_all(response.as_bytes())).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_host_names_are_answered() {
+        for ok in [
+            "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:9464\r\n\r\n",
+            "GET /metrics HTTP/1.1\r\nhost: localhost\r\n\r\n",
+            "GET /metrics HTTP/1.1\r\nHost: [::1]:9464\r\n\r\n",
+            "GET /metrics HTTP/1.0\r\n\r\n",
+        ] {
+            assert!(loopback_host(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "GET /metrics HTTP/1.1\r\nHost: evil.example:9464\r\n\r\n",
+            "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1.evil.example\r\n\r\n",
+            "GET /metrics HTTP/1.1\r\nHost: 10.0.0.1\r\n\r\n",
+        ] {
+            assert!(!loopback_host(bad.as_bytes()), "{bad}");
+        }
     }
 }

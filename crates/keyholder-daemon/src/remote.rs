@@ -465,3 +465,40 @@ pub const TCP_OPS: &[&str] = &[
     "Credentials.IssueExecCredential",
     "Credentials.IssueSshCertificate",
 ];
+
+/// Why a certificate asked of the API from one of the TCP listener's CAs
+/// would undermine the listener, if it would: from the client CA only
+/// client certificates (a server or peer certificate also carries
+/// clientAuth, so it would log in as whatever client its name says), and
+/// from the server CA no server or peer certificate for a name the
+/// listener answers to (remote CLIs would take it for the listener).
+pub fn listener_ca_misuse(
+    tcp: &crate::config::TcpConfig,
+    ca: &str,
+    profile: keyholder_pki::Profile,
+    access: &crate::access::Access,
+) -> Option<String> {
+    use keyholder_pki::Profile;
+    if profile == Profile::Client {
+        return None;
+    }
+    if ca == tcp.client_ca {
+        return Some(format!(
+            "CA {ca:?} signs the TCP listener's client certificates (tcp.client_ca): it issues only the client profile here"
+        ));
+    }
+    if ca == tcp.server_ca() {
+        let crate::access::Access::Certificate { names, .. } = access else {
+            return None;
+        };
+        if let Some(name) = names
+            .iter()
+            .find(|n| tcp.server_names.iter().any(|s| s.eq_ignore_ascii_case(n)))
+        {
+            return Some(format!(
+                "{name:?} is a name of the TCP listener, whose certificates CA {ca:?} signs (tcp.server_ca): only keyholderd issues those"
+            ));
+        }
+    }
+    None
+}

@@ -128,13 +128,18 @@ pub async fn run(
     let max_message = core.config.max_secret_bytes + 64 * 1024;
     let ticker = tokio::spawn(supervised_ticks(core.clone()));
     let metrics_task = match core.config.metrics_listen {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| format!("cannot listen on {addr} (metrics_listen): {e}"))?;
-            tracing::info!(%addr, "metrics served at /metrics");
-            Some(tokio::spawn(crate::metrics::serve(core.clone(), listener)))
-        }
+        // A port another local user took first costs the metrics, not the
+        // daemon: refusing to start would hand any user a way to stop it.
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                tracing::info!(%addr, "metrics served at /metrics");
+                Some(tokio::spawn(crate::metrics::serve(core.clone(), listener)))
+            }
+            Err(e) => {
+                tracing::error!(%addr, error = %e, "cannot listen for metrics (metrics_listen); serving without them");
+                None
+            }
+        },
         None => None,
     };
     let tcp_task = match core.config.listen_tcp {

@@ -111,6 +111,16 @@ impl fmt::Debug for v1::IssueKubeconfigResponse {
     }
 }
 
+impl fmt::Debug for v1::ClusterPkiFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterPkiFile")
+            .field("path", &self.path)
+            .field("content", &format_args!("<{} bytes>", self.content.len()))
+            .field("private", &self.private)
+            .finish()
+    }
+}
+
 impl fmt::Debug for v1::IssueExecCredentialResponse {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IssueExecCredentialResponse")

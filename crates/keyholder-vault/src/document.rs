@@ -27,9 +27,14 @@ use zeroize::Zeroizing;
 /// The `format` value of every vault.
 pub const FORMAT: &str = "keyholder-vault";
 /// The document version this code writes.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
+/// The version a vault with more than one enrolled token is written as
+/// (its `team_keys`): a reader of version 3 refuses it rather than rewrite
+/// it without them, which would shut every other token out.
+pub const TEAM_VERSION: u32 = 4;
 /// The oldest document version this code reads (version 1 has no secret
-/// history; it opens as is and is written back as version 2).
+/// history, version 2 no cluster PKI records; both open as they are and are
+/// written back as version 3).
 pub const MIN_VERSION: u32 = 1;
 
 /// The outer document, as parsed (before the MAC is checked).
@@ -44,11 +49,15 @@ pub(crate) struct EnvelopeIn<'a> {
 }
 
 /// Writes the document's head, up to the body.
-pub(crate) fn write_head(out: &mut impl std::io::Write, vault_id: &str) -> serde_json::Result<()> {
+pub(crate) fn write_head(
+    out: &mut impl std::io::Write,
+    vault_id: &str,
+    version: u32,
+) -> serde_json::Result<()> {
     out.write_all(b"{\n  \"format\": ")
         .map_err(serde_json::Error::io)?;
     serde_json::to_writer(&mut *out, FORMAT)?;
-    out.write_all(format!(",\n  \"version\": {VERSION},\n  \"vault_id\": ").as_bytes())
+    out.write_all(format!(",\n  \"version\": {version},\n  \"vault_id\": ").as_bytes())
         .map_err(serde_json::Error::io)?;
     serde_json::to_writer(&mut *out, vault_id)?;
     out.write_all(b",\n  \"body\": ")
@@ -338,6 +347,10 @@ pub struct Body {
     /// lock): what `keyholder audit verify` detects truncation against.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit_head: Option<AuditHead>,
+    /// What `cluster pki` issued, by cluster name (version 3; absent when
+    /// empty).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub cluster_pki: crate::cluster_pki::ClusterPkis,
     /// The keys a vault with several tokens needs (see [`TeamKeys`]);
     /// absent until a second token is enrolled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -641,11 +654,11 @@ impl fmt::Debug for SecretEntry {
     }
 }
 
-fn ser_secret<S: Serializer>(v: &Zeroizing<String>, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn ser_secret<S: Serializer>(v: &Zeroizing<String>, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(v)
 }
 
-fn de_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Zeroizing<String>, D::Error> {
+pub(crate) fn de_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Zeroizing<String>, D::Error> {
     String::deserialize(d).map(Zeroizing::new)
 }
 

@@ -394,8 +394,17 @@ impl v1::credentials_server::Credentials for CredentialsService {
             organizations: named.organizations,
             ttl,
         };
+        let misuse = crate::remote::listener_ca_misuse(
+            &self.core.config.tcp,
+            &order.ca,
+            order.profile,
+            &access,
+        );
         let ticket = self.core.authorize(&caller, OP, access).await?;
         let result = async {
+            if let Some(why) = misuse {
+                return Err(Error::PermissionDenied(why));
+            }
             check_ttl(ttl, ca.max_ttl, "the CA's")?;
             let request = IssueRequest {
                 profile: order.profile,

@@ -127,7 +127,7 @@ impl v1::secrets_server::Secrets for SecretsService {
         let response = self.0.with_body(|body| {
             let entry = lookup(&body.secrets, "secret", name.as_str())?;
             if version != 0 && version != entry.version() {
-                let old = old_value(entry, name.as_str(), version)?;
+                let old = old_value(entry, name.as_str(), version, self.0.config.secret_history)?;
                 let value = old.value().ok_or_else(|| damaged(name.as_str()))?;
                 let mut meta = metadata(name.as_str(), entry);
                 meta.size = old.size;
@@ -252,13 +252,20 @@ impl v1::secrets_server::Secrets for SecretsService {
                 replaced_at: None,
                 current: true,
             }];
-            versions.extend(entry.history().iter().map(|o| v1::SecretVersion {
-                version: o.version,
-                size: o.size,
-                stored_at: rfc3339_timestamp(&o.stored_at),
-                replaced_at: rfc3339_timestamp(&o.replaced_at),
-                current: false,
-            }));
+            let keep = self.0.config.secret_history;
+            versions.extend(
+                entry
+                    .history()
+                    .iter()
+                    .take(keep)
+                    .map(|o| v1::SecretVersion {
+                        version: o.version,
+                        size: o.size,
+                        stored_at: rfc3339_timestamp(&o.stored_at),
+                        replaced_at: rfc3339_timestamp(&o.replaced_at),
+                        current: false,
+                    }),
+            );
             let count = versions.len().to_string();
             Ok((
                 v1::SecretHistoryResponse { versions },
@@ -299,7 +306,7 @@ impl v1::secrets_server::Secrets for SecretsService {
                         reason: format!("version {to} is the current value already"),
                     });
                 }
-                let old = old_value(entry, name.as_str(), to)?;
+                let old = old_value(entry, name.as_str(), to, keep)?;
                 let value = old.value().ok_or_else(|| damaged(name.as_str()))?;
                 let now = now_rfc3339();
                 let rolled = SecretEntry::superseding(entry, &value, &now, keep);
@@ -325,15 +332,19 @@ impl v1::secrets_server::Secrets for SecretsService {
     }
 }
 
-/// Version `version` among `entry`'s earlier values.
+/// Version `version` among the `keep` most recent of `entry`'s earlier
+/// values (values kept under a larger `secret_history` than today's are
+/// not served; they go at the secret's next write).
 fn old_value<'a>(
     entry: &'a SecretEntry,
     name: &str,
     version: u64,
+    keep: usize,
 ) -> Result<&'a keyholder_vault::OldValue> {
     entry
         .history()
         .iter()
+        .take(keep)
         .find(|o| o.version == version)
         .ok_or_else(|| Error::NotFound {
             kind: "secret version",

@@ -3,6 +3,7 @@
 //! ([`clusters`]) and signing keys ([`keys`]). This file only routes.
 
 mod cas;
+pub(crate) mod cluster_pki;
 pub(crate) mod clusters;
 mod keys;
 mod tokens;
@@ -352,5 +353,43 @@ impl v1::admin_server::Admin for AdminService {
             .await
             .map(|()| (v1::DeleteKeyResponse {}, Vec::new()));
         Ok(Response::new(ticket.finish(result).await?))
+    }
+
+    async fn cluster_pki(
+        &self,
+        request: Request<v1::ClusterPkiRequest>,
+    ) -> Result<Response<v1::ClusterPkiResponse>, Status> {
+        let ticket = admit(
+            &self.0,
+            &request,
+            "Admin.ClusterPki",
+            Needs::Unlocked,
+            Access::Admin {
+                object: format!("cluster-pki:{}", request.get_ref().name),
+            },
+        )
+        .await?;
+        let result = cluster_pki::pki(&self.0, request.into_inner()).await;
+        Ok(Response::new(ticket.finish(result).await?))
+    }
+
+    async fn list_cluster_certs(
+        &self,
+        request: Request<v1::ListClusterCertsRequest>,
+    ) -> Result<Response<v1::ListClusterCertsResponse>, Status> {
+        let ticket = admit(
+            &self.0,
+            &request,
+            "Admin.ListClusterCerts",
+            Needs::Unlocked,
+            Access::Describe {
+                object: format!("cluster-pki:{}", request.get_ref().name),
+            },
+        )
+        .await?;
+        let result = cluster_pki::list(&self.0, &request.into_inner().name);
+        Ok(Response::new(
+            ticket.finish(result.map(|r| (r, Vec::new()))).await?,
+        ))
     }
 }
