@@ -38,7 +38,7 @@ pub use document::{
     AuditHead, Body, CaEntry, CaKey, CaKind, ClusterEntry, KeyEntry, KeyUsage, OldValue,
     PivKeyRecord, Recipients, SecretEntry, SshCertificateEntry, TeamKey, TeamKeys, TokenRecipient,
 };
-pub use storage::{FileStorage, Revision, Storage, StorageError};
+pub use storage::{BACKUPS_KEPT, FileStorage, Revision, Storage, StorageError, export_history};
 pub use tag::{
     KeyAgreement, SoftwareKey, TagStanza, TokenAgreement, addressed_to, recipient_string,
 };
