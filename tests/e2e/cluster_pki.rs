@@ -795,7 +795,11 @@ fn a_second_run_changes_nothing_and_renew_replaces_exactly_what_expires() {
     let old = serials(&env);
     assert_eq!(old.len(), 14);
     let out = env.cli(&["cluster", "certs", "lab"]);
-    assert_fails(&out, 11, "3 certificate(s) of lab expire within 30days");
+    assert_fails(
+        &out,
+        11,
+        "3 certificate(s) of lab expire within 30d: run `keyholder cluster pki lab --renew --before 30d`",
+    );
     let listing = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(listing.lines().count(), 14, "{listing}");
     assert_eq!(
@@ -818,20 +822,40 @@ fn a_second_run_changes_nothing_and_renew_replaces_exactly_what_expires() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(v["expiring"], 3, "{v}");
 
-    // The metrics gauge shows the earliest expiry: a kubelet's.
+    // The metrics gauge shows the earliest expiry, a kubelet's, and
+    // prometheus_client's parser takes it.
     let m = scrape(metrics_port);
-    let gauge = m
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("keyholder_cluster_cert_earliest_expiry_seconds{cluster=\"lab\"} ")
+    let t = m["keyholder_cluster_cert_earliest_expiry_seconds:gauge"]
+        .as_array()
+        .and_then(|samples| {
+            samples
+                .iter()
+                .find(|s| s[0]["cluster"] == "lab")
+                .and_then(|s| s[1].as_f64())
         })
-        .unwrap_or_else(|| panic!("no gauge: {m}"));
+        .unwrap_or_else(|| panic!("no gauge for lab: {m}"));
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .expect("now")
-        .as_secs();
-    let t: u64 = gauge.trim().parse().expect("number");
-    assert!(t > now + 7000 && t <= now + 7200, "{t} vs {now}");
+        .as_secs_f64();
+    assert!(t > now + 7000.0 && t <= now + 7200.0, "{t} vs {now}");
+    // Its issuances count by CA and profile: 14 + 3 kubelets so far.
+    let issued = |ca: &str, profile: &str| {
+        m["keyholder_issued:counter"]
+            .as_array()
+            .and_then(|samples| {
+                samples
+                    .iter()
+                    .find(|s| s[0]["issuer"] == ca && s[0]["profile"] == profile)
+                    .and_then(|s| s[1].as_f64())
+            })
+            .unwrap_or(0.0)
+    };
+    assert_eq!(issued("lab-ca", "peer"), 6.0, "{m}");
+    assert_eq!(issued("lab-ca", "server"), 1.0, "{m}");
+    assert_eq!(issued("lab-ca", "client"), 5.0, "{m}");
+    assert_eq!(issued("lab-etcd-ca", "client"), 2.0, "{m}");
+    assert_eq!(issued("lab-front-proxy-ca", "client"), 1.0, "{m}");
 
     // --renew re-issues exactly the expiring ones.
     let renewed = json(
@@ -863,16 +887,20 @@ fn a_second_run_changes_nothing_and_renew_replaces_exactly_what_expires() {
     );
 }
 
-fn scrape(port: u16) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    out
+/// The metrics endpoint, parsed by prometheus_client (tests/python/scrape.py).
+fn scrape(port: u16) -> serde_json::Value {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("python3")
+        .arg(root.join("tests/python/scrape.py"))
+        .arg(format!("http://127.0.0.1:{port}/metrics"))
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "scrape.py (pip install prometheus_client): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON")
 }
 
 #[test]
@@ -965,4 +993,161 @@ fn the_cluster_pki_commands_in_the_docs_work_as_written() {
     )
     .expect("JSON");
     assert_eq!(v["expiring"], 13, "{v}");
+}
+
+#[test]
+fn cluster_pki_needs_the_admin_capability_and_is_audited_with_its_serials() {
+    let (env, _daemon) = Env::ready();
+    let spec = loopback_spec(&env, "https://127.0.0.1:6443", &["w-1"], &["etcd-a"]);
+    let dir = env.path().join("lab");
+    env.ok(&[
+        "cluster",
+        "pki",
+        "lab",
+        "--spec",
+        p(&spec),
+        "--out-dir",
+        p(&dir),
+    ]);
+    // The TCP listener's client CA never signs a cluster's certificates.
+    let listener = env.file(
+        "listener.toml",
+        &(std::fs::read_to_string(&spec).expect("spec") + "[cas]\ncluster = \"admin-clients\"\n"),
+    );
+    assert_fails(
+        &env.cli(&[
+            "cluster",
+            "pki",
+            "l2",
+            "--spec",
+            p(&listener),
+            "--out-dir",
+            p(&env.path().join("l2")),
+        ]),
+        7,
+        "signs the TCP listener's certificates",
+    );
+    // Another program that may list and issue client certificates, but is
+    // not an admin: it can read what was issued, not issue a cluster's PKI.
+    let copy = env.path().join("other-client");
+    std::fs::copy(crate::util::keyholder_bin(), &copy).expect("copy client");
+    let admin_exe = std::fs::canonicalize(crate::util::keyholder_bin()).expect("client path");
+    let policy = env.file(
+        "policy.toml",
+        &format!(
+            "default = \"deny\"\n\n[[rule]]\nname = \"admin-cli\"\nexe = [\"{}\"]\nallow = [\"*\"]\n\n\
+             [[rule]]\nname = \"monitor\"\nexe = [\"{}\"]\nallow = [\"list\", \"cert:*:*\"]\n",
+            p(&admin_exe),
+            p(&copy)
+        ),
+    );
+    env.ok(&["policy", "set", p(&policy), "--pin-file", p(&env.pin_file)]);
+    let run = |args: &[&str]| {
+        let mut c = env.command(p(&copy));
+        c.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        crate::util::output_within(c, Duration::from_secs(60)).expect("client finishes")
+    };
+    let other = env.path().join("other");
+    let out = run(&[
+        "cluster",
+        "pki",
+        "stolen",
+        "--spec",
+        p(&spec),
+        "--out-dir",
+        p(&other),
+    ]);
+    assert_fails(&out, 7, "");
+    assert!(!other.exists(), "nothing was written");
+    assert_fails(
+        &env.cli(&["cluster", "certs", "stolen"]),
+        4,
+        "cluster PKI \"stolen\" does not exist",
+    );
+    let out = run(&["cluster", "certs", "lab"]);
+    assert_ok(&out, &["cluster", "certs", "lab"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 13);
+
+    // The audit log has the issuance with every serial, and the refusal.
+    let log = std::fs::read_to_string(env.vault.parent().expect("vault dir").join("audit.log"))
+        .expect("audit log");
+    let records: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|r: &serde_json::Value| r["op"] == "Admin.ClusterPki")
+        .collect();
+    // Issued, refused for the listener's CA, denied by policy.
+    assert_eq!(records.len(), 3, "{log}");
+    assert_eq!(records[1]["outcome"], "failed", "{}", records[1]);
+    let issued = records[0].to_string();
+    let certs = json(&env, &["cluster", "certs", "lab"]);
+    for c in certs["certificates"].as_array().expect("certs") {
+        let serial = c["serial"].as_str().expect("serial");
+        assert!(issued.contains(serial), "{serial} not in {issued}");
+    }
+    let denied = records[2].to_string();
+    assert!(
+        denied.contains("cluster-pki:stolen") && denied.contains("denied"),
+        "{denied}"
+    );
+}
+
+#[test]
+fn a_cluster_of_four_hundred_workers_is_issued_and_kept_within_the_message_limits() {
+    let (env, _daemon) = Env::ready();
+    let workers: Vec<String> = (1..=400).map(|i| format!("w-{i}")).collect();
+    let workers: Vec<&str> = workers.iter().map(String::as_str).collect();
+    let spec = loopback_spec(&env, "https://127.0.0.1:6443", &workers, &["etcd-a"]);
+    let dir = env.path().join("big");
+    let started = Instant::now();
+    let first = json(
+        &env,
+        &[
+            "cluster",
+            "pki",
+            "big",
+            "--spec",
+            p(&spec),
+            "--out-dir",
+            p(&dir),
+        ],
+    );
+    eprintln!(
+        "cluster pki, 1 control-plane, 400 workers, 1 etcd: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(first["issued"], 412, "{}", first["issued"]);
+    let before = snapshot(&dir);
+    // A re-run sends only what changed (nothing) and keeps everything.
+    let again = json(&env, &["cluster", "pki", "big"]);
+    assert_eq!(
+        (again["issued"].as_u64(), again["kept"].as_u64()),
+        (Some(0), Some(412))
+    );
+    assert_eq!(changed(&before, &snapshot(&dir)), Vec::<String>::new());
+    // A removed kubeconfig is issued again, and nothing else.
+    std::fs::remove_file(dir.join("nodes/w-200/kubelet.conf")).expect("rm");
+    let out = json(&env, &["cluster", "pki", "big"]);
+    assert_eq!(out["issued"], 1);
+    let c = out["certificates"]
+        .as_array()
+        .expect("certs")
+        .iter()
+        .find(|c| c["action"] == "issued")
+        .expect("one issued")
+        .clone();
+    assert_eq!(
+        (c["id"].as_str(), c["reason"].as_str()),
+        (Some("kubelet/w-200"), Some("missing"))
+    );
+    let mut want = vec![
+        "nodes/w-200/kubelet.conf".to_owned(),
+        "nodes/w-200/pki/kubelet.crt".to_owned(),
+        "nodes/w-200/pki/kubelet.key".to_owned(),
+    ];
+    want.sort();
+    assert_eq!(changed(&before, &snapshot(&dir)), want);
 }

@@ -237,6 +237,22 @@ fn every_command_prints_one_json_value_with_json() {
         ),
         ("cluster list", vec![], None),
         (
+            "cluster pki",
+            vec![
+                "lab".into(),
+                "--control-plane".into(),
+                "cp-1=127.0.0.1".into(),
+                "--etcd".into(),
+                "etcd-1=127.0.0.1".into(),
+                "--service-ip".into(),
+                "10.96.0.1".into(),
+                "--out-dir".into(),
+                env.path().join("lab-pki").display().to_string(),
+            ],
+            None,
+        ),
+        ("cluster certs", vec!["lab".into()], None),
+        (
             "kubeconfig",
             vec!["prod".into(), "--user".into(), "alice".into()],
             None,

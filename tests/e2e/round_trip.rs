@@ -144,7 +144,7 @@ fn the_stock_age_binary_decrypts_the_vault_with_the_recovery_identity() {
     let doc: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("the plaintext is JSON");
     assert_eq!(doc["format"], "keyholder-vault");
-    assert_eq!(doc["version"], 2);
+    assert_eq!(doc["version"], 3);
     assert_eq!(doc["body"]["generation"], 3);
     assert_eq!(
         doc["body"]["secrets"]["db/prod/password"]["value"],

@@ -315,13 +315,44 @@ fn write_file(path: &Path, bytes: &[u8], private: bool) -> CliResult {
     std::fs::rename(&tmp, path).map_err(|e| io_failure("cannot write", path, e))
 }
 
+/// `p` made absolute, without `.` components (so `./pki` is recorded as
+/// the same directory however it is named next time).
 fn absolute(p: &Path) -> CliResult<PathBuf> {
-    if p.is_absolute() {
-        return Ok(p.to_path_buf());
+    let full = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|d| d.join(p))
+            .map_err(|e| Failure::new(1, format!("cannot find the current directory: {e}")))?
+    };
+    Ok(full
+        .components()
+        .filter(|c| !matches!(c, Component::CurDir))
+        .collect())
+}
+
+/// A window as `--before` takes it back: whole days, hours or seconds.
+fn short_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if s > 0 && s.is_multiple_of(86400) {
+        format!("{}d", s / 86400)
+    } else if s > 0 && s.is_multiple_of(3600) {
+        format!("{}h", s / 3600)
+    } else {
+        format!("{s}s")
     }
-    std::env::current_dir()
-        .map(|d| d.join(p))
-        .map_err(|e| Failure::new(1, format!("cannot find the current directory: {e}")))
+}
+
+/// Prints `text` to stdout; a reader that went away (`| head`) is not an error.
+fn print(text: &str) -> CliResult {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(Failure::new(1, format!("cannot write to stdout: {e}")))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn cert_json(c: &v1::ClusterCert) -> serde_json::Value {
@@ -354,33 +385,49 @@ fn cert_json(c: &v1::ClusterCert) -> serde_json::Value {
 pub(crate) async fn pki(channel: Channel, args: PkiArgs, json: bool) -> CliResult {
     let mut admin = v1::admin_client::AdminClient::new(channel);
     let spec = spec(&args)?;
-    let out_dir = match &args.out_dir {
-        Some(d) => absolute(d)?,
-        None => {
-            let listed = admin
-                .list_cluster_certs(v1::ListClusterCertsRequest {
-                    name: args.name.clone(),
-                })
-                .await
-                .map_err(|s| match s.code() {
-                    tonic::Code::NotFound => Failure::new(
-                        4,
-                        format!(
-                            "no cluster PKI {:?} yet: give --spec and --out-dir",
-                            args.name
-                        ),
-                    ),
-                    _ => Failure::from(s),
-                })?
-                .into_inner();
-            PathBuf::from(listed.out_dir)
+    // What was written last time, to send only what differs from it.
+    let listed = match admin
+        .list_cluster_certs(v1::ListClusterCertsRequest {
+            name: args.name.clone(),
+        })
+        .await
+    {
+        Ok(r) => Some(r.into_inner()),
+        Err(s) if s.code() == tonic::Code::NotFound => None,
+        // A policy that allows `admin` but not `list`: every hash is sent.
+        Err(s) if s.code() == tonic::Code::PermissionDenied && args.out_dir.is_some() => None,
+        Err(s) => return Err(s.into()),
+    };
+    let out_dir = match (&args.out_dir, &listed) {
+        (Some(d), _) => absolute(d)?,
+        (None, Some(l)) => PathBuf::from(&l.out_dir),
+        (None, None) => {
+            return Err(Failure::new(
+                4,
+                format!(
+                    "no cluster PKI {:?} yet: give --spec and --out-dir",
+                    args.name
+                ),
+            ));
         }
     };
     let out_dir_text = out_dir
         .to_str()
         .ok_or_else(|| Failure::new(6, "--out-dir must be UTF-8"))?
         .to_owned();
-    let on_disk = hash_tree(&out_dir)?;
+    let mut on_disk = hash_tree(&out_dir)?;
+    let mut missing = Vec::new();
+    if let Some(l) = listed.filter(|l| l.out_dir == out_dir_text) {
+        for (path, hash) in l.written {
+            match on_disk.get(&path) {
+                None => missing.push(path),
+                Some(h) if *h == hash => {
+                    on_disk.remove(&path);
+                }
+                Some(_) => {}
+            }
+        }
+    }
     let response = admin
         .cluster_pki(v1::ClusterPkiRequest {
             name: args.name.clone(),
@@ -390,6 +437,7 @@ pub(crate) async fn pki(channel: Channel, args: PkiArgs, json: bool) -> CliResul
             renew_before_seconds: seconds(args.before),
             renew: args.renew,
             force: args.force,
+            missing,
         })
         .await?
         .into_inner();
@@ -416,21 +464,23 @@ pub(crate) async fn pki(channel: Channel, args: PkiArgs, json: bool) -> CliResul
             })
         );
     } else {
+        let mut text = String::new();
         for c in response.certs.iter().filter(|c| c.action == "issued") {
-            println!(
-                "issued {} ({}): {}, expires {}",
+            text.push_str(&format!(
+                "issued {} ({}): {}, expires {}\n",
                 c.id,
                 c.reason,
                 c.subject,
                 when(c.not_after.as_ref())
-            );
+            ));
         }
-        println!(
-            "{}: {issued} certificates issued, {kept} kept, {} files written to {}",
+        text.push_str(&format!(
+            "{}: {issued} certificates issued, {kept} kept, {} files written to {}\n",
             args.name,
             response.files.len(),
             response.out_dir
-        );
+        ));
+        print(&text)?;
     }
     Ok(())
 }
@@ -474,16 +524,18 @@ pub(crate) async fn certs(channel: Channel, args: CertsArgs, json: bool) -> CliR
             })
         );
     } else {
+        let mut text = String::new();
         for c in &list.certs {
-            println!(
-                "{}{}\t{}\t{}\t{}",
+            text.push_str(&format!(
+                "{}{}\t{}\t{}\t{}\n",
                 if expiring(c) { "! " } else { "" },
                 c.id,
                 c.subject,
                 when(c.not_after.as_ref()),
                 c.files.join(",")
-            );
+            ));
         }
+        print(&text)?;
     }
     if n > 0 {
         return Err(Failure::new(
@@ -491,9 +543,9 @@ pub(crate) async fn certs(channel: Channel, args: CertsArgs, json: bool) -> CliR
             format!(
                 "{n} certificate(s) of {} expire within {}: run `keyholder cluster pki {} --renew --before {}`",
                 args.name,
-                humantime::format_duration(window),
+                short_duration(window),
                 args.name,
-                humantime::format_duration(window)
+                short_duration(window)
             ),
         ));
     }
@@ -514,6 +566,14 @@ mod tests {
         for bad in ["", "../x", "/etc/passwd", "pki/../../x", "./a"] {
             assert!(under(d, bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn windows_print_as_before_takes_them() {
+        assert_eq!(short_duration(Duration::from_secs(30 * 86400)), "30d");
+        assert_eq!(short_duration(Duration::from_secs(3 * 3600)), "3h");
+        assert_eq!(short_duration(Duration::from_secs(90)), "90s");
+        assert_eq!(absolute(Path::new("/a/./b/.")).unwrap(), Path::new("/a/b"));
     }
 
     #[test]

@@ -1096,6 +1096,7 @@ impl Core {
                 )
             };
             let generation = body_new.generation;
+            // A token enrolled without a rollback record writes none.
             let protected = body_new.rollback_protection
                 && body_new
                     .recipients

@@ -83,6 +83,15 @@ impl Metrics {
                 let kind = if *host { "ssh-host" } else { "ssh-user" };
                 bump(&self.issued, vec![ca.clone(), kind.into()]);
             }
+            // `cluster pki`: one issuance per certificate, as `CA:profile`.
+            Access::Admin { object } if object.starts_with("cluster-pki:") => {
+                let by = event.details.iter().find(|(k, _)| *k == "issued_by");
+                for pair in by.map(|(_, v)| v.split(' ')).into_iter().flatten() {
+                    if let Some((ca, profile)) = pair.split_once(':') {
+                        bump(&self.issued, vec![ca.to_owned(), profile.to_owned()]);
+                    }
+                }
+            }
             Access::Sign { key } => bump(&self.signatures, vec![key.clone(), "grpc".into()]),
             Access::AgentSign { key } => bump(&self.signatures, vec![key.clone(), "agent".into()]),
             _ => {}

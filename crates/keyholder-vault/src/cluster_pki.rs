@@ -92,3 +92,47 @@ impl fmt::Debug for ServiceAccountKey {
 
 /// Cluster PKI records by cluster name.
 pub type ClusterPkis = BTreeMap<String, ClusterPkiEntry>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_the_service_account_key_stays_out_of_debug() {
+        let pem = "-----BEGIN PRIVATE KEY-----\nSECRETKEYBYTES\n-----END PRIVATE KEY-----\n";
+        let mut e = ClusterPkiEntry {
+            out_dir: "/srv/prod-pki".into(),
+            service_account_key: Some(ServiceAccountKey {
+                algorithm: "ecdsa-p256".into(),
+                private_key_pem: Zeroizing::new(pem.into()),
+                public_key_pem: "-----BEGIN PUBLIC KEY-----\n".into(),
+                created_at: "2026-12-03T00:00:00Z".into(),
+            }),
+            ..Default::default()
+        };
+        e.certificates.insert(
+            "apiserver".into(),
+            IssuedCertificate {
+                serial: "0a".into(),
+                not_after: 1_800_000_000,
+                files: vec!["pki/apiserver.crt".into(), "pki/apiserver.key".into()],
+                ..Default::default()
+            },
+        );
+        assert!(!format!("{e:?}").contains("SECRETKEYBYTES"));
+        let text = serde_json::to_string(&e).unwrap();
+        let back: ClusterPkiEntry = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.certificates, e.certificates);
+        assert_eq!(
+            back.service_account_key.unwrap().private_key_pem.as_str(),
+            pem
+        );
+        // Fields missing (or added by a later version) still read.
+        let sparse: ClusterPkiEntry = serde_json::from_str(
+            r#"{ "out_dir": "/x", "certificates": { "a": { "serial": "1", "later": true } } }"#,
+        )
+        .unwrap();
+        assert_eq!(sparse.certificates["a"].serial, "1");
+        assert!(sparse.service_account_key.is_none());
+    }
+}

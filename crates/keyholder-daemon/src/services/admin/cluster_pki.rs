@@ -693,12 +693,33 @@ pub async fn pki(
     }
     let renew_before =
         (req.renew_before_seconds > 0).then(|| Duration::from_secs(req.renew_before_seconds));
-    let on_disk: BTreeMap<String, String> = req.on_disk.into_iter().collect();
     // Records count only for the same directory.
     let previous = previous.filter(|p| p.out_dir == out_dir);
     let empty = ClusterPkiEntry::default();
     let prev = previous.as_ref().unwrap_or(&empty);
+    // What is on disk: the recorded files, unless the caller says they
+    // changed or are gone, and whatever else it reports.
+    let missing: BTreeSet<String> = req.missing.into_iter().collect();
+    let mut on_disk: BTreeMap<String, String> = prev
+        .written
+        .iter()
+        .filter(|(path, _)| !missing.contains(*path))
+        .map(|(path, hash)| (path.clone(), hash.clone()))
+        .collect();
+    on_disk.extend(req.on_disk);
 
+    // The TCP listener's CAs sign only what keyholderd issues for the
+    // listener (see remote::listener_ca_misuse): never a cluster's server,
+    // peer or kubelet certificates.
+    let tcp = &core.config.tcp;
+    for ca in [&spec.cluster_ca, &spec.etcd_ca, &spec.front_proxy_ca] {
+        if !tcp.client_ca.is_empty() && (*ca == tcp.client_ca || ca.as_str() == tcp.server_ca()) {
+            return Err(Error::PermissionDenied(format!(
+                "CA {ca:?} signs the TCP listener's certificates (tcp.client_ca / tcp.server_ca): \
+                 a cluster's PKI needs CAs of its own"
+            )));
+        }
+    }
     for (ca, cn) in [
         (&spec.cluster_ca, "kubernetes"),
         (&spec.etcd_ca, "etcd-ca"),
@@ -884,6 +905,7 @@ pub async fn pki(
     let mut records: BTreeMap<String, IssuedCertificate> = BTreeMap::new();
     let mut certs = Vec::with_capacity(items.len());
     let mut serials = Vec::new();
+    let mut issued_by = Vec::new();
     for (it, decision) in items.iter().zip(decisions) {
         let Some((reason, requirement)) = decision else {
             continue;
@@ -951,6 +973,10 @@ pub async fn pki(
             "cluster certificate issued"
         );
         serials.push(format!("{}={}", it.id, issued.serial));
+        issued_by.push(format!(
+            "{ca_name}:{}",
+            format!("{:?}", it.profile).to_lowercase()
+        ));
         let record = IssuedCertificate {
             component: it.component.to_owned(),
             ca: ca_name,
@@ -1024,6 +1050,7 @@ pub async fn pki(
         ("issued", issued_count.to_string()),
         ("kept", kept_count.to_string()),
         ("serials", serials.join(",")),
+        ("issued_by", issued_by.join(" ")),
     ];
     Ok((
         v1::ClusterPkiResponse {
@@ -1050,6 +1077,11 @@ pub fn list(core: &Core, name: &str) -> Result<v1::ListClusterCertsResponse> {
                 .map(|(id, c)| cert_info(id, c, "", ""))
                 .collect(),
             out_dir: entry.out_dir.clone(),
+            written: entry
+                .written
+                .iter()
+                .map(|(p, h)| (p.clone(), h.clone()))
+                .collect(),
         })
     })
 }
