@@ -391,3 +391,61 @@ fn a_vault_over_the_request_limit_round_trips_and_migrates_back_unchanged() {
     daemon_a.stop();
     daemon_b.stop();
 }
+
+#[test]
+fn daemons_with_different_tokens_share_a_vault_in_etcd() {
+    // A second token in the same SoftHSM2 store, enrolled on the vault.
+    let first = Env::new();
+    first.add_token("ops2");
+    let issuer = first.start_daemon(&[]);
+    first.init();
+    first.unlock();
+    let dir = first.path().join("etcd");
+    let (member_certs, client) = issue_certificates(&first, &dir);
+    first.ok(&[
+        "token",
+        "enrol",
+        "--token-label",
+        "ops2",
+        "--token-pin-file",
+        p(&first.pin_file),
+        "--pin-file",
+        p(&first.pin_file),
+    ]);
+    assert!(issuer.stop().success());
+    let cluster = Cluster::start(&dir.join("cluster"), &member_certs, &client);
+    migrate(
+        &first,
+        &cluster,
+        p(&first.vault),
+        &cluster.url("/two-tokens/"),
+    );
+
+    let (a, _daemon_a) = etcd_daemon(&first, &cluster, "/two-tokens/");
+    // The second daemon may only use the enrolled token.
+    let mut b = Env::new();
+    b.softhsm_conf = first.softhsm_conf.clone();
+    b.daemon_args = vec!["--token".into(), "ops2".into()];
+    let config = b.file(
+        "keyholderd.toml",
+        &cluster.daemon_config("/two-tokens/", "2s"),
+    );
+    let _daemon_b = b.start_daemon(&["--config", p(&config)]);
+    b.unlock();
+    let status = b.ok(&["status"]);
+    assert!(status.contains("ops2"), "{status}");
+    a.put("team/from-a", b"written with ops");
+    wait_for_secret(
+        &b,
+        "team/from-a",
+        "written with ops",
+        Duration::from_secs(1),
+    );
+    b.put("team/from-b", b"written with ops2");
+    wait_for_secret(
+        &a,
+        "team/from-b",
+        "written with ops2",
+        Duration::from_secs(1),
+    );
+}
