@@ -449,3 +449,49 @@ fn daemons_with_different_tokens_share_a_vault_in_etcd() {
         Duration::from_secs(1),
     );
 }
+
+#[test]
+fn a_vault_is_created_in_etcd_by_init_and_refused_when_the_key_file_is_loose() {
+    let first = Env::new();
+    let issuer = first.start_daemon(&[]);
+    first.init();
+    first.unlock();
+    let dir = first.path().join("etcd");
+    let (member_certs, client) = issue_certificates(&first, &dir);
+    assert!(issuer.stop().success());
+    let cluster = Cluster::start(&dir.join("cluster"), &member_certs, &client);
+
+    // A daemon on an empty prefix: init creates the vault in etcd.
+    let mut env = Env::new();
+    env.label = "fresh".into();
+    env.add_token("fresh");
+    let config = env.file("keyholderd.toml", &cluster.daemon_config("/fresh/", "2s"));
+    let daemon = env.start_daemon(&["--config", p(&config)]);
+    let status = env.ok(&["status"]);
+    assert!(status.contains("etcd://"), "{status}");
+    env.init();
+    env.unlock();
+    env.put("fresh/one", b"1");
+    assert_eq!(env.ok(&["secret", "get", "fresh/one"]), "1");
+    let head = cluster.etcdctl(&["get", "--print-value-only", "/fresh/head"]);
+    let head = String::from_utf8_lossy(&head.stdout);
+    assert!(head.contains("\"generation\":2"), "{head}");
+    assert!(daemon.stop().success());
+
+    // A client key others can read is refused at start (exit 1).
+    use std::os::unix::fs::PermissionsExt;
+    let key = cluster.client.join("key.pem");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = env.run_daemon_to_exit(&[
+        "--config",
+        p(&config),
+        "--pkcs11-module",
+        MODULE,
+        "--vault",
+        p(&env.vault),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("chmod 600"), "{stderr}");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+}
