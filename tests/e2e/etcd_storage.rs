@@ -451,7 +451,7 @@ fn daemons_with_different_tokens_share_a_vault_in_etcd() {
 }
 
 #[test]
-fn a_vault_is_created_in_etcd_by_init_and_refused_when_the_key_file_is_loose() {
+fn init_creates_a_vault_in_etcd_a_cluster_that_went_back_and_a_loose_key_are_refused() {
     let first = Env::new();
     let issuer = first.start_daemon(&[]);
     first.init();
@@ -477,6 +477,18 @@ fn a_vault_is_created_in_etcd_by_init_and_refused_when_the_key_file_is_loose() {
     let head = String::from_utf8_lossy(&head.stdout);
     assert!(head.contains("\"generation\":2"), "{head}");
     assert!(daemon.stop().success());
+
+    // Another cluster, at a lower revision than this daemon has seen (as
+    // after a restore from an older snapshot), is refused.
+    let other = Cluster::start(&dir.join("other"), &member_certs, &client);
+    let other_config = env.file("other.toml", &other.daemon_config("/fresh/", "2s"));
+    let daemon = env.start_daemon(&["--config", p(&other_config)]);
+    let out = env.cli(&["unlock", "--pin-file", p(&env.pin_file)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("older snapshot"), "{stderr}");
+    assert!(daemon.stop().success());
+    drop(other);
 
     // A client key others can read is refused at start (exit 1).
     use std::os::unix::fs::PermissionsExt;
