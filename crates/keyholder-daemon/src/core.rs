@@ -1278,7 +1278,7 @@ impl Core {
     /// when it is the version `current`.
     ///
     /// Whatever the token's own record allows, the stored vault must be the
-    /// open vault (`open_id`) at a later generation than the open one: a
+    /// open vault (`open_id`) at the open generation or a later one: a
     /// session never moves back, and never to another vault, however
     /// authentic (an older copy put back in the store by someone with
     /// write access to it, or a vault sealed under keys a revoked token's
@@ -1320,9 +1320,12 @@ impl Core {
                     vault.vault_id()
                 )));
             }
-            if vault.body.generation <= open_generation {
+            // The same generation is the open version itself, read under
+            // another revision (a session opened from etcd's local copy, which
+            // has none): generation numbers never repeat with other content.
+            if vault.body.generation < open_generation {
                 return Err(Error::StoreRefused(format!(
-                    "it is generation {}, not newer than the open generation {open_generation}",
+                    "it is generation {}, older than the open generation {open_generation}",
                     vault.body.generation
                 )));
             }
