@@ -1009,6 +1009,24 @@ fn cluster_pki_needs_the_admin_capability_and_is_audited_with_its_serials() {
         "--out-dir",
         p(&dir),
     ]);
+    // The TCP listener's client CA never signs a cluster's certificates.
+    let listener = env.file(
+        "listener.toml",
+        &(std::fs::read_to_string(&spec).expect("spec") + "[cas]\ncluster = \"admin-clients\"\n"),
+    );
+    assert_fails(
+        &env.cli(&[
+            "cluster",
+            "pki",
+            "l2",
+            "--spec",
+            p(&listener),
+            "--out-dir",
+            p(&env.path().join("l2")),
+        ]),
+        7,
+        "signs the TCP listener's certificates",
+    );
     // Another program that may list and issue client certificates, but is
     // not an admin: it can read what was issued, not issue a cluster's PKI.
     let copy = env.path().join("other-client");
@@ -1061,14 +1079,16 @@ fn cluster_pki_needs_the_admin_capability_and_is_audited_with_its_serials() {
         .filter_map(|l| serde_json::from_str(l).ok())
         .filter(|r: &serde_json::Value| r["op"] == "Admin.ClusterPki")
         .collect();
-    assert_eq!(records.len(), 2, "{log}");
+    // Issued, refused for the listener's CA, denied by policy.
+    assert_eq!(records.len(), 3, "{log}");
+    assert_eq!(records[1]["outcome"], "failed", "{}", records[1]);
     let issued = records[0].to_string();
     let certs = json(&env, &["cluster", "certs", "lab"]);
     for c in certs["certificates"].as_array().expect("certs") {
         let serial = c["serial"].as_str().expect("serial");
         assert!(issued.contains(serial), "{serial} not in {issued}");
     }
-    let denied = records[1].to_string();
+    let denied = records[2].to_string();
     assert!(
         denied.contains("cluster-pki:stolen") && denied.contains("denied"),
         "{denied}"

@@ -1199,7 +1199,7 @@ impl Core {
     /// open one (see [`Core::follow_storage`]); failures are logged, and the
     /// open version keeps serving.
     pub async fn reload_if_changed(&self, revision: &Revision) {
-        let _writer = self.writer.lock().await;
+        let writer = self.writer.lock().await;
         let current = match &*self.read_state() {
             State::Unlocked(u) => u.revision.clone(),
             State::Locked(_) => return,
@@ -1213,6 +1213,14 @@ impl Core {
                 tracing::info!(generation, "vault changed in the store: reloaded");
             }
             Ok(false) => {}
+            // This session's token is no longer one the vault is encrypted
+            // to (revoked by another daemon): the session ends rather than
+            // serve what its token may no longer open.
+            Err(e @ Error::Vault(VaultError::NotForThisToken | VaultError::NoTokens)) => {
+                drop(writer);
+                tracing::warn!(error = %crate::escape::Escaped(&e), "the stored vault no longer opens with this session's token (revoked?); locking");
+                self.lock(LockReason::CheckFailed);
+            }
             Err(e) => {
                 tracing::warn!(error = %crate::escape::Escaped(&e), "vault changed in the store but was not reloaded; serving the open version")
             }
@@ -1224,8 +1232,12 @@ impl Core {
     /// checks it against the token's generation record and puts it in
     /// place. `false` when it was the open version or the session is locked.
     fn reload_locked(&self) -> Result<bool> {
-        let current = match &*self.read_state() {
-            State::Unlocked(u) => u.revision.clone(),
+        let (current, open_id, open_generation) = match &*self.read_state() {
+            State::Unlocked(u) => (
+                u.revision.clone(),
+                u.vault.vault_id().to_owned(),
+                u.vault.body.generation,
+            ),
             State::Locked(_) => return Ok(false),
         };
         // Read, open and check again on failure, a few times: another
@@ -1235,7 +1247,9 @@ impl Core {
         // is read. A real rollback or damage stays and is reported.
         let mut attempt = 0;
         let loaded = loop {
-            match self.reload_once(&current) {
+            match self.reload_once(&current, &open_id, open_generation) {
+                // Not a passing state: refused at once.
+                Err(e @ Error::StoreRefused(_)) => return Err(e),
                 Err(e) if attempt < RELOAD_ATTEMPTS => {
                     attempt += 1;
                     tracing::debug!(attempt, error = %crate::escape::Escaped(&e), "vault not reloaded; reading it again");
@@ -1262,7 +1276,19 @@ impl Core {
 
     /// One read of the stored vault for [`Core::reload_locked`]: `None`
     /// when it is the version `current`.
-    fn reload_once(&self, current: &Revision) -> Result<Option<(OpenVault, Revision)>> {
+    ///
+    /// Whatever the token's own record allows, the stored vault must be the
+    /// open vault (`open_id`) at a later generation than the open one: a
+    /// session never moves back, and never to another vault, however
+    /// authentic (an older copy put back in the store by someone with
+    /// write access to it, or a vault sealed under keys a revoked token's
+    /// holder kept, under another id).
+    fn reload_once(
+        &self,
+        current: &Revision,
+        open_id: &str,
+        open_generation: u64,
+    ) -> Result<Option<(OpenVault, Revision)>> {
         token_call(|| -> Result<Option<(OpenVault, Revision)>> {
             let (bytes, revision) = self
                 .storage
@@ -1288,6 +1314,18 @@ impl Core {
                     key: &key,
                 },
             )?;
+            if vault.vault_id() != open_id {
+                return Err(Error::StoreRefused(format!(
+                    "it is another vault (id {:?}, the open one is {open_id:?})",
+                    vault.vault_id()
+                )));
+            }
+            if vault.body.generation <= open_generation {
+                return Err(Error::StoreRefused(format!(
+                    "it is generation {}, not newer than the open generation {open_generation}",
+                    vault.body.generation
+                )));
+            }
             rollback::check(session.as_ref(), &vault, false)?;
             Ok(Some((vault, revision)))
         })

@@ -93,6 +93,11 @@ pub enum Error {
         /// The token's record.
         recorded: u64,
     },
+    /// The store (another daemon's write, as the watch saw it) holds a
+    /// vault this session must not move to: another vault, or not a newer
+    /// generation of the open one.
+    #[error("the stored vault was not taken: {0}; the open version keeps serving")]
+    StoreRefused(String),
     /// The token cannot store the vault's generation record.
     #[error(
         "the token {token:?} cannot store Keyholder's rollback record ({reason}): without it an \
@@ -162,6 +167,7 @@ impl Error {
             Error::Locked
             | Error::NotInitialized(_)
             | Error::Rollback { .. }
+            | Error::StoreRefused(_)
             | Error::NoRollbackRecord { .. }
             | Error::PivNeedsSlot { .. }
             | Error::DefaultManagementKey { .. }

@@ -708,6 +708,18 @@ pub async fn pki(
         .collect();
     on_disk.extend(req.on_disk);
 
+    // The TCP listener's CAs sign only what keyholderd issues for the
+    // listener (see remote::listener_ca_misuse): never a cluster's server,
+    // peer or kubelet certificates.
+    let tcp = &core.config.tcp;
+    for ca in [&spec.cluster_ca, &spec.etcd_ca, &spec.front_proxy_ca] {
+        if !tcp.client_ca.is_empty() && (*ca == tcp.client_ca || ca.as_str() == tcp.server_ca()) {
+            return Err(Error::PermissionDenied(format!(
+                "CA {ca:?} signs the TCP listener's certificates (tcp.client_ca / tcp.server_ca): \
+                 a cluster's PKI needs CAs of its own"
+            )));
+        }
+    }
     for (ca, cn) in [
         (&spec.cluster_ca, "kubernetes"),
         (&spec.etcd_ca, "etcd-ca"),
