@@ -40,12 +40,12 @@ done
 "#;
 
 /// The stand-in, in its own directory inside the test's.
-struct StandIn {
+pub(crate) struct StandIn {
     dir: PathBuf,
 }
 
 impl StandIn {
-    fn new(env: &Env) -> Self {
+    pub(crate) fn new(env: &Env) -> Self {
         let dir = env.path().join("pinentry");
         std::fs::create_dir(&dir).expect("stand-in dir");
         let program = dir.join("pinentry-stand-in");
@@ -56,7 +56,7 @@ impl StandIn {
         s
     }
 
-    fn program(&self) -> String {
+    pub(crate) fn program(&self) -> String {
         self.dir
             .join("pinentry-stand-in")
             .to_str()
@@ -65,7 +65,7 @@ impl StandIn {
     }
 
     /// What the next GETPINs answer, from the first on; resets the count.
-    fn answers(&self, answers: &[&str]) {
+    pub(crate) fn answers(&self, answers: &[&str]) {
         let mut text = answers.join("\n");
         text.push('\n');
         std::fs::write(self.dir.join("pinentry.answers"), text).expect("answers");
@@ -77,12 +77,12 @@ impl StandIn {
         std::fs::write(self.dir.join("pinentry.delay"), seconds.to_string()).expect("delay");
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("pinentry.log")).unwrap_or_default()
     }
 
     /// How many PIN dialogs were shown.
-    fn prompts(&self) -> usize {
+    pub(crate) fn prompts(&self) -> usize {
         self.log().lines().filter(|l| *l == "GETPIN").count()
     }
 }

@@ -392,3 +392,34 @@ fn a_vault_written_before_enrolment_existed_opens_and_takes_a_second_token() {
     let verified = env.ok(&["audit", "verify"]);
     assert!(verified.contains("audit log intact"), "{verified}");
 }
+
+/// Both PINs through pinentry, as `unlock --pinentry` asks: the new
+/// token's first, then the session's; a wrong PIN of the new token is asked
+/// for again.
+#[test]
+fn enrol_asks_both_pins_through_pinentry_and_again_after_a_wrong_one() {
+    let env = Env::new();
+    env.add_token_with_pin("second", "2468");
+    let _daemon = env.start_daemon(&[]);
+    env.init();
+    env.unlock();
+    let stand_in = crate::pinentry::StandIn::new(&env);
+    stand_in.answers(&["9999", crate::util::PIN, "2468"]);
+    let program = stand_in.program();
+    let args = [
+        "token",
+        "enrol",
+        "--token-label",
+        "second",
+        "--pinentry",
+        &program,
+    ];
+    assert_ok(&env.cli(&args), &args);
+    assert_eq!(stand_in.prompts(), 3, "{}", stand_in.log());
+    let log = stand_in.log();
+    assert!(log.contains("the token being enrolled"), "{log}");
+    assert!(log.contains("did not accept the PIN"), "{log}");
+    let list = enrolled(&env);
+    assert_eq!(list.len(), 2, "{list:?}");
+    assert_eq!(list[1]["label"], "second");
+}

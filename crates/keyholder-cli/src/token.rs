@@ -108,6 +108,9 @@ pub(crate) struct RevokeArgs {
     pin: PinSource,
 }
 
+/// Most PINs of the new token asked for through pinentry in one command.
+const PINENTRY_ATTEMPTS: u32 = 3;
+
 fn read_first_line(path: &PathBuf, what: &str) -> CliResult<SecretString> {
     let bytes = Zeroizing::new(
         std::fs::read(path)
@@ -226,35 +229,63 @@ pub(crate) async fn token(channel: Channel, cmd: TokenCommand, json: bool) -> Cl
             let management_key = management_key(&args)?;
             let new_pin = token_pin(&args)?;
             let pin = ask_pin(&args.pin, "to enrol another token")?;
-            let resp = admin
-                .enrol_token(v1::EnrolTokenRequest {
-                    token: Some(v1::TokenSelector {
-                        label: args.token_label.clone().unwrap_or_default(),
-                        serial: args.token_serial.clone().unwrap_or_default(),
-                        uri: args.token_uri.clone().unwrap_or_default(),
-                    }),
-                    token_pin: new_pin.expose_secret().to_owned(),
-                    pin: pin.expose_secret().to_owned(),
-                    allow_final_pin_try: args.pin.allow_final_pin_try(),
-                    token_backend: args.token_backend.clone().unwrap_or_default(),
-                    pkcs11_module: args
-                        .pkcs11_module
-                        .as_ref()
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_default(),
-                    pkcs11_init_args: args.pkcs11_init_args.clone().unwrap_or_default(),
-                    without_rollback_record: args.without_rollback_record,
-                    piv_slot: args.piv_slot.clone().unwrap_or_default(),
-                    management_key: management_key.expose_secret().to_owned(),
-                    allow_default_management_key: args.allow_default_management_key,
-                    pin_policy: args.pin_policy.clone().unwrap_or_default(),
-                    touch_policy: args.touch_policy.clone().unwrap_or_default(),
-                    allow_imported_key: args.allow_imported_key,
-                    attestation_roots_pem,
-                    protect_management_key: args.protect_management_key,
-                })
-                .await?
-                .into_inner();
+            let mut request = v1::EnrolTokenRequest {
+                token: Some(v1::TokenSelector {
+                    label: args.token_label.clone().unwrap_or_default(),
+                    serial: args.token_serial.clone().unwrap_or_default(),
+                    uri: args.token_uri.clone().unwrap_or_default(),
+                }),
+                token_pin: new_pin.expose_secret().to_owned(),
+                pin: pin.expose_secret().to_owned(),
+                allow_final_pin_try: args.pin.allow_final_pin_try(),
+                token_backend: args.token_backend.clone().unwrap_or_default(),
+                pkcs11_module: args
+                    .pkcs11_module
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                pkcs11_init_args: args.pkcs11_init_args.clone().unwrap_or_default(),
+                without_rollback_record: args.without_rollback_record,
+                piv_slot: args.piv_slot.clone().unwrap_or_default(),
+                management_key: management_key.expose_secret().to_owned(),
+                allow_default_management_key: args.allow_default_management_key,
+                pin_policy: args.pin_policy.clone().unwrap_or_default(),
+                touch_policy: args.touch_policy.clone().unwrap_or_default(),
+                allow_imported_key: args.allow_imported_key,
+                attestation_roots_pem,
+                protect_management_key: args.protect_management_key,
+            };
+            // As unlock does: through pinentry, a wrong PIN of the new token
+            // is asked for again, up to 3 tries in all.
+            let mut asked = 1;
+            let resp = loop {
+                match admin.enrol_token(request.clone()).await {
+                    Ok(r) => break r.into_inner(),
+                    Err(status) => {
+                        let program = args.pin.pinentry_program().filter(|_| {
+                            args.token_pin_file.is_none() && args.token_pin_fd.is_none()
+                        });
+                        let again = status.code() == tonic::Code::PermissionDenied
+                            && status.message().contains("did not accept the PIN")
+                            && asked < PINENTRY_ATTEMPTS
+                            && (args.pin.allow_final_pin_try()
+                                || !status.message().contains("ONE try remains"));
+                        match program.filter(|_| again) {
+                            Some(program) => {
+                                asked += 1;
+                                let error = format!(
+                                    "{} (try {asked} of {PINENTRY_ATTEMPTS})",
+                                    status.message()
+                                );
+                                let next =
+                                    ask_pinentry(program, "the token being enrolled", Some(error))?;
+                                request.token_pin = next.expose_secret().to_owned();
+                            }
+                            None => return Err(status.into()),
+                        }
+                    }
+                }
+            };
             let t = resp.token.unwrap_or_default();
             if json {
                 println!(

@@ -49,6 +49,53 @@ impl std::str::FromStr for TokenBackend {
     }
 }
 
+/// Where the vault is kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    /// The local file `vault` (the default).
+    #[default]
+    File,
+    /// An etcd cluster (`[etcd]`; docs/etcd.md).
+    Etcd,
+}
+
+/// The etcd cluster's settings (`[etcd]` in the config file; docs/etcd.md).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EtcdConfig {
+    /// Client endpoints, `HOST:PORT`.
+    pub endpoints: Vec<String>,
+    /// The key prefix the vault lives under (`/keyholder/vault/`).
+    pub prefix: String,
+    /// The CA that issued the etcd members' certificates (PEM file).
+    pub ca_file: Option<PathBuf>,
+    /// The client certificate keyholderd presents (PEM file).
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (PEM file, mode 0600).
+    pub key_file: Option<PathBuf>,
+    /// The local read-only copy of the vault. Default: `vault` with
+    /// `.etcd-copy` appended.
+    pub local_copy: Option<PathBuf>,
+    /// The deadline of each etcd call (`5s`).
+    #[serde(deserialize_with = "de_duration")]
+    pub timeout: Duration,
+}
+
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        Self {
+            endpoints: Vec::new(),
+            prefix: "/keyholder/vault/".into(),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            local_copy: None,
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
 /// The most earlier values `secret_history` may keep per secret.
 pub const MAX_SECRET_HISTORY: usize = 100;
 
@@ -131,6 +178,10 @@ pub struct Config {
     pub secret_history: usize,
     /// Serve Prometheus metrics on this loopback address (off by default).
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Where the vault is kept: `file` (the default) or `etcd`.
+    pub storage: StorageKind,
+    /// The etcd cluster, with `storage = "etcd"`.
+    pub etcd: EtcdConfig,
 }
 
 /// The TCP listener's settings (`[tcp]` in the config file).
@@ -245,6 +296,8 @@ impl Default for Config {
             tcp: TcpConfig::default(),
             secret_history: 5,
             metrics_listen: None,
+            storage: StorageKind::File,
+            etcd: EtcdConfig::default(),
         }
     }
 }
@@ -289,6 +342,28 @@ impl Config {
                     .map_or_else(|| PathBuf::from("audit.log"), |d| d.join("audit.log")),
             ),
         }
+    }
+
+    /// The etcd client's settings, with `storage = "etcd"`.
+    pub fn etcd_settings(&self) -> Option<keyholder_etcd::EtcdSettings> {
+        if self.storage != StorageKind::Etcd {
+            return None;
+        }
+        let e = &self.etcd;
+        let copy = e.local_copy.clone().unwrap_or_else(|| {
+            let mut p = self.vault.as_os_str().to_owned();
+            p.push(".etcd-copy");
+            PathBuf::from(p)
+        });
+        Some(keyholder_etcd::EtcdSettings {
+            endpoints: e.endpoints.clone(),
+            prefix: keyholder_etcd::normalize_prefix(&e.prefix),
+            ca: e.ca_file.clone().unwrap_or_default(),
+            cert: e.cert_file.clone().unwrap_or_default(),
+            key: e.key_file.clone().unwrap_or_default(),
+            cache: Some(copy),
+            timeout: e.timeout,
+        })
     }
 
     /// Checks values that TOML cannot.
@@ -392,6 +467,26 @@ impl Config {
             return Err(ConfigError(format!(
                 "secret_history must be at most {MAX_SECRET_HISTORY}"
             )));
+        }
+        if self.storage == StorageKind::Etcd {
+            let e = &self.etcd;
+            if e.endpoints.is_empty() {
+                return Err(ConfigError(
+                    "storage = \"etcd\" needs etcd.endpoints (HOST:PORT of each member)".into(),
+                ));
+            }
+            if e.ca_file.is_none() || e.cert_file.is_none() || e.key_file.is_none() {
+                return Err(ConfigError(
+                    "storage = \"etcd\" needs etcd.ca_file, etcd.cert_file and etcd.key_file \
+                     (mutual TLS; docs/etcd.md)"
+                        .into(),
+                ));
+            }
+            if e.timeout < Duration::from_millis(100) || e.timeout > Duration::from_secs(120) {
+                return Err(ConfigError(
+                    "etcd.timeout must be between 100ms and 2m".into(),
+                ));
+            }
         }
         if self.listen_tcp.is_some() && (tcp.client_ca.is_empty() || tcp.server_names.is_empty()) {
             return Err(ConfigError(

@@ -21,7 +21,8 @@ use keyholder_token::{
     Selector, Session, TokenDescription, TokenKey,
 };
 use keyholder_vault::{
-    Body, OpenVault, PivKeyRecord, Revision, Storage, TokenAgreement, TokenRecipient, VaultError,
+    Body, OpenVault, PivKeyRecord, Revision, Storage, StorageError, TokenAgreement, TokenRecipient,
+    VaultError,
 };
 use secrecy::SecretString;
 use tokio::sync::watch;
@@ -37,6 +38,12 @@ use crate::signers::{Keyring, KeyringContext, Signer, SshCa, TokenSlot, X509Ca};
 pub use crate::status::{
     Initialized, LockReason, SessionState, SessionStatus, TokenListing, UnlockedStatus,
 };
+
+/// How many times a write is re-applied after another writer got in first.
+pub const WRITE_ATTEMPTS: u32 = 32;
+
+/// How many times a reload of a changed vault is tried again.
+const RELOAD_ATTEMPTS: u32 = 5;
 
 /// Label of the vault key objects Keyholder creates on tokens.
 pub const KEY_LABEL: &str = "keyholder-vault";
@@ -115,6 +122,8 @@ pub struct Core {
     on_demand: crate::ondemand::OnDemand,
     /// Policy, grants, the step-up PIN check and the audit sink.
     trust: crate::trust::Trust,
+    /// Writes re-applied after another writer got in first.
+    storage_conflicts: AtomicU64,
 }
 
 impl Drop for Core {
@@ -156,6 +165,7 @@ impl Core {
             vault_key: Mutex::new(None),
             on_demand: Default::default(),
             trust: Default::default(),
+            storage_conflicts: AtomicU64::new(0),
         });
         core.publish();
         core
@@ -1026,56 +1036,115 @@ impl Core {
     /// Applies `change` to a copy of the body and stores it; the in-memory
     /// vault is replaced only once the new file is durable. Returns what
     /// `change` returned and the new generation.
+    ///
+    /// In a shared store (etcd) another daemon may have written first: the
+    /// store refuses the write ([`StorageError::Changed`], ABORTED), and
+    /// the vault is read again, so that the caller can retry. Writes whose
+    /// change can be applied again use [`Core::write_retrying`].
     pub async fn write<T>(&self, change: impl FnOnce(&mut Body) -> Result<T>) -> Result<(T, u64)> {
+        let mut once = Some(change);
+        self.write_attempts(
+            |body| match once.take() {
+                Some(change) => change(body),
+                None => Err(Error::Internal("a one-time change applied twice".into())),
+            },
+            0,
+        )
+        .await
+    }
+
+    /// Like [`Core::write`], but when another writer got in first the
+    /// vault is read again and `change` applied to the new version, up to
+    /// [`WRITE_ATTEMPTS`] times; so `change` must decide from the body it
+    /// is given alone.
+    pub async fn write_retrying<T>(
+        &self,
+        change: impl FnMut(&mut Body) -> Result<T>,
+    ) -> Result<(T, u64)> {
+        self.write_attempts(change, WRITE_ATTEMPTS).await
+    }
+
+    async fn write_attempts<T>(
+        &self,
+        mut change: impl FnMut(&mut Body) -> Result<T>,
+        retries: u32,
+    ) -> Result<(T, u64)> {
         let _writer = self.writer.lock().await;
         // The audit log's head goes into the vault with every write, after
         // an anchor: a log that cannot be written stops the write here.
         let audit_head = self.audit_anchor().await?;
-        let (body_new, out, bytes, expected, vault_id, own_recipient) = {
-            let state = self.read_state();
-            let State::Unlocked(u) = &*state else {
-                return Err(self.locked());
+        let mut attempt = 0u32;
+        let (out, body_new, revision, generation) = loop {
+            let (body_new, out, bytes, expected, vault_id, own_recipient) = {
+                let state = self.read_state();
+                let State::Unlocked(u) = &*state else {
+                    return Err(self.locked());
+                };
+                let mut body = u.vault.body.clone();
+                let out = change(&mut body)?;
+                if let Some(head) = &audit_head {
+                    body.audit_head = Some(head.clone());
+                }
+                let bytes = u.vault.next(&mut body)?;
+                (
+                    body,
+                    out,
+                    bytes,
+                    u.revision.clone(),
+                    u.vault.vault_id().to_owned(),
+                    u.vault.token_recipient().to_owned(),
+                )
             };
-            let mut body = u.vault.body.clone();
-            let out = change(&mut body)?;
-            if let Some(head) = audit_head {
-                body.audit_head = Some(head);
+            let generation = body_new.generation;
+            // A token enrolled without a rollback record writes none.
+            let protected = body_new.rollback_protection
+                && body_new
+                    .recipients
+                    .tokens
+                    .iter()
+                    .find(|t| t.recipient == own_recipient)
+                    .is_none_or(|t| t.rollback_record);
+            let stored = token_call(|| {
+                let revision =
+                    self.storage
+                        .compare_and_store(Some(&expected), &bytes, generation)?;
+                // After the file: a crash in between leaves the file ahead of the
+                // record, which the next unlock accepts and catches up.
+                match &*self.token_slot() {
+                    Some(_) if !protected => {}
+                    Some(session) => rollback::record(session.as_ref(), &vault_id, generation),
+                    // Locked in between: the next unlock moves the record up.
+                    None => tracing::warn!(
+                        generation,
+                        "vault generation not recorded: locked during the write"
+                    ),
+                }
+                Ok::<_, Error>(revision)
+            });
+            match stored {
+                Ok(revision) => break (out, body_new, revision, generation),
+                Err(Error::Storage(StorageError::Changed(_))) if attempt < retries => {
+                    attempt += 1;
+                    self.storage_conflicts.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        attempt,
+                        "write conflict: another keyholderd wrote the vault first; reading it again and re-applying the change"
+                    );
+                    self.reload_locked()?;
+                }
+                Err(e @ Error::Storage(StorageError::Changed(_))) => {
+                    self.storage_conflicts.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        "write conflict: another keyholderd wrote the vault first; the write is refused (ABORTED) and the vault read again"
+                    );
+                    if let Err(reload) = self.reload_locked() {
+                        tracing::warn!(error = %crate::escape::Escaped(&reload), "the vault was not read again after a conflict");
+                    }
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
             }
-            let bytes = u.vault.next(&mut body)?;
-            (
-                body,
-                out,
-                bytes,
-                u.revision.clone(),
-                u.vault.vault_id().to_owned(),
-                u.vault.token_recipient().to_owned(),
-            )
         };
-        let generation = body_new.generation;
-        let protected = body_new.rollback_protection
-            && body_new
-                .recipients
-                .tokens
-                .iter()
-                .find(|t| t.recipient == own_recipient)
-                .is_none_or(|t| t.rollback_record);
-        let revision = token_call(|| {
-            let revision = self
-                .storage
-                .compare_and_store(Some(&expected), &bytes, generation)?;
-            // After the file: a crash in between leaves the file ahead of the
-            // record, which the next unlock accepts and catches up.
-            match &*self.token_slot() {
-                Some(_) if !protected => {}
-                Some(session) => rollback::record(session.as_ref(), &vault_id, generation),
-                // Locked in between: the next unlock moves the record up.
-                None => tracing::warn!(
-                    generation,
-                    "vault generation not recorded: locked during the write"
-                ),
-            }
-            Ok::<_, Error>(revision)
-        })?;
         let replaced = match &mut *self.write_state() {
             State::Unlocked(u) => {
                 u.revision = revision;
@@ -1092,6 +1161,136 @@ impl Core {
         }
         self.publish();
         Ok((out, generation))
+    }
+
+    /// How many writes found the store changed by another writer and were
+    /// re-applied, since start.
+    pub fn storage_conflicts(&self) -> u64 {
+        self.storage_conflicts.load(Ordering::Relaxed)
+    }
+
+    /// Follows a shared store (etcd): whenever another daemon stores a new
+    /// version, an unlocked session reads and decrypts it with its token
+    /// session (no PIN, no new token login). Needs a tokio runtime; does
+    /// nothing for a store without a watch (the local file).
+    pub fn follow_storage(self: &Arc<Self>) {
+        let (tx, mut rx) = watch::channel(None::<Revision>);
+        let watching = self.storage.watch(Box::new(move |revision| {
+            tx.send_replace(Some(revision));
+        }));
+        if !watching {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let revision = rx.borrow_and_update().clone();
+                let Some(core) = weak.upgrade() else {
+                    break;
+                };
+                if let Some(revision) = revision {
+                    core.reload_if_changed(&revision).await;
+                }
+            }
+        });
+    }
+
+    /// Reads the vault again if the store holds another version than the
+    /// open one (see [`Core::follow_storage`]); failures are logged, and the
+    /// open version keeps serving.
+    pub async fn reload_if_changed(&self, revision: &Revision) {
+        let _writer = self.writer.lock().await;
+        let current = match &*self.read_state() {
+            State::Unlocked(u) => u.revision.clone(),
+            State::Locked(_) => return,
+        };
+        if current == *revision {
+            return;
+        }
+        match self.reload_locked() {
+            Ok(true) => {
+                let generation = self.with_body(|b| Ok(b.generation)).unwrap_or(0);
+                tracing::info!(generation, "vault changed in the store: reloaded");
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %crate::escape::Escaped(&e), "vault changed in the store but was not reloaded; serving the open version")
+            }
+        }
+    }
+
+    /// With the writer lock held: reads the stored vault and, if it is not
+    /// the open version, decrypts it with the logged-in token session,
+    /// checks it against the token's generation record and puts it in
+    /// place. `false` when it was the open version or the session is locked.
+    fn reload_locked(&self) -> Result<bool> {
+        let current = match &*self.read_state() {
+            State::Unlocked(u) => u.revision.clone(),
+            State::Locked(_) => return Ok(false),
+        };
+        // Read, open and check again on failure, a few times: another
+        // daemon on the same token may commit and move the token's
+        // generation record up between this read and the check (which
+        // then looks like an older vault), or rewrite the record while it
+        // is read. A real rollback or damage stays and is reported.
+        let mut attempt = 0;
+        let loaded = loop {
+            match self.reload_once(&current) {
+                Err(e) if attempt < RELOAD_ATTEMPTS => {
+                    attempt += 1;
+                    tracing::debug!(attempt, error = %crate::escape::Escaped(&e), "vault not reloaded; reading it again");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => break other?,
+            }
+        };
+        let Some((vault, revision)) = loaded else {
+            return Ok(false);
+        };
+        let replaced = match &mut *self.write_state() {
+            State::Unlocked(u) => {
+                u.revision = revision;
+                u.keyring.clear();
+                Some(std::mem::replace(&mut u.vault, vault))
+            }
+            State::Locked(_) => None,
+        };
+        drop(replaced);
+        self.publish();
+        Ok(true)
+    }
+
+    /// One read of the stored vault for [`Core::reload_locked`]: `None`
+    /// when it is the version `current`.
+    fn reload_once(&self, current: &Revision) -> Result<Option<(OpenVault, Revision)>> {
+        token_call(|| -> Result<Option<(OpenVault, Revision)>> {
+            let (bytes, revision) = self
+                .storage
+                .load()?
+                .ok_or_else(|| Error::NotInitialized(self.storage.location()))?;
+            if revision == *current {
+                return Ok(None);
+            }
+            let stanzas = keyholder_vault::probe(&bytes)?;
+            let slot = self.token_slot();
+            let Some(session) = slot.as_ref() else {
+                return Err(self.locked());
+            };
+            let key = session
+                .find_p256_keys(None)?
+                .into_iter()
+                .find(|k| keyholder_vault::addressed_to(&stanzas, &k.public))
+                .ok_or(Error::Vault(VaultError::NotForThisToken))?;
+            let vault = OpenVault::open(
+                &bytes,
+                &TokenAgreement {
+                    session: session.as_ref(),
+                    key: &key,
+                },
+            )?;
+            rollback::check(session.as_ref(), &vault, false)?;
+            Ok(Some((vault, revision)))
+        })
     }
 
     /// Writes an audit anchor keyed by the open vault and returns the

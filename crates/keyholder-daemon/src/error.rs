@@ -202,7 +202,9 @@ impl Error {
                 StorageError::Busy { .. } => Code::Unavailable,
                 StorageError::DiskFull { .. } => Code::ResourceExhausted,
                 StorageError::LooseDirectory { .. } => Code::FailedPrecondition,
-                StorageError::Conflict(_) => Code::Aborted,
+                StorageError::Conflict(_) | StorageError::Changed(_) => Code::Aborted,
+                StorageError::Unavailable(_) => Code::Unavailable,
+                StorageError::WentBack(_) => Code::FailedPrecondition,
                 _ => Code::Internal,
             },
             Error::Pki(p) => match p {

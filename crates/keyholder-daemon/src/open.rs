@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use keyholder_token::{Module, YubiKeyBackend};
-use keyholder_vault::{FileStorage, StorageError};
+use keyholder_vault::{FileStorage, Storage, StorageError};
 
 use crate::config::{ConfigError, TokenBackend};
 use crate::{Config, Core};
@@ -43,6 +43,32 @@ impl StartError {
     }
 }
 
+/// The configured home of the vault: the file, or etcd.
+fn storage(config: &Config) -> Result<Box<dyn Storage>, StorageError> {
+    match config.etcd_settings() {
+        Some(settings) => {
+            if let Some(copy) = &settings.cache
+                && let Some(dir) = copy.parent()
+                && !dir.as_os_str().is_empty()
+                && !dir.exists()
+            {
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(|source| StorageError::Io {
+                        what: "cannot create the directory of the local copy",
+                        path: dir.to_owned(),
+                        source,
+                    })?;
+            }
+            Ok(Box::new(keyholder_etcd::EtcdStorage::open(settings)?))
+        }
+        None => Ok(Box::new(FileStorage::open(&config.vault)?)),
+    }
+}
+
 /// Loads the configured PKCS#11 module (or takes the native YubiKey
 /// backend), takes the vault file (locking out any other keyholderd) and
 /// builds the core over them, locked, with its audit log installed.
@@ -54,7 +80,7 @@ pub fn open(config: Config) -> Result<Arc<Core>, StartError> {
                 .as_deref()
                 .ok_or(StartError::NoModule)?;
             let module = Module::load_with_args(path, config.pkcs11_init_args.as_deref())?;
-            let storage = FileStorage::open(&config.vault)?;
+            let storage = storage(&config)?;
             let core = Core::new(config, module, storage);
             crate::audit::install(&core);
             Ok(core)
@@ -66,7 +92,7 @@ pub fn open(config: Config) -> Result<Arc<Core>, StartError> {
                     "pkcs11_module is not loaded: the token backend is yubikey"
                 );
             }
-            let storage = FileStorage::open(&config.vault)?;
+            let storage = storage(&config)?;
             let core = Core::new(config, YubiKeyBackend::new(), storage);
             // So that a client can tell the user to touch the key before
             // the first unlock (card errors are only logged).

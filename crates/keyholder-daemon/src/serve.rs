@@ -127,6 +127,8 @@ pub async fn run(
 
     let max_message = core.config.max_secret_bytes + 64 * 1024;
     let ticker = tokio::spawn(supervised_ticks(core.clone()));
+    // A shared store (etcd): other daemons' writes are picked up while unlocked.
+    core.follow_storage();
     let metrics_task = match core.config.metrics_listen {
         // A port another local user took first costs the metrics, not the
         // daemon: refusing to start would hand any user a way to stop it.

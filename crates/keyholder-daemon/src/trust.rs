@@ -262,9 +262,9 @@ impl Core {
         Ok(())
     }
 
-    /// The PIN again, for changing policy or grants: checked against the
-    /// PIN that opened the session. After [`MAX_STEP_UP_FAILURES`] wrong
-    /// ones in a row the session locks.
+    /// The PIN again, for changing policy, grants or the vault's tokens:
+    /// checked against the PIN that opened the session. After
+    /// [`MAX_STEP_UP_FAILURES`] wrong ones in a row the session locks.
     pub fn step_up(&self, pin: &SecretString) -> Result<()> {
         self.require_unlocked()?;
         let lock_now = {
@@ -291,7 +291,7 @@ impl Core {
         };
         if lock_now {
             tracing::warn!(
-                "wrong PIN for a policy or grant change {MAX_STEP_UP_FAILURES} times; locking"
+                "wrong PIN for a policy, grant or token change {MAX_STEP_UP_FAILURES} times; locking"
             );
             self.lock(LockReason::Request);
             return Err(Error::PermissionDenied(format!(
@@ -299,7 +299,9 @@ impl Core {
             )));
         }
         Err(Error::PermissionDenied(
-            "wrong PIN: changing policy or grants needs the PIN that unlocked the session".into(),
+            "wrong PIN: changing policy, grants or the vault's tokens needs the PIN that unlocked \
+             the session"
+                .into(),
         ))
     }
 }

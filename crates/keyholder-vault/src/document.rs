@@ -28,6 +28,10 @@ use zeroize::Zeroizing;
 pub const FORMAT: &str = "keyholder-vault";
 /// The document version this code writes.
 pub const VERSION: u32 = 3;
+/// The version a vault with more than one enrolled token is written as
+/// (its `team_keys`): a reader of version 3 refuses it rather than rewrite
+/// it without them, which would shut every other token out.
+pub const TEAM_VERSION: u32 = 4;
 /// The oldest document version this code reads (version 1 has no secret
 /// history, version 2 no cluster PKI records; both open as they are and are
 /// written back as version 3).
@@ -45,11 +49,15 @@ pub(crate) struct EnvelopeIn<'a> {
 }
 
 /// Writes the document's head, up to the body.
-pub(crate) fn write_head(out: &mut impl std::io::Write, vault_id: &str) -> serde_json::Result<()> {
+pub(crate) fn write_head(
+    out: &mut impl std::io::Write,
+    vault_id: &str,
+    version: u32,
+) -> serde_json::Result<()> {
     out.write_all(b"{\n  \"format\": ")
         .map_err(serde_json::Error::io)?;
     serde_json::to_writer(&mut *out, FORMAT)?;
-    out.write_all(format!(",\n  \"version\": {VERSION},\n  \"vault_id\": ").as_bytes())
+    out.write_all(format!(",\n  \"version\": {version},\n  \"vault_id\": ").as_bytes())
         .map_err(serde_json::Error::io)?;
     serde_json::to_writer(&mut *out, vault_id)?;
     out.write_all(b",\n  \"body\": ")

@@ -38,7 +38,7 @@ pub use document::{
     AuditHead, Body, CaEntry, CaKey, CaKind, ClusterEntry, KeyEntry, KeyUsage, OldValue,
     PivKeyRecord, Recipients, SecretEntry, SshCertificateEntry, TeamKey, TeamKeys, TokenRecipient,
 };
-pub use storage::{FileStorage, Revision, Storage, StorageError};
+pub use storage::{BACKUPS_KEPT, FileStorage, Revision, Storage, StorageError, export_history};
 pub use tag::{
     KeyAgreement, SoftwareKey, TagStanza, TokenAgreement, addressed_to, recipient_string,
 };
@@ -73,7 +73,7 @@ pub enum VaultError {
     )]
     NotAuthentic,
     /// Written by a newer Keyholder.
-    #[error("the vault has format version {0}; this Keyholder reads versions 1 to 3")]
+    #[error("the vault has format version {0}; this Keyholder reads versions 1 to 4")]
     UnsupportedVersion(u32),
     /// A recipient string did not parse.
     #[error("invalid recipient {0:?}: expected an X25519 age recipient (age1...)")]
@@ -157,6 +157,14 @@ fn mac(key: &[u8; 32], vault_id: &str, body: &[u8]) -> Hmac<Sha256> {
     let mut m = mac_init(key, vault_id);
     m.update(body);
     m
+}
+
+/// The MAC key of the token `key` for the vault `vault_id` (one token
+/// operation), as the vault's team keys keep it: what the token checks its
+/// authentication entry with.
+pub fn team_key<K: KeyAgreement>(key: &K, vault_id: &str) -> Result<TeamKey, VaultError> {
+    let k = mac_key(key, vault_id)?;
+    Ok(TeamKey(Zeroizing::new(BASE64_STANDARD.encode(&k[..]))))
 }
 
 /// An open vault: the decrypted body and what is needed to write it back.
@@ -290,7 +298,7 @@ impl OpenVault {
                 document::FORMAT
             )));
         }
-        if !(document::MIN_VERSION..=document::VERSION).contains(&envelope.version) {
+        if !(document::MIN_VERSION..=document::TEAM_VERSION).contains(&envelope.version) {
             return Err(VaultError::UnsupportedVersion(envelope.version));
         }
         let token_recipient = recipient_string(&key.public_key());
@@ -368,8 +376,7 @@ impl OpenVault {
     /// operation on that token): what it checks this vault's
     /// authentication entry with once enrolled.
     pub fn mac_key_of<K: KeyAgreement>(&self, key: &K) -> Result<TeamKey, VaultError> {
-        let k = mac_key(key, &self.vault_id)?;
-        Ok(TeamKey(Zeroizing::new(BASE64_STANDARD.encode(&k[..]))))
+        team_key(key, &self.vault_id)
     }
 
     /// The team keys of `body` with `recipient`'s key added: on the first
@@ -485,7 +492,12 @@ impl OpenVault {
     /// Writes the document (head, MACed body, MAC, tail) into `doc`.
     fn write_document<W: Write>(&self, doc: &mut Staged<W>, body: &Body) -> Result<(), VaultError> {
         let keys = self.mac_keys(body)?;
-        document::write_head(doc, &self.vault_id).map_err(encrypt_err)?;
+        let version = if body.team_keys.is_some() {
+            document::TEAM_VERSION
+        } else {
+            document::VERSION
+        };
+        document::write_head(doc, &self.vault_id, version).map_err(encrypt_err)?;
         doc.start_macs(
             keys.iter()
                 .map(|(_, k)| mac_init(k, &self.vault_id))
@@ -755,14 +767,20 @@ mod tests {
         let e = &again.body.secrets["db/prod/password"];
         assert_eq!(e.version(), 2);
         assert_eq!(e.history()[0].value().unwrap().as_slice(), b"hunter2");
-        let err = OpenVault::open(&version_1_file(&k, 4), &k).unwrap_err();
-        assert!(matches!(err, VaultError::UnsupportedVersion(4)), "{err}");
+        let err = OpenVault::open(&version_1_file(&k, 5), &k).unwrap_err();
+        assert!(matches!(err, VaultError::UnsupportedVersion(5)), "{err}");
     }
 
     #[test]
     fn an_enrolled_token_opens_and_writes_for_every_token_and_a_revoked_one_does_not() {
         let (a, b) = (key(), key());
-        let (_, bytes) = new_vault(&a, vec![]);
+        let recovery = age::x25519::Identity::generate();
+        let (_, bytes) = new_vault(&a, vec![recovery.to_public().to_string()]);
+        let version = |file: &[u8]| {
+            let plain = age::decrypt(&recovery, file).unwrap();
+            serde_json::from_slice::<serde_json::Value>(&plain).unwrap()["version"].clone()
+        };
+        assert_eq!(version(&bytes), document::VERSION);
         let va = OpenVault::open(&bytes, &a).unwrap();
         let audit_before = va.audit_key();
         // Enrol b: its MAC key, its entry, the team keys.
@@ -773,6 +791,8 @@ mod tests {
         body.recipients.tokens.push(entry_b.clone());
         let two = va.next(&mut body).unwrap();
         assert_eq!(probe(&two).unwrap().len(), 2);
+        // Written as the version a reader without team keys refuses.
+        assert_eq!(version(&two), document::TEAM_VERSION);
         let by_a = OpenVault::open(&two, &a).unwrap();
         let by_b = OpenVault::open(&two, &b).unwrap();
         assert_eq!(

@@ -129,6 +129,21 @@ pub enum StorageError {
     /// The stored version is not the one the caller last saw.
     #[error("the vault {0} changed on disk since it was read; lock and unlock to reload it")]
     Conflict(PathBuf),
+    /// A shared store (etcd) holds a newer version than the one this
+    /// write started from: another daemon wrote in between. The caller
+    /// re-reads, re-applies its change and tries again.
+    #[error(
+        "the vault at {0} was changed by another writer since it was read; the write was not stored. The new version has been read: retry"
+    )]
+    Changed(String),
+    /// The store cannot be reached (every etcd endpoint failed or timed
+    /// out). Nothing was written.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The store answers with an older state than this machine has seen
+    /// (an etcd cluster restored from an older snapshot, or another one).
+    #[error("{0}")]
+    WentBack(String),
     /// An I/O error, with the path it concerns.
     #[error("{what} {path}: {source}")]
     Io {
@@ -202,6 +217,87 @@ pub trait Storage: Send + Sync {
     fn load_backup(&self, generation: u64) -> Result<Option<Vec<u8>>, StorageError> {
         let _ = generation;
         Ok(None)
+    }
+    /// For a store other processes write too (etcd): calls `notify` with
+    /// the stored revision whenever it changes, from a thread of the
+    /// store's own, until the store is dropped. `false` when this store
+    /// has no such watch (a local file, which only its owner writes).
+    fn watch(&self, notify: Box<dyn Fn(Revision) + Send + Sync>) -> bool {
+        let _ = notify;
+        false
+    }
+    /// Stores a whole history into an empty store at once, for moving a
+    /// vault: `history` holds (generation, bytes) oldest first, the last
+    /// being the current version; the older ones become backups. Either
+    /// all of it is stored or the store stays empty.
+    fn import(&self, history: &[(u64, Vec<u8>)]) -> Result<Revision, StorageError> {
+        let _ = history;
+        Err(StorageError::Unavailable(format!(
+            "{} cannot take an imported history",
+            self.location()
+        )))
+    }
+}
+
+/// A boxed store is a store: the daemon picks its backend at start.
+impl<S: Storage + ?Sized> Storage for Box<S> {
+    fn load(&self) -> Result<Option<(Vec<u8>, Revision)>, StorageError> {
+        (**self).load()
+    }
+    fn compare_and_store(
+        &self,
+        expected: Option<&Revision>,
+        bytes: &[u8],
+        generation: u64,
+    ) -> Result<Revision, StorageError> {
+        (**self).compare_and_store(expected, bytes, generation)
+    }
+    fn exists(&self) -> Result<bool, StorageError> {
+        (**self).exists()
+    }
+    fn location(&self) -> String {
+        (**self).location()
+    }
+    fn backups(&self) -> Vec<(u64, String)> {
+        (**self).backups()
+    }
+    fn load_backup(&self, generation: u64) -> Result<Option<Vec<u8>>, StorageError> {
+        (**self).load_backup(generation)
+    }
+    fn watch(&self, notify: Box<dyn Fn(Revision) + Send + Sync>) -> bool {
+        (**self).watch(notify)
+    }
+    fn import(&self, history: &[(u64, Vec<u8>)]) -> Result<Revision, StorageError> {
+        (**self).import(history)
+    }
+}
+
+/// A store's history for moving it elsewhere: every kept backup
+/// (generation, bytes), oldest first, then the current version with its
+/// generation (the newest backup holding the same bytes). Fails when the
+/// store is empty, or when the current version matches no backup (its
+/// generation cannot then be told without opening the vault).
+pub fn export_history(storage: &dyn Storage) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+    let unknown = |what: &str| {
+        StorageError::Unavailable(format!(
+            "cannot export the vault at {}: {what}",
+            storage.location()
+        ))
+    };
+    let (current, _) = storage
+        .load()?
+        .ok_or_else(|| unknown("there is no vault"))?;
+    let mut history = Vec::new();
+    for (generation, _) in storage.backups().into_iter().rev() {
+        if let Some(bytes) = storage.load_backup(generation)? {
+            history.push((generation, bytes));
+        }
+    }
+    match history.last() {
+        Some((_, newest)) if *newest == current => Ok(history),
+        _ => Err(unknown(
+            "its current version is not among its backups (written by hand?)",
+        )),
     }
 }
 
@@ -425,6 +521,47 @@ impl Storage for FileStorage {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_err("cannot read backup", &path)(e)),
         }
+    }
+
+    /// The older generations are written as backup files first (synced),
+    /// then the current one as the vault by the usual atomic rename: the
+    /// vault appears in one step. On failure the backups written here are
+    /// removed again.
+    fn import(&self, history: &[(u64, Vec<u8>)]) -> Result<Revision, StorageError> {
+        let Some(((generation, current), older)) = history.split_last() else {
+            return Err(StorageError::Unavailable("nothing to import".into()));
+        };
+        if self.exists()? || !self.backup_files().is_empty() {
+            return Err(StorageError::Io {
+                what: "a vault or its backups are there already; migrate to a new path, not",
+                path: self.path.clone(),
+                source: io::ErrorKind::AlreadyExists.into(),
+            });
+        }
+        let mut written = Vec::new();
+        let result = (|| {
+            for (g, bytes) in older {
+                let backup = self.dir.join(format!("{}.gen-{g}", self.file_name()));
+                let temp = self.dir.join(format!(
+                    "{}{}-{g}.import",
+                    self.temp_prefix(),
+                    std::process::id()
+                ));
+                write_new(&temp, bytes, true)?;
+                if let Err(e) = fs::rename(&temp, &backup) {
+                    let _ = fs::remove_file(&temp);
+                    return Err(io_err("cannot name backup", &backup)(e));
+                }
+                written.push(backup);
+            }
+            self.compare_and_store(None, current, *generation)
+        })();
+        if result.is_err() {
+            for backup in written {
+                let _ = fs::remove_file(backup);
+            }
+        }
+        result
     }
 }
 

@@ -73,7 +73,7 @@ impl v1::secrets_server::Secrets for SecretsService {
         let ticket = self.0.authorize(&caller, OP, access).await?;
         let written = self
             .0
-            .write(|body| {
+            .write_retrying(|body| {
                 let now = now_rfc3339();
                 let mut entry = SecretEntry::new(&put.value, &now);
                 match body.secrets.get(name) {
@@ -208,7 +208,7 @@ impl v1::secrets_server::Secrets for SecretsService {
         let ticket = self.0.authorize(&caller, OP, access).await?;
         let deleted = self
             .0
-            .write(|body| {
+            .write_retrying(|body| {
                 let history = lookup(&body.secrets, "secret", name.as_str())?
                     .history()
                     .len();
@@ -298,7 +298,7 @@ impl v1::secrets_server::Secrets for SecretsService {
         let keep = self.0.config.secret_history;
         let written = self
             .0
-            .write(|body| {
+            .write_retrying(|body| {
                 let entry = lookup(&body.secrets, "secret", name.as_str())?;
                 if to == entry.version() {
                     return Err(Error::InvalidArgument {

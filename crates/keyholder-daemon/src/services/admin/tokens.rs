@@ -339,6 +339,7 @@ pub async fn enrol(
             .map(|t| t.recipient.clone())
             .collect())
     })?;
+    let vault_id = core.with_unlocked(|u| Ok(u.vault.vault_id().to_owned()))?;
     let made = crate::core::token_call(|| {
         let token = backend.select(&sel)?;
         let mut session = backend.open(&token)?;
@@ -417,7 +418,9 @@ pub async fn enrol(
                 session: session.as_ref(),
                 key: &key,
             };
-            let mac_key = core.with_unlocked(|u| Ok(u.vault.mac_key_of(&agreement)?))?;
+            // Not under the session's state lock: the token may wait for
+            // a touch.
+            let mac_key = keyholder_vault::team_key(&agreement, &vault_id)?;
             let entry = TokenRecipient {
                 recipient: keyholder_vault::recipient_string(&key.public),
                 label: token.label.clone(),
@@ -474,12 +477,11 @@ pub async fn enrol(
                 Ok(())
             })
             .await?;
-        let vault_id = core.with_unlocked(|u| Ok(u.vault.vault_id().to_owned()))?;
-        Ok::<_, Error>((generation, vault_id))
+        Ok::<_, Error>(generation)
     }
     .await;
     let result = match written {
-        Ok((generation, vault_id)) => {
+        Ok(generation) => {
             if entry.rollback_record {
                 crate::core::token_call(|| {
                     crate::rollback::record(session.as_ref(), &vault_id, generation)
