@@ -885,6 +885,31 @@ fn a_second_run_changes_nothing_and_renew_replaces_exactly_what_expires() {
             .expect("crt")
             .starts_with("-----BEGIN CERTIFICATE-----")
     );
+
+    // Another directory gets the same service-account key (a new one would
+    // invalidate every token), and new certificates.
+    let copy = env.path().join("lab-copy");
+    let second = json(
+        &env,
+        &[
+            "cluster",
+            "pki",
+            "lab",
+            "--spec",
+            p(&spec),
+            "--out-dir",
+            p(&copy),
+        ],
+    );
+    assert_eq!(second["issued"], 14, "{second}");
+    assert_eq!(
+        std::fs::read(copy.join("pki/sa.key")).expect("sa.key"),
+        std::fs::read(dir.join("pki/sa.key")).expect("sa.key")
+    );
+    assert_ne!(
+        std::fs::read(copy.join("pki/apiserver.key")).expect("key"),
+        std::fs::read(dir.join("pki/apiserver.key")).expect("key")
+    );
 }
 
 /// The metrics endpoint, parsed by prometheus_client (tests/python/scrape.py).
