@@ -1108,6 +1108,17 @@ fn cluster_pki_needs_the_admin_capability_and_is_audited_with_its_serials() {
     assert_eq!(records.len(), 3, "{log}");
     assert_eq!(records[1]["outcome"], "failed", "{}", records[1]);
     let issued = records[0].to_string();
+    // Which private keys left the daemon, the service-account key by name.
+    assert_eq!(
+        records[0]["details"]["service_account_key_returned"], "true",
+        "{issued}"
+    );
+    assert!(
+        records[0]["details"]["keys_returned"]
+            .as_str()
+            .is_some_and(|k| k.contains("pki/apiserver.key")),
+        "{issued}"
+    );
     let certs = json(&env, &["cluster", "certs", "lab"]);
     for c in certs["certificates"].as_array().expect("certs") {
         let serial = c["serial"].as_str().expect("serial");
