@@ -569,7 +569,9 @@ impl Inner {
         for hash in &m.chunks {
             match self.get("read of the vault", self.blob_key(hash)).await? {
                 Some(kv) => {
-                    if kv.value.len() > CHUNK_BYTES || out.len().saturating_add(kv.value.len()) > size {
+                    if kv.value.len() > CHUNK_BYTES
+                        || out.len().saturating_add(kv.value.len()) > size
+                    {
                         return Err(self.malformed(m, "a piece is larger than the manifest allows"));
                     }
                     out.extend_from_slice(&kv.value);
