@@ -885,6 +885,31 @@ fn a_second_run_changes_nothing_and_renew_replaces_exactly_what_expires() {
             .expect("crt")
             .starts_with("-----BEGIN CERTIFICATE-----")
     );
+
+    // Another directory gets the same service-account key (a new one would
+    // invalidate every token), and new certificates.
+    let copy = env.path().join("lab-copy");
+    let second = json(
+        &env,
+        &[
+            "cluster",
+            "pki",
+            "lab",
+            "--spec",
+            p(&spec),
+            "--out-dir",
+            p(&copy),
+        ],
+    );
+    assert_eq!(second["issued"], 14, "{second}");
+    assert_eq!(
+        std::fs::read(copy.join("pki/sa.key")).expect("sa.key"),
+        std::fs::read(dir.join("pki/sa.key")).expect("sa.key")
+    );
+    assert_ne!(
+        std::fs::read(copy.join("pki/apiserver.key")).expect("key"),
+        std::fs::read(dir.join("pki/apiserver.key")).expect("key")
+    );
 }
 
 /// The metrics endpoint, parsed by prometheus_client (tests/python/scrape.py).
@@ -1083,6 +1108,17 @@ fn cluster_pki_needs_the_admin_capability_and_is_audited_with_its_serials() {
     assert_eq!(records.len(), 3, "{log}");
     assert_eq!(records[1]["outcome"], "failed", "{}", records[1]);
     let issued = records[0].to_string();
+    // Which private keys left the daemon, the service-account key by name.
+    assert_eq!(
+        records[0]["details"]["service_account_key_returned"], "true",
+        "{issued}"
+    );
+    assert!(
+        records[0]["details"]["keys_returned"]
+            .as_str()
+            .is_some_and(|k| k.contains("pki/apiserver.key")),
+        "{issued}"
+    );
     let certs = json(&env, &["cluster", "certs", "lab"]);
     for c in certs["certificates"].as_array().expect("certs") {
         let serial = c["serial"].as_str().expect("serial");

@@ -423,3 +423,125 @@ fn enrol_asks_both_pins_through_pinentry_and_again_after_a_wrong_one() {
     assert_eq!(list.len(), 2, "{list:?}");
     assert_eq!(list[1]["label"], "second");
 }
+
+/// Polls (bounded) until `env` reads `name` as `value`; how long it took.
+fn reaches(env: &Env, name: &str, value: &str, limit: std::time::Duration) -> std::time::Duration {
+    let start = std::time::Instant::now();
+    loop {
+        let out = env.cli(&["secret", "get", name]);
+        if out.status.success() && String::from_utf8_lossy(&out.stdout) == value {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{name} did not reach the other daemon within {limit:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The issue's picture: two daemons at once, SoftHSM2 and NSS softokn, one
+/// vault in a three-member etcd cluster. Each unlocks with its own token; a
+/// secret written through one is read through the other within a second;
+/// once the SoftHSM2 token is revoked, the SoftHSM2 daemon's writes fail
+/// and, locked, it no longer opens the vault.
+#[test]
+fn two_daemons_with_different_tokens_share_a_vault_in_etcd() {
+    use crate::etcd_cluster::{Cluster, issue_certificates};
+    let first = Env::new();
+    let pin = first.pin_file.clone();
+    let nss_args = first.nss_db();
+    let config = first.file(
+        "keyholderd.toml",
+        &format!("enrol_modules = [\"{NSS_SOFTOKN}\"]\n"),
+    );
+    let issuer = first.start_daemon(&["--config", s(&config)]);
+    first.init();
+    first.unlock();
+    let dir = first.path().join("etcd");
+    let (member_certs, client) = issue_certificates(&first, &dir);
+    first.put("seed", b"from the file vault");
+    let enrol = [
+        "token",
+        "enrol",
+        "--token-label",
+        NSS_LABEL,
+        "--pkcs11-module",
+        NSS_SOFTOKN,
+        "--pkcs11-init-args",
+        &nss_args,
+        "--without-rollback-record",
+        "--token-pin-file",
+        s(&pin),
+        "--pin-file",
+        s(&pin),
+    ];
+    assert_ok(&first.cli(&enrol), &enrol);
+    first.ok(&["lock"]);
+    assert!(issuer.stop().success());
+    let cluster = Cluster::start(&dir.join("cluster"), &member_certs, &client);
+    let url = cluster.url("/team/two-tokens/");
+    let mut migrate = vec!["vault", "migrate", "--from", s(&first.vault), "--to", &url];
+    let flags = cluster.tls_flags();
+    migrate.extend(flags.iter().map(String::as_str));
+    first.ok(&migrate);
+    let etcd = cluster.daemon_config("/team/two-tokens/", "2s");
+
+    // SoftHSM2: the first env's token store.
+    let mut a = Env::new();
+    a.softhsm_conf = first.softhsm_conf.clone();
+    let config_a = a.file("keyholderd.toml", &etcd);
+    let daemon_a = a.start_daemon(&["--config", s(&config_a)]);
+    a.unlock();
+    // NSS softokn, its database in the first env's directory.
+    let mut b = Env::new();
+    b.module = PathBuf::from(NSS_SOFTOKN);
+    let config_b = b.file(
+        "keyholderd.toml",
+        &format!("pkcs11_init_args = {nss_args:?}\ntoken = {NSS_LABEL:?}\n{etcd}"),
+    );
+    let _daemon_b = b.start_daemon(&["--config", s(&config_b)]);
+    b.unlock();
+    let status: Value = serde_json::from_str(&b.ok(&["--json", "status"])).expect("json");
+    assert_eq!(status["token"]["label"], NSS_LABEL, "{status}");
+    assert_eq!(b.ok(&["secret", "get", "seed"]), "from the file vault");
+
+    a.put("shared/from-a", b"written through SoftHSM2");
+    let took = reaches(
+        &b,
+        "shared/from-a",
+        "written through SoftHSM2",
+        std::time::Duration::from_secs(1),
+    );
+    println!("SoftHSM2 -> NSS: {took:?}");
+    b.put("shared/from-b", b"written through NSS");
+    let took = reaches(
+        &a,
+        "shared/from-b",
+        "written through NSS",
+        std::time::Duration::from_secs(1),
+    );
+    println!("NSS -> SoftHSM2: {took:?}");
+
+    // NSS revokes SoftHSM2.
+    let out = b.cli(&["token", "revoke", "ops", "--pin-file", s(&pin)]);
+    assert_ok(&out, &["token", "revoke"]);
+    b.put("after/revocation", b"not for SoftHSM2");
+    // The SoftHSM2 daemon cannot read the new vault, so it cannot write.
+    let out = a.cli_with_stdin(&["secret", "put", "from/revoked"], Some(b"refused"));
+    assert!(
+        !out.status.success(),
+        "a write through a revoked token: {out:?}"
+    );
+    a.ok(&["lock"]);
+    let out = a.cli(&["unlock", "--pin-file", s(&pin)]);
+    assert_fails(&out, 3, "not encrypted to this token");
+    drop(daemon_a);
+    assert_eq!(
+        b.ok(&["secret", "get", "after/revocation"]),
+        "not for SoftHSM2"
+    );
+    let out = b.cli(&["secret", "get", "from/revoked"]);
+    assert_fails(&out, 4, "from/revoked");
+}

@@ -56,6 +56,9 @@ def main():
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(10)
     sock.connect(sys.argv[1])
+    # One request answered means keyholderd has accepted the connection
+    # (and read who made it) before this process becomes another program.
+    request(sock, bytes([11]))  # SSH_AGENTC_REQUEST_IDENTITIES
     fd = sock.detach()
     os.set_inheritable(fd, True)
     other = sys.argv[2]

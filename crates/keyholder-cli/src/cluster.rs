@@ -291,28 +291,66 @@ fn under(dir: &Path, rel: &str) -> CliResult<PathBuf> {
     Ok(dir.join(p))
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename, with
-/// mode 0600 (keys, kubeconfigs) or 0644; missing directories are made 0700.
-fn write_file(path: &Path, bytes: &[u8], private: bool) -> CliResult {
+/// How many files are flushed to disk at once: concurrent fsyncs share the
+/// filesystem's journal commits, which one at a time cost most of a run.
+const SYNC_THREADS: usize = 8;
+
+/// Files open at once while writing (well under the usual 1024 descriptors).
+const WRITE_BATCH: usize = 256;
+
+/// Writes each `(path, bytes, private)` through a temporary file and a
+/// rename, with mode 0600 (keys, kubeconfigs) or 0644; missing directories
+/// are made 0700. Files are written in batches, each batch flushed to disk
+/// before its files are renamed into place.
+fn write_files(files: &[(PathBuf, &[u8], bool)]) -> CliResult {
+    files.chunks(WRITE_BATCH).try_for_each(write_batch)
+}
+
+fn write_batch(files: &[(PathBuf, &[u8], bool)]) -> CliResult {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    if let Some(parent) = path.parent() {
-        create_private_dir(parent)?;
+    let mut written = Vec::with_capacity(files.len());
+    for (path, bytes, private) in files {
+        if let Some(parent) = path.parent() {
+            create_private_dir(parent)?;
+        }
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".keyholder-tmp");
+        let tmp = PathBuf::from(tmp);
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(if *private { 0o600 } else { 0o644 })
+            .open(&tmp)
+            .map_err(|e| io_failure("cannot write", &tmp, e))?;
+        f.write_all(bytes)
+            .map_err(|e| io_failure("cannot write", &tmp, e))?;
+        written.push((f, tmp, path));
     }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".keyholder-tmp");
-    let tmp = PathBuf::from(tmp);
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(if private { 0o600 } else { 0o644 })
-        .open(&tmp)
-        .map_err(|e| io_failure("cannot write", &tmp, e))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(|e| io_failure("cannot write", &tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io_failure("cannot write", path, e))
+    let chunk = written.len().div_ceil(SYNC_THREADS).max(1);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = written
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    for (f, tmp, _) in part {
+                        f.sync_all()
+                            .map_err(|e| io_failure("cannot write", tmp, e))?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        workers.into_iter().try_for_each(|w| {
+            w.join()
+                .unwrap_or_else(|_| Err(Failure::new(1, "a file writer failed")))
+        })
+    })?;
+    for (_, tmp, path) in &written {
+        std::fs::rename(tmp, path).map_err(|e| io_failure("cannot write", path, e))?;
+    }
+    Ok(())
 }
 
 /// `p` made absolute, without `.` components (so `./pki` is recorded as
@@ -441,9 +479,12 @@ pub(crate) async fn pki(channel: Channel, args: PkiArgs, json: bool) -> CliResul
         })
         .await?
         .into_inner();
-    for f in &response.files {
-        write_file(&under(&out_dir, &f.path)?, &f.content, f.private)?;
-    }
+    let files = response
+        .files
+        .iter()
+        .map(|f| Ok((under(&out_dir, &f.path)?, f.content.as_slice(), f.private)))
+        .collect::<CliResult<Vec<_>>>()?;
+    write_files(&files)?;
     let issued = response
         .certs
         .iter()

@@ -62,6 +62,11 @@ use pb::watch_client::WatchClient;
 /// default request limit of 1.5 MiB, with room for the key and framing.
 pub const CHUNK_BYTES: usize = 1024 * 1024;
 
+/// The largest vault read from etcd (1 GiB): far above any real vault, and
+/// the bound on what a manifest read from the cluster may make the daemon
+/// allocate.
+pub const MAX_VAULT_BYTES: usize = 1 << 30;
+
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "/keyholder/vault/";
 
@@ -549,10 +554,28 @@ impl Inner {
     }
 
     async fn fetch(&self, m: &Manifest) -> Result<Fetch, StorageError> {
-        let mut out = Vec::with_capacity(usize::try_from(m.size).unwrap_or(0));
+        // The manifest comes from etcd: its size and piece count are bounded
+        // before anything is allocated, and every piece as it arrives, so a
+        // hostile or broken cluster cannot make the daemon allocate without
+        // limit.
+        let size = usize::try_from(m.size)
+            .ok()
+            .filter(|s| *s <= MAX_VAULT_BYTES)
+            .ok_or_else(|| self.malformed(m, "its size is over the limit"))?;
+        if m.chunks.len() != size.div_ceil(CHUNK_BYTES) {
+            return Err(self.malformed(m, "its piece count does not fit its size"));
+        }
+        let mut out = Vec::with_capacity(size);
         for hash in &m.chunks {
             match self.get("read of the vault", self.blob_key(hash)).await? {
-                Some(kv) => out.extend_from_slice(&kv.value),
+                Some(kv) => {
+                    if kv.value.len() > CHUNK_BYTES
+                        || out.len().saturating_add(kv.value.len()) > size
+                    {
+                        return Err(self.malformed(m, "a piece is larger than the manifest allows"));
+                    }
+                    out.extend_from_slice(&kv.value);
+                }
                 None => return Ok(Fetch::Missing),
             }
         }
@@ -564,6 +587,14 @@ impl Inner {
             )));
         }
         Ok(Fetch::Done(out))
+    }
+
+    /// A manifest that cannot describe a vault Keyholder wrote.
+    fn malformed(&self, m: &Manifest, why: &str) -> StorageError {
+        StorageError::Unavailable(format!(
+            "the vault in {} has a manifest that is not Keyholder's (generation {}): {why}",
+            self.location, m.generation
+        ))
     }
 
     async fn load(&self) -> Result<Option<(Vec<u8>, i64, u64)>, StorageError> {
@@ -588,6 +619,12 @@ impl Inner {
     }
 
     async fn put_blobs(&self, bytes: &[u8]) -> Result<Vec<String>, StorageError> {
+        if bytes.len() > MAX_VAULT_BYTES {
+            return Err(StorageError::Unavailable(format!(
+                "the vault is {} bytes; Keyholder keeps at most {MAX_VAULT_BYTES} in etcd",
+                bytes.len()
+            )));
+        }
         let mut hashes = Vec::new();
         for piece in bytes.chunks(CHUNK_BYTES) {
             let hash = hex(&Sha256::digest(piece));

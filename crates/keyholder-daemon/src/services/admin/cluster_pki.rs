@@ -1046,11 +1046,24 @@ pub async fn pki(
             Ok(())
         })
         .await?;
+    // Which private keys left the daemon (paths only): the service-account
+    // key among them forges any service-account token of the cluster.
+    let keys_returned: Vec<&str> = out
+        .files
+        .iter()
+        .filter(|f| f.private)
+        .map(|f| f.path.as_str())
+        .collect();
     let details = vec![
         ("issued", issued_count.to_string()),
         ("kept", kept_count.to_string()),
         ("serials", serials.join(",")),
         ("issued_by", issued_by.join(" ")),
+        ("keys_returned", keys_returned.join(" ")),
+        (
+            "service_account_key_returned",
+            keys_returned.contains(&"pki/sa.key").to_string(),
+        ),
     ];
     Ok((
         v1::ClusterPkiResponse {
