@@ -636,6 +636,39 @@ mod tests {
     }
 
     #[test]
+    fn a_history_exports_and_imports_whole_into_an_empty_store_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let from = FileStorage::open(&dir.path().join("a/vault.age")).unwrap();
+        let mut rev = None;
+        for generation in 1..=7u64 {
+            let bytes = format!("generation {generation}");
+            rev = Some(
+                from.compare_and_store(rev.as_ref(), bytes.as_bytes(), generation)
+                    .unwrap(),
+            );
+        }
+        let history = export_history(&from).unwrap();
+        let generations: Vec<u64> = history.iter().map(|h| h.0).collect();
+        assert_eq!(generations, vec![3, 4, 5, 6, 7]);
+        assert_eq!(history[4].1, b"generation 7");
+
+        let to = FileStorage::open(&dir.path().join("b/vault.age")).unwrap();
+        to.import(&history).unwrap();
+        assert_eq!(to.load().unwrap().unwrap().0, b"generation 7");
+        let kept: Vec<u64> = to.backups().iter().map(|b| b.0).collect();
+        assert_eq!(kept, vec![7, 6, 5, 4, 3]);
+        assert_eq!(to.load_backup(4).unwrap().unwrap(), b"generation 4");
+        assert_eq!(export_history(&to).unwrap(), history);
+        // A store that holds a vault takes no import, and is left as it was.
+        let err = to.import(&history[..2]).unwrap_err();
+        assert!(err.to_string().contains("migrate to a new path"), "{err}");
+        assert_eq!(to.load().unwrap().unwrap().0, b"generation 7");
+        // Nor is an empty store exported.
+        let empty = FileStorage::open(&dir.path().join("c/vault.age")).unwrap();
+        assert!(export_history(&empty).is_err());
+    }
+
+    #[test]
     fn a_directory_others_can_write_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let loose = dir.path().join("loose");
