@@ -31,6 +31,10 @@ use tonic::transport::Channel;
 use crate::failure::{CliResult, Failure};
 
 const AFTER_HELP: &str = "\
+Moving a vault between a file and etcd (keyholderd stopped):
+  keyholder vault migrate --from FILE|etcd://... --to FILE|etcd://...   (see docs/etcd.md;
+  `keyholder vault migrate --help`)
+
 Exit status:
   0  success
   1  other error
