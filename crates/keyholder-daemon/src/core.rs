@@ -896,6 +896,9 @@ impl Core {
                             .compare_and_store(Some(&revision), &bytes, body.generation)?;
                     rollback::record(session.as_ref(), v.vault_id(), body.generation);
                     v.body = body;
+                } else {
+                    // Authentic: a store's local copy may take these bytes.
+                    self.storage.opened(&bytes, &revision);
                 }
                 Ok(v)
             });
@@ -1330,6 +1333,7 @@ impl Core {
                 )));
             }
             rollback::check(session.as_ref(), &vault, false)?;
+            self.storage.opened(&bytes, &revision);
             Ok(Some((vault, revision)))
         })
     }

@@ -55,6 +55,10 @@ pub enum Error {
     /// A count limit is reached.
     #[error("{0}")]
     LimitReached(String),
+    /// A change re-applied after a write conflict found that the item it
+    /// concerns was changed by another daemon meanwhile (ABORTED).
+    #[error("another keyholderd changed {0} meanwhile; check it and retry")]
+    ChangedMeanwhile(String),
     /// The peer may not do this.
     #[error("{0}")]
     PermissionDenied(String),
@@ -176,6 +180,7 @@ impl Error {
             Error::NotFound { .. } => Code::NotFound,
             Error::InvalidArgument { .. } => Code::InvalidArgument,
             Error::TooLarge { .. } | Error::LimitReached(_) => Code::ResourceExhausted,
+            Error::ChangedMeanwhile(_) => Code::Aborted,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Token(t) => match t {
                 TokenError::PinIncorrect { .. }

@@ -38,7 +38,7 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -87,8 +87,8 @@ pub struct EtcdSettings {
     pub cert: PathBuf,
     /// Its private key (PEM); must not be readable by group or others.
     pub key: PathBuf,
-    /// The local read-only copy of the vault, refreshed at every read and
-    /// write; `None`: no copy.
+    /// The local read-only copy of the vault, refreshed at every write and
+    /// at every read the daemon opened (authenticated); `None`: no copy.
     pub cache: Option<PathBuf>,
     /// The deadline of each call.
     pub timeout: Duration,
@@ -240,23 +240,66 @@ fn bad_input(what: &'static str, path: &Path, detail: impl std::fmt::Display) ->
     }
 }
 
-/// The client TLS configuration: the CA file as the only trust anchor, the
-/// client certificate and key presented.
-fn tls_config(s: &EtcdSettings) -> Result<rustls::ClientConfig, StorageError> {
+/// The largest client key file read (a PEM key is a few KiB).
+const MAX_KEY_FILE: u64 = 1 << 20;
+
+/// Reads the etcd client key, refusing a file that is not the daemon's
+/// user's own or that group or others can read. The checks are made on
+/// the open file and the bytes read from that same handle, so the file
+/// cannot be swapped in between; the bytes are wiped when dropped.
+fn read_client_key(path: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>, StorageError> {
+    use std::io::Read;
     use std::os::unix::fs::MetadataExt;
-    let ca = std::fs::read(&s.ca).map_err(io("cannot read the etcd CA", &s.ca))?;
-    let cert =
-        std::fs::read(&s.cert).map_err(io("cannot read the etcd client certificate", &s.cert))?;
-    let key_meta =
-        std::fs::metadata(&s.key).map_err(io("cannot read the etcd client key", &s.key))?;
-    if key_meta.mode() & 0o077 != 0 {
+    let file = std::fs::File::open(path).map_err(io("cannot read the etcd client key", path))?;
+    let meta = file
+        .metadata()
+        .map_err(io("cannot read the etcd client key", path))?;
+    if !meta.is_file() {
+        return Err(bad_input(
+            "cannot read the etcd client key",
+            path,
+            "not a regular file",
+        ));
+    }
+    if meta.uid() != rustix::process::geteuid().as_raw() {
         return Err(StorageError::Io {
-            what: "refusing an etcd client key that group or others can read (chmod 600 it)",
-            path: s.key.clone(),
+            what: "refusing an etcd client key that belongs to another user (chown it to the user keyholderd runs as)",
+            path: path.to_owned(),
             source: std::io::ErrorKind::PermissionDenied.into(),
         });
     }
-    let key = std::fs::read(&s.key).map_err(io("cannot read the etcd client key", &s.key))?;
+    if meta.mode() & 0o077 != 0 {
+        return Err(StorageError::Io {
+            what: "refusing an etcd client key that group or others can read (chmod 600 it)",
+            path: path.to_owned(),
+            source: std::io::ErrorKind::PermissionDenied.into(),
+        });
+    }
+    if meta.len() > MAX_KEY_FILE {
+        return Err(bad_input(
+            "bad etcd client key",
+            path,
+            "the file is too large for a key",
+        ));
+    }
+    // Room for the whole file up front: no reallocation leaves a copy
+    // of the key behind.
+    let mut key = zeroize::Zeroizing::new(Vec::with_capacity(
+        usize::try_from(meta.len()).unwrap_or(0).saturating_add(1),
+    ));
+    file.take(MAX_KEY_FILE)
+        .read_to_end(&mut key)
+        .map_err(io("cannot read the etcd client key", path))?;
+    Ok(key)
+}
+
+/// The client TLS configuration: the CA file as the only trust anchor, the
+/// client certificate and key presented.
+fn tls_config(s: &EtcdSettings) -> Result<rustls::ClientConfig, StorageError> {
+    let ca = std::fs::read(&s.ca).map_err(io("cannot read the etcd CA", &s.ca))?;
+    let cert =
+        std::fs::read(&s.cert).map_err(io("cannot read the etcd client certificate", &s.cert))?;
+    let key = read_client_key(&s.key)?;
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(&ca) {
         let c = c.map_err(|e| bad_input("bad etcd CA", &s.ca, e))?;
@@ -274,7 +317,7 @@ fn tls_config(s: &EtcdSettings) -> Result<rustls::ClientConfig, StorageError> {
     let chain = CertificateDer::pem_slice_iter(&cert)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| bad_input("bad etcd client certificate", &s.cert, e))?;
-    let key = PrivateKeyDer::from_pem_slice(&key)
+    let key = PrivateKeyDer::from_pem_slice(key.as_slice())
         .map_err(|e| bad_input("bad etcd client key", &s.key, e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
@@ -894,6 +937,7 @@ impl Inner {
         let Some(cache) = &self.settings.cache else {
             return;
         };
+        let _saving = SAVING.lock().unwrap_or_else(|p| p.into_inner());
         let result = write_private(cache, bytes).and_then(|()| {
             write_private(
                 &revision_file(cache),
@@ -1003,7 +1047,16 @@ impl Inner {
     }
 }
 
-/// Writes `path` (mode 0600) atomically: a temp file beside it, renamed.
+/// Saves of the local copy, one at a time in this process.
+static SAVING: Mutex<()> = Mutex::new(());
+
+/// Makes temp names unique within the process.
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Writes `path` (mode 0600) atomically and durably: a new temp file beside
+/// it (created exclusively under an unpredictable name, so an existing file
+/// or symlink there is never opened), written, synced, renamed over `path`,
+/// and the directory synced.
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -1015,29 +1068,47 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let temp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temp)
-        .and_then(|mut f| f.write_all(bytes))
+    let mut attempt = 0u32;
+    let (temp, mut file) = loop {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let temp = dir.join(format!(
+            ".{name}.tmp-{}-{}-{nanos:09}",
+            std::process::id(),
+            TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp)
+        {
+            Ok(f) => break (temp, f),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 16 => {
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let written = file
+        .write_all(bytes)
+        .and_then(|()| file.sync_all())
         .and_then(|()| std::fs::rename(&temp, path));
     if written.is_err() {
         let _ = std::fs::remove_file(&temp);
     }
-    written
+    written?;
+    std::fs::File::open(&dir).and_then(|d| d.sync_all())
 }
 
 impl Storage for EtcdStorage {
     fn load(&self) -> Result<Option<(Vec<u8>, Revision)>, StorageError> {
         let inner = self.inner.clone();
         match self.run(async move { inner.load().await }) {
-            Ok(Some((bytes, rev, _))) => {
-                self.inner.save_copy(&bytes);
-                Ok(Some((bytes, revision_of(rev))))
-            }
+            // The copy is refreshed only once the daemon has opened these
+            // bytes (`opened`): etcd's bytes are not authenticated here.
+            Ok(Some((bytes, rev, _))) => Ok(Some((bytes, revision_of(rev)))),
             Ok(None) => Ok(None),
             Err(StorageError::Unavailable(reason)) => {
                 let copy = self
@@ -1071,6 +1142,13 @@ impl Storage for EtcdStorage {
             self.run(async move { inner.compare_and_store(expected, owned, generation).await })?;
         self.inner.save_copy(bytes);
         Ok(revision_of(rev))
+    }
+
+    fn opened(&self, bytes: &[u8], revision: &Revision) {
+        // Read from the copy itself: nothing new to keep.
+        if mod_revision(revision) != FROM_COPY {
+            self.inner.save_copy(bytes);
+        }
     }
 
     fn exists(&self) -> Result<bool, StorageError> {
@@ -1191,6 +1269,75 @@ mod tests {
         assert!(EtcdSettings::parse_url("etcd:///x").is_err());
         assert!(EtcdSettings::parse_url("etcd://host/x").is_err());
         assert!(EtcdSettings::parse_url("http://host:1/x").is_err());
+    }
+
+    #[test]
+    fn the_local_copy_is_written_private_and_never_through_a_planted_link() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let copy = dir.path().join("vault.etcd-copy");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"not yours").unwrap();
+        // The name the copy's temp file used to have, planted as a link.
+        std::os::unix::fs::symlink(
+            &victim,
+            dir.path()
+                .join(format!(".vault.etcd-copy.tmp-{}", std::process::id())),
+        )
+        .unwrap();
+        write_private(&copy, b"first").unwrap();
+        write_private(&copy, b"second").unwrap();
+        assert_eq!(std::fs::read(&copy).unwrap(), b"second");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"not yours");
+        let mode = std::fs::metadata(&copy).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // Only the copy, the victim and the planted link: no temp file left.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
+    }
+
+    #[test]
+    fn the_client_key_must_be_private_and_the_users_own() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("client-key.pem");
+        std::fs::write(&key, b"-----BEGIN PRIVATE KEY-----\n").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(
+            read_client_key(&key).unwrap().as_slice(),
+            b"-----BEGIN PRIVATE KEY-----\n"
+        );
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = read_client_key(&key).unwrap_err().to_string();
+        assert!(e.contains("group or others can read"), "{e}");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        // Another user's key: only root can make one to test with.
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(&key, Some(65534), None).unwrap();
+            let e = read_client_key(&key).unwrap_err().to_string();
+            assert!(e.contains("belongs to another user"), "{e}");
+        }
+    }
+
+    #[test]
+    fn concurrent_saves_of_the_copy_never_mix() {
+        // Even without the lock `save_copy` takes, each save has a temp
+        // file of its own.
+        let dir = tempfile::tempdir().unwrap();
+        let copy = dir.path().join("copy");
+        let values: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i; 256 * 1024]).collect();
+        std::thread::scope(|s| {
+            for v in &values {
+                let copy = copy.clone();
+                s.spawn(move || {
+                    for _ in 0..4 {
+                        write_private(&copy, v).unwrap();
+                    }
+                });
+            }
+        });
+        let got = std::fs::read(&copy).unwrap();
+        assert!(values.contains(&got), "the copy mixes two saves");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]

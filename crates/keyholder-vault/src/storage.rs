@@ -218,6 +218,12 @@ pub trait Storage: Send + Sync {
         let _ = generation;
         Ok(None)
     }
+    /// Called once the bytes `load` returned under `revision` have been
+    /// opened, i.e. authenticated with the vault key: a store keeping a
+    /// local copy (etcd) refreshes it only with such bytes.
+    fn opened(&self, bytes: &[u8], revision: &Revision) {
+        let _ = (bytes, revision);
+    }
     /// For a store other processes write too (etcd): calls `notify` with
     /// the stored revision whenever it changes, from a thread of the
     /// store's own, until the store is dropped. `false` when this store
@@ -263,6 +269,9 @@ impl<S: Storage + ?Sized> Storage for Box<S> {
     }
     fn load_backup(&self, generation: u64) -> Result<Option<Vec<u8>>, StorageError> {
         (**self).load_backup(generation)
+    }
+    fn opened(&self, bytes: &[u8], revision: &Revision) {
+        (**self).opened(bytes, revision);
     }
     fn watch(&self, notify: Box<dyn Fn(Revision) + Send + Sync>) -> bool {
         (**self).watch(notify)

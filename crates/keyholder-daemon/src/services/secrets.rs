@@ -16,6 +16,37 @@ use crate::error::{Error, Result};
 use crate::gate::Needs;
 use crate::names::{MAX_SECRET_NAME_BYTES, SecretName, lookup};
 
+/// What one attempt of a write saw of a secret: its number, when it was
+/// created and last replaced (`None`: absent).
+type Seen = Option<(u64, String, String)>;
+
+/// On a write's first attempt, notes what `name` is; on an attempt
+/// re-applied after another keyholderd wrote the shared vault first,
+/// refuses (ABORTED) if that secret changed meanwhile, so that a
+/// rollback, a delete or a forced put never silently undoes the other
+/// daemon's write to it. Other secrets' changes do not matter.
+fn unchanged_since_first(
+    first: &mut Option<Seen>,
+    secrets: &std::collections::BTreeMap<String, SecretEntry>,
+    name: &str,
+) -> Result<()> {
+    let now = secrets.get(name).map(|e| {
+        (
+            e.version(),
+            e.created_at().to_owned(),
+            e.updated_at().to_owned(),
+        )
+    });
+    match first {
+        None => {
+            *first = Some(now);
+            Ok(())
+        }
+        Some(was) if *was == now => Ok(()),
+        Some(_) => Err(Error::ChangedMeanwhile(format!("secret {name:?}"))),
+    }
+}
+
 /// The Secrets service.
 pub struct SecretsService(pub Arc<Core>);
 
@@ -71,9 +102,13 @@ impl v1::secrets_server::Secrets for SecretsService {
             name: name.to_owned(),
         };
         let ticket = self.0.authorize(&caller, OP, access).await?;
+        let mut first = None;
         let written = self
             .0
             .write_retrying(|body| {
+                if put.overwrite {
+                    unchanged_since_first(&mut first, &body.secrets, name)?;
+                }
                 let now = now_rfc3339();
                 let mut entry = SecretEntry::new(&put.value, &now);
                 match body.secrets.get(name) {
@@ -206,9 +241,11 @@ impl v1::secrets_server::Secrets for SecretsService {
             name: name.as_str().to_owned(),
         };
         let ticket = self.0.authorize(&caller, OP, access).await?;
+        let mut first = None;
         let deleted = self
             .0
             .write_retrying(|body| {
+                unchanged_since_first(&mut first, &body.secrets, name.as_str())?;
                 let history = lookup(&body.secrets, "secret", name.as_str())?
                     .history()
                     .len();
@@ -296,9 +333,11 @@ impl v1::secrets_server::Secrets for SecretsService {
         };
         let ticket = self.0.authorize(&caller, OP, access).await?;
         let keep = self.0.config.secret_history;
+        let mut first = None;
         let written = self
             .0
             .write_retrying(|body| {
+                unchanged_since_first(&mut first, &body.secrets, name.as_str())?;
                 let entry = lookup(&body.secrets, "secret", name.as_str())?;
                 if to == entry.version() {
                     return Err(Error::InvalidArgument {
@@ -357,4 +396,41 @@ fn damaged(name: &str) -> Error {
     Error::Vault(keyholder_vault::VaultError::Damaged(format!(
         "secret {name:?} has a value that is not valid base64"
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reapplied_write_refuses_a_secret_another_daemon_changed_meanwhile() {
+        let mut secrets = std::collections::BTreeMap::new();
+        let v1 = SecretEntry::new(b"one", "2026-01-01T00:00:00Z");
+        secrets.insert("db".to_owned(), v1.clone());
+        secrets.insert("other".to_owned(), v1.clone());
+        let mut first = None;
+        unchanged_since_first(&mut first, &secrets, "db").unwrap();
+        // Another secret changed: re-applying is fine.
+        let other = SecretEntry::superseding(&v1, b"two", "2026-01-01T00:00:01Z", 5);
+        secrets.insert("other".to_owned(), other);
+        unchanged_since_first(&mut first, &secrets, "db").unwrap();
+        // This one changed: refused, ABORTED.
+        let v2 = SecretEntry::superseding(&v1, b"two", "2026-01-01T00:00:02Z", 5);
+        secrets.insert("db".to_owned(), v2);
+        let e = unchanged_since_first(&mut first, &secrets, "db").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "another keyholderd changed secret \"db\" meanwhile; check it and retry"
+        );
+        assert_eq!(Status::from(e).code(), tonic::Code::Aborted);
+        // Deleted and stored anew at the same version number: refused too.
+        secrets.insert(
+            "db".to_owned(),
+            SecretEntry::new(b"three", "2026-01-01T00:00:03Z"),
+        );
+        assert!(unchanged_since_first(&mut first, &secrets, "db").is_err());
+        // Deleted meanwhile: refused.
+        secrets.remove("db");
+        assert!(unchanged_since_first(&mut first, &secrets, "db").is_err());
+    }
 }
