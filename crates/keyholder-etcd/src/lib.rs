@@ -73,6 +73,10 @@ pub const DEFAULT_PREFIX: &str = "/keyholder/vault/";
 /// The default deadline of one etcd call.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A whole read or write of the vault (every request it makes, on every
+/// endpoint) ends within this many times [`EtcdSettings::timeout`].
+pub const CALL_DEADLINE_FACTOR: u32 = 4;
+
 /// Where the etcd cluster is and how to reach it.
 #[derive(Clone, Debug)]
 pub struct EtcdSettings {
@@ -435,6 +439,32 @@ impl EtcdStorage {
         });
         rx.recv()
             .unwrap_or_else(|_| Err(StorageError::Unavailable("the etcd client stopped".into())))
+    }
+
+    /// Like [`EtcdStorage::run`], with a deadline for the whole call
+    /// ([`CALL_DEADLINE_FACTOR`] times the per-request one): a read that
+    /// goes round pieces, endpoints and re-reads, each request within its
+    /// own deadline, still answers (UNAVAILABLE) in bounded time.
+    fn run_bounded<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        fut: impl Future<Output = Result<T, StorageError>> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        let limit = self
+            .inner
+            .settings
+            .timeout
+            .saturating_mul(CALL_DEADLINE_FACTOR);
+        let location = self.inner.location.clone();
+        self.run(async move {
+            match tokio::time::timeout(limit, fut).await {
+                Ok(r) => r,
+                Err(_) => Err(StorageError::Unavailable(format!(
+                    "etcd at {location} did not complete the {what} within {limit:?} \
+                     ({CALL_DEADLINE_FACTOR} x etcd.timeout)"
+                ))),
+            }
+        })
     }
 
     /// Writes every kept generation and the current one into an empty
@@ -1105,7 +1135,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 impl Storage for EtcdStorage {
     fn load(&self) -> Result<Option<(Vec<u8>, Revision)>, StorageError> {
         let inner = self.inner.clone();
-        match self.run(async move { inner.load().await }) {
+        match self.run_bounded("read of the vault", async move { inner.load().await }) {
             // The copy is refreshed only once the daemon has opened these
             // bytes (`opened`): etcd's bytes are not authenticated here.
             Ok(Some((bytes, rev, _))) => Ok(Some((bytes, revision_of(rev)))),
@@ -1138,8 +1168,9 @@ impl Storage for EtcdStorage {
         let inner = self.inner.clone();
         let expected = expected.map(mod_revision);
         let owned = bytes.to_vec();
-        let rev =
-            self.run(async move { inner.compare_and_store(expected, owned, generation).await })?;
+        let rev = self.run_bounded("write of the vault", async move {
+            inner.compare_and_store(expected, owned, generation).await
+        })?;
         self.inner.save_copy(bytes);
         Ok(revision_of(rev))
     }
@@ -1338,6 +1369,57 @@ mod tests {
         let got = std::fs::read(&copy).unwrap();
         assert!(values.contains(&got), "the copy mixes two saves");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_whole_call_ends_within_its_deadline_whatever_its_requests_do() {
+        let timeout = Duration::from_millis(50);
+        let settings = EtcdSettings {
+            endpoints: vec!["127.0.0.1:1".into()],
+            prefix: DEFAULT_PREFIX.into(),
+            ca: PathBuf::new(),
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            cache: None,
+            timeout,
+        };
+        let storage = EtcdStorage {
+            inner: Arc::new(Inner {
+                settings,
+                location: "etcd://127.0.0.1:1/keyholder/vault/".into(),
+                channels: Vec::new(),
+                preferred: AtomicUsize::new(0),
+                highest_seen: AtomicI64::new(0),
+                exists: AtomicU8::new(UNKNOWN),
+                notify: Mutex::new(None),
+                collecting: AtomicBool::new(false),
+            }),
+            runtime: Some(
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()
+                    .unwrap(),
+            ),
+        };
+        let started = std::time::Instant::now();
+        // Requests that each answer within their own deadline, forever.
+        let r = storage.run_bounded("read of the vault", async move {
+            loop {
+                tokio::time::sleep(timeout / 2).await;
+            }
+            #[allow(unreachable_code)]
+            Ok(())
+        });
+        let took = started.elapsed();
+        match r {
+            Err(StorageError::Unavailable(m)) => assert!(m.contains("did not complete"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            took >= timeout * 4 && took < Duration::from_secs(5),
+            "{took:?}"
+        );
     }
 
     #[test]
