@@ -76,56 +76,98 @@ pub(crate) struct InitArgs {
     /// (no rollback detection), and `status` says so.
     #[arg(long)]
     without_rollback_protection: bool,
+    #[command(flatten)]
+    piv: PivKeyArgs,
+    #[command(flatten)]
+    pin: PinSource,
+}
+
+/// How a vault key is made on a PIV card (`init` and `token enrol`).
+#[derive(clap::Args, Debug)]
+pub(crate) struct PivKeyArgs {
     /// For a PIV card through its PKCS#11 module (a YubiKey through
     /// ykcs11): generate the vault key in this empty slot, 9d (key
     /// management) or a retired slot 82 to 95. Needs the card's management
     /// key, asked for at the terminal unless --management-key-file is given.
     #[arg(long, conflicts_with = "token_uri")]
-    piv_slot: Option<String>,
+    pub(crate) piv_slot: Option<String>,
     /// Read the PIV management key (hex, the PKCS#11 SO PIN) from this file
     /// (first line); used for the key generation only, never stored.
     #[arg(long, requires = "piv_slot")]
-    management_key_file: Option<PathBuf>,
+    pub(crate) management_key_file: Option<PathBuf>,
     /// Go on although the card still has the factory default management
     /// key (keyholderd's native YubiKey backend refuses it otherwise: with
     /// that key anyone holding the card can replace its keys without the
     /// PIN).
     #[arg(long, requires = "piv_slot")]
-    allow_default_management_key: bool,
+    pub(crate) allow_default_management_key: bool,
     /// keyholderd's native YubiKey backend: the card keeps its management
     /// key behind the PIN (set by --protect-management-key or `ykman piv
     /// access change-management-key --protect`): read it from the card
     /// after verifying the PIN, instead of asking for it.
     #[arg(long, requires = "piv_slot", conflicts_with_all = ["management_key_file", "protect_management_key"])]
-    management_key_on_card: bool,
+    pub(crate) management_key_on_card: bool,
     /// keyholderd's native YubiKey backend: replace the card's management
     /// key (the one given, typically the factory default) by a random key
     /// kept on the card behind the PIN, as ykman's --protect does, then
     /// generate the vault key with it. Later inits on the card use
     /// --management-key-on-card.
     #[arg(long, requires = "piv_slot")]
-    protect_management_key: bool,
+    pub(crate) protect_management_key: bool,
     /// keyholderd's native YubiKey backend: the vault key's PIN policy,
     /// once (default) or always (the PIN is verified again before each use;
     /// such a vault does not open through ykcs11).
     #[arg(long, requires = "piv_slot", value_parser = ["once", "always"])]
-    pin_policy: Option<String>,
+    pub(crate) pin_policy: Option<String>,
     /// keyholderd's native YubiKey backend: the vault key's touch policy,
     /// never (default), cached (a touch, then none for 15 s) or always (a
     /// touch for every unlock).
     #[arg(long, requires = "piv_slot", value_parser = ["never", "cached", "always"])]
-    touch_policy: Option<String>,
+    pub(crate) touch_policy: Option<String>,
     /// Enroll a key the card reports as imported (or will not attest, which
     /// a YubiKey does for imported keys): a copy of it may exist elsewhere.
     #[arg(long)]
-    allow_imported_key: bool,
+    pub(crate) allow_imported_key: bool,
     /// Also trust the PEM certificate(s) in FILE as roots for the key's
     /// attestation (a test root, or the issuer of an organisation's own
     /// attestation certificate in slot f9), besides Yubico's.
     #[arg(long, value_name = "FILE")]
-    attestation_root: Option<PathBuf>,
-    #[command(flatten)]
-    pin: PinSource,
+    pub(crate) attestation_root: Option<PathBuf>,
+}
+
+impl PivKeyArgs {
+    /// The PIV management key for `--piv-slot`: from its file, or asked
+    /// for without echo; empty without a slot or with it on the card.
+    pub(crate) fn management_key(&self) -> CliResult<SecretString> {
+        if self.piv_slot.is_none() || self.management_key_on_card {
+            return Ok(SecretString::from(String::new()));
+        }
+        if let Some(path) = &self.management_key_file {
+            let bytes = Zeroizing::new(
+                std::fs::read(path)
+                    .map_err(|e| io_failure("cannot read the management key from", path, e))?,
+            );
+            return first_line(&bytes, "management key");
+        }
+        let key = rpassword::prompt_password("PIV management key (hex): ").map_err(|e| {
+            Failure::new(
+                1,
+                format!(
+                    "cannot ask for the management key ({e}); without a terminal use --management-key-file"
+                ),
+            )
+        })?;
+        Ok(SecretString::from(key))
+    }
+
+    /// The extra attestation roots (PEM), empty without `--attestation-root`.
+    pub(crate) fn attestation_roots_pem(&self) -> CliResult<String> {
+        match &self.attestation_root {
+            None => Ok(String::new()),
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| io_failure("cannot read the attestation root from", path, e)),
+        }
+    }
 }
 
 /// `keyholder tokens` arguments.
@@ -439,37 +481,9 @@ fn print_status(s: &v1::StatusResponse, json: bool) {
     }
 }
 
-/// The PIV management key for `init --piv-slot`: from its file, or asked
-/// for without echo.
-fn read_management_key(args: &InitArgs) -> CliResult<SecretString> {
-    if args.piv_slot.is_none() || args.management_key_on_card {
-        return Ok(SecretString::from(String::new()));
-    }
-    if let Some(path) = &args.management_key_file {
-        let bytes = Zeroizing::new(
-            std::fs::read(path)
-                .map_err(|e| io_failure("cannot read the management key from", path, e))?,
-        );
-        return first_line(&bytes, "management key");
-    }
-    let key = rpassword::prompt_password("PIV management key (hex): ").map_err(|e| {
-        Failure::new(
-            1,
-            format!(
-                "cannot ask for the management key ({e}); without a terminal use --management-key-file"
-            ),
-        )
-    })?;
-    Ok(SecretString::from(key))
-}
-
 pub(crate) async fn init(channel: Channel, args: InitArgs, json: bool) -> CliResult {
-    let management_key = read_management_key(&args)?;
-    let attestation_roots_pem = match &args.attestation_root {
-        None => String::new(),
-        Some(path) => std::fs::read_to_string(path)
-            .map_err(|e| io_failure("cannot read the attestation root from", path, e))?,
-    };
+    let management_key = args.piv.management_key()?;
+    let attestation_roots_pem = args.piv.attestation_roots_pem()?;
     let mut prompt = PinPrompt::new(&args.pin, "keyholder init");
     let mut pin = prompt.first()?;
     let mut admin = v1::admin_client::AdminClient::new(channel);
@@ -484,14 +498,14 @@ pub(crate) async fn init(channel: Channel, args: InitArgs, json: bool) -> CliRes
             allow_final_pin_try: args.pin.allow_final_pin_try,
             recovery_recipient: args.recovery_recipient.clone().unwrap_or_default(),
             without_rollback_protection: args.without_rollback_protection,
-            piv_slot: args.piv_slot.clone().unwrap_or_default(),
+            piv_slot: args.piv.piv_slot.clone().unwrap_or_default(),
             management_key: management_key.expose_secret().to_owned(),
-            allow_default_management_key: args.allow_default_management_key,
-            pin_policy: args.pin_policy.clone().unwrap_or_default(),
-            touch_policy: args.touch_policy.clone().unwrap_or_default(),
-            allow_imported_key: args.allow_imported_key,
+            allow_default_management_key: args.piv.allow_default_management_key,
+            pin_policy: args.piv.pin_policy.clone().unwrap_or_default(),
+            touch_policy: args.piv.touch_policy.clone().unwrap_or_default(),
+            allow_imported_key: args.piv.allow_imported_key,
             attestation_roots_pem: attestation_roots_pem.clone(),
-            protect_management_key: args.protect_management_key,
+            protect_management_key: args.piv.protect_management_key,
         };
         match admin.init(request).await {
             Ok(r) => break r.into_inner(),

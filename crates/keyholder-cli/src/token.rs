@@ -64,33 +64,9 @@ pub(crate) struct EnrolArgs {
     /// opens the vault with it has no rollback detection.
     #[arg(long)]
     without_rollback_record: bool,
-    /// Generate the key in this empty PIV slot (as `init --piv-slot`).
-    #[arg(long, conflicts_with = "token_uri")]
-    piv_slot: Option<String>,
-    /// The PIV management key (hex) from this file, for --piv-slot.
-    #[arg(long, requires = "piv_slot")]
-    management_key_file: Option<PathBuf>,
-    /// As `init --allow-default-management-key`.
-    #[arg(long, requires = "piv_slot")]
-    allow_default_management_key: bool,
-    /// As `init --management-key-on-card`.
-    #[arg(long, requires = "piv_slot", conflicts_with_all = ["management_key_file", "protect_management_key"])]
-    management_key_on_card: bool,
-    /// As `init --protect-management-key`.
-    #[arg(long, requires = "piv_slot")]
-    protect_management_key: bool,
-    /// As `init --pin-policy`.
-    #[arg(long, requires = "piv_slot", value_parser = ["once", "always"])]
-    pin_policy: Option<String>,
-    /// As `init --touch-policy`.
-    #[arg(long, requires = "piv_slot", value_parser = ["never", "cached", "always"])]
-    touch_policy: Option<String>,
-    /// As `init --allow-imported-key`.
-    #[arg(long)]
-    allow_imported_key: bool,
-    /// As `init --attestation-root`.
-    #[arg(long, value_name = "FILE")]
-    attestation_root: Option<PathBuf>,
+    /// How the key is made on a PIV card, as at `init`.
+    #[command(flatten)]
+    piv: crate::session::PivKeyArgs,
     /// The PIN that unlocked the session, asked for again (--pin-file,
     /// --pin-fd, --pinentry or the terminal).
     #[command(flatten)]
@@ -141,25 +117,6 @@ fn token_pin(args: &EnrolArgs) -> CliResult<SecretString> {
                 format!(
                     "cannot ask for the new token's PIN ({e}); without a terminal use \
                      --token-pin-file or --token-pin-fd"
-                ),
-            )
-        })
-}
-
-fn management_key(args: &EnrolArgs) -> CliResult<SecretString> {
-    if args.piv_slot.is_none() || args.management_key_on_card {
-        return Ok(SecretString::from(String::new()));
-    }
-    if let Some(path) = &args.management_key_file {
-        return read_first_line(path, "the management key");
-    }
-    rpassword::prompt_password("PIV management key (hex): ")
-        .map(SecretString::from)
-        .map_err(|e| {
-            Failure::new(
-                1,
-                format!(
-                    "cannot ask for the management key ({e}); without a terminal use --management-key-file"
                 ),
             )
         })
@@ -221,12 +178,8 @@ pub(crate) async fn token(channel: Channel, cmd: TokenCommand, json: bool) -> Cl
     let mut admin = v1::admin_client::AdminClient::new(channel);
     match cmd {
         TokenCommand::Enrol(args) => {
-            let attestation_roots_pem = match &args.attestation_root {
-                None => String::new(),
-                Some(path) => std::fs::read_to_string(path)
-                    .map_err(|e| io_failure("cannot read the attestation root from", path, e))?,
-            };
-            let management_key = management_key(&args)?;
+            let attestation_roots_pem = args.piv.attestation_roots_pem()?;
+            let management_key = args.piv.management_key()?;
             let new_pin = token_pin(&args)?;
             let pin = ask_pin(&args.pin, "to enrol another token")?;
             let mut request = v1::EnrolTokenRequest {
@@ -246,14 +199,14 @@ pub(crate) async fn token(channel: Channel, cmd: TokenCommand, json: bool) -> Cl
                     .unwrap_or_default(),
                 pkcs11_init_args: args.pkcs11_init_args.clone().unwrap_or_default(),
                 without_rollback_record: args.without_rollback_record,
-                piv_slot: args.piv_slot.clone().unwrap_or_default(),
+                piv_slot: args.piv.piv_slot.clone().unwrap_or_default(),
                 management_key: management_key.expose_secret().to_owned(),
-                allow_default_management_key: args.allow_default_management_key,
-                pin_policy: args.pin_policy.clone().unwrap_or_default(),
-                touch_policy: args.touch_policy.clone().unwrap_or_default(),
-                allow_imported_key: args.allow_imported_key,
+                allow_default_management_key: args.piv.allow_default_management_key,
+                pin_policy: args.piv.pin_policy.clone().unwrap_or_default(),
+                touch_policy: args.piv.touch_policy.clone().unwrap_or_default(),
+                allow_imported_key: args.piv.allow_imported_key,
                 attestation_roots_pem,
-                protect_management_key: args.protect_management_key,
+                protect_management_key: args.piv.protect_management_key,
             };
             // As unlock does: through pinentry, a wrong PIN of the new token
             // is asked for again, up to 3 tries in all.
