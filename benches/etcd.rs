@@ -15,15 +15,13 @@ mod etcd_cluster;
 #[allow(dead_code)]
 mod util;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{Run, connect};
 use etcd_cluster::{Cluster, issue_certificates};
 use keyholder_proto::v1;
-use keyholder_vault::{OpenVault, SecretEntry, Storage};
-use secrecy::SecretString;
-use util::{Daemon, Env, MODULE, PIN};
+use keyholder_vault::{SecretEntry, Storage};
+use util::{Daemon, Env};
 
 const DEFAULT_SIZES: [usize; 2] = [1_000, 10_000];
 const PROPAGATIONS: usize = 20;
@@ -41,40 +39,20 @@ fn summary(name: &str, samples: Vec<Duration>) {
 /// Fills the file vault of `env` (daemon stopped) with `n` secrets through
 /// the library.
 fn fill(env: &Env, n: usize) {
-    let module = keyholder_token::Module::load(Path::new(MODULE)).expect("module");
-    let token = module
-        .select(&keyholder_token::Selector::label("ops"))
-        .expect("token");
-    let mut session = module.open(&token).expect("session");
-    session
-        .login(&SecretString::from(PIN.to_owned()), false)
-        .expect("login");
-    let key = session
-        .find_p256_keys(Some("keyholder-vault"))
-        .expect("keys")
-        .pop()
-        .expect("a Keyholder key");
-    let storage = keyholder_vault::FileStorage::open(&env.vault).expect("storage");
-    let (bytes, rev) = storage.load().expect("load").expect("vault exists");
-    let agreement = keyholder_vault::TokenAgreement {
-        session: &session,
-        key: &key,
-    };
-    let vault = OpenVault::open(&bytes, &agreement).expect("open");
-    let mut body = vault.body.clone();
-    for i in 0..n {
-        let value = format!("secret-value-{i:08}-{}", "x".repeat(24));
-        body.secrets.insert(
-            format!("team/service-{:03}/secret-{i:06}", i % 500),
-            SecretEntry::new(value.as_bytes(), "2026-12-01T00:00:00Z"),
-        );
-    }
-    let sealed = vault.next(&mut body).expect("seal");
-    storage
-        .compare_and_store(Some(&rev), &sealed, body.generation)
-        .expect("store");
-    println!("  vault: {} bytes", sealed.len());
-    session.close();
+    common::with_open_vault(env, |vault, storage, rev| {
+        let mut body = vault.body.clone();
+        for i in 0..n {
+            body.secrets.insert(
+                format!("team/service-{:03}/secret-{i:06}", i % 500),
+                SecretEntry::new(common::filler_value(i).as_bytes(), "2026-12-01T00:00:00Z"),
+            );
+        }
+        let sealed = vault.next(&mut body).expect("seal");
+        storage
+            .compare_and_store(Some(&rev), &sealed, body.generation)
+            .expect("store");
+        println!("  vault: {} bytes", sealed.len());
+    });
 }
 
 fn puts() -> usize {

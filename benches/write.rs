@@ -15,9 +15,8 @@ use std::time::{Duration, Instant};
 
 use common::{Run, connect, timed_unlocks};
 use keyholder_proto::v1;
-use keyholder_vault::{OpenVault, SecretEntry, Storage};
-use secrecy::SecretString;
-use util::{Env, MODULE, PIN};
+use keyholder_vault::{SecretEntry, Storage};
+use util::{Env, PIN};
 
 const DEFAULT_SIZES: [usize; 3] = [1_000, 10_000, 100_000];
 const UNLOCK_ROUNDS: usize = 5;
@@ -48,66 +47,48 @@ fn secret_name(i: usize) -> String {
 /// stopped, so the bench owns the vault), then times the parts of one write
 /// in-process: copying the body, sealing it, storing it.
 fn fill(env: &Env, n: usize) {
-    let module = keyholder_token::Module::load(std::path::Path::new(MODULE)).expect("module");
-    let token = module
-        .select(&keyholder_token::Selector::label("ops"))
-        .expect("token");
-    let mut session = module.open(&token).expect("session");
-    session
-        .login(&SecretString::from(PIN.to_owned()), false)
-        .expect("login");
-    let key = session
-        .find_p256_keys(Some("keyholder-vault"))
-        .expect("keys")
-        .pop()
-        .expect("a Keyholder key");
-    let storage = keyholder_vault::FileStorage::open(&env.vault).expect("storage");
-    let (bytes, mut rev) = storage.load().expect("load").expect("vault exists");
-    let agreement = keyholder_vault::TokenAgreement {
-        session: &session,
-        key: &key,
-    };
-    let mut vault = OpenVault::open(&bytes, &agreement).expect("open");
-    let mut body = vault.body.clone();
-    let now = "2026-11-21T00:00:00Z";
-    // Room for the names the in-process rounds and the Put phase add, so
-    // the vault holds `n` secrets at its end (100,000 is the daemon's
-    // default maximum).
-    for i in 0..filled(n) {
-        let value = format!("secret-value-{i:08}-{}", "x".repeat(24));
-        body.secrets
-            .insert(secret_name(i), SecretEntry::new(value.as_bytes(), now));
-    }
-    let sealed = vault.next(&mut body).expect("seal");
-    rev = storage
-        .compare_and_store(Some(&rev), &sealed, body.generation)
-        .expect("store");
-    vault.body = body;
-    println!("  vault file: {} bytes", sealed.len());
-
-    let (mut copy, mut seal, mut store) = (Vec::new(), Vec::new(), Vec::new());
-    for round in 0..IN_PROCESS_ROUNDS {
-        let t = Instant::now();
+    common::with_open_vault(env, |vault, storage, rev| {
         let mut body = vault.body.clone();
-        copy.push(t.elapsed());
-        body.secrets.insert(
-            format!("bench/in-process-{round}"),
-            SecretEntry::new(b"value", now),
-        );
-        let t = Instant::now();
+        let now = "2026-11-21T00:00:00Z";
+        // Room for the names the in-process rounds and the Put phase add, so
+        // the vault holds `n` secrets at its end (100,000 is the daemon's
+        // default maximum).
+        for i in 0..filled(n) {
+            body.secrets.insert(
+                secret_name(i),
+                SecretEntry::new(common::filler_value(i).as_bytes(), now),
+            );
+        }
         let sealed = vault.next(&mut body).expect("seal");
-        seal.push(t.elapsed());
-        let t = Instant::now();
-        rev = storage
+        let mut rev = storage
             .compare_and_store(Some(&rev), &sealed, body.generation)
             .expect("store");
-        store.push(t.elapsed());
         vault.body = body;
-    }
-    summary("in-process: copy the body", copy);
-    summary("in-process: seal (JSON, MAC, age)", seal);
-    summary("in-process: store (write, fsync, rename)", store);
-    session.close();
+        println!("  vault file: {} bytes", sealed.len());
+
+        let (mut copy, mut seal, mut store) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..IN_PROCESS_ROUNDS {
+            let t = Instant::now();
+            let mut body = vault.body.clone();
+            copy.push(t.elapsed());
+            body.secrets.insert(
+                format!("bench/in-process-{round}"),
+                SecretEntry::new(b"value", now),
+            );
+            let t = Instant::now();
+            let sealed = vault.next(&mut body).expect("seal");
+            seal.push(t.elapsed());
+            let t = Instant::now();
+            rev = storage
+                .compare_and_store(Some(&rev), &sealed, body.generation)
+                .expect("store");
+            store.push(t.elapsed());
+            vault.body = body;
+        }
+        summary("in-process: copy the body", copy);
+        summary("in-process: seal (JSON, MAC, age)", seal);
+        summary("in-process: store (write, fsync, rename)", store);
+    });
 }
 
 fn one_size(n: usize) {

@@ -386,3 +386,48 @@ pub fn print_issue_row(name: &str, c: usize, r: &Run) {
         r.pct(0.99)
     );
 }
+
+/// Opens the file vault of `env` (daemon stopped, so the bench owns it)
+/// through a logged-in session on the "ops" token, hands `fill` the open
+/// vault, its storage and the revision read, and closes the session.
+pub fn with_open_vault(
+    env: &crate::util::Env,
+    fill: impl FnOnce(
+        &mut keyholder_vault::OpenVault,
+        &keyholder_vault::FileStorage,
+        keyholder_vault::Revision,
+    ),
+) {
+    use keyholder_vault::Storage;
+    let module =
+        keyholder_token::Module::load(std::path::Path::new(crate::util::MODULE)).expect("module");
+    let token = module
+        .select(&keyholder_token::Selector::label("ops"))
+        .expect("token");
+    let mut session = module.open(&token).expect("session");
+    session
+        .login(
+            &secrecy::SecretString::from(crate::util::PIN.to_owned()),
+            false,
+        )
+        .expect("login");
+    let key = session
+        .find_p256_keys(Some("keyholder-vault"))
+        .expect("keys")
+        .pop()
+        .expect("a Keyholder key");
+    let storage = keyholder_vault::FileStorage::open(&env.vault).expect("storage");
+    let (bytes, rev) = storage.load().expect("load").expect("vault exists");
+    let agreement = keyholder_vault::TokenAgreement {
+        session: &session,
+        key: &key,
+    };
+    let mut vault = keyholder_vault::OpenVault::open(&bytes, &agreement).expect("open");
+    fill(&mut vault, &storage, rev);
+    session.close();
+}
+
+/// The `i`-th filler secret's value: 56 bytes, as the size figures assume.
+pub fn filler_value(i: usize) -> String {
+    format!("secret-value-{i:08}-{}", "x".repeat(24))
+}
